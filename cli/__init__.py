@@ -1,0 +1,1 @@
+"""The ``ipspath`` command line: thin click commands, each calling one library function."""

@@ -1,0 +1,89 @@
+"""Entry point of the ``ipspath`` command.
+
+Sub-commands live in their own modules and are imported only when invoked, so that
+``ipspath tile`` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from ips_path.errors import IpspathError
+
+# name -> "module:attribute" of the click command; imported on first use.
+COMMANDS = {
+    "inspect": "ips_path.cli.inspect_cmd:inspect_cmd",
+    "tile": "ips_path.cli.tile_cmd:tile_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported when first needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ipspath")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """ipspath: train slide-level classifiers on whole-slide images with Iterative Patch Selection.
+
+    \b
+    Typical flow:
+      ipspath tile SLIDES... -o tiles/        tissue masks + patch coordinates
+      ipspath train --manifest m.csv --tiles tiles/ -o run/
+      ipspath predict --model run/ SLIDES... -o pred/
+    """
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    ctx.obj = {"debug": debug, "quiet": quiet}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors become one line and an exit code, not a traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="ipspath", standalone_mode=False)
+    except IpspathError as exc:
+        if debug:
+            raise
+        click.echo(f"ipspath: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("ipspath: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("ipspath: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last line of defence for users
+        if debug:
+            raise
+        click.echo(
+            f"ipspath: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            err=True,
+        )
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
