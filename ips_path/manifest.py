@@ -1,0 +1,189 @@
+"""The cohort manifest: one CSV row per slide (format in ``data_manifests/README.md``).
+
+Required columns: ``slide_id``, ``slide_path`` (absolute, or relative to the manifest's folder),
+``label``. Optional: ``split`` (train/val/test), ``case_id`` (the patient: splits never cut a
+patient), ``mpp`` (level-0 µm/px, overrides the slide's metadata).
+
+Validation collects every problem before raising, so a user fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ips_path.errors import BadInputError
+
+REQUIRED_COLUMNS = ("slide_id", "slide_path", "label")
+OPTIONAL_COLUMNS = ("split", "case_id", "mpp")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One slide of a cohort.
+
+    Attributes
+    ----------
+    slide_id : str
+        Unique name of the slide; names its tile store ``<slide_id>.zarr``.
+    slide_path : Path
+        Absolute path of the slide file.
+    label : str or None
+        Class name; None only when labels are not required (prediction).
+    split : str or None
+        ``"train"``, ``"val"``, ``"test"`` or None when the manifest has no split.
+    case_id : str
+        Patient identifier; the slide id when the manifest has none.
+    mpp : float or None
+        Level-0 resolution override in µm/px.
+    line : int
+        Line number in the CSV file (the header is line 1), for messages.
+    """
+
+    slide_id: str
+    slide_path: Path
+    label: str | None
+    split: str | None
+    case_id: str
+    mpp: float | None
+    line: int
+
+
+def read_manifest(path: str | Path, *, require_label: bool = True, check_files: bool = True) -> list[ManifestRow]:
+    """Read and validate a manifest CSV.
+
+    Parameters
+    ----------
+    path : str or Path
+        The CSV file.
+    require_label : bool
+        Whether every row needs a non-empty ``label`` (training: yes; prediction: no).
+    check_files : bool
+        Whether every ``slide_path`` must exist.
+
+    Returns
+    -------
+    list of ManifestRow
+        In file order.
+
+    Raises
+    ------
+    BadInputError
+        Listing every bad row at once with its line number: missing columns or files, duplicate
+        slide ids, empty labels, unknown splits, bad mpp values, a patient in two splits.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: manifest not found")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns and not (c == "label" and not require_label)]
+        if missing:
+            raise BadInputError(
+                f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}"
+            )
+        raw = [({(k or "").strip(): (v or "").strip() for k, v in rec.items()}, i + 2) for i, rec in enumerate(reader)]
+
+    problems: list[str] = []
+    rows: list[ManifestRow] = []
+    seen: dict[str, int] = {}
+    for rec, line in raw:
+        slide_id, slide_path = rec.get("slide_id", ""), rec.get("slide_path", "")
+        label = rec.get("label") or None
+        split = (rec.get("split") or "").lower() or None
+        bad = len(problems)
+        if not slide_id:
+            problems.append(f"line {line}: empty slide_id")
+        elif slide_id in seen:
+            problems.append(f"line {line}: duplicate slide_id {slide_id!r} (first on line {seen[slide_id]})")
+        else:
+            seen[slide_id] = line
+        resolved = Path(slide_path) if Path(slide_path).is_absolute() else (path.parent / slide_path)
+        if not slide_path:
+            problems.append(f"line {line}: empty slide_path")
+        elif check_files and not resolved.exists():
+            problems.append(f"line {line}: slide file not found: {resolved}")
+        if require_label and label is None:
+            problems.append(f"line {line}: empty label for slide {slide_id!r}")
+        if split is not None and split not in SPLITS:
+            problems.append(f"line {line}: unknown split {rec.get('split')!r}; use one of {', '.join(SPLITS)}")
+        mpp = None
+        if rec.get("mpp"):
+            try:
+                mpp = float(rec["mpp"])
+                if not mpp > 0:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"line {line}: mpp {rec['mpp']!r} is not a positive number (µm/px)")
+        if len(problems) == bad:
+            rows.append(ManifestRow(slide_id, resolved.resolve() if slide_path else resolved, label, split,
+                                    rec.get("case_id") or slide_id, mpp, line))
+
+    splits_of_case: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row.split:
+            splits_of_case[row.case_id].add(row.split)
+    for case_id, splits in sorted(splits_of_case.items()):
+        if len(splits) > 1:
+            problems.append(f"case_id {case_id!r} is in several splits ({', '.join(sorted(splits))}); "
+                            "a patient must stay in one split")
+    if not raw:
+        problems.append("no rows")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise BadInputError(f"{path}: {len(problems)} problem(s) in the manifest:\n  {listing}")
+    return rows
+
+
+def assign_splits(rows: Sequence[ManifestRow], *, val_fraction: float = 0.2, test_fraction: float = 0.0,
+                  seed: int = 0) -> dict[str, str]:
+    """Split slides into train/val/test by patient, stratified by label, reproducibly.
+
+    Rows that already have a split keep it; the others are assigned. Patients are shuffled with
+    ``seed`` within each label (the label of a patient's first slide), and the first
+    ``val_fraction`` of each label's patients go to val (at least one when the label has three or
+    more patients), the next ``test_fraction`` to test, the rest to train (never empty).
+
+    Returns
+    -------
+    dict
+        slide_id -> split.
+    """
+    fixed = {r.slide_id: r.split for r in rows if r.split}
+    cases: dict[str, list[ManifestRow]] = defaultdict(list)
+    for r in rows:
+        if not r.split:
+            cases[r.case_id].append(r)
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for case_id, case_rows in cases.items():
+        by_label[str(case_rows[0].label)].append(case_id)
+    rng = random.Random(seed)
+    out = dict(fixed)
+    for label in sorted(by_label):
+        case_ids = sorted(by_label[label])
+        rng.shuffle(case_ids)
+        n = len(case_ids)
+        n_val = _share(n, val_fraction)
+        n_test = max(0, min(n - n_val - 1, round(n * test_fraction)))
+        for i, case_id in enumerate(case_ids):
+            split = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+            for r in cases[case_id]:
+                out[r.slide_id] = split
+    return out
+
+
+def _share(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1 if n >= 3 else 0, round(n * fraction)))
+
+
+def class_names(rows: Iterable[ManifestRow]) -> list[str]:
+    """Sorted distinct labels: the class order of a model trained on this manifest."""
+    return sorted({r.label for r in rows if r.label is not None})
