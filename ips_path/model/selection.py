@@ -1,0 +1,111 @@
+"""The streaming buffer of iterative patch selection: keeps the M best patches seen so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+SCORES = ("logit", "paper")
+
+
+@dataclass
+class Selection:
+    """The M patches of one slide chosen by :meth:`IPSModel.select_top_patches`.
+
+    Attributes
+    ----------
+    indices : Tensor
+        ``(M,)`` int64 positions of the selected patches in the slide's stream, by score, best first
+        (equal scores: lower index first).
+    scores : Tensor
+        ``(M,)`` float32 selection scores (see :class:`IPSModel`, ``score``).
+    patches : Tensor
+        ``(M, ...)`` the selected inputs, pixels (uint8) or cached features, on the model's device.
+    positions : Tensor or None
+        ``(M, 2)`` int64 grid positions of the selected patches, if the chunks carried them.
+    all_logits : Tensor
+        ``(N,)`` float32 on the CPU: the attention logit of every patch of the slide, averaged over
+        heads and query tokens, before softmax; what attention heatmaps show.
+    embeddings : Tensor
+        ``(M, D)`` float32 eval-mode embeddings of the selected patches (without positional encoding).
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    patches: torch.Tensor
+    positions: torch.Tensor | None
+    all_logits: torch.Tensor
+    embeddings: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+
+@dataclass
+class Candidates:
+    """Patches competing for the buffer, in stream order. ``logits`` (T, H, n) only for the paper score."""
+
+    indices: torch.Tensor
+    logit_scores: torch.Tensor
+    patches: torch.Tensor
+    positions: torch.Tensor | None
+    embeddings: torch.Tensor
+    logits: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def cat(self, other: Candidates) -> Candidates:
+        """This buffer followed by ``other`` (later in the stream)."""
+        return Candidates(**{f.name: _cat(getattr(self, f.name), getattr(other, f.name), f.name == "logits")
+                             for f in fields(self)})
+
+    def take(self, keep: torch.Tensor) -> Candidates:
+        """The candidates at positions ``keep`` (copies, so the loader's buffers are not held)."""
+        return Candidates(**{f.name: _take(getattr(self, f.name), keep, f.name == "logits")
+                             for f in fields(self)})
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None, last_dim: bool) -> torch.Tensor | None:
+    if a is None or b is None:
+        return None
+    return torch.cat((a, b), dim=-1 if last_dim else 0)
+
+
+def _take(x: torch.Tensor | None, keep: torch.Tensor, last_dim: bool) -> torch.Tensor | None:
+    if x is None:
+        return None
+    return x.index_select(-1 if last_dim else 0, keep)
+
+
+def scores_of(candidates: Candidates, score: str) -> torch.Tensor:
+    """Selection score of each candidate, float32.
+
+    ``"logit"``: the patch's own mean attention logit. ``"paper"``: the attention softmax over all
+    candidates, averaged over heads and query tokens, so it depends on which patches compete.
+    """
+    if score == "logit":
+        return candidates.logit_scores
+    return candidates.logits.float().softmax(-1).mean((0, 1))
+
+
+def top_positions(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Positions of the ``m`` highest scores, in increasing position order.
+
+    Equal scores are ranked by position (lower first), so the result is deterministic; with the
+    candidates in stream order this breaks ties by patch index.
+    """
+    if scores.shape[0] <= m:
+        return torch.arange(scores.shape[0], device=scores.device)
+    best = torch.sort(scores, descending=True, stable=True).indices[:m]
+    return best.sort().values
+
+
+def finish(buffer: Candidates, scores: torch.Tensor, all_logits: list[torch.Tensor]) -> Selection:
+    """The buffer, with the scores it was selected by, as a :class:`Selection`, best first."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    positions = None if buffer.positions is None else buffer.positions[order]
+    return Selection(indices=buffer.indices[order], scores=scores[order].float(), patches=buffer.patches[order],
+                     positions=positions, all_logits=torch.cat(all_logits).float().cpu(),
+                     embeddings=buffer.embeddings[order])
