@@ -1,0 +1,450 @@
+"""Tile stores: the tissue mask and patch coordinates of one slide, as a zarr v3 directory.
+
+Layout of ``<out>/<slide_id>.zarr`` (see DESIGN.md)::
+
+    attrs            format "ipspath.tiles", format_version, tiling parameters, slide identity,
+                     n_patches, created, and ``complete: true`` written last
+    coords           int64 (N, 2)  level-0 top-left (x, y), sorted row-major
+    tissue_fraction  float32 (N,)
+    mask             uint8 (h, w)  tissue mask; attrs mpp (µm/px) and downsample (level-0 px per pixel)
+    scores/<run>     float32 (N,)  optional, written by predict
+    features/<enc>   float16 (N, D) optional, cached embeddings
+
+Every write is atomic: a store is built in a hidden temporary sibling and renamed into place;
+an extra array is built in a hidden folder inside the store and renamed to its name. A
+writer killed at any point leaves nothing that :meth:`TileStore.open` accepts as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ips_path import __version__
+from ips_path.errors import BadInputError
+
+FORMAT = "ipspath.tiles"
+FORMAT_VERSION = 1
+CORE_ARRAYS = ("coords", "tissue_fraction", "mask")
+_PARTIAL_PREFIX = ".partial-"
+
+
+def slide_id_from_path(path: str | os.PathLike) -> str:
+    """The slide id of a slide file: its name without the last suffix (``a/b/S1.svs`` -> ``S1``)."""
+    return Path(path).stem
+
+
+def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
+    """Where the tile store of ``slide_id`` lives in ``out_dir``: ``<out_dir>/<slide_id>.zarr``."""
+    return Path(out_dir) / f"{slide_id}.zarr"
+
+
+def _node_type(path: Path) -> str | None:
+    """``"array"``/``"group"`` for a zarr v3 node folder, None when it is not one."""
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("node_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _check_array_name(name: str) -> None:
+    parts = name.split("/")
+    if not name or any(not p or p.startswith(".") or p == ".." for p in parts):
+        raise ValueError(f"bad array name {name!r}: use 'group/name' without empty or hidden parts")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move folder ``new`` to ``target``, replacing it. Readers see the old or the new folder,
+    except for the moment between two renames, when ``target`` is missing."""
+    if target.exists():
+        trash = target.with_name(f".{target.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}-old")
+        os.rename(target, trash)
+        os.rename(new, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(new, target)
+
+
+class TileStore:
+    """An open, complete tile store (read with :meth:`open`, written with :func:`write_tile_store`).
+
+    Attributes
+    ----------
+    path : Path
+        The ``.zarr`` folder.
+    attrs : dict
+        All attributes (tiling parameters, slide identity, ...).
+    coords : np.ndarray
+        int64 (N, 2) level-0 top-left (x, y) of the patches, sorted row-major.
+    tissue_fraction : np.ndarray
+        float32 (N,) tissue fraction of each patch.
+    n_patches : int
+        N.
+    slide_path : Path
+        The slide file the store was made from (absolute).
+    level0_mpp : tuple of float
+        Level-0 resolution (x, y), µm/px, as used for tiling.
+    target_mpp : float
+        Requested patch resolution, µm/px.
+    patch_size : int
+        Patch side at ``target_mpp``, px.
+    patch_size_level0 : int
+        Patch side in level-0 px.
+    read_level : int
+        Pyramid level to read patches from (then resize ``read_size`` -> ``patch_size``).
+    read_size : int
+        Patch side at ``read_level``, px.
+    """
+
+    def __init__(self, path: Path, attrs: dict[str, Any], coords: np.ndarray, tissue_fraction: np.ndarray):
+        self.path = path
+        self.attrs = attrs
+        self.coords = coords
+        self.tissue_fraction = tissue_fraction
+        self.n_patches = int(len(coords))
+        self.slide_path = Path(attrs["slide_path"])
+        self.level0_mpp = (float(attrs["level0_mpp"][0]), float(attrs["level0_mpp"][1]))
+        self.target_mpp = float(attrs["target_mpp"])
+        self.patch_size = int(attrs["patch_size"])
+        self.patch_size_level0 = int(attrs["patch_size_level0"])
+        self.read_level = int(attrs["read_level"])
+        self.read_size = int(attrs["read_size"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TileStore:
+        """Open a complete tile store.
+
+        Raises
+        ------
+        BadInputError
+            When ``path`` is missing, not an ipspath tile store, incomplete (its writer was
+            stopped) or from a newer ipspath.
+        """
+        import zarr
+
+        path = Path(path)
+        if not path.is_dir():
+            raise BadInputError(f"{path}: no tile store there; run `ipspath tile` first")
+        if _node_type(path) != "group":
+            raise BadInputError(f"{path}: not a tile store (no zarr v3 group)")
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise BadInputError(f"{path}: not an ipspath tile store (format {attrs.get('format')!r})")
+        if attrs.get("complete") is not True:
+            raise BadInputError(f"{path}: incomplete tile store (its writer was stopped); run `ipspath tile` again")
+        if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
+            raise BadInputError(
+                f"{path}: tile store format {attrs['format_version']} is newer than this ipspath "
+                f"({__version__}) reads ({FORMAT_VERSION}); upgrade ipspath"
+            )
+        coords = np.asarray(group["coords"][...], dtype=np.int64).reshape(-1, 2)
+        tissue_fraction = np.asarray(group["tissue_fraction"][...], dtype=np.float32)
+        return cls(path, attrs, coords, tissue_fraction)
+
+    def mask(self) -> tuple[np.ndarray, float]:
+        """The tissue mask as bool (h, w) and its resolution in µm/px."""
+        import zarr
+
+        array = zarr.open_array(self.path / "mask", mode="r")
+        return np.asarray(array[...]) != 0, float(array.attrs["mpp"])
+
+    def mask_downsample(self) -> float:
+        """Level-0 pixels per mask pixel."""
+        import zarr
+
+        return float(zarr.open_array(self.path / "mask", mode="r").attrs["downsample"])
+
+    def write_array(self, name: str, data: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+        """Add or replace an array, atomically (a reader sees the old array, the new one, or none).
+
+        Parameters
+        ----------
+        name : str
+            ``"<group>/<name>"``, e.g. ``"scores/<run>"`` (float32 (N,)) or
+            ``"features/<encoder>"`` (float16 (N, D)). The core arrays cannot be replaced.
+        data : np.ndarray
+            Stored with its dtype and shape.
+        attrs : dict, optional
+            JSON-able attributes of the array.
+        """
+        import zarr
+
+        _check_array_name(name)
+        if name in CORE_ARRAYS:
+            raise ValueError(f"{name!r} is written by `ipspath tile` only")
+        data = np.asarray(data)
+        partial = self.path / f"{_PARTIAL_PREFIX}{uuid.uuid4().hex}"
+        try:
+            array = zarr.create_array(partial, data=data, zarr_format=3, chunks=_chunks(data))
+            if attrs:
+                array.attrs.update(attrs)
+            parent = name.rsplit("/", 1)[0] if "/" in name else ""
+            if parent:
+                zarr.open_group(self.path, mode="r+").require_group(parent)
+            _replace_dir(partial, self.path / name)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def has_array(self, name: str) -> bool:
+        """Whether an array ``name`` (e.g. ``"features/resnet18"``) exists."""
+        _check_array_name(name)
+        return _node_type(self.path / name) == "array"
+
+    def read_array(self, name: str) -> np.ndarray:
+        """The whole array ``name``; KeyError when it does not exist."""
+        import zarr
+
+        if not self.has_array(name):
+            raise KeyError(f"{self.path}: no array {name!r}")
+        return np.asarray(zarr.open_array(self.path / name, mode="r")[...])
+
+    def array_attrs(self, name: str) -> dict[str, Any]:
+        """The attributes of array ``name``; KeyError when it does not exist."""
+        if not self.has_array(name):
+            raise KeyError(f"{self.path}: no array {name!r}")
+        return dict(json.loads((self.path / name / "zarr.json").read_text()).get("attributes", {}))
+
+    def array_names(self, group: str) -> list[str]:
+        """Names (without the group prefix) of the arrays in ``group``, sorted; e.g.
+        ``array_names("scores") == ["run1"]`` for ``scores/run1``. Empty when the group is absent."""
+        _check_array_name(group)
+        folder = self.path / group
+        if not folder.is_dir():
+            return []
+        return sorted(
+            child.name
+            for child in folder.iterdir()
+            if not child.name.startswith(".") and _node_type(child) == "array"
+        )
+
+    def __repr__(self) -> str:
+        return f"TileStore({str(self.path)!r}, n_patches={self.n_patches})"
+
+
+def _chunks(data: np.ndarray) -> tuple[int, ...]:
+    """Chunks of about 4 MiB along the first axis, whole along the others."""
+    if data.ndim == 0:
+        return ()
+    row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
+    rows = max(1, min(max(1, data.shape[0]), (4 << 20) // row_bytes))
+    return (rows, *(max(1, s) for s in data.shape[1:]))
+
+
+def write_tile_store(
+    path: str | os.PathLike,
+    coords: np.ndarray,
+    tissue_fraction: np.ndarray,
+    mask: np.ndarray,
+    mask_mpp: float,
+    attrs: dict[str, Any],
+    *,
+    mask_downsample: float | None = None,
+) -> TileStore:
+    """Write a complete tile store atomically, replacing any store at ``path``.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.zarr`` folder to create (its parent is created if needed).
+    coords : np.ndarray
+        int (N, 2) level-0 top-left (x, y); stored sorted row-major (with ``tissue_fraction``
+        in the same order).
+    tissue_fraction : np.ndarray
+        float (N,).
+    mask : np.ndarray
+        bool or uint8 (h, w) tissue mask.
+    mask_mpp : float
+        Mask resolution, µm/px.
+    attrs : dict
+        JSON-able attributes; must hold ``slide_path``, ``level0_mpp``, ``target_mpp``,
+        ``patch_size``, ``patch_size_level0``, ``read_level`` and ``read_size``. ``format``,
+        ``format_version``, ``ipspath_version``, ``n_patches``, ``created`` and ``complete`` are
+        set here.
+    mask_downsample : float, optional
+        Level-0 pixels per mask pixel; default: mask_mpp / mean level-0 mpp.
+
+    Returns
+    -------
+    TileStore
+        The store, open.
+    """
+    import zarr
+
+    path = Path(path)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    tissue_fraction = np.asarray(tissue_fraction, dtype=np.float32).reshape(-1)
+    if len(coords) != len(tissue_fraction):
+        raise ValueError(f"{len(coords)} coords but {len(tissue_fraction)} tissue fractions")
+    missing = [k for k in ("slide_path", "level0_mpp", "target_mpp", "patch_size", "patch_size_level0",
+                           "read_level", "read_size") if k not in attrs]
+    if missing:
+        raise ValueError(f"tile store attrs lack {', '.join(missing)}")
+    order = np.lexsort((coords[:, 0], coords[:, 1]))
+    coords, tissue_fraction = coords[order], tissue_fraction[order]
+    if mask_downsample is None:
+        mask_downsample = mask_mpp / float(np.mean(attrs["level0_mpp"]))
+    full_attrs = {
+        **attrs,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ipspath_version": __version__,
+        "n_patches": int(len(coords)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    full_attrs.pop("complete", None)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}")
+    try:
+        group = zarr.open_group(partial, mode="w", zarr_format=3)
+        group.create_array("coords", data=coords, chunks=_chunks(coords))
+        group.create_array("tissue_fraction", data=tissue_fraction, chunks=_chunks(tissue_fraction))
+        mask_array = group.create_array("mask", data=np.asarray(mask).astype(np.uint8), chunks=(1024, 1024))
+        mask_array.attrs.update({"mpp": float(mask_mpp), "downsample": float(mask_downsample)})
+        group.attrs.update(full_attrs)
+        group.attrs["complete"] = True  # last: before this, the folder never opens as a store
+        _replace_dir(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return TileStore(path, {**full_attrs, "complete": True}, coords, tissue_fraction)
+
+
+def remove_partial_stores(out_dir: str | os.PathLike, slide_id: str) -> None:
+    """Delete what killed writers of ``slide_id``'s store left in ``out_dir`` (hidden folders)."""
+    for leftover in Path(out_dir).glob(f".{slide_id}.zarr{_PARTIAL_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def export_h5(store: TileStore, h5_path: str | os.PathLike) -> None:
+    """Write the coordinates as a CLAM/TRIDENT-style h5 file.
+
+    Dataset ``coords`` int64 (N, 2), level-0 (x, y), with attrs ``patch_size`` (px at
+    ``patch_level``, as CLAM reads them), ``patch_level``, ``downsample``,
+    ``downsampled_level_dim``, ``level_dim``, ``name`` (CLAM) and ``patch_size_level0``,
+    ``target_magnification``, ``level0_magnification``, ``overlap`` (TRIDENT), plus
+    ``target_mpp`` and ``level0_mpp``. Written to a temporary file and renamed.
+    """
+    import h5py
+
+    h5_path = Path(h5_path)
+    attrs = store.attrs
+    level_dim = attrs.get("read_level_dimensions") or attrs.get("slide_dimensions") or [0, 0]
+    read_downsample = float(attrs.get("read_downsample", 1.0))
+    level0_mpp = float(np.mean(store.level0_mpp))
+    stride_level0 = int(attrs.get("stride_level0", store.patch_size_level0))
+    h5_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = h5_path.with_name(f".{h5_path.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}")
+    try:
+        with h5py.File(partial, "w") as f:
+            dataset = f.create_dataset("coords", data=store.coords)
+            dataset.attrs.update({
+                "patch_size": store.read_size,
+                "patch_level": store.read_level,
+                "downsample": np.array([read_downsample, read_downsample]),
+                "downsampled_level_dim": np.asarray(level_dim, dtype=np.int64),
+                "level_dim": np.asarray(level_dim, dtype=np.int64),
+                "name": str(attrs.get("slide_id", slide_id_from_path(store.slide_path))),
+                "patch_size_level0": store.patch_size_level0,
+                "target_magnification": 10.0 / store.target_mpp,
+                "level0_magnification": 10.0 / level0_mpp,
+                "overlap": max(0, store.patch_size_level0 - stride_level0),
+                "target_mpp": store.target_mpp,
+                "level0_mpp": np.asarray(store.level0_mpp),
+            })
+        os.replace(partial, h5_path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def import_h5(
+    h5_path: str | os.PathLike,
+    slide_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    target_mpp: float,
+    patch_size: int | None = None,
+    backend: str = "auto",
+    slide_mpp: float | None = None,
+) -> TileStore:
+    """Make a tile store from coordinates in a CLAM/TRIDENT-style h5 file.
+
+    Every coordinate is kept; the tissue mask is detected on the slide (default
+    :class:`~ips_path.tiling.tissue.TissueParams`) for QC and tissue fractions.
+
+    Parameters
+    ----------
+    h5_path : path-like
+        File with a ``coords`` (N, 2) dataset of level-0 (x, y) and attrs ``patch_size`` and
+        ``patch_level`` (CLAM), or ``patch_size_level0`` (TRIDENT; preferred when present).
+    slide_path : path-like
+        The slide the coordinates belong to.
+    out_path : path-like
+        The ``.zarr`` store to write.
+    target_mpp : float
+        Resolution the patches are to be used at, µm/px.
+    patch_size : int, optional
+        Patch side at ``target_mpp``, px; default: the level-0 patch size converted to
+        ``target_mpp``.
+    backend, slide_mpp
+        As for :class:`~ips_path.slide.Slide`.
+
+    Raises
+    ------
+    BadInputError
+        Unreadable h5 file, missing ``coords`` or patch size attributes.
+    """
+    import dataclasses
+
+    import h5py
+
+    from ips_path.slide import Slide
+    from ips_path.tiling.grid import patch_geometry, tissue_fraction
+    from ips_path.tiling.run import tile_attrs
+    from ips_path.tiling.tissue import TissueParams, tissue_mask_for_slide
+
+    h5_path = Path(h5_path)
+    try:
+        with h5py.File(h5_path, "r") as f:
+            if "coords" not in f:
+                raise BadInputError(f"{h5_path}: no 'coords' dataset (expected a CLAM/TRIDENT patch file)")
+            coords = np.asarray(f["coords"][...], dtype=np.int64).reshape(-1, 2)
+            h5_attrs = dict(f["coords"].attrs)
+    except OSError as exc:
+        raise BadInputError(f"{h5_path}: cannot read as HDF5: {exc}") from exc
+    with Slide(slide_path, backend=backend, slide_mpp=slide_mpp) as slide:
+        if "patch_size_level0" in h5_attrs:
+            patch_size_level0 = int(h5_attrs["patch_size_level0"])
+        elif "patch_size" in h5_attrs:
+            level = int(h5_attrs.get("patch_level", 0))
+            patch_size_level0 = round(int(h5_attrs["patch_size"]) * slide.level_downsamples[level])
+        else:
+            raise BadInputError(f"{h5_path}: 'coords' has neither a patch_size nor a patch_size_level0 attribute")
+        level0_mpp = float(np.mean(slide.require_mpp()))
+        if patch_size is None:
+            patch_size = max(1, round(patch_size_level0 * level0_mpp / target_mpp))
+        geometry = patch_geometry(level0_mpp, slide.level_downsamples, target_mpp, patch_size)
+        # the file's level-0 patch size is the truth; the rest of the geometry follows from it
+        geometry = dataclasses.replace(
+            geometry,
+            patch_size_level0=patch_size_level0,
+            stride_level0=patch_size_level0,
+            read_size=max(1, round(patch_size_level0 / geometry.read_downsample)),
+            effective_mpp=level0_mpp * patch_size_level0 / patch_size,
+        )
+        params = TissueParams()
+        tissue, _ = tissue_mask_for_slide(slide, params)
+        fractions = tissue_fraction(tissue.mask, tissue.downsample, coords, patch_size_level0)
+        attrs = {
+            **tile_attrs(slide, slide_id_from_path(slide_path), geometry, params.method, params.as_dict()),
+            "imported_from": str(h5_path.resolve()),
+        }
+        return write_tile_store(out_path, coords, fractions, tissue.mask, tissue.mpp, attrs,
+                                mask_downsample=tissue.downsample)
