@@ -101,6 +101,8 @@ class TileStore:
         Pyramid level to read patches from (then resize ``read_size`` -> ``patch_size``).
     read_size : int
         Patch side at ``read_level``, px.
+    stride_level0 : int
+        Distance between neighbouring grid positions, level-0 px.
     """
 
     def __init__(self, path: Path, attrs: dict[str, Any], coords: np.ndarray, tissue_fraction: np.ndarray):
@@ -116,6 +118,7 @@ class TileStore:
         self.patch_size_level0 = int(attrs["patch_size_level0"])
         self.read_level = int(attrs["read_level"])
         self.read_size = int(attrs["read_size"])
+        self.stride_level0 = int(attrs.get("stride_level0", self.patch_size_level0))
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TileStore:
@@ -205,6 +208,14 @@ class TileStore:
         if not self.has_array(name):
             raise KeyError(f"{self.path}: no array {name!r}")
         return np.asarray(zarr.open_array(self.path / name, mode="r")[...])
+
+    def open_array(self, name: str) -> Any:
+        """Array ``name`` as a read-only ``zarr.Array``, read lazily by slicing; KeyError when absent."""
+        import zarr
+
+        if not self.has_array(name):
+            raise KeyError(f"{self.path}: no array {name!r}")
+        return zarr.open_array(self.path / name, mode="r")
 
     def array_attrs(self, name: str) -> dict[str, Any]:
         """The attributes of array ``name``; KeyError when it does not exist."""
