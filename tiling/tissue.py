@@ -323,18 +323,41 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int = 2) -> tuple[np.
     return image, level_downsample * factor
 
 
-def tissue_mask_for_slide(slide: Slide, params: TissueParams = TissueParams()) -> tuple[TissueMask, np.ndarray]:
+def tissue_mask_for_slide(
+    slide: Slide,
+    params: TissueParams = TissueParams(),
+    preview: tuple[np.ndarray, float] | None = None,
+) -> tuple[TissueMask, np.ndarray]:
     """Detect tissue on ``slide``.
+
+    Parameters
+    ----------
+    slide : Slide
+        An open slide with a known mpp.
+    params : TissueParams
+        Method and sizes.
+    preview : (image, downsample), optional
+        The whole slide already read at a finer resolution than ``params.mask_mpp`` (uint8
+        (h, w, 3) and its level-0 pixels per pixel); shrunk instead of reading the slide again.
 
     Returns
     -------
     mask : TissueMask
         The detected mask.
     image : np.ndarray
-        uint8 (h, w, 3): the low-resolution image it was detected on (reused for QC pictures).
+        uint8 (h, w, 3): the low-resolution image it was detected on.
     """
-    image, downsample = read_low_resolution(slide, params.mask_mpp)
-    mask_mpp = float(np.mean(slide.require_mpp())) * downsample
+    level0_mpp = float(np.mean(slide.require_mpp()))
+    if preview is None:
+        image, downsample = read_low_resolution(slide, params.mask_mpp)
+    else:
+        from PIL import Image
+
+        image, downsample = preview
+        factor = max(1, round(params.mask_mpp / (level0_mpp * downsample)))
+        if factor > 1:
+            image, downsample = np.asarray(Image.fromarray(image).reduce(factor)), downsample * factor
+    mask_mpp = level0_mpp * downsample
     return TissueMask(detect_tissue(image, mask_mpp, params), downsample, mask_mpp), image
 
 

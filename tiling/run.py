@@ -1,0 +1,482 @@
+"""Tiling of one slide and of many: slide -> tissue mask -> patch grid -> tile store (+ QC, h5).
+
+:func:`tile_slides` is what ``ipspath tile`` runs. One bad slide never stops the others: each
+slide ends as a :class:`TileResult` with a status, and the run writes
+``<out>/tiling_summary.csv``. Outputs per slide::
+
+    <out>/<slide_id>.zarr     tile store (ips_path.store)
+    <out>/qc/<slide_id>.png   QC picture (unless qc=False)
+    <out>/h5/<slide_id>.h5    CLAM/TRIDENT coordinates (with h5=True)
+
+A slide whose complete store was made with the same parameters from the same file (size
+and modification time) is skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ips_path.tiling.grid import (
+    MPP_TOLERANCE,
+    PatchGeometry,
+    patch_geometry,
+    read_level_for_mpp,
+    select_patches,
+)
+from ips_path.tiling.tissue import (
+    MASK_FILE_SUFFIXES,
+    TissueMask,
+    TissueParams,
+    load_tissue_mask,
+    read_low_resolution,
+    tissue_mask_for_slide,
+)
+
+from ips_path.errors import BadInputError, IpspathError
+from ips_path.progress import progress_bar
+from ips_path.store import (
+    TileStore,
+    export_h5,
+    remove_partial_stores,
+    slide_id_from_path,
+    store_path,
+    write_tile_store,
+)
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("tiled", "skipped", "no-tissue", "failed")
+SUMMARY_NAME = "tiling_summary.csv"
+# Patches read back at the read level after tiling, to find a damaged full-resolution level
+# now rather than in the middle of training: first, middle and last kept patch.
+_PROBE_PATCHES = 3
+# Largest pyramid level (pixels) read only to make a sharper QC picture of a small slide.
+_QC_READ_PX = 16_000_000
+
+
+@dataclass(frozen=True)
+class TilingParams:
+    """Everything that decides a tiling result.
+
+    Attributes
+    ----------
+    target_mpp : float
+        Patch resolution, µm/px.
+    patch_size : int
+        Patch side at ``target_mpp``, px.
+    stride : int or None
+        Step between patches at ``target_mpp``, px; None = ``patch_size`` (no overlap).
+    min_tissue : float
+        Smallest tissue fraction of a kept patch (0-1).
+    tissue : TissueParams
+        Tissue detection.
+    tissue_mask : Path or None
+        User masks replacing detection: one file (for one slide) or a folder with
+        ``<slide_id>.png``/``.npy``/``.geojson``; see :func:`~ips_path.tiling.tissue.load_tissue_mask`.
+    backend : str
+        Slide backend: "auto", "openslide" or "tiffslide".
+    slide_mpp : float or None
+        Level-0 µm/px for every slide, overriding the file (a manifest ``mpp`` wins over it).
+    qc : bool
+        Write QC pictures.
+    h5 : bool
+        Also export CLAM/TRIDENT h5 coordinates.
+    """
+
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    stride: int | None = None
+    min_tissue: float = 0.5
+    tissue: TissueParams = field(default_factory=TissueParams)
+    tissue_mask: Path | None = None
+    backend: str = "auto"
+    slide_mpp: float | None = None
+    qc: bool = True
+    h5: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.target_mpp > 0:
+            raise BadInputError(f"--mpp must be a positive µm/px, got {self.target_mpp}")
+        if self.patch_size < 1:
+            raise BadInputError(f"--patch-size must be at least 1 px, got {self.patch_size}")
+        if self.stride is not None and self.stride < 1:
+            raise BadInputError(f"--stride must be at least 1 px (--overlap below --patch-size), got {self.stride}")
+        if not 0 <= self.min_tissue <= 1:
+            raise BadInputError(f"--min-tissue must be a fraction between 0 and 1, got {self.min_tissue}")
+
+    def fingerprint(self, slide_mpp: float | None) -> dict[str, Any]:
+        """What must match for an existing store to be reused (QC, h5 and backend do not change it)."""
+        return {
+            "target_mpp": self.target_mpp,
+            "patch_size": self.patch_size,
+            "stride": self.stride or self.patch_size,
+            "min_tissue": self.min_tissue,
+            "tissue": self.tissue.as_dict() if self.tissue_mask is None else None,
+            "tissue_mask": str(self.tissue_mask.resolve()) if self.tissue_mask else None,
+            "slide_mpp": slide_mpp,
+        }
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    """One slide to tile: its id (names the store), file, and optional level-0 µm/px override."""
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+
+
+@dataclass
+class TileResult:
+    """What happened to one slide; ``exit_code`` is 0, or that of its error (2 bad input, 1 other)."""
+
+    slide_id: str
+    path: str
+    status: str
+    n_patches: int = 0
+    level0_mpp: float | None = None
+    mpp_source: str | None = None
+    target_mpp: float | None = None
+    seconds: float = 0.0
+    error: str = ""
+    exit_code: int = 0
+
+    def as_row(self) -> dict[str, Any]:
+        """The row of ``tiling_summary.csv``."""
+        row = asdict(self)
+        row["seconds"] = round(self.seconds, 3)
+        row["level0_mpp"] = None if self.level0_mpp is None else round(self.level0_mpp, 5)
+        return row
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathLike | None = None) -> list[SlideInput]:
+    """The slides named by files, folders (searched recursively), glob patterns and a manifest.
+
+    Parameters
+    ----------
+    inputs : sequence of str or path
+        A file is taken as it is (whatever its suffix; a missing one fails later as that slide's
+        error). A folder is searched recursively for files with a suffix in
+        :data:`ips_path.slide.WSI_EXTENSIONS`; several ``.dcm`` files in one folder are one DICOM
+        slide, named after the folder. A pattern with ``*``, ``?`` or ``[`` is expanded (``**``
+        crosses folders).
+    manifest : path, optional
+        CSV with ``slide_id``, ``slide_path`` (relative to the manifest's folder) and optional
+        ``mpp``; other columns are ignored.
+
+    Raises
+    ------
+    BadInputError
+        When nothing is found, or two different files would get the same slide id.
+    """
+    from ips_path.slide import WSI_EXTENSIONS
+
+    found: list[SlideInput] = []
+    for raw in inputs:
+        text = os.fspath(raw)
+        path = Path(text)
+        if path.is_dir():
+            slides = _slides_in_folder(path, WSI_EXTENSIONS)
+            if not slides:
+                log.warning("%s: no slide files found in this folder", path)
+            found.extend(slides)
+        elif not path.exists() and any(c in text for c in "*?["):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                log.warning("%s: no file matches this pattern", text)
+            for match in map(Path, matches):
+                found.extend(_slides_in_folder(match, WSI_EXTENSIONS) if match.is_dir()
+                             else [SlideInput(slide_id_from_path(match), match)])
+        else:
+            found.append(SlideInput(slide_id_from_path(path), path))
+    if manifest is not None:
+        from ips_path.manifest import read_manifest
+
+        found.extend(SlideInput(row.slide_id, row.slide_path, row.mpp)
+                     for row in read_manifest(manifest, require_label=False, check_files=False))
+
+    unique: dict[str, SlideInput] = {}
+    clashes = []
+    for item in found:
+        known = unique.get(item.slide_id)
+        if known is None:
+            unique[item.slide_id] = item
+        elif known.path.resolve() != item.path.resolve():
+            clashes.append(f"{item.slide_id!r}: {known.path} and {item.path}")
+    if clashes:
+        raise BadInputError(
+            "two slides would share one tile store (same file name): " + "; ".join(clashes)
+            + "; rename them or give distinct slide_id values with --manifest"
+        )
+    if not unique:
+        shown = ", ".join(map(os.fspath, inputs)) or str(manifest)
+        raise BadInputError(f"no slide files found in: {shown}")
+    return list(unique.values())
+
+
+def _slides_in_folder(folder: Path, extensions: frozenset[str]) -> list[SlideInput]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    slides = []
+    dicom_folders: set[Path] = set()
+    for path in files:
+        if path.suffix.lower() == ".dcm" and sum(1 for p in files if p.parent == path.parent
+                                                 and p.suffix.lower() == ".dcm") > 1:
+            # one DICOM slide is a series of files, one per level: open any one of them
+            if path.parent not in dicom_folders:
+                dicom_folders.add(path.parent)
+                slides.append(SlideInput(path.parent.name, path))
+            continue
+        slides.append(SlideInput(slide_id_from_path(path), path))
+    return slides
+
+
+def _mask_file(tissue_mask: Path, slide_id: str) -> Path:
+    """The user mask for ``slide_id``: the file itself, or ``<slide_id>.<suffix>`` in the folder."""
+    if not tissue_mask.is_dir():
+        if not tissue_mask.is_file():
+            raise BadInputError(f"{tissue_mask}: tissue mask not found")
+        return tissue_mask
+    for suffix in MASK_FILE_SUFFIXES:
+        candidate = tissue_mask / f"{slide_id}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise BadInputError(
+        f"{tissue_mask}: no tissue mask for slide {slide_id!r} (looked for {slide_id}"
+        f"{{{','.join(MASK_FILE_SUFFIXES)}}})"
+    )
+
+
+def _existing_store(path: Path, fingerprint: dict[str, Any], slide_file: Path) -> TileStore | None:
+    """The store at ``path`` if it can be reused; None if there is none or it must be redone.
+
+    Raises BadInputError when it was made with other parameters or is not a tile store: the
+    user says with ``--overwrite`` whether to replace it.
+    """
+    if not path.exists():
+        return None
+    try:
+        store = TileStore.open(path)
+    except BadInputError as exc:
+        raise BadInputError(f"{exc}; pass --overwrite to replace it") from exc
+    if store.attrs.get("tiling_params") != fingerprint:
+        theirs = store.attrs.get("tiling_params") or {}
+        differ = ", ".join(f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if theirs.get(k) != v)
+        raise BadInputError(
+            f"{path}: exists with other tiling parameters ({differ}); pass --overwrite to replace it "
+            "or choose another output folder"
+        )
+    stat = slide_file.stat()
+    if store.attrs.get("slide_size") != stat.st_size or store.attrs.get("slide_mtime") != stat.st_mtime:
+        log.warning("%s: the slide file changed since its store was made; tiling it again", slide_file)
+        return None
+    return store
+
+
+def tile_attrs(
+    slide: Any, slide_id: str, geometry: PatchGeometry, tissue_method: str, tissue_params: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The attributes a tile store records about its slide and grid (see DESIGN.md)."""
+    stat = slide.path.stat()
+    return {
+        **geometry.as_dict(),
+        "slide_id": slide_id,
+        "slide_path": str(slide.path.resolve()),
+        "slide_size": stat.st_size,
+        "slide_mtime": stat.st_mtime,
+        "slide_dimensions": list(slide.dimensions),
+        "read_level_dimensions": list(slide.level_dimensions[geometry.read_level]),
+        "backend": slide.backend,
+        "level0_mpp": list(slide.require_mpp()),
+        "mpp_source": slide.mpp_source,
+        "tissue_method": tissue_method,
+        "tissue_params": tissue_params,
+    }
+
+
+def _probe_reads(slide: Any, coords: np.ndarray, geometry: PatchGeometry) -> None:
+    """Read a few kept patches at the read level; BadInputError naming the coordinates if one fails."""
+    if len(coords) == 0:
+        return
+    picks = np.unique(np.linspace(0, len(coords) - 1, _PROBE_PATCHES).round().astype(int))
+    for x, y in coords[picks]:
+        try:
+            slide.read_region((int(x), int(y)), geometry.read_level, (geometry.read_size, geometry.read_size))
+        except IpspathError as exc:
+            raise BadInputError(f"{exc}; the file is damaged: re-export or re-scan it") from exc
+
+
+def tile_slide(
+    item: SlideInput, out_dir: str | os.PathLike, params: TilingParams, overwrite: bool = False
+) -> TileResult:
+    """Tile one slide into ``<out_dir>/<slide_id>.zarr``; never raises for problems of the slide.
+
+    Returns
+    -------
+    TileResult
+        ``status`` "tiled", "no-tissue" (store written with zero patches), "skipped" (an equal
+        store exists) or "failed" (``error`` says why, ``exit_code`` 2 for bad input, else 1).
+    """
+    start = time.perf_counter()
+    result = TileResult(item.slide_id, str(item.path), "failed", target_mpp=params.target_mpp)
+    try:
+        _tile_slide(item, Path(out_dir), params, overwrite, result)
+    except IpspathError as exc:
+        result.status, result.error, result.exit_code = "failed", str(exc), exc.exit_code
+        log.error("%s", exc)
+    except Exception as exc:  # noqa: BLE001 - one slide must not stop the others
+        result.status, result.exit_code = "failed", 1
+        result.error = f"{item.path}: internal error: {type(exc).__name__}: {exc}"
+        log.error("%s", result.error, exc_info=log.isEnabledFor(logging.DEBUG))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite: bool, result: TileResult) -> None:
+    from ips_path.slide import Slide
+
+    target = store_path(out_dir, item.slide_id)
+    slide_mpp = item.mpp if item.mpp is not None else params.slide_mpp
+    fingerprint = params.fingerprint(slide_mpp)
+    qc_path = out_dir / "qc" / f"{item.slide_id}.png"
+    h5_path = out_dir / "h5" / f"{item.slide_id}.h5"
+    existing = None if overwrite or not item.path.is_file() else _existing_store(target, fingerprint, item.path)
+    if existing is not None and (qc_path.is_file() or not params.qc):
+        if params.h5 and not h5_path.is_file():
+            export_h5(existing, h5_path)
+        result.status, result.n_patches = "skipped", existing.n_patches
+        result.level0_mpp = float(np.mean(existing.level0_mpp))
+        result.mpp_source = existing.attrs.get("mpp_source")
+        return
+
+    with Slide(item.path, backend=params.backend, slide_mpp=slide_mpp) as slide:
+        level0_mpp = float(np.mean(slide.require_mpp()))
+        result.level0_mpp, result.mpp_source = level0_mpp, slide.mpp_source
+        if params.target_mpp * (1 + MPP_TOLERANCE) < level0_mpp:
+            raise BadInputError(
+                f"{item.path}: scanned at {level0_mpp:.4g} µm/px, coarser than the requested "
+                f"{params.target_mpp:g} µm/px; pass --mpp {level0_mpp:.3g} or larger (upsampling would invent detail)"
+            )
+        geometry = patch_geometry(level0_mpp, slide.level_downsamples, params.target_mpp, params.patch_size,
+                                  params.stride)
+        preview = _qc_preview(slide) if params.qc else None
+        if params.tissue_mask is None:
+            tissue, image = tissue_mask_for_slide(slide, params.tissue, preview)
+            method, tissue_params = params.tissue.method, params.tissue.as_dict()
+            if preview is None:
+                preview = image, tissue.downsample
+        else:
+            mask_file = _mask_file(params.tissue_mask, item.slide_id)
+            tissue = load_tissue_mask(mask_file, slide.dimensions, level0_mpp, params.tissue.mask_mpp)
+            method, tissue_params = "file", {"path": str(mask_file.resolve())}
+        coords, fractions = select_patches(tissue.mask, tissue.downsample, slide.dimensions, geometry,
+                                           params.min_tissue)
+        _probe_reads(slide, coords, geometry)
+        if len(coords) == 0:
+            log.warning("%s: no patch of %d px at %g µm/px has %.0f%% tissue; its store has zero patches",
+                        item.path, params.patch_size, params.target_mpp, 100 * params.min_tissue)
+        attrs = {**tile_attrs(slide, item.slide_id, geometry, method, tissue_params),
+                 "min_tissue": params.min_tissue, "tiling_params": fingerprint}
+        remove_partial_stores(out_dir, item.slide_id)
+        store = write_tile_store(target, coords, fractions, tissue.mask, tissue.mpp, attrs,
+                                 mask_downsample=tissue.downsample)
+        if params.qc:
+            _write_qc(slide, qc_path, preview, tissue, coords, geometry, params.tissue.mask_mpp)
+    if params.h5:
+        export_h5(store, h5_path)
+    result.status = "tiled" if len(coords) else "no-tissue"
+    result.n_patches = len(coords)
+
+
+def _qc_preview(slide: Any) -> tuple[np.ndarray, float] | None:
+    """A sharp picture of a small slide for QC (tissue is then detected on it, shrunk): the
+    whole slide at about QC_LONG_SIDE px, when the pyramid level it comes from is small
+    enough to read cheaply; None for large slides, whose detection image is sharp enough."""
+    from ips_path.tiling.qc import QC_LONG_SIDE
+
+    wanted_downsample = max(1.0, max(slide.dimensions) / QC_LONG_SIDE)
+    level0_mpp = float(np.mean(slide.require_mpp()))
+    level = read_level_for_mpp(level0_mpp, slide.level_downsamples, wanted_downsample * level0_mpp)
+    level_width, level_height = slide.level_dimensions[level]
+    if level_width * level_height > _QC_READ_PX:
+        return None
+    return read_low_resolution(slide, wanted_downsample * level0_mpp)
+
+
+def _write_qc(slide: Any, path: Path, preview: tuple[np.ndarray, float] | None, tissue: TissueMask,
+              coords: np.ndarray, geometry: PatchGeometry, mask_mpp: float) -> None:
+    from ips_path.tiling.qc import qc_picture, write_qc_png
+
+    image, image_downsample = preview if preview is not None else read_low_resolution(slide, mask_mpp)
+    write_qc_png(path, qc_picture(image, image_downsample, tissue.mask, coords, geometry.patch_size_level0))
+
+
+def tile_slides(
+    inputs: Sequence[SlideInput],
+    out_dir: str | os.PathLike,
+    params: TilingParams = TilingParams(),
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[TileResult]:
+    """Tile many slides, ``workers`` processes at a time, and write ``<out_dir>/tiling_summary.csv``.
+
+    Parameters
+    ----------
+    inputs : sequence of SlideInput
+        From :func:`collect_inputs`.
+    out_dir : path
+        Output folder (created).
+    params : TilingParams
+        Tiling parameters.
+    workers : int
+        Slides tiled in parallel (processes); 1 = in this process.
+    overwrite : bool
+        Redo slides whose store exists (otherwise equal stores are skipped and stores made
+        with other parameters are refused).
+    progress : bool
+        Show a progress bar (only on a terminal).
+
+    Returns
+    -------
+    list of TileResult
+        In input order.
+    """
+    from ips_path.tiling.qc import write_summary_csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[TileResult | None] = [None] * len(inputs)
+    with progress_bar(len(inputs), "tiling", unit="slide", enabled=progress) as bar:
+        if workers <= 1 or len(inputs) <= 1:
+            for index, item in enumerate(inputs):
+                results[index] = tile_slide(item, out_dir, params, overwrite)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(inputs))) as pool:
+                futures = {pool.submit(tile_slide, item, out_dir, params, overwrite): index
+                           for index, item in enumerate(inputs)}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update()
+    done = [r for r in results if r is not None]
+    write_summary_csv((r.as_row() for r in done), out_dir / SUMMARY_NAME)
+    return done
+
+
+def exit_code(results: Sequence[TileResult]) -> int:
+    """0 when no slide failed; 2 when every slide failed on bad input; 1 otherwise."""
+    failed = [r for r in results if r.status == "failed"]
+    if not failed:
+        return 0
+    if len(failed) == len(results) and all(r.exit_code == 2 for r in failed):
+        return 2
+    return 1
