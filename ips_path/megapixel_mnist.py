@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ import torch
 from skimage.draw import line
 
 from ips_path.errors import BadInputError
+from ips_path.model.chunks import PatchChunk
+from ips_path.model.tasks import Task
 
 DIGIT_SIZE = 28
 N_CLASSES = 10
@@ -43,6 +46,9 @@ N_OTHER_DIGITS = 2
 N_NOISE_STROKES = 50
 NOISE_INTENSITY = (0.8, 1.0)
 DEFAULT_N_IMAGES = {"train": 5000, "test": 1000}
+# The four tasks as model heads, in the order of the paper.
+MEGAPIXEL_MNIST_TASKS = (Task("majority", N_CLASSES, "multiclass"), Task("max", N_CLASSES, "multiclass"),
+                         Task("top", N_CLASSES, "multiclass"), Task("multilabel", N_CLASSES, "multilabel"))
 # The smallest canvas on which 5 non-overlapping digits are found quickly by rejection sampling.
 MIN_CANVAS = 4 * DIGIT_SIZE
 _SPLIT_CODES = {"train": 0, "test": 1}
@@ -243,3 +249,34 @@ def _draw_noise_strokes(image: np.ndarray, rng: np.random.Generator) -> None:
             intensity = np.uint8(255 * rng.uniform(*NOISE_INTENSITY))
             region = image[box_row:box_row + DIGIT_SIZE, box_col:box_col + DIGIT_SIZE]
             region[rows[inside], cols[inside]] = np.maximum(region[rows[inside], cols[inside]], intensity)
+
+
+def patch_chunks(image: torch.Tensor, patch_size: int = 50, stride: int = 50,
+                 chunk_size: int = 100) -> Iterator[PatchChunk]:
+    """Cut an image into a row-major grid of patches, in chunks for :meth:`IPSModel.select_top_patches`.
+
+    Parameters
+    ----------
+    image : (C, H, W) Tensor
+        Any dtype and device; the patches keep both.
+    patch_size, stride : int
+        Patch side and step in pixels (the paper: 50 and 50, so N = 900 on a 1500 px canvas). Patches
+        that would cross the right or bottom edge are left out.
+    chunk_size : int
+        Patches per chunk (the last chunk may be smaller).
+
+    Yields
+    ------
+    PatchChunk
+        ``patches`` (n, C, patch_size, patch_size) and ``positions`` (n, 2) int64 grid (row, col).
+    """
+    if image.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) image, got shape {tuple(image.shape)}")
+    channels = image.shape[0]
+    grid = image.unfold(1, patch_size, stride).unfold(2, patch_size, stride)  # (C, rows, cols, p, p)
+    n_rows, n_cols = grid.shape[1:3]
+    patches = grid.permute(1, 2, 0, 3, 4).reshape(n_rows * n_cols, channels, patch_size, patch_size)
+    rows, cols = torch.meshgrid(torch.arange(n_rows), torch.arange(n_cols), indexing="ij")
+    positions = torch.stack((rows.flatten(), cols.flatten()), dim=1).to(image.device)
+    for start in range(0, n_rows * n_cols, chunk_size):
+        yield PatchChunk(patches[start:start + chunk_size], positions[start:start + chunk_size])

@@ -13,9 +13,11 @@ import torch
 from ips_path.errors import BadInputError
 from ips_path.megapixel_mnist import (
     DIGIT_SIZE,
+    MEGAPIXEL_MNIST_TASKS,
     MegapixelMNIST,
     digit_targets,
     load_digits,
+    patch_chunks,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +36,7 @@ def train_set() -> MegapixelMNIST:
 @pytest.fixture(scope="module")
 def small_test_set() -> MegapixelMNIST:
     # A canvas barely larger than the minimum makes overlaps likely if placement were wrong.
-    return MegapixelMNIST(MNIST, "test", n_images=300, canvas=120, seed=3)
+    return MegapixelMNIST(MNIST, "test", n_images=120, canvas=120, seed=3)
 
 
 @needs_mnist
@@ -138,3 +140,32 @@ def test_missing_files_and_bad_arguments_are_named(tmp_path):
         MegapixelMNIST(tmp_path, "validation")
     with pytest.raises(BadInputError, match="canvas"):
         MegapixelMNIST(tmp_path, "train", canvas=100)
+
+
+def test_patch_chunks_cover_the_image_in_row_major_order():
+    image = torch.arange(1500 * 1500, dtype=torch.int32).reshape(1, 1500, 1500)
+    chunks = list(patch_chunks(image, patch_size=50, stride=50, chunk_size=100))
+    assert [len(c) for c in chunks] == [100] * 9
+    patches = torch.cat([c.patches for c in chunks])
+    positions = torch.cat([c.positions for c in chunks])
+    assert patches.shape == (900, 1, 50, 50) and positions.dtype == torch.int64
+    assert positions[:31].tolist() == [[0, c] for c in range(30)] + [[1, 0]]
+    for index in (0, 31, 899):
+        row, col = positions[index].tolist()
+        assert torch.equal(patches[index], image[:, 50 * row:50 * row + 50, 50 * col:50 * col + 50])
+
+
+def test_patch_chunks_with_overlap_and_a_ragged_edge():
+    image = torch.randint(0, 256, (3, 130, 110), dtype=torch.uint8)
+    chunks = list(patch_chunks(image, patch_size=50, stride=40, chunk_size=4))
+    positions = torch.cat([c.positions for c in chunks])
+    assert [len(c) for c in chunks] == [4, 2]  # rows at 0, 40, (80 fits: 130 >= 130); cols at 0, 40
+    assert positions.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]]
+    assert torch.equal(chunks[1].patches[1], image[:, 80:130, 40:90])
+    assert chunks[0].patches.dtype == torch.uint8
+
+
+def test_tasks_match_the_target_keys():
+    targets = digit_targets(np.array([1, 1, 1, 2, 3]), np.zeros((5, 2), dtype=np.int64))
+    assert [t.name for t in MEGAPIXEL_MNIST_TASKS] == list(targets)
+    assert {t.name: t.kind for t in MEGAPIXEL_MNIST_TASKS}["multilabel"] == "multilabel"
