@@ -1,0 +1,151 @@
+"""Loader throughput: the streaming loader against a plain openslide loop, and scoring fed by it.
+
+1. Tiles/s of ``PatchStreamer.stream`` against a plain loop of ``openslide.OpenSlide.read_region``
+   over the same coordinates, on a generated JPEG SVS (target: >= 1.8x on 2 CPU cores).
+2. No-grad scoring throughput (``IPSModel.select_top_patches``) fed by the loader against the
+   same scoring over patches already in memory, with the encoder as the bottleneck
+   (target: >= 0.9 of it).
+
+Usage::
+
+    python -m bench.loader_bench [--device cpu|cuda] [--size 24000] [--repeats 3]
+
+On CUDA it also reports the scoring pass of ResNet-18 at 256 px from the slide (target on an
+H100: >= 5,000 patches/s) and the peak GPU memory of a training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import torch
+
+from bench.common import save_result
+from ips_path.loader import PatchStreamer
+from ips_path.model import IPSModel, Task, build_encoder
+from ips_path.model.chunks import PatchChunk
+from ips_path.store import write_tile_store
+from ips_path.synth import write_synthetic_slide
+
+
+def make_store(folder: Path, size: int, patch: int) -> tuple[Path, object]:
+    """A generated JPEG SVS at 0.5 µm/px and a store of its full level-0 grid of ``patch`` px."""
+    slide_path = folder / "bench.svs"
+    write_synthetic_slide(slide_path, size, size, mpp=0.5, fmt="svs", downsamples=(1, 4, 16), tile_size=256, seed=7)
+    xs = np.arange(0, size - patch + 1, patch)
+    coords = np.stack(np.meshgrid(xs, xs), axis=-1).reshape(-1, 2)
+    store = write_tile_store(
+        folder / "bench.zarr", coords, np.ones(len(coords), np.float32), np.ones((8, 8), np.uint8), 8.0,
+        {"slide_path": str(slide_path), "level0_mpp": [0.5, 0.5], "target_mpp": 0.5, "patch_size": patch,
+         "patch_size_level0": patch, "stride_level0": patch, "read_level": 0, "read_size": patch})
+    return slide_path, store
+
+
+def plain_loop(slide_path: Path, coords: np.ndarray, patch: int) -> float:
+    """Seconds for a plain loop of openslide read_region + conversion to an RGB array."""
+    slide = openslide.OpenSlide(str(slide_path))
+    started = time.perf_counter()
+    for x, y in coords:
+        np.asarray(slide.read_region((int(x), int(y)), 0, (patch, patch)))[..., :3]
+    seconds = time.perf_counter() - started
+    slide.close()
+    return seconds
+
+
+def loader_pass(store, threads: int, chunk: int, device: str) -> float:
+    with PatchStreamer(chunk_size=chunk, threads=threads, device=device) as streamer:
+        started = time.perf_counter()
+        n = sum(len(c) for c in streamer.stream(store))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    assert n == store.n_patches
+    return seconds
+
+
+def scoring_model(device: str, patch: int) -> IPSModel:
+    encoder = build_encoder("resnet18")
+    model = IPSModel(encoder, [Task("label", 2, "multiclass")], dim=128, n_heads=8, n_select=16, chunk_size=64)
+    return model.to(device).eval()
+
+
+def scoring_in_memory(model: IPSModel, patches: torch.Tensor, chunk: int) -> float:
+    def chunks():
+        for i in range(0, len(patches), chunk):
+            yield PatchChunk(patches[i:i + chunk])
+    started = time.perf_counter()
+    model.select_top_patches(chunks())
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def scoring_from_loader(model: IPSModel, store, threads: int, chunk: int, n: int) -> float:
+    with PatchStreamer(chunk_size=chunk, threads=threads, device=str(model.device)) as streamer:
+        started = time.perf_counter()
+        model.select_top_patches(streamer.stream(store, indices=np.arange(n)))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=16384, help="slide side in px (level 0)")
+    parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--score-patches", type=int, default=256,
+                        help="patches scored by ResNet-18 (CPU is slow: keep small there)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        slide_path, store = make_store(Path(tmp), args.size, args.patch)
+        n = store.n_patches
+        plain = [plain_loop(slide_path, store.coords, args.patch) for _ in range(args.repeats)]
+        loaded = [loader_pass(store, args.threads, args.chunk, args.device) for _ in range(args.repeats)]
+        plain_rate, loader_rate = n / statistics.median(plain), n / statistics.median(loaded)
+
+        model = scoring_model(args.device, args.patch)
+        k = min(args.score_patches, n)
+        with PatchStreamer(chunk_size=args.chunk, threads=args.threads, device=args.device) as streamer:
+            in_memory = torch.cat([c.patches for c in streamer.stream(store, indices=np.arange(k))])
+        scoring_in_memory(model, in_memory[: args.chunk], args.chunk)  # warm-up
+        mem = [scoring_in_memory(model, in_memory, args.chunk) for _ in range(args.repeats)]
+        fed = [scoring_from_loader(model, store, args.threads, args.chunk, k) for _ in range(args.repeats)]
+        mem_rate, fed_rate = k / statistics.median(mem), k / statistics.median(fed)
+
+    result = {
+        "command": "python -m bench.loader_bench " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "slide": {"size_px": [args.size, args.size], "format": "Aperio SVS, JPEG tiles 256 px", "mpp": 0.5},
+        "patches": n,
+        "patch_size": args.patch,
+        "threads": args.threads,
+        "plain_openslide_tiles_per_s": round(plain_rate, 1),
+        "loader_tiles_per_s": round(loader_rate, 1),
+        "loader_speedup": round(loader_rate / plain_rate, 3),
+        "loader_speedup_target": 1.8,
+        "scoring_encoder": "resnet18",
+        "scoring_patches": k,
+        "scoring_in_memory_patches_per_s": round(mem_rate, 2),
+        "scoring_from_loader_patches_per_s": round(fed_rate, 2),
+        "scoring_ratio": round(fed_rate / mem_rate, 3),
+        "scoring_ratio_target": 0.9,
+        "repeats": args.repeats,
+        "raw_seconds": {"plain": plain, "loader": loaded, "scoring_in_memory": mem, "scoring_from_loader": fed},
+    }
+    save_result(f"loader_bench_{args.device.split(':')[0]}", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Streaming patch loader: the patches of one slide, chunk by chunk, read lazily from the slide file.
+
+A pool of threads reads the patches of the next chunk with :meth:`Slide.read_region` (openslide
+and libjpeg release the GIL) while the consumer encodes the current one. Patches come in the
+tile store's coordinate order (row-major), which keeps reads local in the file.
+
+On CUDA, each chunk is read into one of two pinned host buffers that are reused for the whole
+run (pinning is expensive), copied to the GPU with ``non_blocking`` on a side stream, and then
+resized to the patch size and augmented on the GPU; the encoder normalises there too. On CPU
+the same code runs without the pinned buffers and the side stream.
+
+Every chunk is a :class:`~ips_path.model.chunks.PatchChunk` of ``uint8`` patches ``(n, 3, P, P)``
+with the patches' grid positions; its tensors are the consumer's to keep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ips_path.model.chunks import PatchChunk
+from ips_path.slide import Slide
+from ips_path.store import TileStore
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random patch augmentation applied on the device, independently per patch.
+
+    Attributes
+    ----------
+    flips : bool
+        Horizontal and vertical flips, each with probability 1/2.
+    rotations : bool
+        Rotation by a multiple of 90°, each equally likely.
+    brightness, contrast, saturation : float
+        Colour jitter: each factor is drawn uniformly from ``[1 - v, 1 + v]``; 0 disables it.
+    """
+
+    flips: bool = True
+    rotations: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+
+    @property
+    def jitters_colour(self) -> bool:
+        return bool(self.brightness or self.contrast or self.saturation)
+
+
+def augment_patches(patches: torch.Tensor, augmentation: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """Augment ``(n, 3, H, W)`` uint8 patches (H == W for rotations) on their device.
+
+    Parameters
+    ----------
+    patches : Tensor
+        ``uint8`` patches.
+    augmentation : Augmentation
+        What to apply.
+    generator : torch.Generator
+        Random source on the patches' device, so runs with the same seed repeat exactly.
+
+    Returns
+    -------
+    Tensor
+        ``uint8`` patches of the same shape.
+    """
+    n, device = patches.shape[0], patches.device
+
+    def draw(shape: tuple[int, ...], low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=device) * (high - low) + low
+
+    x = patches
+    if augmentation.flips:
+        x = torch.where((draw((n, 1, 1, 1)) < 0.5), x.flip(-1), x)
+        x = torch.where((draw((n, 1, 1, 1)) < 0.5), x.flip(-2), x)
+    if augmentation.rotations:
+        quarter_turns = (draw((n,)) * 4).long().clamp_(max=3)
+        rotated = x.clone()
+        for k in (1, 2, 3):
+            chosen = quarter_turns == k
+            if chosen.any():
+                rotated[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
+        x = rotated
+    if augmentation.jitters_colour:
+        f = x.float()
+        if augmentation.brightness:
+            f = f * draw((n, 1, 1, 1), 1 - augmentation.brightness, 1 + augmentation.brightness)
+        if augmentation.contrast:
+            mean = f.mean(dim=(1, 2, 3), keepdim=True)
+            f = (f - mean) * draw((n, 1, 1, 1), 1 - augmentation.contrast, 1 + augmentation.contrast) + mean
+        if augmentation.saturation:
+            grey = (0.299 * f[:, 0:1] + 0.587 * f[:, 1:2] + 0.114 * f[:, 2:3])
+            f = (f - grey) * draw((n, 1, 1, 1), 1 - augmentation.saturation, 1 + augmentation.saturation) + grey
+        x = f.round_().clamp_(0, 255).to(torch.uint8)
+    return x
+
+
+def resize_patches(patches: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``(n, 3, h, w)`` uint8 patches to ``size`` x ``size`` (bilinear, antialiased) on their device."""
+    if patches.shape[-2:] == (size, size):
+        return patches
+    resized = F.interpolate(patches.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def grid_positions(coords: np.ndarray, step: int) -> torch.Tensor:
+    """(row, col) of each patch on the grid, from level-0 (x, y) top-left coordinates and the grid step.
+
+    Parameters
+    ----------
+    coords : np.ndarray
+        ``(N, 2)`` level-0 (x, y) in pixels.
+    step : int
+        Distance between neighbouring patches at level 0, in pixels (the stride).
+    """
+    if len(coords) == 0:
+        return torch.zeros((0, 2), dtype=torch.int64)
+    rel = (np.asarray(coords, dtype=np.int64) - np.asarray(coords).min(axis=0)) // max(int(step), 1)
+    return torch.from_numpy(np.ascontiguousarray(rel[:, ::-1]))
+
+
+class PatchStreamer:
+    """Reads the patches of tile stores from their slides, chunk by chunk.
+
+    One streamer serves a whole run: its thread pool and (on CUDA) its pinned buffers are made
+    once and reused for every slide.
+
+    Parameters
+    ----------
+    chunk_size : int
+        Patches per chunk (the IPS chunk size I is a good choice).
+    threads : int
+        Reader threads.
+    device : str or torch.device
+        Where chunks are delivered; resizing and augmentation run there.
+    augmentation : Augmentation, optional
+        Applied to every chunk when given (training); None for scoring and prediction.
+    seed : int
+        Seed of the augmentation's random numbers.
+    backend : {"auto", "openslide", "tiffslide"}
+        Slide backend.
+    """
+
+    def __init__(self, *, chunk_size: int = 64, threads: int = 4, device: str | torch.device = "cpu",
+                 augmentation: Augmentation | None = None, seed: int = 0, backend: str = "auto"):
+        if chunk_size < 1 or threads < 1:
+            raise ValueError("chunk_size and threads must be >= 1")
+        self.chunk_size = chunk_size
+        self.threads = threads
+        self.device = torch.device(device)
+        self.augmentation = augmentation
+        self.backend = backend
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ipspath-read")
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(seed)
+        self._cuda = self.device.type == "cuda"
+        self._pinned: list[torch.Tensor] = []
+        self._copy_done: list[torch.cuda.Event] = []
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+
+    # -- public --------------------------------------------------------------------------------
+
+    def stream(self, store: TileStore, *, slide: Slide | None = None, slide_mpp: float | None = None,
+               indices: Sequence[int] | np.ndarray | None = None) -> Iterator[PatchChunk]:
+        """Yield the patches of ``store`` (or of ``indices`` into it) in chunks.
+
+        Parameters
+        ----------
+        store : TileStore
+            Coordinates, read level and patch sizes.
+        slide : Slide, optional
+            An open slide to read from; by default the store's slide is opened (and closed after).
+        slide_mpp : float, optional
+            Level-0 µm/px override when the store's slide is opened here.
+        indices : sequence of int, optional
+            Only these patches, in this order.
+        """
+        coords = store.coords if indices is None else store.coords[np.asarray(indices, dtype=np.int64)]
+        positions = grid_positions(store.coords, store.stride_level0)
+        if indices is not None:
+            positions = positions[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        own_slide = slide is None
+        if own_slide:
+            slide = Slide(store.slide_path, backend=self.backend, slide_mpp=slide_mpp)
+        try:
+            yield from self._stream_pixels(slide, coords, positions, store.read_level, store.read_size,
+                                           store.patch_size)
+        finally:
+            if own_slide:
+                slide.close()
+
+    def stream_features(self, store: TileStore, encoder: str) -> Iterator[PatchChunk]:
+        """Yield cached embeddings ``features/<encoder>`` of ``store`` in chunks (no pixels are read)."""
+        features = store.open_array(f"features/{encoder}")
+        positions = grid_positions(store.coords, store.stride_level0)
+        for start in range(0, store.n_patches, self.chunk_size):
+            stop = min(start + self.chunk_size, store.n_patches)
+            block = torch.from_numpy(np.asarray(features[start:stop]))
+            yield PatchChunk(block.to(self.device, non_blocking=True), positions[start:stop].to(self.device))
+
+    def close(self) -> None:
+        """Stop the reader threads."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> PatchStreamer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    def _stream_pixels(self, slide: Slide, coords: np.ndarray, positions: torch.Tensor, level: int,
+                       read_size: int, patch_size: int) -> Iterator[PatchChunk]:
+        n_chunks = math.ceil(len(coords) / self.chunk_size)
+        if n_chunks == 0:
+            return
+        pending = self._submit(slide, coords, 0, level, read_size)
+        for k in range(n_chunks):
+            host, reads = pending
+            for future in reads:
+                future.result()  # re-raises a read error: it names the slide and the coordinates
+            if k + 1 < n_chunks:
+                pending = self._submit(slide, coords, k + 1, level, read_size)
+            start = k * self.chunk_size
+            patches = self._to_device(host, k % 2)
+            patches = resize_patches(patches.permute(0, 3, 1, 2), patch_size)
+            if self.augmentation is not None:
+                patches = augment_patches(patches, self.augmentation, self._generator)
+            yield PatchChunk(patches, positions[start:start + len(host)].to(self.device, non_blocking=True))
+
+    def _submit(self, slide: Slide, coords: np.ndarray, k: int, level: int,
+                read_size: int) -> tuple[torch.Tensor, list[Future]]:
+        """Start reading chunk ``k`` into a host buffer; one task per thread over a contiguous run."""
+        start, stop = k * self.chunk_size, min((k + 1) * self.chunk_size, len(coords))
+        host = self._host_buffer(k % 2, stop - start, read_size)
+        out = host.numpy()
+        bounds = np.linspace(start, stop, min(self.threads, stop - start) + 1).round().astype(int)
+        reads = [self._pool.submit(_read_patches, slide, coords, int(a), int(b), start, level, read_size, out)
+                 for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        return host, reads
+
+    def _host_buffer(self, slot: int, n: int, read_size: int) -> torch.Tensor:
+        """``(n, s, s, 3)`` uint8 host memory for one chunk: a reused pinned buffer on CUDA, else fresh."""
+        shape = (self.chunk_size, read_size, read_size, 3)
+        if not self._cuda:
+            return torch.empty((n, *shape[1:]), dtype=torch.uint8)
+        if not self._pinned or self._pinned[0].shape != shape:
+            self._pinned = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
+            self._copy_done = [torch.cuda.Event() for _ in range(2)]
+        # The copy of the chunk that last used this buffer must be over before threads refill it.
+        self._copy_done[slot].synchronize()
+        return self._pinned[slot][:n]
+
+    def _to_device(self, host: torch.Tensor, slot: int) -> torch.Tensor:
+        if not self._cuda:
+            return host
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            on_device = host.to(self.device, non_blocking=True)
+            self._copy_done[slot].record(self._copy_stream)
+        compute.wait_stream(self._copy_stream)
+        on_device.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+        return on_device
+
+
+def _read_patches(slide: Slide, coords: np.ndarray, a: int, b: int, offset: int, level: int, read_size: int,
+                  out: np.ndarray) -> None:
+    """Read patches ``a:b`` of ``coords`` into ``out[a - offset : b - offset]`` (runs in a reader thread)."""
+    for i in range(a, b):
+        x, y = coords[i]
+        out[i - offset] = slide.read_region((int(x), int(y)), level, (read_size, read_size))

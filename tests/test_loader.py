@@ -1,0 +1,127 @@
+"""The streaming loader delivers exactly the slide's pixels, every patch once, in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ips_path.errors import IpspathError
+from ips_path.loader import Augmentation, PatchStreamer, augment_patches, grid_positions, resize_patches
+from ips_path.slide import Slide
+from ips_path.store import TileStore, write_tile_store
+from ips_path.synth import write_synthetic_slide
+
+
+def _store(folder: Path, slide_path: Path, coords: np.ndarray, *, patch_size: int, read_level: int,
+           read_size: int, stride_level0: int, name: str = "s") -> TileStore:
+    return write_tile_store(
+        folder / f"{name}.zarr", coords, np.ones(len(coords), np.float32), np.ones((4, 4), np.uint8), 8.0,
+        {"slide_path": str(slide_path), "level0_mpp": [0.5, 0.5], "target_mpp": 0.5, "patch_size": patch_size,
+         "patch_size_level0": read_size * 4 ** read_level, "stride_level0": stride_level0,
+         "read_level": read_level, "read_size": read_size})
+
+
+@pytest.fixture(scope="module")
+def slide_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("loader") / "slide.svs"
+    write_synthetic_slide(path, 1600, 1200, mpp=0.5, downsamples=(1, 4), tile_size=256, seed=3, lesions=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid_store(slide_file, tmp_path_factory) -> TileStore:
+    # A 96-px grid that does not line up with the 256-px JPEG tiles, some patches over the edge.
+    xs, ys = np.arange(0, 1600, 96), np.arange(0, 1200, 96)
+    coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    return _store(tmp_path_factory.mktemp("stores"), slide_file, coords, patch_size=96, read_level=0,
+                  read_size=96, stride_level0=96)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("threads,chunk_size", [(1, 7), (3, 16), (4, 64)])
+def test_chunks_hold_exactly_the_slide_pixels_in_order(grid_store, slide_file, backend, threads, chunk_size):
+    with PatchStreamer(chunk_size=chunk_size, threads=threads, backend=backend) as streamer:
+        chunks = list(streamer.stream(grid_store))
+    assert all(len(c) == chunk_size for c in chunks[:-1]) and 0 < len(chunks[-1]) <= chunk_size
+    patches = torch.cat([c.patches for c in chunks])
+    positions = torch.cat([c.positions for c in chunks])
+    assert patches.dtype == torch.uint8 and patches.shape == (grid_store.n_patches, 3, 96, 96)
+    assert torch.equal(positions, grid_positions(grid_store.coords, 96))
+    with Slide(slide_file, backend=backend) as slide:
+        for i, (x, y) in enumerate(grid_store.coords):
+            expected = slide.read_region((int(x), int(y)), 0, (96, 96))
+            assert np.array_equal(patches[i].permute(1, 2, 0).numpy(), expected), (i, x, y)
+
+
+def test_indices_select_patches_in_the_given_order(grid_store):
+    picks = np.array([5, 0, 17, 3])
+    with PatchStreamer(chunk_size=3, threads=2) as streamer:
+        some = torch.cat([c.patches for c in streamer.stream(grid_store, indices=picks)])
+        every = torch.cat([c.patches for c in streamer.stream(grid_store)])
+    assert torch.equal(some, every[torch.as_tensor(picks)])
+
+
+def test_read_level_patches_are_resized_to_the_patch_size(slide_file, tmp_path):
+    coords = np.array([[0, 0], [256, 512], [1024, 768]])
+    store = _store(tmp_path, slide_file, coords, patch_size=48, read_level=1, read_size=64, stride_level0=256)
+    with PatchStreamer(chunk_size=2, threads=2) as streamer:
+        patches = torch.cat([c.patches for c in streamer.stream(store)])
+    assert patches.shape == (3, 3, 48, 48)
+    with Slide(slide_file) as slide:
+        raw = torch.stack([torch.from_numpy(slide.read_region((int(x), int(y)), 1, (64, 64))).permute(2, 0, 1)
+                           for x, y in coords])
+    assert torch.equal(patches, resize_patches(raw, 48))
+    # and the resize is a faithful one: close to the mean colour of each patch
+    assert (patches.float().mean((2, 3)) - raw.float().mean((2, 3))).abs().max() < 2
+
+
+def test_a_corrupt_tile_names_slide_and_coordinates(test_data, tmp_path):
+    bad = test_data / "bad" / "unreadable.svs"
+    store = _store(tmp_path, bad, np.array([[0, 0], [256, 0]]), patch_size=64, read_level=0, read_size=64,
+                   stride_level0=64)
+    with PatchStreamer(chunk_size=2, threads=2) as streamer, pytest.raises(IpspathError) as err:
+        list(streamer.stream(store))
+    message = str(err.value)
+    assert "unreadable.svs" in message and ("level-0 (0, 0)" in message or "level-0 (256, 0)" in message)
+
+
+def test_empty_store_yields_nothing(slide_file, tmp_path):
+    store = _store(tmp_path, slide_file, np.zeros((0, 2), np.int64), patch_size=64, read_level=0, read_size=64,
+                   stride_level0=64)
+    with PatchStreamer() as streamer:
+        assert list(streamer.stream(store)) == []
+
+
+def test_augmentation_is_seeded_and_geometric_parts_keep_the_pixels(grid_store):
+    geometric = Augmentation(brightness=0, contrast=0, saturation=0)
+    with PatchStreamer(chunk_size=32, augmentation=geometric, seed=1) as a, \
+            PatchStreamer(chunk_size=32, augmentation=geometric, seed=1) as b, PatchStreamer(chunk_size=32) as plain:
+        first, second, original = (torch.cat([c.patches for c in s.stream(grid_store)]) for s in (a, b, plain))
+    assert torch.equal(first, second)
+    assert not torch.equal(first, original)
+    for aug, orig in zip(first, original, strict=True):
+        variants = [torch.rot90(o, k, (-2, -1)) for o in (orig, orig.flip(-1)) for k in range(4)]
+        assert any(torch.equal(aug, v) for v in variants)
+
+
+def test_colour_jitter_changes_colours_within_bounds():
+    patches = torch.full((64, 3, 8, 8), 128, dtype=torch.uint8)
+    patches[:, 0] = 200
+    generator = torch.Generator().manual_seed(0)
+    out = augment_patches(patches, Augmentation(flips=False, rotations=False, brightness=0.2, contrast=0,
+                                                saturation=0), generator)
+    ratio = out[:, 1].float().mean((1, 2)) / 128
+    assert out.dtype == torch.uint8
+    assert ratio.min() >= 0.79 and ratio.max() <= 1.21 and ratio.std() > 0.05
+
+
+def test_stream_features_reads_the_cached_embeddings(grid_store):
+    features = np.random.default_rng(0).normal(size=(grid_store.n_patches, 12)).astype(np.float16)
+    grid_store.write_array("features/test", features)
+    with PatchStreamer(chunk_size=10) as streamer:
+        chunks = list(streamer.stream_features(grid_store, "test"))
+    assert np.array_equal(torch.cat([c.patches for c in chunks]).numpy(), features)
+    assert torch.equal(torch.cat([c.positions for c in chunks]), grid_positions(grid_store.coords, 96))
