@@ -1,0 +1,186 @@
+"""Run one function per slide: in this process, in local worker processes, or on a Dask cluster.
+
+``tile``, ``features`` and ``predict`` all fan out through :func:`map_slides`. Locally it uses
+a process pool (``--workers``) and needs no Dask. With ``scheduler`` it sends the per-slide work
+to a Dask distributed cluster (``pip install ipspath[dask]``):
+
+- ``"tcp://host:8786"``: a running scheduler (``dask scheduler`` + ``dask worker`` processes,
+  or dask-jobqueue on SLURM);
+- ``"local:N"``: a LocalCluster of N worker processes on this machine, to try it out.
+
+The per-slide functions write their results straight to the shared output folder, atomically,
+and return a small picklable record. A worker that dies mid-slide leaves no half-written output;
+Dask re-runs its task on another worker, and a slide whose workers keep dying is recorded as
+failed (through ``on_lost``) while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ips_path.errors import BadInputError
+from ips_path.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Seconds to wait for a scheduler before saying it cannot be reached.
+CONNECT_TIMEOUT_S = 5
+
+
+def map_slides(function: Callable[..., R], items: Sequence[T], *args: Any, workers: int = 1,
+               scheduler: str | None = None, shared_paths: Sequence[str | os.PathLike] = (),
+               resources: dict[str, float] | None = None, retries: int = 2, progress: bool = True,
+               desc: str = "slides", on_lost: Callable[[T, BaseException], R] | None = None) -> list[R]:
+    """``[function(item, *args) for item in items]``, in parallel, in input order.
+
+    Parameters
+    ----------
+    function : callable
+        A module-level (picklable) function of one slide that handles its own errors and
+        returns a record; it runs in worker processes.
+    items : sequence
+        One per slide.
+    *args
+        Passed after the item (output folder, parameters, ...).
+    workers : int
+        Local worker processes when ``scheduler`` is None; 1 runs in this process.
+    scheduler : str, optional
+        Dask scheduler address, or ``"local:N"`` for a LocalCluster of N processes.
+    shared_paths : sequence of path-like
+        Files and folders every Dask worker must see (slides, the output folder); checked on
+        each worker before any work is sent, with a clear error naming what a worker lacks.
+    resources : dict, optional
+        Dask worker resources each task needs, e.g. ``{"GPU": 1}`` so one slide runs per GPU.
+    retries : int
+        Times Dask re-runs a task whose worker died.
+    progress : bool
+        One progress bar over slides.
+    desc : str
+        Label of the progress bar.
+    on_lost : callable, optional
+        ``on_lost(item, exception)`` builds the record of a slide whose task failed outside
+        ``function`` (its workers kept dying); without it the exception propagates.
+
+    Returns
+    -------
+    list
+        The records, in the order of ``items``.
+    """
+    results: list[Any] = [None] * len(items)
+    with progress_bar(len(items), desc, unit="slide", enabled=progress) as bar:
+        for index, record in _run(function, items, args, workers, scheduler, shared_paths, resources, retries,
+                                  on_lost):
+            results[index] = record
+            bar.update()
+    return results
+
+
+def _run(function: Callable[..., R], items: Sequence[T], args: tuple, workers: int, scheduler: str | None,
+         shared_paths: Sequence[str | os.PathLike], resources: dict[str, float] | None, retries: int,
+         on_lost: Callable[[T, BaseException], R] | None) -> Iterator[tuple[int, R]]:
+    if scheduler is not None:
+        yield from _run_dask(function, items, args, scheduler, shared_paths, resources, retries, on_lost)
+    elif workers <= 1 or len(items) <= 1:
+        for index, item in enumerate(items):
+            yield index, function(item, *args)
+    else:
+        with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            futures = {pool.submit(function, item, *args): index for index, item in enumerate(items)}
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    yield index, future.result()
+                except Exception as exc:  # a worker process died (killed, out of memory)
+                    if on_lost is None:
+                        raise
+                    yield index, on_lost(items[index], exc)
+
+
+def _run_dask(function: Callable[..., R], items: Sequence[T], args: tuple, scheduler: str,
+              shared_paths: Sequence[str | os.PathLike], resources: dict[str, float] | None, retries: int,
+              on_lost: Callable[[T, BaseException], R] | None) -> Iterator[tuple[int, R]]:
+    from distributed import as_completed as dask_as_completed
+
+    with dask_client(scheduler) as client:
+        check_workers_see(client, shared_paths)
+        futures = {}
+        for index, item in enumerate(items):
+            futures[client.submit(function, item, *args, pure=False, retries=retries, resources=resources)] = index
+        for future in dask_as_completed(futures):
+            index = futures[future]
+            try:
+                yield index, future.result()
+            except Exception as exc:  # e.g. KilledWorker: the slide's workers kept dying
+                if on_lost is None:
+                    raise
+                yield index, on_lost(items[index], exc)
+
+
+@contextmanager
+def dask_client(scheduler: str) -> Iterator[Any]:
+    """A ``distributed.Client`` for ``scheduler`` (an address, or ``"local:N"`` for a LocalCluster).
+
+    Raises
+    ------
+    BadInputError
+        When Dask is not installed, ``local:N`` is malformed, or the scheduler does not answer
+        within :data:`CONNECT_TIMEOUT_S` seconds.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise BadInputError("--scheduler needs Dask: pip install 'ipspath[dask]'") from exc
+    if scheduler.startswith("local:"):
+        try:
+            n_workers = int(scheduler.split(":", 1)[1])
+            if n_workers < 1:
+                raise ValueError
+        except ValueError:
+            raise BadInputError(f"--scheduler {scheduler}: use local:N with N >= 1 worker processes") from None
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise BadInputError(f"--scheduler {scheduler}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s "
+                            f"({type(exc).__name__}); start one with `dask scheduler` and check the address") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _missing_paths(paths: list[str]) -> list[str]:
+    """On a worker: which of ``paths`` it cannot see (folders must also be writable)."""
+    missing = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists() or (path.is_dir() and not os.access(path, os.W_OK | os.X_OK)):
+            missing.append(raw)
+    return missing
+
+
+def check_workers_see(client: Any, paths: Sequence[str | os.PathLike]) -> None:
+    """Fail clearly, before any work, when a Dask worker cannot see a slide or the output folder."""
+    if not paths:
+        return
+    wanted = [str(Path(p).resolve()) for p in paths]
+    workers = client.scheduler_info().get("workers", {})
+    if not workers:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S * 6)
+    for worker, missing in client.run(_missing_paths, wanted).items():
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise BadInputError(f"Dask worker {worker} cannot see (or write) {shown}; paths must be on storage "
+                                "shared by all workers, with the same absolute paths")
