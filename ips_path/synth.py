@@ -1,0 +1,728 @@
+"""Generated H&E-like whole-slide images: real pyramidal SVS / TIFF files for tests, benchmarks and
+the demo, deterministic by seed.
+
+The tissue layout is a low-resolution mask (a few smooth random blobs), so it scales to any slide
+size. Pixels come from periodic stain textures built once per slide in optical density (eosin
+stroma with gaps, hematoxylin nuclei) and composed tile by tile at each pyramid level, so a
+100,000 x 80,000 px slide is written with little memory; background tiles are encoded once.
+Lesions (dense, large, dark nuclei) are star-shaped regions inside the tissue whose geometry comes
+back in the :class:`SlideSpec`, so tests and the demo know which patches hold them.
+
+Command line (used by ``make demo``)::
+
+    python -m ips_path.synth OUT.svs --width 20000 --height 15000 --mpp 0.25 --lesions 2
+    python -m ips_path.synth OUT_DIR --cohort 40 --width 4000 --height 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import functools
+import math
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import imagecodecs
+import numpy as np
+import scipy.fft
+import tifffile
+from scipy import ndimage
+
+__all__ = ["Lesion", "SlideSpec", "in_lesion", "write_synthetic_cohort", "write_synthetic_slide"]
+
+#: Glass seen through the microscope: the colour of background and of unstained gaps.
+BACKGROUND_RGB = (242, 241, 244)
+# Optical density per unit stain (Ruifrok & Johnston 2001, normalised): hematoxylin is blue-purple,
+# eosin pink. Colour = background * exp(-(h * H_OD + e * E_OD)).
+_HEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29], dtype=np.float32)
+_EOSIN_OD = np.array([0.07, 0.99, 0.11], dtype=np.float32)
+# Texture periods at level 0, in pixels. The two layers repeat at different periods so that
+# the image repeats only every lcm = 6144 px; every allowed downsample divides both.
+_STROMA_PERIOD = 2048
+_NUCLEI_PERIOD = 1536
+_MAX_DOWNSAMPLE = 512  # divides both periods
+# Texture canvases repeat for this many more pixels, so that tiles are cut with plain slices.
+_WRAP_MARGIN = 1024
+# The tissue mask has at most this many cells along the long side, and at least 16 level-0 px each.
+_MASK_LONG_SIDE = 1024
+# Tissue alpha = clip((bilinear mask field - 0.5) * sharpness + 0.5): a soft edge a few µm wide.
+_EDGE_SHARPNESS = 4.0
+_APERIO_HEADER = "Aperio Image Library v12.0.15"
+
+
+@dataclass(frozen=True)
+class _TissueLook:
+    """How one kind of tissue is stained (concentrations in optical-density units, sizes in µm)."""
+
+    eosin: float
+    hematoxylin_background: float
+    gap_fraction: float
+    nuclei_per_mm2: float
+    nucleus_radius_um: tuple[float, float]
+    nucleus_elongation: tuple[float, float]
+    nucleus_hematoxylin: float
+
+
+_NORMAL = _TissueLook(eosin=0.42, hematoxylin_background=0.10, gap_fraction=0.10, nuclei_per_mm2=3500,
+                      nucleus_radius_um=(2.5, 4.0), nucleus_elongation=(1.3, 2.6), nucleus_hematoxylin=1.1)
+_LESION = _TissueLook(eosin=0.25, hematoxylin_background=0.30, gap_fraction=0.02, nuclei_per_mm2=8000,
+                      nucleus_radius_um=(3.5, 5.5), nucleus_elongation=(1.0, 1.4), nucleus_hematoxylin=1.6)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """A star-shaped lesion in level-0 pixels.
+
+    Its edge is at ``radius * (1 + sum_k a_k cos(k * angle + phase_k))`` from the centre, k = 2, 3, ...
+    """
+
+    x: float
+    y: float
+    radius: float
+    harmonics: tuple[tuple[float, float], ...] = ()  # (a_k, phase_k) for k = 2, 3, ...
+
+    @property
+    def max_radius(self) -> float:
+        """Distance from the centre to the farthest point of the edge, level-0 px."""
+        return self.radius * (1 + sum(abs(a) for a, _ in self.harmonics))
+
+    def contains(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Whether the level-0 points (xs, ys) lie inside; boolean array of their broadcast shape."""
+        dx, dy = np.asarray(xs, dtype=np.float64) - self.x, np.asarray(ys, dtype=np.float64) - self.y
+        edge = self._edge_radius(np.arctan2(dy, dx))
+        return dx * dx + dy * dy <= edge * edge
+
+    def polygon(self, n_vertices: int = 64) -> np.ndarray:
+        """The edge as (n_vertices, 2) level-0 (x, y) points, e.g. for GeoJSON."""
+        angles = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)
+        edge = self._edge_radius(angles)
+        return np.stack([self.x + edge * np.cos(angles), self.y + edge * np.sin(angles)], axis=1)
+
+    def _edge_radius(self, angles: np.ndarray) -> np.ndarray:
+        return _star_radius(self.radius, self.harmonics, angles)
+
+
+def _star_radius(radius: float, harmonics: Sequence[tuple[float, float]], angles: np.ndarray) -> np.ndarray:
+    """Edge distance of a star-shaped outline at ``angles``: radius * (1 + sum_k a_k cos(k angle + phase_k))."""
+    wobble = sum(a * np.cos(k * angles + phase) for k, (a, phase) in enumerate(harmonics, start=2))
+    return radius * (1 + wobble)
+
+
+@dataclass(frozen=True, eq=False)
+class SlideSpec:
+    """What :func:`write_synthetic_slide` wrote: the file, its geometry and the ground truth."""
+
+    path: pathlib.Path
+    width: int
+    height: int
+    mpp: float                      # level-0 µm/px
+    fmt: str                        # "svs" or "tiff"
+    downsamples: tuple[int, ...]
+    seed: int
+    tissue_mask: np.ndarray = field(repr=False)   # bool (h, w), covering the whole slide
+    mask_mpp: float = 0.0           # µm per mask cell
+    lesions: tuple[Lesion, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """"positive" when the slide has lesions, else "negative"."""
+        return "positive" if self.lesions else "negative"
+
+    @property
+    def mask_cell_px(self) -> float:
+        """Level-0 pixels per tissue-mask cell."""
+        return self.mask_mpp / self.mpp
+
+    def lesion_fraction(self, x: float, y: float, w: float, h: float) -> float:
+        """Fraction (0-1) of the level-0 rectangle at (x, y) of size (w, h) inside a lesion."""
+        return float(_lesion_fractions(self.lesions, np.array([[x, y]]), (w, h))[0])
+
+    def tissue_fraction(self, x: float, y: float, w: float, h: float) -> float:
+        """Fraction (0-1) of the level-0 rectangle at (x, y) of size (w, h) on tissue (per the mask)."""
+        xs, ys = _sample_points(np.array([[x, y]], dtype=np.float64), (w, h))
+        rows = np.clip((ys / self.mask_cell_px).astype(int), 0, self.tissue_mask.shape[0] - 1)
+        cols = np.clip((xs / self.mask_cell_px).astype(int), 0, self.tissue_mask.shape[1] - 1)
+        return float(self.tissue_mask[rows, cols].mean())
+
+
+def in_lesion(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int | tuple[int, int],
+              min_fraction: float = 0.5) -> np.ndarray:
+    """Which patches lie in a lesion.
+
+    Parameters
+    ----------
+    spec : SlideSpec
+        The generated slide.
+    coords_level0 : (N, 2) array
+        Level-0 (x, y) top-left corners of the patches, in pixels.
+    patch_size_level0 : int or (int, int)
+        Patch (width, height) at level 0, in pixels.
+    min_fraction : float
+        A patch counts when at least this fraction of its area is lesion.
+
+    Returns
+    -------
+    (N,) bool array
+    """
+    return _lesion_fractions(spec.lesions, np.asarray(coords_level0, dtype=np.float64),
+                             patch_size_level0) >= min_fraction
+
+
+def _lesion_fractions(lesions: Sequence[Lesion], coords: np.ndarray,
+                      size: int | tuple[float, float]) -> np.ndarray:
+    xs, ys = _sample_points(coords.reshape(-1, 2), size)
+    inside = np.zeros(xs.shape, dtype=bool)
+    for lesion in lesions:
+        inside |= lesion.contains(xs, ys)
+    return inside.mean(axis=1)
+
+
+def _sample_points(coords: np.ndarray, size: int | tuple[float, float],
+                   per_side: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(N, per_side**2) x and y of a regular grid of cell centres inside each rectangle."""
+    width, height = (size, size) if np.isscalar(size) else size
+    steps = (np.arange(per_side) + 0.5) / per_side
+    grid_x, grid_y = np.meshgrid(steps * width, steps * height)
+    return coords[:, :1] + grid_x.ravel(), coords[:, 1:2] + grid_y.ravel()
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def write_synthetic_slide(
+    path: str | os.PathLike,
+    width: int,
+    height: int,
+    *,
+    mpp: float = 0.5,
+    fmt: str = "svs",
+    resolution_tags: bool = True,
+    downsamples: Sequence[int] = (1, 4, 16),
+    tile_size: int = 256,
+    jpeg_quality: int = 80,
+    seed: int = 0,
+    tissue: int | np.ndarray = 3,
+    lesions: int | Sequence[tuple[float, float, float]] = 0,
+    lesion_diameter_um: tuple[float, float] = (300.0, 800.0),
+    texture_seed: int | None = None,
+    workers: int | None = None,
+) -> SlideSpec:
+    """Write a pyramidal, JPEG-compressed, H&E-like slide file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output file; written to a temporary sibling first, so it never exists half-written.
+    width, height : int
+        Level-0 size in pixels.
+    mpp : float
+        Level-0 pixel size in µm/px (also sets the Aperio AppMag to 10 / mpp).
+    fmt : {"svs", "tiff"}
+        "svs": Aperio SVS (openslide vendor "aperio"; MPP and AppMag in the description) with a
+        thumbnail and a label image. "tiff": generic tiled pyramidal TIFF.
+    resolution_tags : bool
+        For "tiff": write the pixel size as TIFF resolution in pixels per centimetre; without
+        them the file has no pixel size at all (readers then need ``--slide-mpp``).
+    downsamples : sequence of int
+        Pyramid levels, powers of two from 1 up to 512, starting with 1.
+    tile_size : int
+        TIFF tile width and height in pixels, a multiple of 16.
+    jpeg_quality : int
+        JPEG quality, 1-100.
+    seed : int
+        Everything (tissue, textures, lesions) follows from it; same seed, same bytes.
+    tissue : int or 2-D array
+        Number of tissue blobs (0: an empty slide), or a boolean mask stretched over the slide.
+    lesions : int or sequence of (x, y, radius)
+        Number of lesions to place inside the tissue, or explicit circles in level-0 pixels.
+    lesion_diameter_um : (float, float)
+        Range of the diameters of placed lesions, in µm.
+    texture_seed : int, optional
+        Seed of the stain textures (default: ``seed``). Slides sharing it share their textures,
+        which are then made once per process (a cohort does this); tissue and lesions still
+        follow ``seed``.
+    workers : int, optional
+        Threads composing and encoding tiles; default: the number of CPUs.
+
+    Returns
+    -------
+    SlideSpec
+    """
+    path = pathlib.Path(path)
+    downsamples = tuple(int(d) for d in downsamples)
+    _check_arguments(width, height, mpp, fmt, downsamples, tile_size, jpeg_quality)
+    mask_field, cell_px = _tissue_field(tissue, width, height, np.random.default_rng([seed, 1]))
+    tissue_mask = mask_field > 0.5
+    placed = _lesions(lesions, tissue_mask, cell_px, mpp, lesion_diameter_um, np.random.default_rng([seed, 2]))
+    spec = SlideSpec(path=path, width=width, height=height, mpp=float(mpp), fmt=fmt, downsamples=downsamples,
+                     seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed)
+    thumb_downsample = _thumbnail_downsample(width, height)
+    painter = _Painter(mask_field, cell_px, placed, mpp, seed if texture_seed is None else texture_seed,
+                       np.random.default_rng([seed, 6]))
+
+    partial = path.with_name(f".{path.name}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_pyramid(partial, spec, painter, tile_size, jpeg_quality, resolution_tags, thumb_downsample,
+                       workers or os.cpu_count() or 1)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return spec
+
+
+def write_synthetic_cohort(
+    out_dir: str | os.PathLike,
+    n_slides: int,
+    *,
+    positive_fraction: float = 0.5,
+    size: tuple[int, int] = (4000, 3000),
+    lesions_per_positive: tuple[int, int] = (1, 3),
+    seed: int = 0,
+    **slide_options: object,
+) -> list[SlideSpec]:
+    """Write ``n_slides`` slides and ``manifest.csv`` (slide_id, slide_path, label, case_id).
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        Folder for the slides and the manifest (slide paths in it are relative to it).
+    n_slides : int
+        Number of slides, one per case.
+    positive_fraction : float
+        Share of slides with lesions (label "positive"); the others are "negative".
+    size : (int, int)
+        Level-0 (width, height) of every slide, in pixels.
+    lesions_per_positive : (int, int)
+        Inclusive range of the number of lesions on a positive slide.
+    seed : int
+        Seed of the whole cohort; each slide gets its own seed from it.
+    **slide_options
+        Passed to :func:`write_synthetic_slide` (mpp, fmt, downsamples, ...).
+
+    Returns
+    -------
+    list of SlideSpec, in manifest order
+    """
+    out_dir = pathlib.Path(out_dir)
+    rng = np.random.default_rng([seed, 3])
+    n_positive = round(n_slides * positive_fraction)
+    positive = np.zeros(n_slides, dtype=bool)
+    positive[rng.permutation(n_slides)[:n_positive]] = True
+    suffix = ".svs" if slide_options.get("fmt", "svs") == "svs" else ".tiff"
+    specs = []
+    for index in range(n_slides):
+        n_lesions = int(rng.integers(lesions_per_positive[0], lesions_per_positive[1] + 1)) if positive[index] else 0
+        specs.append(write_synthetic_slide(
+            out_dir / f"slide_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)), texture_seed=seed,
+            tissue=int(rng.integers(2, 5)), lesions=n_lesions, **slide_options))
+    with open(out_dir / "manifest.csv", "w", newline="") as manifest:
+        writer = csv.writer(manifest)
+        writer.writerow(["slide_id", "slide_path", "label", "case_id"])
+        for index, spec in enumerate(specs):
+            writer.writerow([spec.path.stem, spec.path.name, spec.label, f"case_{index:03d}"])
+    return specs
+
+
+def _check_arguments(width: int, height: int, mpp: float, fmt: str, downsamples: tuple[int, ...],
+                     tile_size: int, jpeg_quality: int) -> None:
+    if width < 1 or height < 1:
+        raise ValueError(f"slide size must be positive, got {width}x{height}")
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    if fmt not in ("svs", "tiff"):
+        raise ValueError(f"fmt must be 'svs' or 'tiff', got {fmt!r}")
+    powers_of_two = all(d >= 1 and d & (d - 1) == 0 and d <= _MAX_DOWNSAMPLE for d in downsamples)
+    if not downsamples or downsamples[0] != 1 or not powers_of_two or list(downsamples) != sorted(set(downsamples)):
+        raise ValueError(f"downsamples must start at 1 and rise in powers of two up to {_MAX_DOWNSAMPLE}, "
+                         f"got {downsamples}")
+    if tile_size < 16 or tile_size % 16:
+        raise ValueError(f"tile_size must be a multiple of 16 (JPEG blocks), got {tile_size}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be 1-100, got {jpeg_quality}")
+
+
+def _thumbnail_downsample(width: int, height: int) -> int:
+    """The power of two that brings the slide to at most 1024 px (capped at the largest allowed)."""
+    return min(_MAX_DOWNSAMPLE, 1 << max(0, math.ceil(math.log2(max(width, height) / 1024))))
+
+
+def _write_pyramid(path: pathlib.Path, spec: SlideSpec, painter: _Painter, tile_size: int, quality: int,
+                   resolution_tags: bool, thumb_downsample: int, workers: int) -> None:
+    level_sizes = [(max(1, spec.width // d), max(1, spec.height // d)) for d in spec.downsamples]
+    # The classic TIFF offsets end at 4 GiB; JPEG rarely reaches a tenth of the raw size, but a
+    # big slide gets BigTIFF (openslide and tiffslide read both).
+    bigtiff = sum(w * h * 3 for w, h in level_sizes) > 2**32
+    magnification = f"{10 / spec.mpp:g}"
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif, ThreadPoolExecutor(workers) as pool:
+        for index, (downsample, (level_w, level_h)) in enumerate(zip(spec.downsamples, level_sizes, strict=True)):
+            if spec.fmt == "svs":
+                size_note = "" if index == 0 else f" -> {level_w}x{level_h}"
+                options = dict(subfiletype=0, description=(
+                    f"{_APERIO_HEADER}\r\n{spec.width}x{spec.height} [0,0 {spec.width}x{spec.height}] "
+                    f"({tile_size}x{tile_size}){size_note} JPEG/RGB Q={quality}"
+                    + (f"|AppMag = {magnification}|MPP = {spec.mpp:g}|Filename = {spec.path.stem}"
+                       f"|ipspath.seed = {spec.seed}" if index == 0 else "")))
+            else:
+                options = dict(subfiletype=0 if index == 0 else 1,
+                               description=f"ipspath synthetic slide, seed {spec.seed}" if index == 0 else None)
+                if resolution_tags:
+                    px_per_cm = 1e4 / (spec.mpp * downsample)
+                    options.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
+            tiles = _encoded_tiles(painter, downsample, level_w, level_h, tile_size, quality, pool, workers)
+            tif.write(tiles, shape=(level_h, level_w, 3), dtype=np.uint8, tile=(tile_size, tile_size),
+                      compression="jpeg", photometric="rgb", metadata=None, **options)
+            if spec.fmt == "svs" and index == 0:
+                # Aperio keeps the thumbnail second: openslide and tifffile look for it there.
+                _write_svs_thumbnail(tif, spec, painter, thumb_downsample, quality)
+        if spec.fmt == "svs":
+            label = _label_image(spec.seed)
+            tif.write(label, photometric="rgb", compression="lzw", subfiletype=1, metadata=None,
+                      description=f"{_APERIO_HEADER}\r\nlabel {label.shape[1]}x{label.shape[0]}")
+
+
+def _write_svs_thumbnail(tif: tifffile.TiffWriter, spec: SlideSpec, painter: _Painter, downsample: int,
+                         quality: int) -> None:
+    thumb_w, thumb_h = max(1, spec.width // downsample), max(1, spec.height // downsample)
+    thumbnail = painter.paint(downsample, 0, 0, thumb_w, thumb_h)
+    tif.write(thumbnail, photometric="rgb", compression="jpeg", compressionargs={"level": quality},
+              rowsperstrip=16, metadata=None,
+              subfiletype=0, description=f"{_APERIO_HEADER}\r\n{spec.width}x{spec.height} -> "
+                                         f"{thumb_w}x{thumb_h} - |AppMag = {10 / spec.mpp:g}|MPP = {spec.mpp:g}")
+
+
+def _label_image(seed: int) -> np.ndarray:
+    """A slide label: white with a barcode-like pattern that depends on the seed."""
+    label = np.full((320, 320, 3), 250, dtype=np.uint8)
+    bars = np.random.default_rng([seed, 4]).integers(0, 2, size=40).astype(bool)
+    columns = np.repeat(bars, 6)
+    label[40:140, 40:40 + columns.size][:, columns] = 20
+    label[180:280, 40:280] = (60, 90, 160)
+    return label
+
+
+def _encoded_tiles(painter: _Painter, downsample: int, level_w: int, level_h: int, tile_size: int,
+                   quality: int, pool: ThreadPoolExecutor, workers: int) -> Iterator[bytes]:
+    """JPEG bytes of every tile of one level, row by row, composed and encoded on ``pool``."""
+    background = _encode_jpeg(np.broadcast_to(np.array(BACKGROUND_RGB, dtype=np.uint8),
+                                              (tile_size, tile_size, 3)), quality)
+
+    def tile_bytes(left: int, top: int) -> bytes:
+        pixels = painter.paint(downsample, left, top, tile_size, tile_size)
+        return background if pixels is None else _encode_jpeg(pixels, quality)
+
+    positions = ((left, top) for top in range(0, level_h, tile_size) for left in range(0, level_w, tile_size))
+    return _ordered_map(pool, tile_bytes, positions, max_pending=8 * workers)
+
+
+def _encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    # The same stream tifffile would write for compression="jpeg", photometric="rgb": YCbCr 4:2:0.
+    return imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels), level=quality, colorspace="RGB",
+                                    outcolorspace="YCBCR", subsampling=(2, 2))
+
+
+def _ordered_map(pool: ThreadPoolExecutor, function: Callable[[int, int], bytes],
+                 arguments: Iterator[tuple[int, int]], max_pending: int) -> Iterator[bytes]:
+    """``function(*args)`` for each args on ``pool``, yielded in order, with a bounded queue."""
+    pending: collections.deque[Future[bytes]] = collections.deque()
+    for args in arguments:
+        pending.append(pool.submit(function, *args))
+        if len(pending) >= max_pending:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# -- the picture -----------------------------------------------------------------------------------
+
+class _Painter:
+    """Composes slide pixels at any power-of-two downsample from the mask field, textures and lesions."""
+
+    def __init__(self, mask_field: np.ndarray, cell_px: float, lesions: Sequence[Lesion], mpp: float,
+                 texture_seed: int, rng: np.random.Generator):
+        self.mask_field = mask_field
+        self.cell_px = cell_px
+        self.lesions = tuple(lesions)
+        self.background = np.array(BACKGROUND_RGB, dtype=np.uint16)
+        looks = {"normal": _NORMAL, "lesion": _LESION} if self.lesions else {"normal": _NORMAL}
+        self.textures = {name: _PeriodicTexture(_texture_pyramids(look, float(mpp), texture_seed + k), rng)
+                         for k, (name, look) in enumerate(looks.items())}
+
+    def paint(self, downsample: int, left: int, top: int, width: int, height: int) -> np.ndarray | None:
+        """(height, width, 3) uint8 pixels of the region at ``downsample`` whose top-left pixel is
+        (left, top) in that level's pixels; None where it is all background."""
+        # level-0 coordinates of the pixel centres, and where they fall on the mask grid
+        xs = (np.arange(left, left + width) + 0.5) * downsample
+        ys = (np.arange(top, top + height) + 0.5) * downsample
+        cells_x = np.clip(xs / self.cell_px - 0.5, 0, self.mask_field.shape[1] - 1)
+        cells_y = np.clip(ys / self.cell_px - 0.5, 0, self.mask_field.shape[0] - 1)
+        first_row, first_col = int(cells_y[0]), int(cells_x[0])
+        block = self.mask_field[first_row:int(cells_y[-1]) + 2, first_col:int(cells_x[-1]) + 2]
+        if block.max() <= 0.5 - 0.5 / _EDGE_SHARPNESS:  # bilinear values stay within their corners
+            return None
+
+        pixels = self.textures["normal"].crop(downsample, left, top, width, height)
+        for lesion in self.lesions:
+            reach = lesion.max_radius
+            if xs[0] - reach < lesion.x < xs[-1] + reach and ys[0] - reach < lesion.y < ys[-1] + reach:
+                inside = lesion.contains(xs[None, :], ys[:, None])
+                if inside.any():
+                    lesion_pixels = self.textures["lesion"].crop(downsample, left, top, width, height)
+                    pixels = np.where(inside[..., None], lesion_pixels, pixels)
+        if block.min() >= 0.5 + 0.5 / _EDGE_SHARPNESS:
+            return pixels
+        field_values = _bilinear(block, cells_y - first_row, cells_x - first_col)
+        # alpha in 1/256 steps; integer blending keeps this, the costliest tile kind, cheap
+        alpha = (np.clip((field_values - 0.5) * _EDGE_SHARPNESS + 0.5, 0, 1) * 256).astype(np.uint16)[..., None]
+        blended = pixels * alpha + self.background * (256 - alpha)
+        return (blended >> 8).astype(np.uint8)
+
+
+def _bilinear(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(len(rows), len(cols)) float32 linear interpolation of a 2-D array at fractional indices."""
+    top = rows.astype(int)
+    bottom = np.minimum(top + 1, values.shape[0] - 1)
+    down = (rows - top).astype(np.float32)[:, None]
+    along_rows = values[top] * (1 - down) + values[bottom] * down
+    left = cols.astype(int)
+    right = np.minimum(left + 1, values.shape[1] - 1)
+    across = (cols - left).astype(np.float32)
+    return along_rows[:, left] * (1 - across) + along_rows[:, right] * across
+
+
+class _PeriodicTexture:
+    """A tissue's stroma and nuclei layers, cropped at any level; the layers combine as the darker."""
+
+    def __init__(self, pyramids: tuple[dict[int, tuple[np.ndarray, int]], ...], rng: np.random.Generator):
+        # Each slide starts each layer at its own offset, a multiple of every downsample so that
+        # the levels line up.
+        self.layers = []
+        for pyramid in pyramids:
+            steps = pyramid[1][1] // _MAX_DOWNSAMPLE
+            offset_x, offset_y = (int(v) * _MAX_DOWNSAMPLE for v in rng.integers(0, steps, 2))
+            self.layers.append((offset_x, offset_y, pyramid))
+
+    def crop(self, downsample: int, left: int, top: int, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 texture of the region at ``downsample``."""
+        crops = []
+        for offset_x, offset_y, pyramid in self.layers:
+            canvas, period = pyramid[downsample]
+            row, col = (top + offset_y // downsample) % period, (left + offset_x // downsample) % period
+            if row + height <= canvas.shape[0] and col + width <= canvas.shape[1]:
+                crops.append(canvas[row:row + height, col:col + width])
+            else:  # larger than the wrap margin
+                rows = np.arange(row, row + height) % period
+                crops.append(np.take(canvas[rows], np.arange(col, col + width) % period, axis=1))
+        return np.minimum(*crops)
+
+
+@functools.lru_cache(maxsize=4)
+def _texture_pyramids(look: _TissueLook, mpp: float, seed: int) -> tuple[dict[int, tuple[np.ndarray, int]], ...]:
+    """Stroma and nuclei canvases of ``look`` at every power-of-two downsample up to the largest,
+    as {downsample: (canvas, period)}; each canvas repeats itself for ``_WRAP_MARGIN`` more pixels
+    so that crops of up to that size are plain slices.
+
+    Cached: the slides of a cohort share their textures, which take longer to make than the tiles
+    of a small slide.
+    """
+    rng = np.random.default_rng([seed, 5])
+    canvases = (_stroma_canvas(look, mpp, _STROMA_PERIOD, rng), _nuclei_canvas(look, mpp, _NUCLEI_PERIOD, rng))
+    pyramids = []
+    for canvas in canvases:
+        pyramid, level = {}, canvas.astype(np.float32)
+        for downsample in (2**k for k in range(_MAX_DOWNSAMPLE.bit_length())):
+            if downsample > 1:
+                n = level.shape[0] // 2
+                level = level.reshape(n, 2, n, 2, 3).mean(axis=(1, 3))
+            period = level.shape[0]
+            repeats = 1 + math.ceil(_WRAP_MARGIN / period)
+            wrapped = np.tile((level + 0.5).astype(np.uint8), (repeats, repeats, 1))
+            pyramid[downsample] = (wrapped[:period + _WRAP_MARGIN, :period + _WRAP_MARGIN], period)
+        pyramids.append(pyramid)
+    return tuple(pyramids)
+
+
+def _periodic_noise(rng: np.random.Generator, n: int, sigma_px: tuple[float, float],
+                    angle: float = 0.0) -> np.ndarray:
+    """Tileable (n, n) float32 Gaussian-filtered white noise, zero mean, unit standard deviation.
+
+    ``sigma_px`` is the filter's (along, across) standard deviation in pixels, the "along" axis
+    at ``angle`` radians from x: elongated filters give fibres.
+    """
+    spectrum = scipy.fft.rfft2(rng.standard_normal((n, n), dtype=np.float32))
+    fy = np.fft.fftfreq(n).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(n).astype(np.float32)[None, :]
+    cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    along, across = (fx * cos + fy * sin) * np.float32(sigma_px[0]), (fy * cos - fx * sin) * np.float32(sigma_px[1])
+    spectrum *= np.exp(np.float32(-2 * np.pi**2) * (along * along + across * across))
+    spectrum[0, 0] = 0  # zero mean
+    noise = scipy.fft.irfft2(spectrum, s=(n, n))
+    noise /= noise.std() + np.float32(1e-12)
+    return noise
+
+
+def _optical_density_to_rgb(hematoxylin: np.ndarray, eosin: np.ndarray) -> np.ndarray:
+    """Colour of stain concentrations (Beer-Lambert) over the background light, (n, n, 3) uint8."""
+    rgb = np.empty((*hematoxylin.shape, 3), dtype=np.uint8)
+    for channel in range(3):
+        density = hematoxylin * _HEMATOXYLIN_OD[channel] + eosin * _EOSIN_OD[channel]
+        np.exp(-density, out=density)
+        density *= np.float32(BACKGROUND_RGB[channel])
+        density += np.float32(0.5)
+        rgb[..., channel] = density
+    return rgb
+
+
+def _stroma_canvas(look: _TissueLook, mpp: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Eosin stroma: wavy fibres, blotchy staining and unstained gaps (fat, lumina), (n, n, 3)."""
+    fibres = sum(_periodic_noise(rng, n, (8.0 / mpp, 0.8 / mpp), angle=rng.uniform(0, np.pi)) for _ in range(2))
+    fibres /= np.float32(np.sqrt(2))
+    blotches = _periodic_noise(rng, n, (15.0 / mpp, 15.0 / mpp))
+    gap_field = _periodic_noise(rng, n, (12.0 / mpp, 12.0 / mpp))
+    gap_level = float(np.quantile(gap_field, 1 - look.gap_fraction)) if look.gap_fraction > 0 else np.inf
+    stained = 1 / (1 + np.exp(-(gap_level - gap_field) * 8))  # 0 in gaps, soft edge
+    eosin = np.clip(look.eosin * (1 + 0.35 * fibres + 0.2 * blotches), 0.02, None) * stained
+    hematoxylin = np.clip(look.hematoxylin_background * (1 + 0.3 * blotches), 0, None) * stained
+    return _optical_density_to_rgb(hematoxylin, eosin)
+
+
+def _nuclei_canvas(look: _TissueLook, mpp: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Hematoxylin nuclei (soft ellipses with chromatin grain) on white, tileable, (n, n, 3)."""
+    coverage = np.zeros((n, n), dtype=np.float32)
+    area_mm2 = (n * mpp / 1000) ** 2
+    count = rng.poisson(look.nuclei_per_mm2 * area_mm2)
+    radius_px = rng.uniform(*look.nucleus_radius_um, count) / mpp
+    elongation = rng.uniform(*look.nucleus_elongation, count)
+    angle = rng.uniform(0, np.pi, count)
+    centre = rng.uniform(0, n, (count, 2))
+    # Stamp nuclei in groups of similar size so each group shares one footprint grid.
+    reach = int(np.ceil(radius_px.max() * np.sqrt(elongation.max()))) + 2
+    offsets = np.arange(-reach, reach + 1)
+    for group in np.array_split(np.argsort(radius_px), max(1, count // 256)):
+        if group.size == 0:
+            continue
+        dy = offsets[None, :, None] - (centre[group, 1:2, None] % 1)
+        dx = offsets[None, None, :] - (centre[group, 0:1, None] % 1)
+        cos, sin = np.cos(angle[group])[:, None, None], np.sin(angle[group])[:, None, None]
+        semi_major = (radius_px[group] * np.sqrt(elongation[group]))[:, None, None]
+        semi_minor = (radius_px[group] / np.sqrt(elongation[group]))[:, None, None]
+        distance = np.sqrt(((dx * cos + dy * sin) / semi_major) ** 2 + ((dy * cos - dx * sin) / semi_minor) ** 2)
+        value = np.clip((1 - distance) * semi_minor, 0, 1).astype(np.float32)  # ~1 px soft edge
+        rows = (np.floor(centre[group, 1]).astype(int)[:, None, None] + offsets[None, :, None]) % n
+        cols = (np.floor(centre[group, 0]).astype(int)[:, None, None] + offsets[None, None, :]) % n
+        np.maximum.at(coverage, (rows, cols), value)
+    grain = 1 + 0.25 * _periodic_noise(rng, n, (0.6 / mpp, 0.6 / mpp))
+    hematoxylin = coverage * look.nucleus_hematoxylin * grain
+    eosin = coverage * 0.1
+    nuclei = _optical_density_to_rgb(hematoxylin, eosin)
+    nuclei[coverage == 0] = 255  # transparent where there is no nucleus: the stroma shows
+    return nuclei
+
+
+# -- layout ----------------------------------------------------------------------------------------
+
+def _tissue_field(tissue: int | np.ndarray, width: int, height: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """A smooth float32 field over the slide, tissue where > 0.5, and its cell size in level-0 px."""
+    cell_px = max(16, math.ceil(max(width, height) / _MASK_LONG_SIDE))
+    shape = (math.ceil(height / cell_px), math.ceil(width / cell_px))
+    if isinstance(tissue, np.ndarray):
+        if tissue.ndim != 2 or tissue.size == 0:
+            raise ValueError(f"a tissue mask must be a non-empty 2-D array, got shape {tissue.shape}")
+        rows = (np.arange(shape[0]) + 0.5) * tissue.shape[0] / shape[0]
+        cols = (np.arange(shape[1]) + 0.5) * tissue.shape[1] / shape[1]
+        layout = tissue.astype(bool)[rows.astype(int)[:, None], cols.astype(int)[None, :]].astype(np.float32)
+        return ndimage.gaussian_filter(layout, 1.0), float(cell_px)
+    if tissue < 0:
+        raise ValueError(f"tissue must be a number of blobs >= 0 or a mask, got {tissue}")
+    levels = np.full(shape, -1.0, dtype=np.float32)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    for _ in range(tissue):
+        centre_x, centre_y = rng.uniform(0.25, 0.75) * shape[1], rng.uniform(0.25, 0.75) * shape[0]
+        radius = rng.uniform(0.12, 0.22) * min(shape) * (3 / max(tissue, 3)) ** 0.5
+        harmonics = [(rng.uniform(0, a), rng.uniform(0, 2 * np.pi)) for a in (0.25, 0.12, 0.06)]
+        stretch = rng.uniform(0.7, 1.4)
+        dx, dy = (xx - centre_x) / stretch, (yy - centre_y) * stretch
+        edge = _star_radius(radius, harmonics, np.arctan2(dy, dx))
+        levels = np.maximum(levels, 1 - np.hypot(dx, dy) / edge)
+    wobble = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 4.0, mode="wrap")
+    wobble /= wobble.std() + 1e-12
+    inside = levels + 0.08 * wobble > 0
+    return ndimage.gaussian_filter(inside.astype(np.float32), 1.0), float(cell_px)
+
+
+def _lesions(lesions: int | Sequence[tuple[float, float, float]], tissue_mask: np.ndarray, cell_px: float,
+             mpp: float, diameter_um: tuple[float, float], rng: np.random.Generator) -> tuple[Lesion, ...]:
+    """Lesions as given, or ``lesions`` of them placed at random well inside the tissue."""
+    if not isinstance(lesions, int):
+        return tuple(Lesion(float(x), float(y), float(r)) for x, y, r in lesions)
+    if lesions <= 0:
+        return ()
+    if not tissue_mask.any():
+        raise ValueError("cannot place lesions on a slide without tissue")
+    depth_px = ndimage.distance_transform_edt(tissue_mask) * cell_px
+    placed: list[Lesion] = []
+    for _ in range(lesions):
+        radius = rng.uniform(*diameter_um) / 2 / mpp
+        harmonics = tuple((rng.uniform(0, a), rng.uniform(0, 2 * np.pi)) for a in (0.12, 0.07, 0.04))
+        reach = radius * (1 + sum(a for a, _ in harmonics))
+        free = depth_px.copy()
+        for other in placed:  # keep lesions apart
+            rows, cols = np.indices(free.shape)
+            gap = np.hypot((cols + 0.5) * cell_px - other.x, (rows + 0.5) * cell_px - other.y)
+            free[gap < other.max_radius + reach] = 0
+        candidates = np.flatnonzero(free >= reach)
+        if candidates.size == 0:  # tissue too thin for this size: shrink it to the deepest spot
+            best = int(np.argmax(free))
+            if free.flat[best] <= cell_px:
+                break
+            candidates = np.array([best])
+            scale = free.flat[best] / reach
+            radius, reach = radius * scale, free.flat[best]
+        row, col = np.unravel_index(rng.choice(candidates), free.shape)
+        placed.append(Lesion(x=(col + 0.5) * cell_px, y=(row + 0.5) * cell_px, radius=radius, harmonics=harmonics))
+    return tuple(placed)
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ips_path.synth``: write one generated slide, or a cohort with its manifest."""
+    parser = argparse.ArgumentParser(prog="python -m ips_path.synth", description=main.__doc__)
+    parser.add_argument("out", help="output slide file (.svs/.tiff), or folder with --cohort")
+    parser.add_argument("--width", type=int, default=4000, help="level-0 width in pixels")
+    parser.add_argument("--height", type=int, default=3000, help="level-0 height in pixels")
+    parser.add_argument("--mpp", type=float, default=0.5, help="level-0 pixel size in µm/px")
+    parser.add_argument("--fmt", choices=("svs", "tiff"), default=None,
+                        help="file format (default: from the file suffix; svs for a cohort)")
+    parser.add_argument("--no-resolution-tags", action="store_true", help="tiff: leave the pixel size out")
+    parser.add_argument("--downsamples", type=lambda s: tuple(int(v) for v in s.split(",")), default=(1, 4, 16),
+                        help="pyramid downsamples, comma-separated powers of two (default 1,4,16)")
+    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--quality", type=int, default=80, help="JPEG quality")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tissue", type=int, default=3, help="number of tissue blobs")
+    parser.add_argument("--lesions", type=int, default=0, help="number of lesions")
+    parser.add_argument("--cohort", type=int, metavar="N", help="write N slides and manifest.csv into OUT")
+    parser.add_argument("--positive-fraction", type=float, default=0.5, help="with --cohort")
+    args = parser.parse_args(argv)
+    options = dict(mpp=args.mpp, resolution_tags=not args.no_resolution_tags, downsamples=args.downsamples,
+                   tile_size=args.tile_size, jpeg_quality=args.quality)
+    if args.cohort is not None:
+        specs = write_synthetic_cohort(args.out, args.cohort, positive_fraction=args.positive_fraction,
+                                       size=(args.width, args.height), seed=args.seed, fmt=args.fmt or "svs",
+                                       **options)
+        print(f"wrote {len(specs)} slides and {pathlib.Path(args.out) / 'manifest.csv'}")
+        return
+    fmt = args.fmt or ("svs" if pathlib.Path(args.out).suffix.lower() == ".svs" else "tiff")
+    spec = write_synthetic_slide(args.out, args.width, args.height, fmt=fmt, seed=args.seed,
+                                 tissue=args.tissue, lesions=args.lesions, **options)
+    print(f"wrote {spec.path} ({spec.width}x{spec.height} px, {spec.mpp} µm/px, {len(spec.lesions)} lesions)")
+
+
+if __name__ == "__main__":
+    main()
