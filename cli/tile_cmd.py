@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
+from ips_path.errors import BadInputError
 from ips_path.tiling.grid import mpp_for_magnification
 from ips_path.tiling.run import SUMMARY_NAME, TilingParams, collect_inputs, exit_code, tile_slides
 from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
-
-from ips_path.errors import BadInputError
 
 
 @click.command("tile")

@@ -25,6 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ips_path.errors import BadInputError, IpspathError
+from ips_path.progress import progress_bar
+from ips_path.store import (
+    TileStore,
+    export_h5,
+    remove_partial_stores,
+    slide_id_from_path,
+    store_path,
+    write_tile_store,
+)
 from ips_path.tiling.grid import (
     MPP_TOLERANCE,
     PatchGeometry,
@@ -39,17 +50,6 @@ from ips_path.tiling.tissue import (
     load_tissue_mask,
     read_low_resolution,
     tissue_mask_for_slide,
-)
-
-from ips_path.errors import BadInputError, IpspathError
-from ips_path.progress import progress_bar
-from ips_path.store import (
-    TileStore,
-    export_h5,
-    remove_partial_stores,
-    slide_id_from_path,
-    store_path,
-    write_tile_store,
 )
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
             )
         geometry = patch_geometry(level0_mpp, slide.level_downsamples, params.target_mpp, params.patch_size,
                                   params.stride)
-        preview = _qc_preview(slide) if params.qc else None
+        preview = _qc_preview(slide, params.tissue.mask_mpp) if params.qc else None
         if params.tissue_mask is None:
             tissue, image = tissue_mask_for_slide(slide, params.tissue, preview)
             method, tissue_params = params.tissue.method, params.tissue.as_dict()
@@ -396,19 +396,19 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
     result.n_patches = len(coords)
 
 
-def _qc_preview(slide: Any) -> tuple[np.ndarray, float] | None:
-    """A sharp picture of a small slide for QC (tissue is then detected on it, shrunk): the
-    whole slide at about QC_LONG_SIDE px, when the pyramid level it comes from is small
-    enough to read cheaply; None for large slides, whose detection image is sharp enough."""
+def _qc_preview(slide: Any, mask_mpp: float) -> tuple[np.ndarray, float] | None:
+    """A picture of a small slide sharper than the detection image, for QC (tissue is then
+    detected on it, shrunk): the whole slide at about QC_LONG_SIDE px. None when that would
+    not be sharper than ``mask_mpp`` or its pyramid level is too large to read cheaply."""
     from ips_path.tiling.qc import QC_LONG_SIDE
 
-    wanted_downsample = max(1.0, max(slide.dimensions) / QC_LONG_SIDE)
     level0_mpp = float(np.mean(slide.require_mpp()))
-    level = read_level_for_mpp(level0_mpp, slide.level_downsamples, wanted_downsample * level0_mpp)
+    wanted_mpp = max(1.0, max(slide.dimensions) / QC_LONG_SIDE) * level0_mpp
+    level = read_level_for_mpp(level0_mpp, slide.level_downsamples, wanted_mpp)
     level_width, level_height = slide.level_dimensions[level]
-    if level_width * level_height > _QC_READ_PX:
+    if wanted_mpp > mask_mpp / 1.5 or level_width * level_height > _QC_READ_PX:
         return None
-    return read_low_resolution(slide, wanted_downsample * level0_mpp)
+    return read_low_resolution(slide, wanted_mpp)
 
 
 def _write_qc(slide: Any, path: Path, preview: tuple[np.ndarray, float] | None, tissue: TissueMask,
