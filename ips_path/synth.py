@@ -208,7 +208,7 @@ def write_synthetic_slide(
     tissue: int | np.ndarray = 3,
     lesions: int | Sequence[tuple[float, float, float]] = 0,
     lesion_diameter_um: tuple[float, float] = (300.0, 800.0),
-    texture_seed: int | None = None,
+    texture_seed: int = 0,
     workers: int | None = None,
 ) -> SlideSpec:
     """Write a pyramidal, JPEG-compressed, H&E-like slide file.
@@ -241,10 +241,10 @@ def write_synthetic_slide(
         Number of lesions to place inside the tissue, or explicit circles in level-0 pixels.
     lesion_diameter_um : (float, float)
         Range of the diameters of placed lesions, in µm.
-    texture_seed : int, optional
-        Seed of the stain textures (default: ``seed``). Slides sharing it share their textures,
-        which are then made once per process (a cohort does this); tissue and lesions still
-        follow ``seed``.
+    texture_seed : int
+        Seed of the stain textures. Slides sharing it share their staining, as if from one lab,
+        and the textures (the slowest part for small slides) are made once per process; where
+        the textures start, the tissue and the lesions follow ``seed``.
     workers : int, optional
         Threads composing and encoding tiles; default: the number of CPUs.
 
@@ -261,8 +261,7 @@ def write_synthetic_slide(
     spec = SlideSpec(path=path, width=width, height=height, mpp=float(mpp), fmt=fmt, downsamples=downsamples,
                      seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed)
     thumb_downsample = _thumbnail_downsample(width, height)
-    painter = _Painter(mask_field, cell_px, placed, mpp, seed if texture_seed is None else texture_seed,
-                       np.random.default_rng([seed, 6]))
+    painter = _Painter(mask_field, cell_px, placed, mpp, texture_seed, np.random.default_rng([seed, 6]))
 
     partial = path.with_name(f".{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +317,7 @@ def write_synthetic_cohort(
     for index in range(n_slides):
         n_lesions = int(rng.integers(lesions_per_positive[0], lesions_per_positive[1] + 1)) if positive[index] else 0
         specs.append(write_synthetic_slide(
-            out_dir / f"slide_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)), texture_seed=seed,
+            out_dir / f"slide_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)),
             tissue=int(rng.integers(2, 5)), lesions=n_lesions, **slide_options))
     with open(out_dir / "manifest.csv", "w", newline="") as manifest:
         writer = csv.writer(manifest)

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real test slides in ../shared/data and small generated slides.
+
+``test_data`` is the folder named by ``IPSPATH_TEST_DATA`` (default ``../shared/data`` next to the
+repository); tests that need it skip when it is absent, so a fresh clone passes on its own
+generated slides.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from ips_path.synth import SlideSpec, write_synthetic_slide
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def test_data() -> pathlib.Path:
+    """The shared test-data folder (slides/, bad/, patches/, mnist/)."""
+    root = pathlib.Path(os.environ.get("IPSPATH_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if not root.is_dir():
+        pytest.skip(f"test data folder {root} not found (set IPSPATH_TEST_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def slides_dir(test_data: pathlib.Path) -> pathlib.Path:
+    """Real slides that must open, tile and read."""
+    return test_data / "slides"
+
+
+@pytest.fixture(scope="session")
+def bad_dir(test_data: pathlib.Path) -> pathlib.Path:
+    """Broken files that must fail with one clear line naming the file."""
+    return test_data / "bad"
+
+
+@pytest.fixture(scope="session")
+def small_svs(tmp_path_factory: pytest.TempPathFactory) -> SlideSpec:
+    """A generated 4000 x 3000 Aperio SVS, 0.5 µm/px, levels 1/4/16, two lesions (``.path``)."""
+    path = tmp_path_factory.mktemp("generated") / "small.svs"
+    return write_synthetic_slide(path, 4000, 3000, mpp=0.5, downsamples=(1, 4, 16), lesions=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_tiff_nompp(tmp_path_factory: pytest.TempPathFactory) -> SlideSpec:
+    """A generated 2000 x 1500 generic pyramidal TIFF (levels 1/4) with no pixel size at all."""
+    path = tmp_path_factory.mktemp("generated") / "small_nompp.tiff"
+    return write_synthetic_slide(path, 2000, 1500, mpp=0.5, fmt="tiff", resolution_tags=False,
+                                 downsamples=(1, 4), seed=1)
