@@ -18,7 +18,9 @@ from ips_path.errors import IpspathError
 COMMANDS = {
     "features": "ips_path.cli.features_cmd:features_cmd",
     "inspect": "ips_path.cli.inspect_cmd:inspect_cmd",
+    "report": "ips_path.cli.report_cmd:report_cmd",
     "tile": "ips_path.cli.tile_cmd:tile_cmd",
+    "train": "ips_path.cli.train_cmd:train_cmd",
 }
 
 
