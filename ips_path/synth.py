@@ -388,6 +388,8 @@ def _write_svs_thumbnail(tif: tifffile.TiffWriter, spec: SlideSpec, painter: _Pa
                          quality: int) -> None:
     thumb_w, thumb_h = max(1, spec.width // downsample), max(1, spec.height // downsample)
     thumbnail = painter.paint(downsample, 0, 0, thumb_w, thumb_h)
+    if thumbnail is None:  # no tissue at all
+        thumbnail = np.full((thumb_h, thumb_w, 3), BACKGROUND_RGB, dtype=np.uint8)
     tif.write(thumbnail, photometric="rgb", compression="jpeg", compressionargs={"level": quality},
               rowsperstrip=16, metadata=None,
               subfiletype=0, description=f"{_APERIO_HEADER}\r\n{spec.width}x{spec.height} -> "
