@@ -17,6 +17,16 @@ __all__ = ["CrossAttentionAggregator", "Task"]
 POS_ENCODINGS = (None, "1d", "2d")
 
 
+def _pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension by halving it with elementwise adds: the same order for every row."""
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = torch.cat((x, x.new_zeros((*x.shape[:-1], 1))), dim=-1)
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
 class Mlp(nn.Module):
     """Linear -> ReLU -> Linear -> dropout."""
 
@@ -130,9 +140,11 @@ class CrossAttentionAggregator(nn.Module):
         """The attention logit of each patch, averaged over heads and query tokens: the selection score.
 
         Equals ``attention_logits(emb, positions).mean((1, 2))`` up to rounding, but is computed as
-        ``sum(x * w)`` over each patch's own row with a vector ``w`` folded from the weights, in float32
-        and outside autocast. A patch's score therefore has the same bits whatever other patches share
-        its batch, which makes iterative selection exactly the top-M of the whole slide.
+        ``sum(x * w)`` over each patch's own row with a vector ``w`` folded from the weights, in float32,
+        outside autocast, with elementwise operations only (a fixed pairwise summation instead of a
+        matmul or reduction kernel, whose order may change with the batch shape). A patch's score
+        therefore has the same bits whatever other patches share its batch, on CPU and GPU, which makes
+        iterative selection exactly the top-M of the whole slide.
 
         Parameters
         ----------
@@ -148,7 +160,7 @@ class CrossAttentionAggregator(nn.Module):
             x = self.add_positions(emb.float(), positions)
             q_sum = self.q_proj(self.queries.float()).sum(0)
             w = (self.k_proj.weight.float().t() @ q_sum) * (self.scale / (len(self.tasks) * self.n_heads))
-            return (x * w).sum(-1)
+            return _pairwise_sum(x * w)
 
     def forward_features(self, emb: torch.Tensor, positions: torch.Tensor | None = None,
                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
