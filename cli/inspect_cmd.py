@@ -26,8 +26,9 @@ def inspect_cmd(slides: tuple[pathlib.Path, ...], as_json: bool, backend: str, s
     The pixel size comes from, in order: --slide-mpp, scanner metadata, TIFF resolution tags
     (not the 72/96 dpi defaults), the objective power (10 µm/px at 1x, with a warning).
 
-    With several slides, unreadable ones are reported on stderr, one line each, after the others
-    are shown; the exit status is then 2.
+    Each slide is also checked to decode: one region at the centre of its smallest level is read.
+    With several slides, the ones that fail are reported on stderr, one line each, after the others
+    are shown; the exit status is then 2 (a file that is not a slide) or 1 (pixels that do not decode).
 
     \b
     Examples:
@@ -40,6 +41,7 @@ def inspect_cmd(slides: tuple[pathlib.Path, ...], as_json: bool, backend: str, s
         try:
             with Slide(path, backend=backend, slide_mpp=slide_mpp) as slide:
                 description = slide.describe()
+                _check_pixels_decode(slide)
         except IpspathError as exc:
             if len(slides) == 1:
                 raise
@@ -54,6 +56,16 @@ def inspect_cmd(slides: tuple[pathlib.Path, ...], as_json: bool, backend: str, s
         click.echo(f"ipspath: error: {exc}", err=True)
     if failures:
         raise click.exceptions.Exit(max(exc.exit_code for exc in failures))
+
+
+def _check_pixels_decode(slide: Slide) -> None:
+    """Read up to 256 x 256 px at the centre of the smallest level; raises IpspathError if it fails."""
+    level = slide.level_count - 1
+    level_w, level_h = slide.level_dimensions[level]
+    size = (min(256, level_w), min(256, level_h))
+    downsample = slide.level_downsamples[level]
+    centre = (int((level_w - size[0]) // 2 * downsample), int((level_h - size[1]) // 2 * downsample))
+    slide.read_region(centre, level, size)
 
 
 def format_description(description: dict[str, Any]) -> str:

@@ -18,12 +18,13 @@ The level-0 pixel size is resolved in this order and the source recorded in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pathlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -152,8 +153,8 @@ class Slide:
         An openslide handle that failed stays in an error state, so it is replaced with a fresh
         one (threads still holding the old handle keep their reference until they finish).
         """
-        attempts = _OPENSLIDE_READ_ATTEMPTS if self.backend == "openslide" else 1
-        for attempt in range(attempts):
+        attempts_left = _OPENSLIDE_READ_ATTEMPTS if self.backend == "openslide" else 1
+        while True:
             handle = self._handle
             if handle is None:
                 raise IpspathError(f"{self.path}: {failure}: the slide is closed")
@@ -162,9 +163,9 @@ class Slide:
             except (openslide.OpenSlideError, RuntimeError, ValueError, OSError) as exc:
                 if self.backend == "openslide":
                     self._replace_openslide_handle(handle)
-                if attempt == attempts - 1:
+                attempts_left -= 1
+                if attempts_left == 0:
                     raise IpspathError(f"{self.path}: {failure}: {_one_line(exc)}") from exc
-        raise AssertionError("unreachable")
 
     def _replace_openslide_handle(self, failed: Any) -> None:
         with self._reopen_lock:
@@ -313,8 +314,9 @@ def _open_openslide(path: pathlib.Path) -> Any:
 
 def _open_tiffslide(path: pathlib.Path) -> Any:
     try:
-        handle = tiffslide.TiffSlide(str(path))
-        problem = _tiffslide_problem(handle)  # tiffslide parses lazily: this reads the structure
+        with _quiet_logger("tifffile"):  # its warnings about a broken file end up in our message
+            handle = tiffslide.TiffSlide(str(path))
+            problem = _tiffslide_problem(handle)  # tiffslide parses lazily: this reads the structure
     except tifffile.TiffFileError as exc:
         raise _OpenFailed(_one_line(exc)) from exc
     except (IndexError, KeyError, ValueError, OSError) as exc:
@@ -339,6 +341,18 @@ def _tiffslide_problem(handle: tiffslide.TiffSlide) -> str | None:
         if not isinstance(compression, tifffile.COMPRESSION):
             return f"unsupported TIFF compression {compression}"
     return None
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Let only errors of logger ``name`` through while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _resolve_mpp(props: dict[str, Any], prefix: str, vendor: str | None, objective_power: float | None,

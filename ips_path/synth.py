@@ -125,8 +125,8 @@ class SlideSpec:
     downsamples: tuple[int, ...]
     seed: int
     tissue_mask: np.ndarray = field(repr=False)   # bool (h, w), covering the whole slide
-    mask_mpp: float = 0.0           # µm per mask cell
-    lesions: tuple[Lesion, ...] = ()
+    mask_mpp: float                 # µm per mask cell
+    lesions: tuple[Lesion, ...]
 
     @property
     def label(self) -> str:
@@ -666,6 +666,8 @@ def _lesions(lesions: int | Sequence[tuple[float, float, float]], tissue_mask: n
     if not tissue_mask.any():
         raise ValueError("cannot place lesions on a slide without tissue")
     depth_px = ndimage.distance_transform_edt(tissue_mask) * cell_px
+    rows, cols = np.indices(tissue_mask.shape)
+    cell_x, cell_y = (cols + 0.5) * cell_px, (rows + 0.5) * cell_px
     placed: list[Lesion] = []
     for _ in range(lesions):
         radius = rng.uniform(*diameter_um) / 2 / mpp
@@ -673,9 +675,7 @@ def _lesions(lesions: int | Sequence[tuple[float, float, float]], tissue_mask: n
         reach = radius * (1 + sum(a for a, _ in harmonics))
         free = depth_px.copy()
         for other in placed:  # keep lesions apart
-            rows, cols = np.indices(free.shape)
-            gap = np.hypot((cols + 0.5) * cell_px - other.x, (rows + 0.5) * cell_px - other.y)
-            free[gap < other.max_radius + reach] = 0
+            free[np.hypot(cell_x - other.x, cell_y - other.y) < other.max_radius + reach] = 0
         candidates = np.flatnonzero(free >= reach)
         if candidates.size == 0:  # tissue too thin for this size: shrink it to the deepest spot
             best = int(np.argmax(free))

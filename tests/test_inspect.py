@@ -56,6 +56,15 @@ def test_one_bad_slide_raises_the_error_that_main_prints(bad_dir):
     assert str(result.exception).startswith(f"{bad_dir / 'random_bytes.tiff'}: cannot open as a slide")
 
 
+def test_a_slide_whose_pixels_do_not_decode_is_an_error(bad_dir, small_svs):
+    unreadable = bad_dir / "unreadable.svs"
+    result = _inspect(str(small_svs.path), str(unreadable))
+    assert result.exit_code == 1
+    assert result.stdout.startswith(str(small_svs.path)) and str(unreadable) not in result.stdout
+    assert result.stderr == (f"ipspath: error: {unreadable}: cannot read region at level-0 (0, 0), level 0: "
+                             "Bogus marker length\n")
+
+
 def test_good_slides_are_shown_and_each_bad_one_gets_one_line(small_svs, bad_dir):
     bad = [bad_dir / "empty.svs", bad_dir / "histolab_broken.svs"]
     result = _inspect("--json", str(bad[0]), str(small_svs.path), str(bad[1]))

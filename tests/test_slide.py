@@ -58,11 +58,12 @@ def test_only_openslide_reads_dicom_and_auto_picks_it(slides_dir):
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
 @pytest.mark.parametrize("name", BAD_FILES)
-def test_every_bad_file_fails_with_one_line_naming_it(bad_dir, name, backend):
+def test_every_bad_file_fails_with_one_line_naming_it(bad_dir, caplog, name, backend):
     path = bad_dir / name
     with pytest.raises(IpspathError) as failure:
         with Slide(path, backend=backend) as slide:
             slide.read_region((0, 0), 0, (16, 16))
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]  # nothing else said
     message = str(failure.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     if isinstance(failure.value, BadInputError):
