@@ -27,6 +27,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
     }
+    # Other jobs on the machine slow a benchmark down; the load average says how busy it was.
+    info["load_avg_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     try:
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):  # not available on every OS
