@@ -123,6 +123,17 @@ def test_workers_give_the_same_stores(generated, tmp_path):
     assert all(np.array_equal(c, coords[0]) for c in coords)
 
 
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_same_stores(generated, tmp_path):
+    pytest.importorskip("distributed")
+    inputs = [SlideInput("one", generated), SlideInput("two", generated)]
+    results = tile_slides(inputs, tmp_path, TilingParams(qc=False), progress=False, scheduler="local:2")
+    assert [r.status for r in results] == ["tiled", "tiled"]
+    local = tile_slide(SlideInput("three", generated), tmp_path, TilingParams(qc=False))
+    assert local.n_patches == results[0].n_patches
+    assert np.array_equal(TileStore.open(tmp_path / "one.zarr").coords, TileStore.open(tmp_path / "three.zarr").coords)
+
+
 def test_inputs_from_folders_globs_and_manifest(generated, tmp_path, slides_dir):
     found = collect_inputs([slides_dir])
     assert {s.slide_id for s in found} >= {"CMU-1-Small-Region", "he_dicom", "tiny_16px"}
@@ -131,10 +142,11 @@ def test_inputs_from_folders_globs_and_manifest(generated, tmp_path, slides_dir)
     manifest = tmp_path / "m.csv"
     relative = os.path.relpath(slides_dir / "CMU-1-Small-Region_pyramid_nompp.tiff", tmp_path)
     manifest.write_text(f"slide_id,slide_path,mpp,label\nnompp,{relative},0.499,x\n")
-    result = _tile("--manifest", manifest, "-o", tmp_path / "out")
+    result = _tile("--manifest", manifest, "-o", tmp_path / "out", "--slide-mpp", "0.3")
     assert result.exit_code == 0, result.output
     store = TileStore.open(tmp_path / "out" / "nompp.zarr")
     assert store.attrs["mpp_source"] == "override" and store.n_patches > 10
+    assert store.level0_mpp == (0.499, 0.499)  # the manifest's mpp wins over --slide-mpp
     with pytest.raises(BadInputError, match="same file name"):
         collect_inputs([generated, tmp_path / "elsewhere" / "gen.svs"])
     with pytest.raises(BadInputError, match="no slide files"):

@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from ips_path.errors import BadInputError, IpspathError
-from ips_path.progress import progress_bar
 from ips_path.store import (
     TileStore,
     export_h5,
@@ -426,6 +424,7 @@ def tile_slides(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> list[TileResult]:
     """Tile many slides, ``workers`` processes at a time, and write ``<out_dir>/tiling_summary.csv``.
 
@@ -438,38 +437,39 @@ def tile_slides(
     params : TilingParams
         Tiling parameters.
     workers : int
-        Slides tiled in parallel (processes); 1 = in this process.
+        Slides tiled in parallel (local processes); 1 = in this process.
     overwrite : bool
         Redo slides whose store exists (otherwise equal stores are skipped and stores made
         with other parameters are refused).
     progress : bool
         Show a progress bar (only on a terminal).
+    scheduler : str, optional
+        Dask scheduler address, or ``"local:N"``, to tile on a cluster instead
+        (see :func:`ips_path.parallel.map_slides`); slides and ``out_dir`` must be on storage
+        every worker sees.
 
     Returns
     -------
     list of TileResult
         In input order.
     """
+    from ips_path.parallel import map_slides
     from ips_path.tiling.qc import write_summary_csv
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[TileResult | None] = [None] * len(inputs)
-    with progress_bar(len(inputs), "tiling", unit="slide", enabled=progress) as bar:
-        if workers <= 1 or len(inputs) <= 1:
-            for index, item in enumerate(inputs):
-                results[index] = tile_slide(item, out_dir, params, overwrite)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(inputs))) as pool:
-                futures = {pool.submit(tile_slide, item, out_dir, params, overwrite): index
-                           for index, item in enumerate(inputs)}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
-    done = [r for r in results if r is not None]
-    write_summary_csv((r.as_row() for r in done), out_dir / SUMMARY_NAME)
-    return done
+    shared = [out_dir, *(item.path for item in inputs if item.path.exists())]
+    results = map_slides(tile_slide, inputs, out_dir, params, overwrite, workers=workers, scheduler=scheduler,
+                         shared_paths=shared, progress=progress, desc="tiling", on_lost=_lost)
+    write_summary_csv((r.as_row() for r in results), out_dir / SUMMARY_NAME)
+    return results
+
+
+def _lost(item: SlideInput, exc: BaseException) -> TileResult:
+    """The record of a slide whose worker process died (killed, out of memory)."""
+    error = f"{item.path}: the worker tiling it died ({type(exc).__name__}: {exc})"
+    log.error("%s", error)
+    return TileResult(item.slide_id, str(item.path), "failed", error=error, exit_code=1)
 
 
 def exit_code(results: Sequence[TileResult]) -> int:
