@@ -17,6 +17,7 @@ from ips_path.errors import IpspathError
 # name -> "module:attribute" of the click command; imported on first use.
 COMMANDS = {
     "features": "ips_path.cli.features_cmd:features_cmd",
+    "heatmap": "ips_path.cli.heatmap_cmd:heatmap_cmd",
     "inspect": "ips_path.cli.inspect_cmd:inspect_cmd",
     "report": "ips_path.cli.report_cmd:report_cmd",
     "tile": "ips_path.cli.tile_cmd:tile_cmd",

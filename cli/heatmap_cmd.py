@@ -1,0 +1,90 @@
+"""``ipspath heatmap``: attention overlays from stored scores, without running the model again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ips_path.errors import BadInputError
+from ips_path.heatmap import COLORMAPS, jobs_from_predictions, jobs_from_tiles, render_heatmaps
+
+
+@click.command("heatmap")
+@click.option("--tiles", type=click.Path(exists=True, path_type=Path),
+              help="A tile store (.zarr) or the folder of stores from `ipspath tile`; the scores come from each "
+                   "store's scores/<run>, written by `ipspath predict`.")
+@click.option("--run", help="Score run to draw (scores/<run> in the stores).  [default: the only run in the stores]")
+@click.option("--predictions", "pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An `ipspath predict` output folder instead of --tiles/--run: run name and tiles folder from "
+                   "its run.json, slides done in predictions.csv; writes PRED_DIR/heatmaps/<slide_id>/.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder, one <slide_id>/ folder per slide (required with --tiles; default with "
+                   "--predictions: PRED_DIR/heatmaps).")
+@click.option("--slides", "slide_ids", multiple=True,
+              help="Only these slide ids: --slides S1,S2 or --slides S1 --slides S2.  [default: all]")
+@click.option("--thumbnail-size", type=click.IntRange(min=16), default=2048, show_default=True,
+              help="Long side of thumbnail.png and overlay.png in px (never more than the slide's).")
+@click.option("--smooth-um", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Gaussian smoothing of the colours across neighbouring patches: standard deviation in µm "
+                   "(e.g. 100); 0 draws every patch as a flat square.")
+@click.option("--colormap", type=click.Choice(COLORMAPS), default="viridis", show_default=True,
+              help="Perceptually uniform colormap; dark = low, bright = high attention.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Opacity of the colours over the slide (0-1).")
+@click.option("--top-k", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Patches in top_patches.png, the most attended first; 0: no gallery.")
+@click.option("--no-geojson", is_flag=True, help="Do not write patches.geojson.")
+@click.option("--tiff-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also write overlay.tiff, a pyramidal TIFF of the overlay at this pixel size in µm/px "
+                   "(e.g. 8) that openslide and QuPath open.  [default: no TIFF]")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads reading slide pixels and composing TIFF tiles.")
+@click.pass_context
+def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_dir: Path | None, out_dir: Path | None,
+                slide_ids: tuple[str, ...], thumbnail_size: int, smooth_um: float, colormap: str, alpha: float,
+                top_k: int, no_geojson: bool, tiff_mpp: float | None, threads: int) -> None:
+    """Draw attention heatmaps from the scores `ipspath predict` stored, without running the model.
+
+    \b
+    Either from tile stores:   ipspath heatmap --tiles tiles/ --run RUN -o heatmaps/
+    or for a prediction run:   ipspath heatmap --predictions pred/
+
+    \b
+    Per slide, in <out>/<slide_id>/:
+      thumbnail.png    the slide
+      overlay.png      the same size, patches coloured by the percentile rank of their attention
+                       within the slide (low .. high, colour bar in a corner), background untouched
+      patches.geojson  one QuPath tile per patch in level-0 px, with measurements "attention"
+                       (the logit) and "attention_rank" (0-1); QuPath: File > Import objects
+      top_patches.png  the --top-k most attended patches as the model saw them, with rank and score
+      overlay.tiff     with --tiff-mpp: pyramidal TIFF with the slide's physical extent
+
+    \b
+    Exit status: 0 when every slide was drawn, 1 when some failed (one line each on stderr),
+    2 when all failed on bad input.
+    """
+    if (tiles is None) == (pred_dir is None):
+        raise BadInputError("give either --tiles (with --run and -o) or --predictions PRED_DIR")
+    if pred_dir is not None and run is not None:
+        raise BadInputError("--predictions reads the run from PRED_DIR/run.json; drop --run (or use --tiles)")
+    ids = [s for value in slide_ids for s in value.split(",") if s]
+    if tiles is not None:
+        if out_dir is None:
+            raise BadInputError("--tiles needs an output folder: -o OUT")
+        jobs = jobs_from_tiles(tiles, run, out_dir, ids)
+    else:
+        jobs = jobs_from_predictions(pred_dir, ids, out_dir)
+    quiet = bool((ctx.obj or {}).get("quiet"))
+    results = render_heatmaps(jobs, progress=not quiet, thumbnail_size=thumbnail_size, smooth_sigma_um=smooth_um,
+                              colormap=colormap, alpha=alpha, top_k=top_k, geojson=not no_geojson,
+                              tiff_mpp=tiff_mpp, threads=threads)
+    failed = [r for r in results if r.error]
+    for result in failed:
+        click.echo(f"ipspath: error: {result.slide_id}: {result.error}", err=True)
+    if not quiet or failed:
+        parent = jobs[0].out_dir.parent if jobs else out_dir
+        click.echo(f"heatmaps: {len(results) - len(failed)} of {len(results)} slides drawn in {parent}"
+                   + (f", {len(failed)} failed" if failed else ""), err=True)
+    if failed:
+        ctx.exit(2 if len(failed) == len(results) and all(r.bad_input for r in failed) else 1)
