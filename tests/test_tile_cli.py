@@ -147,6 +147,13 @@ def test_inputs_from_folders_globs_and_manifest(generated, tmp_path, slides_dir)
     store = TileStore.open(tmp_path / "out" / "nompp.zarr")
     assert store.attrs["mpp_source"] == "override" and store.n_patches > 10
     assert store.level0_mpp == (0.499, 0.499)  # the manifest's mpp wins over --slide-mpp
+    series = tmp_path / "dicom" / "caseA"  # a DICOM slide: one file per level in one folder
+    series.mkdir(parents=True)
+    for name in ("level0.dcm", "level1.dcm"):
+        (series / name).symlink_to(slides_dir / "he_dicom.dcm")
+    (tmp_path / "dicom" / "single.dcm").symlink_to(slides_dir / "he_dicom.dcm")
+    assert [(s.slide_id, s.path.name) for s in collect_inputs([tmp_path / "dicom"])] == [
+        ("caseA", "level0.dcm"), ("single", "single.dcm")]
     with pytest.raises(BadInputError, match="same file name"):
         collect_inputs([generated, tmp_path / "elsewhere" / "gen.svs"])
     with pytest.raises(BadInputError, match="no slide files"):

@@ -18,6 +18,7 @@ import glob
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -223,14 +224,14 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathL
 
 def _slides_in_folder(folder: Path, extensions: frozenset[str]) -> list[SlideInput]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    dicom_files_per_folder = Counter(p.parent for p in files if p.suffix.lower() == ".dcm")
+    dicom_series_taken: set[Path] = set()
     slides = []
-    dicom_folders: set[Path] = set()
     for path in files:
-        if path.suffix.lower() == ".dcm" and sum(1 for p in files if p.parent == path.parent
-                                                 and p.suffix.lower() == ".dcm") > 1:
+        if path.suffix.lower() == ".dcm" and dicom_files_per_folder[path.parent] > 1:
             # one DICOM slide is a series of files, one per level: open any one of them
-            if path.parent not in dicom_folders:
-                dicom_folders.add(path.parent)
+            if path.parent not in dicom_series_taken:
+                dicom_series_taken.add(path.parent)
                 slides.append(SlideInput(path.parent.name, path))
             continue
         slides.append(SlideInput(slide_id_from_path(path), path))
