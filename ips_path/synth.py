@@ -2,9 +2,10 @@
 the demo, deterministic by seed.
 
 The tissue layout is a low-resolution mask (a few smooth random blobs), so it scales to any slide
-size. Pixels come from periodic stain textures built once per slide in optical density (eosin
-stroma with gaps, hematoxylin nuclei) and composed tile by tile at each pyramid level, so a
-100,000 x 80,000 px slide is written with little memory; background tiles are encoded once.
+size. Pixels come from periodic stain textures made in optical density (eosin stroma with gaps,
+hematoxylin nuclei; once per process and texture seed) and composed tile by tile at each pyramid
+level on a thread pool, so a 100,000 x 80,000 px slide is written in seconds with little memory;
+background tiles are encoded once.
 Lesions (dense, large, dark nuclei) are star-shaped regions inside the tissue whose geometry comes
 back in the :class:`SlideSpec`, so tests and the demo know which patches hold them.
 
@@ -238,7 +239,8 @@ def write_synthetic_slide(
     tissue : int or 2-D array
         Number of tissue blobs (0: an empty slide), or a boolean mask stretched over the slide.
     lesions : int or sequence of (x, y, radius)
-        Number of lesions to place inside the tissue, or explicit circles in level-0 pixels.
+        Number of lesions to place inside the tissue (fewer if the tissue has no room left), or
+        explicit circles in level-0 pixels.
     lesion_diameter_um : (float, float)
         Range of the diameters of placed lesions, in µm.
     texture_seed : int
@@ -659,7 +661,7 @@ def _tissue_field(tissue: int | np.ndarray, width: int, height: int,
 def _lesions(lesions: int | Sequence[tuple[float, float, float]], tissue_mask: np.ndarray, cell_px: float,
              mpp: float, diameter_um: tuple[float, float], rng: np.random.Generator) -> tuple[Lesion, ...]:
     """Lesions as given, or ``lesions`` of them placed at random well inside the tissue."""
-    if not isinstance(lesions, int):
+    if not isinstance(lesions, int | np.integer):
         return tuple(Lesion(float(x), float(y), float(r)) for x, y, r in lesions)
     if lesions <= 0:
         return ()
@@ -685,7 +687,8 @@ def _lesions(lesions: int | Sequence[tuple[float, float, float]], tissue_mask: n
             scale = free.flat[best] / reach
             radius, reach = radius * scale, free.flat[best]
         row, col = np.unravel_index(rng.choice(candidates), free.shape)
-        placed.append(Lesion(x=(col + 0.5) * cell_px, y=(row + 0.5) * cell_px, radius=radius, harmonics=harmonics))
+        placed.append(Lesion(x=float((col + 0.5) * cell_px), y=float((row + 0.5) * cell_px), radius=float(radius),
+                             harmonics=tuple((float(a), float(phase)) for a, phase in harmonics)))
     return tuple(placed)
 
 
