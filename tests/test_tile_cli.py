@@ -18,7 +18,6 @@ from ips_path.cli.main import cli
 from ips_path.errors import BadInputError
 from ips_path.slide import Slide
 from ips_path.store import TileStore
-from ips_path.synth import write_synthetic_slide
 from ips_path.tiling.run import SlideInput, TilingParams, collect_inputs, exit_code, tile_slide, tile_slides
 
 IPSPATH = Path(sys.executable).with_name("ipspath")
@@ -34,60 +33,58 @@ def _summary(out: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory) -> Path:
-    """A small generated 20x slide with three tissue pieces."""
-    path = tmp_path_factory.mktemp("tilecli") / "gen.svs"
-    write_synthetic_slide(path, 3072, 2048, mpp=0.5, downsamples=(1, 4), seed=11)
-    return path
+def generated(small_svs) -> Path:
+    """The shared generated slide: 4000 x 3000 px at 0.5 µm/px, levels 1/4/16, named small.svs."""
+    return small_svs.path
 
 
 def test_tile_writes_store_qc_and_summary(generated, tmp_path):
     result = _tile(generated, "-o", tmp_path, "--h5")
     assert result.exit_code == 0, result.output
-    store = TileStore.open(tmp_path / "gen.zarr")
+    store = TileStore.open(tmp_path / "small.zarr")
     assert store.n_patches > 10
     assert store.attrs["target_mpp"] == 0.5 and store.attrs["mpp_source"] == "metadata"
     assert (store.patch_size, store.patch_size_level0, store.read_level, store.read_size) == (256, 256, 0, 256)
     assert np.all(store.tissue_fraction >= 0.5)
-    row = _summary(tmp_path)["gen"]
+    row = _summary(tmp_path)["small"]
     assert row["status"] == "tiled" and int(row["n_patches"]) == store.n_patches and row["error"] == ""
-    assert Image.open(tmp_path / "qc" / "gen.png").size[0] > 500
-    assert (tmp_path / "h5" / "gen.h5").is_file()
+    assert Image.open(tmp_path / "qc" / "small.png").size[0] > 500
+    assert (tmp_path / "h5" / "small.h5").is_file()
 
 
 def test_second_run_does_no_work_and_overwrite_redoes(generated, tmp_path):
     assert _tile(generated, "-o", tmp_path).exit_code == 0
-    created = TileStore.open(tmp_path / "gen.zarr").attrs["created"]
-    marker = (tmp_path / "gen.zarr" / "zarr.json").stat().st_mtime_ns
+    created = TileStore.open(tmp_path / "small.zarr").attrs["created"]
+    marker = (tmp_path / "small.zarr" / "zarr.json").stat().st_mtime_ns
     result = _tile(generated, "-o", tmp_path)
     assert result.exit_code == 0 and "1 skipped" in result.output
-    assert _summary(tmp_path)["gen"]["status"] == "skipped"
-    assert (tmp_path / "gen.zarr" / "zarr.json").stat().st_mtime_ns == marker
+    assert _summary(tmp_path)["small"]["status"] == "skipped"
+    assert (tmp_path / "small.zarr" / "zarr.json").stat().st_mtime_ns == marker
     result = _tile(generated, "-o", tmp_path, "--overwrite")
-    assert result.exit_code == 0 and _summary(tmp_path)["gen"]["status"] == "tiled"
-    assert (tmp_path / "gen.zarr" / "zarr.json").stat().st_mtime_ns != marker
-    assert TileStore.open(tmp_path / "gen.zarr").attrs["created"] >= created
+    assert result.exit_code == 0 and _summary(tmp_path)["small"]["status"] == "tiled"
+    assert (tmp_path / "small.zarr" / "zarr.json").stat().st_mtime_ns != marker
+    assert TileStore.open(tmp_path / "small.zarr").attrs["created"] >= created
 
 
 def test_other_parameters_need_overwrite(generated, tmp_path):
     assert _tile(generated, "-o", tmp_path).exit_code == 0
     result = _tile(generated, "-o", tmp_path, "--patch-size", "128")
     assert result.exit_code == 2
-    assert "other tiling parameters" in _summary(tmp_path)["gen"]["error"]
-    assert TileStore.open(tmp_path / "gen.zarr").patch_size == 256  # untouched
+    assert "other tiling parameters" in _summary(tmp_path)["small"]["error"]
+    assert TileStore.open(tmp_path / "small.zarr").patch_size == 256  # untouched
     assert _tile(generated, "-o", tmp_path, "--patch-size", "128", "--overwrite").exit_code == 0
-    assert TileStore.open(tmp_path / "gen.zarr").patch_size == 128
+    assert TileStore.open(tmp_path / "small.zarr").patch_size == 128
 
 
 def test_mag_overlap_and_stride_options(generated, tmp_path):
     assert _tile(generated, "-o", tmp_path / "a", "--mag", "10", "--overlap", "64").exit_code == 0
-    store = TileStore.open(tmp_path / "a" / "gen.zarr")
+    store = TileStore.open(tmp_path / "a" / "small.zarr")
     assert store.target_mpp == 1.0 and store.patch_size_level0 == 512
     assert store.attrs["stride"] == 192 and store.attrs["stride_level0"] == 384
     steps = np.diff(np.unique(store.coords[:, 0]))
     assert steps.min() == 384
     assert _tile(generated, "-o", tmp_path / "b", "--mpp", "1", "--stride", "192").exit_code == 0
-    assert np.array_equal(TileStore.open(tmp_path / "b" / "gen.zarr").coords, store.coords)
+    assert np.array_equal(TileStore.open(tmp_path / "b" / "small.zarr").coords, store.coords)
     for bad in (["--mpp", "1", "--mag", "10"], ["--stride", "10", "--overlap", "5"], ["--overlap", "256"]):
         with pytest.raises(BadInputError):
             _tile(generated, "-o", tmp_path / "c", *bad)
@@ -96,22 +93,23 @@ def test_mag_overlap_and_stride_options(generated, tmp_path):
 def test_tissue_methods_and_user_masks(generated, tmp_path):
     every = _tile(generated, "-o", tmp_path / "all", "--tissue-method", "all", "--no-qc")
     assert every.exit_code == 0
-    assert TileStore.open(tmp_path / "all" / "gen.zarr").n_patches == (3072 // 256) * (2048 // 256)
+    assert TileStore.open(tmp_path / "all" / "small.zarr").n_patches == (4000 // 256) * (3000 // 256)
     assert not (tmp_path / "all" / "qc").exists()
-    # a user mask: only the left half of the slide is tissue
-    mask = np.zeros((64, 96), np.uint8)
-    mask[:, :48] = 255
+    # a user mask: only the left half of the slide (x < 2000) is tissue
+    mask = np.zeros((60, 80), np.uint8)
+    mask[:, :40] = 255
     masks = tmp_path / "masks"
     masks.mkdir()
-    Image.fromarray(mask).save(masks / "gen.png")
+    Image.fromarray(mask).save(masks / "small.png")
     assert _tile(generated, "-o", tmp_path / "m", "--tissue-mask", masks).exit_code == 0
-    store = TileStore.open(tmp_path / "m" / "gen.zarr")
-    assert store.n_patches == 6 * 8 and store.coords[:, 0].max() + 256 <= 1536
+    store = TileStore.open(tmp_path / "m" / "small.zarr")
+    # columns x = 0 ... 1792 (the last one 81 % inside), 11 rows
+    assert store.n_patches == 8 * 11 and store.coords[:, 0].max() == 1792
     assert store.attrs["tissue_method"] == "file"
-    assert (tmp_path / "m" / "qc" / "gen.png").is_file()
-    (masks / "gen.png").rename(masks / "other.png")
+    assert (tmp_path / "m" / "qc" / "small.png").is_file()
+    (masks / "small.png").rename(masks / "other.png")
     assert _tile(generated, "-o", tmp_path / "n", "--tissue-mask", masks).exit_code == 2
-    assert "no tissue mask for slide 'gen'" in _summary(tmp_path / "n")["gen"]["error"]
+    assert "no tissue mask for slide 'small'" in _summary(tmp_path / "n")["small"]["error"]
 
 
 def test_workers_give_the_same_stores(generated, tmp_path):
@@ -155,7 +153,7 @@ def test_inputs_from_folders_globs_and_manifest(generated, tmp_path, slides_dir)
     assert [(s.slide_id, s.path.name) for s in collect_inputs([tmp_path / "dicom"])] == [
         ("caseA", "level0.dcm"), ("single", "single.dcm")]
     with pytest.raises(BadInputError, match="same file name"):
-        collect_inputs([generated, tmp_path / "elsewhere" / "gen.svs"])
+        collect_inputs([generated, tmp_path / "elsewhere" / "small.svs"])
     with pytest.raises(BadInputError, match="no slide files"):
         collect_inputs([str(tmp_path / "*.nothing")])
 
@@ -249,7 +247,7 @@ def test_one_bad_slide_does_not_stop_the_others(generated, bad_dir, tmp_path):
     result = _tile(generated, bad_dir / "empty.svs", tmp_path / "missing.svs", "-o", tmp_path / "out")
     assert result.exit_code == 1  # some slides failed, but not all
     rows = _summary(tmp_path / "out")
-    assert rows["gen"]["status"] == "tiled"
+    assert rows["small"]["status"] == "tiled"
     assert rows["empty"]["status"] == rows["missing"]["status"] == "failed"
     assert "no such file" in rows["missing"]["error"]
 
@@ -300,7 +298,7 @@ def test_subprocess_tiles_without_importing_torch(generated, tmp_path, bad_dir):
 
 def test_store_records_the_tiling(generated, tmp_path):
     assert _tile(generated, "-o", tmp_path, "--min-tissue", "0.25", "--keep-holes").exit_code == 0
-    attrs = TileStore.open(tmp_path / "gen.zarr").attrs
+    attrs = TileStore.open(tmp_path / "small.zarr").attrs
     stat = generated.stat()
     assert attrs["slide_path"] == str(generated.resolve())
     assert attrs["slide_size"] == stat.st_size and attrs["slide_mtime"] == stat.st_mtime
