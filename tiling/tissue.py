@@ -327,8 +327,8 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int = 2) -> tuple[np.
         location = (round(x * level_downsample), round(y * level_downsample))
         try:
             region = slide.read_region(location, level, size)
-        except IpspathError as exc:
-            return f"level-0 {location}: {exc}"
+        except IpspathError as exc:  # names the file and the level-0 (x, y) of the region
+            return str(exc)
         if factor > 1:
             region = np.asarray(Image.fromarray(region).reduce(factor))
         image[y // factor : y // factor + region.shape[0], x // factor : x // factor + region.shape[1]] = region
@@ -340,11 +340,8 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int = 2) -> tuple[np.
     else:
         failures = [f for f in map(read_block, origins) if f]
     if failures:
-        more = f" (and {len(failures) - 1} more regions)" if len(failures) > 1 else ""
-        raise BadInputError(
-            f"{slide.path}: unreadable image data at {failures[0]}{more}; the file is damaged: "
-            "re-export or re-scan it"
-        )
+        more = f" (and {len(failures) - 1} more unreadable regions)" if len(failures) > 1 else ""
+        raise BadInputError(f"{failures[0]}{more}; the file is damaged: re-export or re-scan it")
     return image, level_downsample * factor
 
 
