@@ -281,7 +281,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams = TissuePara
     return tissue
 
 
-def read_low_resolution(slide: Slide, mpp: float, threads: int = 2) -> tuple[np.ndarray, float]:
+def read_low_resolution(slide: Slide, mpp: float, threads: int | None = None) -> tuple[np.ndarray, float]:
     """The whole slide as one RGB image at about ``mpp`` µm/px, with bounded memory.
 
     Reads the coarsest pyramid level that is at least as fine as ``mpp`` (within 2 %), block by
@@ -294,8 +294,8 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int = 2) -> tuple[np.
         An open slide with a known mpp.
     mpp : float
         Wanted resolution, µm/px.
-    threads : int
-        Reader threads.
+    threads : int, optional
+        Reader threads; default: the number of CPUs, at most 4.
 
     Returns
     -------
@@ -334,6 +334,7 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int = 2) -> tuple[np.
         image[y // factor : y // factor + region.shape[0], x // factor : x // factor + region.shape[1]] = region
         return None
 
+    threads = threads or min(4, os.cpu_count() or 1)
     if threads > 1 and len(origins) > 1:
         with ThreadPoolExecutor(threads) as pool:
             failures = [f for f in pool.map(read_block, origins) if f]
