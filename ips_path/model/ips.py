@@ -133,9 +133,11 @@ class IPSModel(nn.Module):
     def select_top_patches(self, chunks: Iterable[PatchChunk]) -> Selection:
         """Stream the chunks of one slide and keep the M best patches (see ``score``).
 
-        Runs in eval mode under ``torch.no_grad()``, restoring the caller's mode. Only M + I patches are
-        held at a time; the selected ones are copied, so the loader may reuse its buffers. M >= N keeps
-        every patch.
+        Runs in eval mode under ``torch.no_grad()``, restoring the caller's mode. The buffer fills with the
+        first patches; every later chunk of I competes with it, so only M + I patches are held at a time.
+        M >= N keeps every patch. Kept patches are copied, so a loader may refill a chunk's buffer once
+        the next chunk is asked for; chunks are moved to the model's device with ``non_blocking=True``,
+        so a loader that refills pinned host buffers must first wait for their copies (a CUDA event).
 
         Raises
         ------
@@ -155,7 +157,7 @@ class IPSModel(nn.Module):
     def _select(self, chunks: Iterable[PatchChunk]) -> Selection:
         device = self.device
         buffer: Candidates | None = None
-        buffer_scores = torch.empty(0)
+        buffer_scores: torch.Tensor
         all_logits: list[torch.Tensor] = []
         n_seen = 0
         for chunk in rechunk(chunks, self.chunk_size):
