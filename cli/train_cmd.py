@@ -1,0 +1,118 @@
+"""``ipspath train``: train an IPS slide classifier from a manifest and tile stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ips_path.config import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def _help(text: str, name: str) -> str:
+    """Help text ending with the built-in default (options default to None so that YAML values show through)."""
+    return f"{text} [default: {getattr(_DEFAULTS, name)}]"
+
+
+@click.command("train")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV with slide_id, slide_path, label and optional split (train/val/test), case_id, mpp.")
+@click.option("--tiles", "tiles_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of tile stores <slide_id>.zarr made by `ipspath tile`.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: config.yaml, splits.csv, metrics.csv, curves.png, last.pt, best.pt.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML file of settings (keys as the options below, e.g. n_select: 32); options given here "
+                   "override it. With --resume, default: <out>/config.yaml.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from last.pt (an interrupted epoch is redone), exactly as if it had "
+                   "not stopped. Only --device and --threads may change.")
+@click.option("--encoder", help=_help("Patch encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>. smallcnn "
+                                      "suits a CPU; on a GPU use a ResNet, ideally with --pretrained.", "encoder"))
+@click.option("--pretrained", type=click.Path(dir_okay=False),
+              help="Local weights file of the encoder (torchvision/timm state dict). Nothing is downloaded.")
+@click.option("--features", help="Train on cached embeddings features/<name> from `ipspath features` instead of "
+                                 "pixels: epochs read no pixels (no augmentation; --encoder is ignored).")
+@click.option("--n-select", type=int, help=_help("M: patches per slide kept for the gradient step.", "n_select"))
+@click.option("--chunk-size", type=int,
+              help=_help("I: patches encoded at a time while selecting; memory grows with M + I, not the slide.",
+                         "chunk_size"))
+@click.option("--dim", type=int, help=_help("Embedding size of the attention aggregator.", "dim"))
+@click.option("--heads", type=int, help=_help("Attention heads (must divide --dim).", "heads"))
+@click.option("--score", type=click.Choice(["logit", "paper"]),
+              help=_help("Selection score: logit = exact top-M of the slide; paper = the IPS paper's softmax.",
+                         "score"))
+@click.option("--pos-encoding", type=click.Choice(["none", "1d", "2d"]),
+              help=_help("Positional encoding: none, 1d (patch order, the paper) or 2d (grid position).",
+                         "pos_encoding"))
+@click.option("--epochs", type=int, help=_help("Epochs at most.", "epochs"))
+@click.option("--batch-size", type=int, help=_help("Slides per optimiser step (per process under torchrun).",
+                                                   "batch_size"))
+@click.option("--lr", type=float, help=_help("Peak learning rate of AdamW.", "lr"))
+@click.option("--weight-decay", type=float, help=_help("AdamW weight decay (weights, not biases/norms).",
+                                                       "weight_decay"))
+@click.option("--warmup-epochs", type=float,
+              help=_help("Linear warm-up of the learning rate, then cosine decay to 0 (per step).", "warmup_epochs"))
+@click.option("--grad-clip", type=float, help=_help("Largest gradient norm; 0: no clipping.", "grad_clip"))
+@click.option("--class-weights/--no-class-weights", default=None,
+              help=_help("Weight the loss of each class inversely to its share of training slides.", "class_weights"))
+@click.option("--patience", type=int,
+              help=_help("Stop after this many epochs without a better validation --monitor; 0: never.", "patience"))
+@click.option("--monitor", type=click.Choice(["auc", "balanced_accuracy", "loss"]),
+              help=_help("Validation metric for best.pt and early stopping.", "monitor"))
+@click.option("--augment/--no-augment", default=None,
+              help=_help("Random flips, 90° rotations and colour jitter of training patches.", "augment"))
+@click.option("--threads", type=int, help=_help("Threads reading patches from the slide files.", "threads"))
+@click.option("--device", help=_help("cpu, cuda, cuda:N, or auto (cuda when available; bf16 autocast on CUDA).",
+                                     "device"))
+@click.option("--seed", type=int, help=_help("Seed of initialisation, splits, order, augmentation; CPU runs repeat "
+                                             "exactly.", "seed"))
+@click.option("--val-fraction", type=float,
+              help=_help("Share of patients per label for validation when the manifest has no split column.",
+                         "val_fraction"))
+@click.option("--checkpoint-grads/--no-checkpoint-grads", default=None,
+              help=_help("Activation checkpointing of the gradient step (needs --grad-chunk-size): memory flat in M.",
+                         "checkpoint_grads"))
+@click.option("--grad-chunk-size", type=int,
+              help="Re-encode the M selected patches with gradients in pieces of at most this many. [default: all]")
+@click.option("--mpp", type=float, help="Patch resolution the run expects of the tile stores, µm/px. "
+                                        "[default: the stores', which must agree]")
+@click.option("--patch-size", type=int, help="Patch size the run expects of the tile stores, px. "
+                                             "[default: the stores']")
+@click.pass_context
+def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path, config_file: Path | None,
+              resume: bool, **options: Any) -> int:
+    """Train a slide classifier with Iterative Patch Selection on the tile stores of a manifest's slides.
+
+    \b
+    Classes are the sorted labels (a softmax over them, also for two). Slides are split by the
+    manifest's split column, or by patient with --seed/--val-fraction (saved as splits.csv); test
+    slides are left alone. Each epoch logs loss, validation AUC (one-vs-rest macro for more than
+    two classes), balanced accuracy and per-class recall to metrics.csv and curves.png.
+    best.pt (best validation --monitor) is what `ipspath predict` uses.
+
+    \b
+    Several GPUs or nodes: torchrun --nproc-per-node N -m ips_path.cli.main train ...
+    (each process takes a disjoint share of the slides; gradients are averaged).
+
+    \b
+    Example (CPU, minutes):
+      ipspath tile --manifest m.csv -o tiles --mpp 2 --patch-size 64
+      ipspath train --manifest m.csv --tiles tiles -o run --epochs 10
+    """
+    from ips_path.config import resolve_config
+    from ips_path.train import train
+
+    if config_file is None and resume and (out_dir / "config.yaml").is_file():
+        config_file = out_dir / "config.yaml"
+    config = resolve_config(config_file, options)
+    result = train(manifest, tiles_dir, out_dir, config, resume=resume, progress=not ctx.obj["quiet"])
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        best = (f"best validation {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch} "
+                f"({out_dir / 'best.pt'})" if result.best_epoch else "no validation slides: no best.pt")
+        click.echo(f"train: {result.status} after {result.epochs_completed} epoch(s); {best}")
+    return 0

@@ -1,0 +1,237 @@
+"""The configuration of a training run: one dataclass, read from and written to YAML.
+
+Precedence: built-in defaults < YAML file (``--config``) < command-line options. The resolved
+configuration is saved as ``<run>/config.yaml`` and inside every checkpoint, so a run can be
+repeated with ``ipspath train --config <run>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ips_path.errors import BadInputError
+
+__all__ = ["MONITORS", "RUNTIME_FIELDS", "TrainConfig", "load_config", "resolve_config", "save_config"]
+
+MONITORS = ("auc", "balanced_accuracy", "loss")
+SCORES = ("logit", "paper")
+POS_ENCODINGS = ("none", "1d", "2d")
+# Settings that change where and how fast a run computes, not its result: a resumed run may change them.
+RUNTIME_FIELDS = ("device", "threads")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (defaults: a CPU demo that is also sane on a GPU).
+
+    Attributes
+    ----------
+    encoder : str
+        Patch encoder: ``resnet18``, ``resnet34``, ``resnet50``, ``smallcnn`` or ``timm:<name>``.
+        Ignored with ``features``.
+    pretrained : str or None
+        Local weights file of the encoder, loaded when the run starts. Nothing is downloaded.
+    features : str or None
+        Train on the cached embeddings ``features/<name>`` of the tile stores (``ipspath features``)
+        instead of pixels; the encoder is then a small projector over them.
+    n_select : int
+        M, patches per slide kept for the gradient step.
+    chunk_size : int
+        I, patches encoded at a time while selecting (memory grows with M + I, never with the slide).
+    dim, heads : int
+        Embedding size D of the aggregator and its attention heads.
+    score : {"logit", "paper"}
+        Selection score, see :class:`~ips_path.model.IPSModel`.
+    pos_encoding : {"none", "1d", "2d"}
+        Positional encoding of the patches: none, stream index (the paper) or grid position.
+    epochs : int
+        Epochs at most (early stopping may end the run sooner).
+    batch_size : int
+        Slides per optimiser step (per process under torchrun).
+    lr, weight_decay : float
+        AdamW peak learning rate and decoupled weight decay (on weights of rank >= 2 only).
+    warmup_epochs : float
+        Linear warm-up of the learning rate from 0, then cosine decay to 0 at the last step; per step.
+    grad_clip : float
+        Largest gradient norm (clipped before each step); 0: no clipping.
+    class_weights : bool
+        Weight the loss of each class by ``n_slides / (n_classes * n_slides_of_class)`` (training slides).
+    patience : int
+        Stop after this many epochs without a better validation ``monitor``; 0: never stop early.
+    monitor : {"auc", "balanced_accuracy", "loss"}
+        Validation metric of ``best.pt`` and early stopping (loss: lower is better).
+    augment : bool
+        Random flips, 90° rotations and colour jitter of training patches.
+    threads : int
+        Threads reading patches from the slide files.
+    device : str
+        ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``.
+    seed : int
+        Seeds initialisation, shuffling, augmentation and dropout; CPU runs repeat exactly.
+    val_fraction : float
+        Share of patients per label put in validation when the manifest has no ``split``.
+    checkpoint_grads : bool
+        Activation checkpointing of the gradient phase (needs ``grad_chunk_size``): memory flat in M.
+    grad_chunk_size : int or None
+        Re-encode the selected patches with gradients in pieces of at most this many.
+    mpp, patch_size : float or int or None
+        Patch resolution (µm/px) and size (px) the run asks of the tile stores; None: the stores'
+        (they must agree).
+    """
+
+    encoder: str = "smallcnn"
+    pretrained: str | None = None
+    features: str | None = None
+    n_select: int = 32
+    chunk_size: int = 128
+    dim: int = 128
+    heads: int = 8
+    score: str = "logit"
+    pos_encoding: str = "none"
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_epochs: float = 2.0
+    grad_clip: float = 1.0
+    class_weights: bool = False
+    patience: int = 10
+    monitor: str = "auc"
+    augment: bool = True
+    threads: int = 4
+    device: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.2
+    checkpoint_grads: bool = False
+    grad_chunk_size: int | None = None
+    mpp: float | None = None
+    patch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_select", "chunk_size", "dim", "heads", "epochs", "batch_size", "threads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("grad_chunk_size", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 (or unset), got {value}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mpp is not None and not self.mpp > 0:
+            problems.append(f"mpp must be a positive µm/px, got {self.mpp}")
+        if not 0 <= self.val_fraction < 1:
+            problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.checkpoint_grads and self.grad_chunk_size is None:
+            problems.append("checkpoint_grads needs grad_chunk_size (patches per checkpointed piece)")
+        if problems:
+            raise BadInputError("bad training configuration: " + "; ".join(problems))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML- and checkpoint-safe: str, int, float, bool, None)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> TrainConfig:
+        """Build from a mapping of field names (``-`` or ``_``); unknown keys and bad types are refused.
+
+        Raises
+        ------
+        BadInputError
+            Naming ``source``, every unknown key and every value of the wrong type.
+        """
+        known = {f.name: f for f in fields(cls)}
+        problems, clean = [], {}
+        for raw_key, value in values.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                problems.append(f"unknown key {raw_key!r}")
+                continue
+            kind, optional = _field_type(known[key])
+            try:
+                clean[key] = _coerce(value, kind, optional)
+            except TypeError:
+                problems.append(f"{raw_key}: {value!r} is not a{'n' if kind is int else ''} {kind.__name__}"
+                                f"{' or null' if optional else ''}")
+        if problems:
+            raise BadInputError(f"{source}: {'; '.join(problems)}; known keys: {', '.join(known)}")
+        return cls(**clean)
+
+
+def _field_type(field: dataclasses.Field) -> tuple[type, bool]:
+    """The value type of a field and whether it may be None (annotations are strings here)."""
+    name = str(field.type)
+    return {"str": str, "int": int, "float": float, "bool": bool}[name.removesuffix(" | None")], "None" in name
+
+
+def _coerce(value: Any, kind: type, optional: bool) -> Any:
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise TypeError(value)
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings of a YAML file as a dict (validated later by :func:`resolve_config`).
+
+    Raises
+    ------
+    BadInputError
+        The file is missing, not YAML, or not a mapping.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"{path}: not valid YAML ({exc})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise BadInputError(f"{path}: a config file must be a mapping of settings (key: value)")
+    return values
+
+
+def resolve_config(config_file: str | os.PathLike | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then ``overrides`` (values None are ignored: option not given)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update({str(k).replace("-", "_"): v for k, v in load_config(config_file).items()})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig.from_dict(values, source=str(config_file) if config_file else "options")
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the configuration as YAML, atomically."""
+    import yaml
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(yaml.safe_dump(config.as_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(partial, path)

@@ -1,0 +1,816 @@
+"""Training an IPS slide classifier (``ipspath train``), readable top to bottom.
+
+A run reads a manifest and the tile stores of its slides and writes to its folder::
+
+    config.yaml   the resolved configuration (rerun with --config config.yaml)
+    splits.csv    slide_id, case_id, label, split (from the manifest, or a seeded patient-level split)
+    metrics.csv   one row per epoch: lr, train loss, validation loss, AUC, balanced accuracy, recalls,
+                  slides/s, patches/s, peak memory
+    curves.png    the curves of metrics.csv
+    last.pt       the state at the end of the last finished epoch (and at the start of a run)
+    best.pt       the state at the epoch with the best validation ``monitor``
+
+Choices, in the order the code meets them:
+
+* Task: one task ``"label"``, a softmax over the sorted class names, also for two classes (so every
+  class has a probability and a recall; the binary AUC is that of the second class's probability).
+* Splits: the manifest's ``split`` column where given; other slides are split by patient, stratified
+  by label, with ``seed`` and ``val_fraction``. Test slides are not touched.
+* Optimiser: AdamW (weight decay on weights of rank >= 2), learning rate per step: linear warm-up
+  from 0, then cosine decay to 0 at the last step of the last epoch. Early stopping does not change
+  the schedule. bf16 autocast on CUDA; gradient clipping; optional class weights.
+* Several processes (``torchrun``; detected from ``WORLD_SIZE``): each epoch the training slides are
+  shuffled alike on every process and dealt out round-robin, after dropping the last
+  ``len % world_size`` of the shuffled order (a different few each epoch), so every process takes the
+  same number of steps and every kept slide is seen exactly once per epoch. The gradient phase (the
+  model's ``forward``) runs inside DistributedDataParallel, which all-reduces (averages) the gradients
+  once in ``backward``; selection runs on the bare model under ``no_grad``, outside DDP, and
+  communicates nothing. After each step the BatchNorm running statistics are averaged over the
+  processes, so the whole model is identical everywhere. ``batch_size`` is per process. Validation
+  slides are dealt out likewise and the predictions gathered, so metrics cover every validation slide.
+  Only rank 0 writes files.
+* Checkpoints (``torch.load(..., weights_only=True)``): weights, optimiser, schedule, early-stopping
+  state, history, the RNG states of every process (python, numpy, torch, CUDA and the loader's
+  augmentation generator), the resolved configuration, class names and tiling parameters. They are
+  written at the start of a run and after every epoch, atomically. An interrupted epoch (Ctrl-C, a
+  killed job) is not saved half-way: ``--resume`` restarts it from ``last.pt``, and then the run
+  continues exactly as an uninterrupted one would (on CPU with a seed, bit for bit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import resource
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ips_path import __version__
+from ips_path.config import RUNTIME_FIELDS, TrainConfig, save_config
+from ips_path.errors import BadInputError, IpspathError
+from ips_path.loader import Augmentation, PatchStreamer
+from ips_path.manifest import ManifestRow, assign_splits, class_names, read_manifest
+from ips_path.metrics import classification_metrics
+from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, train_step
+from ips_path.plots import plot_training_curves
+from ips_path.progress import progress_bar
+from ips_path.store import TileStore, store_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TASK_NAME", "TrainResult", "build_model", "load_checkpoint", "load_model", "lr_factor",
+           "shard_epoch", "train"]
+
+TASK_NAME = "label"
+CHECKPOINT_FORMAT = "ipspath.checkpoint"
+CHECKPOINT_VERSION = 1
+MPP_RTOL = 1e-3  # tile stores made with the same --mpp agree far better than this
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every process).
+
+    Attributes
+    ----------
+    run_dir : Path
+    epochs_completed : int
+    best_epoch : int or None
+        1-based epoch of ``best.pt``; None without validation slides.
+    best_metric : float or None
+        Its validation ``monitor`` value.
+    status : {"completed", "early_stopped"}
+    history : list of dict
+        The rows of ``metrics.csv``.
+    model : IPSModel
+        The model at the end of the run (the last epoch's weights, not necessarily the best).
+    """
+
+    run_dir: Path
+    epochs_completed: int
+    best_epoch: int | None
+    best_metric: float | None
+    status: str
+    history: list[dict[str, float]]
+    model: IPSModel
+
+
+@dataclass(frozen=True)
+class SlideItem:
+    """A slide of the run: where its patches are and its class index."""
+
+    slide_id: str
+    store: Path
+    label: int
+    n_patches: int
+    slide_mpp: float | None = None
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a (possibly one-process) run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation ``monitor`` value and the epochs since it improved."""
+
+    monitor: str
+    patience: int
+    best: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    lower_is_better: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lower_is_better = self.monitor == "loss"
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; True when it is the best so far (NaN never is)."""
+        improved = not math.isnan(value) and (
+            self.best is None or (value < self.best if self.lower_is_better else value > self.best))
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def train(manifest: str | os.PathLike, tiles_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          config: TrainConfig = TrainConfig(), *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train an IPS classifier on the slides of a manifest; see the module docstring for what it writes.
+
+    Parameters
+    ----------
+    manifest : path-like
+        CSV with slide_id, slide_path, label and optional split, case_id, mpp.
+    tiles_dir : path-like
+        Folder of the tile stores ``<slide_id>.zarr`` (``ipspath tile``).
+    out_dir : path-like
+        Run folder (created). It must not hold a run already, unless ``resume``.
+    config : TrainConfig
+        The run's settings. With ``resume`` it must equal the saved configuration except for
+        ``device`` and ``threads``.
+    resume : bool
+        Continue the run in ``out_dir`` from ``last.pt``.
+    progress : bool
+        Show a progress bar (on a terminal, on rank 0).
+
+    Raises
+    ------
+    BadInputError
+        Bad manifest, missing or mismatching tile stores or features, a run folder in the way, a
+        resume with another configuration.
+    IpspathError
+        The loss became NaN or infinite (``last.pt`` keeps the last good state).
+    """
+    out_dir = Path(out_dir)
+    checkpoint = _start_or_resume(out_dir, config, resume)
+    if checkpoint is not None:
+        config = _resumed_config(checkpoint, config)
+    joined = dist.is_available() and dist.is_initialized()  # a caller's process group is left to the caller
+    procs = init_processes(config.device)
+    try:
+        return _run(Path(manifest), Path(tiles_dir), out_dir, config, checkpoint, procs, progress)
+    finally:
+        if procs.distributed and not joined:
+            dist.destroy_process_group()
+
+
+def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict[str, Any] | None,
+         procs: Processes, progress: bool) -> TrainResult:
+    # 1. Determinism: one seed for model initialisation on every process; the data order follows
+    #    (seed, epoch), augmentation the per-process generator saved in checkpoints. The CPU kernels
+    #    used here are deterministic already; torch.use_deterministic_algorithms would cost seconds of
+    #    imports (torch._dynamo) for nothing.
+    _seed_everything(config.seed, procs.rank)
+
+    # 2. Slides: classes, splits, tile stores (or cached features).
+    rows = read_manifest(manifest, require_label=True, check_files=False)
+    classes = class_names(rows)
+    if len(classes) < 2:
+        raise BadInputError(f"{manifest}: training needs at least two classes in the label column, "
+                            f"found {classes}")
+    splits = assign_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
+    if checkpoint is not None:
+        _check_same_run(checkpoint, classes, splits, out_dir)
+    used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
+    items, tiling, in_features = check_tile_stores(used, tiles_dir, manifest, config, classes)
+    train_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "train" and r.slide_id in items]
+    val_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "val" and r.slide_id in items]
+    if not train_items:
+        raise BadInputError(f"{manifest}: no training slides (all are in val/test, or have no patches)")
+    if len(train_items) < procs.world_size:
+        raise BadInputError(f"{len(train_items)} training slides cannot keep {procs.world_size} processes busy")
+    _warn_about_missing_classes(train_items, val_items, classes)
+    if procs.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
+        _write_splits(rows, splits, out_dir / "splits.csv")
+
+    # 3. Model, optimiser, learning-rate schedule.
+    model = build_model(config, len(classes), in_features, load_pretrained=checkpoint is None).to(procs.device)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    steps_per_epoch = math.ceil(len(train_items) // procs.world_size / config.batch_size)
+    warmup_steps, total_steps = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    class_weights = _class_weights(train_items, len(classes), procs.device) if config.class_weights else None
+    autocast_dtype = torch.bfloat16 if procs.device.type == "cuda" else None
+
+    augmentation = Augmentation() if config.augment and config.features is None else None
+    train_streamer = PatchStreamer(chunk_size=config.chunk_size, threads=config.threads, device=procs.device,
+                                   augmentation=augmentation, seed=config.seed + procs.rank)
+    val_streamer = PatchStreamer(chunk_size=config.chunk_size, threads=config.threads, device=procs.device)
+
+    # 4. Fresh start or resume.
+    stopping = EarlyStopping(config.monitor, config.patience)
+    history: list[dict[str, float]] = []
+    start_epoch, status = 0, "running"
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        stopping.load_state_dict(checkpoint["early_stopping"])
+        history = [dict(row) for row in checkpoint["history"]]
+        start_epoch, status = int(checkpoint["epoch"]), checkpoint["status"]
+        _set_rng_states(checkpoint["rng"], procs, train_streamer)
+        log.info("resuming %s after epoch %d of %d", out_dir, start_epoch, config.epochs)
+    step_model: IPSModel | DistributedDataParallel = model
+    if procs.distributed:
+        step_model = _GradientPhaseDDP(model)
+
+    state = _RunState(out_dir, config, classes, tiling, in_features, model, optimizer, scheduler, stopping,
+                      history, train_streamer, procs)
+    if checkpoint is None:
+        state.save("last.pt", epoch=0, status=status)  # so that an interrupted first epoch can resume
+
+    # 5. Epochs.
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            if status != "running":
+                break
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row.update(_train_epoch(step_model, model, train_items, train_streamer, optimizer, scheduler, config,
+                                    epoch, procs, class_weights, autocast_dtype, progress))
+            if val_items:
+                row.update(_validate(model, val_items, val_streamer, config, classes, procs, autocast_dtype))
+            history.append(row)
+            improved = bool(val_items) and stopping.update(row[f"val_{config.monitor}"], epoch + 1)
+            if epoch + 1 == config.epochs:
+                status = "completed"
+            elif val_items and stopping.should_stop:
+                status = "early_stopped"
+            _log_epoch(row, config, procs)
+            state.save("last.pt", epoch=epoch + 1, status=status)
+            if improved:
+                state.save("best.pt", epoch=epoch + 1, status=status)
+            if procs.is_main:
+                _write_csv(out_dir / "metrics.csv", history)
+                plot_training_curves(history, out_dir / "curves.png")
+    except KeyboardInterrupt:
+        if procs.is_main:
+            log.warning("interrupted: %s holds the state after epoch %d; continue with --resume",
+                        out_dir / "last.pt", len(history))
+        raise
+    finally:
+        train_streamer.close()
+        val_streamer.close()
+    if status == "early_stopped":
+        log.info("early stop: no better validation %s for %d epochs (best %.4f at epoch %d)", config.monitor,
+                 config.patience, stopping.best, stopping.best_epoch)
+    return TrainResult(out_dir, len(history), stopping.best_epoch, stopping.best,
+                       "completed" if status == "running" else status, history, model)
+
+
+# -- one epoch --------------------------------------------------------------------------------------
+
+def shard_epoch(n_slides: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The training slides (indices) this process takes in ``epoch``, in order.
+
+    All processes shuffle alike with ``(seed, epoch)``, drop the last ``n_slides % world_size`` of the
+    shuffled order, and take every ``world_size``-th from their rank on: the shards are disjoint, of
+    equal size, and cover every slide but the dropped few (none with one process).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n_slides)
+    kept = order[: n_slides - n_slides % world_size]
+    return [int(i) for i in kept[rank::world_size]]
+
+
+def lr_factor(step: int, warmup_steps: float, total_steps: int) -> float:
+    """Learning rate at optimiser step ``step`` (from 0) relative to the peak: linear warm-up, cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel, items: Sequence[SlideItem],
+                 streamer: PatchStreamer, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, epoch: int, procs: Processes,
+                 class_weights: dict[str, torch.Tensor] | None, autocast_dtype: torch.dtype | None,
+                 progress: bool) -> dict[str, float]:
+    order = [items[i] for i in shard_epoch(len(items), epoch, config.seed, procs.rank, procs.world_size)]
+    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    losses: list[float] = []
+    n_patches = 0
+    _reset_peak_memory(procs.device)
+    started = time.perf_counter()
+    with progress_bar(sum(item.n_patches for item in order), f"epoch {epoch + 1}/{config.epochs}", unit="patch",
+                      enabled=progress and procs.is_main) as bar:
+        for step, batch in enumerate(batches):
+            slides = [_counted(_slide_chunks(streamer, item, config.features), bar) for item in batch]
+            targets = {TASK_NAME: torch.tensor([item.label for item in batch], dtype=torch.long)}
+            out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
+                             grad_clip=config.grad_clip or None, class_weights=class_weights)
+            loss = _mean_over_processes(out["loss"], procs)
+            if not math.isfinite(loss):
+                raise IpspathError(
+                    f"the training loss is {loss} at epoch {epoch + 1}, step {step + 1}: training diverged; "
+                    "the last good state is in last.pt. Lower --lr, keep --grad-clip, or check the slides")
+            scheduler.step()
+            if procs.distributed:
+                _average_buffers(model, procs.world_size)
+            losses.append(loss)
+            n_patches += sum(item.n_patches for item in batch)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{len(losses) * config.batch_size / elapsed:.2f}")
+    seconds = time.perf_counter() - started
+    n_slides = len(order) * procs.world_size
+    return {"train_loss": float(np.mean(losses)), "train_slides": n_slides, "train_seconds": seconds,
+            "slides_per_s": n_slides / seconds, "patches_per_s": _sum_over_processes(n_patches, procs) / seconds,
+            "peak_memory_mb": _peak_memory_mb(procs.device)}
+
+
+def _slide_chunks(streamer: PatchStreamer, item: SlideItem, features: str | None) -> Iterator[PatchChunk]:
+    """The patches of one slide (or their cached features), opened when first asked for."""
+    store = TileStore.open(item.store)
+    if features is not None:
+        yield from streamer.stream_features(store, features)
+    else:
+        yield from streamer.stream(store, slide_mpp=item.slide_mpp)
+
+
+def _counted(chunks: Iterable[PatchChunk], bar: Any) -> Iterator[PatchChunk]:
+    for chunk in chunks:
+        bar.update(len(chunk))
+        yield chunk
+
+
+class _GradientPhaseDDP(DistributedDataParallel):
+    """DDP around an :class:`IPSModel` whose ``forward`` is the gradient phase.
+
+    :func:`~ips_path.model.train_step` calls ``forward_selected`` (here: DDP's forward, whose backward
+    all-reduces the gradients) and everything else (``select_top_patches``, ``stack_selections``,
+    ``tasks``) on the wrapped model, outside DDP.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+    def forward_selected(self, patches: torch.Tensor, positions: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self(patches, positions, mask)
+
+
+def _average_buffers(model: torch.nn.Module, world_size: int) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over the processes."""
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().flatten().float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+def _mean_over_processes(value: float, procs: Processes) -> float:
+    if not procs.distributed:
+        return value
+    return _sum_over_processes(value, procs) / procs.world_size
+
+
+def _sum_over_processes(value: float, procs: Processes) -> float:
+    if not procs.distributed:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=procs.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+def _validate(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig,
+              classes: Sequence[str], procs: Processes, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    """Predict every validation slide (without augmentation), gather the predictions, compute the metrics."""
+    amp = (torch.autocast(procs.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    mine = []
+    for index in range(procs.rank, len(items), procs.world_size):
+        with amp:
+            prediction = model.predict_slide(_slide_chunks(streamer, items[index], config.features))
+        mine.append((index, prediction.logits[TASK_NAME].cpu().tolist()))
+    gathered = [mine]
+    if procs.distributed:
+        gathered = [None] * procs.world_size
+        dist.all_gather_object(gathered, mine)
+    logits_by_index = dict(pair for part in gathered for pair in part)
+    logits = torch.tensor([logits_by_index[i] for i in range(len(items))], dtype=torch.float32)
+    labels = torch.tensor([item.label for item in items])
+    task = model.tasks[0]
+    metrics = classification_metrics(labels.numpy(), task.probabilities(logits).numpy(), classes)
+    return {"val_loss": float(task.loss(logits, labels)), **{f"val_{k}": v for k, v in metrics.items()}}
+
+
+# -- slides and tile stores -------------------------------------------------------------------------
+
+def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Path, config: TrainConfig,
+                      classes: Sequence[str]) -> tuple[dict[str, SlideItem], dict[str, Any], int | None]:
+    """Open the tile store of every slide and check that they fit the run, all problems at once.
+
+    Returns
+    -------
+    items : dict
+        slide_id -> SlideItem, for slides with at least one patch (the others are skipped with a warning).
+    tiling : dict
+        ``target_mpp`` (µm/px) and ``patch_size`` (px) of the stores, as the run records them.
+    in_features : int or None
+        Dimension of the cached features in features mode.
+
+    Raises
+    ------
+    BadInputError
+        Listing every slide without a usable store (with the ``ipspath tile`` command that makes them),
+        stores made at another mpp/patch size than asked or disagreeing among themselves, and, in
+        features mode, stores without the features (with the ``ipspath features`` command).
+    """
+    missing, broken, stores = [], [], {}
+    for row in rows:
+        path = store_path(tiles_dir, row.slide_id)
+        if not path.exists():
+            missing.append(row.slide_id)
+            continue
+        try:
+            stores[row.slide_id] = TileStore.open(path)
+        except BadInputError as exc:
+            broken.append(str(exc))
+    geometries = Counter((s.target_mpp, s.patch_size) for s in stores.values())
+    # The run's mpp and patch size: as asked, else the stores' when they all agree on it.
+    mpps, sizes = {m for m, _ in geometries}, {p for _, p in geometries}
+    mpp = config.mpp or (mpps.pop() if len(mpps) == 1 else None)
+    size = config.patch_size or (sizes.pop() if len(sizes) == 1 else None)
+    if missing or broken:
+        listing = "".join(f"\n  {m}" for m in broken)
+        if missing:
+            listing += f"\n  no tile store in {tiles_dir} for {len(missing)} slide(s): {', '.join(missing)}"
+        raise BadInputError(
+            f"{len(missing) + len(broken)} slide(s) of {manifest} have no usable tile store:{listing}\n"
+            f"make them with: ipspath tile --manifest {manifest} -o {tiles_dir} --mpp {mpp or 0.5:g} "
+            f"--patch-size {size or 256}")
+    if mpp is None or size is None:
+        groups = [f"{m:g} µm/px and {p} px: {n} slide(s)" for (m, p), n in sorted(geometries.items())]
+        raise BadInputError(f"the tile stores in {tiles_dir} were made with different settings ({'; '.join(groups)}); "
+                            "give --mpp and --patch-size to choose, and re-tile the other slides")
+    mismatched = [f"{slide_id} ({s.target_mpp:g} µm/px, {s.patch_size} px)" for slide_id, s in stores.items()
+                  if not math.isclose(s.target_mpp, mpp, rel_tol=MPP_RTOL) or s.patch_size != size]
+    if mismatched:
+        raise BadInputError(
+            f"{len(mismatched)} tile store(s) were made at another resolution or patch size than the run's "
+            f"{mpp:g} µm/px and {size} px: {', '.join(mismatched)}; re-tile them with `ipspath tile --manifest "
+            f"{manifest} -o {tiles_dir} --mpp {mpp:g} --patch-size {size} --overwrite`, or train at the stores' "
+            "settings")
+
+    in_features = _check_features(stores, tiles_dir, config.features) if config.features else None
+    empty = sorted(slide_id for slide_id, s in stores.items() if s.n_patches == 0)
+    if empty:
+        log.warning("%d slide(s) have no patches (no tissue found) and are left out: %s", len(empty),
+                    ", ".join(empty))
+    index = {name: i for i, name in enumerate(classes)}
+    items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index[r.label], stores[r.slide_id].n_patches,
+                                   r.mpp)
+             for r in rows if stores[r.slide_id].n_patches > 0}
+    return items, {"target_mpp": float(mpp), "patch_size": int(size)}, in_features
+
+
+def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str) -> int:
+    array = f"features/{name}"
+    missing = sorted(slide_id for slide_id, s in stores.items() if s.n_patches and not s.has_array(array))
+    if missing:
+        encoder = name if name in ("resnet18", "resnet34", "resnet50", "smallcnn") else "ENCODER"
+        raise BadInputError(
+            f"{len(missing)} tile store(s) have no cached features {array!r}: {', '.join(missing)}; "
+            f"make them with: ipspath features {tiles_dir} --encoder {encoder} --name {name}")
+    dims = {slide_id: int(s.open_array(array).shape[1]) for slide_id, s in stores.items() if s.n_patches}
+    if len(set(dims.values())) > 1:
+        listing = ", ".join(f"{k} ({v})" for k, v in sorted(dims.items()))
+        raise BadInputError(f"cached features {array!r} differ in dimension between slides: {listing}; "
+                            f"recompute them with `ipspath features {tiles_dir} --name {name} --overwrite`")
+    return next(iter(dims.values()))
+
+
+def _warn_about_missing_classes(train_items: Sequence[SlideItem], val_items: Sequence[SlideItem],
+                                classes: Sequence[str]) -> None:
+    for what, items in (("training", train_items), ("validation", val_items)):
+        absent = sorted(set(classes) - {classes[item.label] for item in items})
+        if items and absent:
+            log.warning("no %s slide of class(es) %s", what, ", ".join(absent))
+
+
+def _class_weights(items: Sequence[SlideItem], n_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``n / (K * n_k)`` per class k over the training slides (0 for a class without slides)."""
+    counts = np.bincount([item.label for item in items], minlength=n_classes).astype(np.float64)
+    weights = np.divide(len(items), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+    return {TASK_NAME: torch.tensor(weights, dtype=torch.float32, device=device)}
+
+
+def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path) -> None:
+    _write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, "label": r.label, "split": splits[r.slide_id]}
+                      for r in rows])
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(partial, path)
+
+
+def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) -> None:
+    if not procs.is_main:
+        return
+    text = f"epoch {int(row['epoch'])}/{config.epochs}  loss {row['train_loss']:.4f}"
+    if "val_loss" in row:
+        text += (f"  val loss {row['val_loss']:.4f}  AUC {row['val_auc']:.3f}  "
+                 f"balanced acc {row['val_balanced_accuracy']:.3f}")
+    log.info("%s  (%.1f s, %.2f slides/s, %.0f patches/s)", text, row["train_seconds"], row["slides_per_s"],
+             row["patches_per_s"])
+
+
+# -- model ------------------------------------------------------------------------------------------
+
+def build_model(config: TrainConfig, n_classes: int, in_features: int | None = None, *,
+                load_pretrained: bool = True) -> IPSModel:
+    """The IPS model a configuration describes: one multiclass task ``"label"`` over ``n_classes``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    n_classes : int
+    in_features : int, optional
+        Dimension of the cached features (``config.features`` runs).
+    load_pretrained : bool
+        Load ``config.pretrained`` into the encoder (not when the weights come from a checkpoint).
+    """
+    if config.features is not None:
+        encoder = build_encoder("features", in_features=in_features, out_dim=config.dim)
+    else:
+        encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None)
+    return IPSModel(encoder, [Task(TASK_NAME, n_classes, "multiclass")], dim=config.dim, n_heads=config.heads,
+                    n_select=config.n_select, chunk_size=config.chunk_size, score=config.score,
+                    pos_encoding=None if config.pos_encoding == "none" else config.pos_encoding,
+                    grad_chunk_size=config.grad_chunk_size, checkpoint=config.checkpoint_grads)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train` (``weights_only=True``, onto the CPU).
+
+    Keys: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``status``, ``config`` (dict),
+    ``class_names``, ``tiling`` (``target_mpp``, ``patch_size``), ``in_features``, ``early_stopping``,
+    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``.
+
+    Raises
+    ------
+    BadInputError
+        Missing, unreadable, or not an ipspath checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
+        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise BadInputError(f"{path}: not an ipspath training checkpoint")
+    if int(checkpoint.get("format_version", 0)) > CHECKPOINT_VERSION:
+        raise BadInputError(f"{path}: checkpoint format {checkpoint['format_version']} is newer than this "
+                            f"ipspath ({__version__}) reads; upgrade ipspath")
+    return checkpoint
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[IPSModel, dict[str, Any]]:
+    """The model of a checkpoint, in eval mode on ``device``, and the checkpoint (for class names, tiling).
+
+    Needs no file but the checkpoint (``pretrained`` weights are not read again).
+    """
+    checkpoint = load_checkpoint(path)
+    config = TrainConfig.from_dict(checkpoint["config"], source=str(path))
+    model = build_model(config, len(checkpoint["class_names"]), checkpoint["in_features"], load_pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint holds, and where it is written."""
+
+    out_dir: Path
+    config: TrainConfig
+    classes: Sequence[str]
+    tiling: dict[str, Any]
+    in_features: int | None
+    model: IPSModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stopping: EarlyStopping
+    history: list[dict[str, float]]
+    streamer: PatchStreamer
+    procs: Processes
+
+    def save(self, name: str, *, epoch: int, status: str) -> None:
+        """Write ``<out_dir>/<name>`` atomically (rank 0; the others only hand over their RNG states)."""
+        rng = [_rng_state(self.streamer)]
+        if self.procs.distributed:
+            rng = [None] * self.procs.world_size
+            dist.all_gather_object(rng, _rng_state(self.streamer))
+        if not self.procs.is_main:
+            return
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "ipspath_version": __version__,
+            "epoch": epoch, "status": status,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopping.state_dict(),
+            "history": self.history, "rng": rng,
+            "config": self.config.as_dict(), "class_names": list(self.classes), "task": TASK_NAME,
+            "tiling": self.tiling, "in_features": self.in_features,
+        }
+        path = self.out_dir / name
+        partial = path.with_name(f".{name}.partial")
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
+
+
+# -- starting, resuming, randomness -----------------------------------------------------------------
+
+def _start_or_resume(out_dir: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    last = out_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise BadInputError(f"{out_dir}: no last.pt to resume from; start the run without --resume")
+        return load_checkpoint(last)
+    if last.exists():
+        raise BadInputError(f"{out_dir} already holds a run (last.pt); continue it with --resume, or give "
+                            "another output folder")
+    return None
+
+
+def _resumed_config(checkpoint: Mapping[str, Any], config: TrainConfig) -> TrainConfig:
+    """The saved configuration with this invocation's runtime settings; other changes are refused."""
+    saved = TrainConfig.from_dict(checkpoint["config"], source="the checkpoint")
+    given, stored = config.as_dict(), saved.as_dict()
+    changed = [f"{k} ({stored[k]!r} -> {given[k]!r})" for k in stored
+               if k not in RUNTIME_FIELDS and given[k] != stored[k]]
+    if changed:
+        raise BadInputError(f"--resume continues the saved run, but these settings differ from it: "
+                            f"{', '.join(changed)}; drop them, or start a new run in another folder")
+    return TrainConfig.from_dict({**stored, **{k: given[k] for k in RUNTIME_FIELDS}})
+
+
+def _check_same_run(checkpoint: Mapping[str, Any], classes: Sequence[str], splits: Mapping[str, str],
+                    out_dir: Path) -> None:
+    if list(checkpoint["class_names"]) != list(classes):
+        raise BadInputError(f"the manifest's classes {list(classes)} differ from the run's "
+                            f"{list(checkpoint['class_names'])}; resume with the manifest the run started with")
+    saved_path = out_dir / "splits.csv"
+    if saved_path.is_file():
+        with saved_path.open(newline="", encoding="utf-8") as f:
+            saved = {row["slide_id"]: row["split"] for row in csv.DictReader(f)}
+        if saved != dict(splits):
+            changed = sorted(set(saved.items()) ^ set(splits.items()))
+            shown = ", ".join(f"{slide_id}: {split}" for slide_id, split in changed[:6])
+            raise BadInputError(f"the manifest's slides or splits changed since the run started ({shown}); "
+                                f"resume with the manifest the run started with ({saved_path})")
+
+
+def init_processes(device: str) -> Processes:
+    """Rank, world size and device of this process; starts the process group under ``torchrun``.
+
+    ``device="auto"`` picks CUDA when available. Under torchrun (``WORLD_SIZE`` > 1) each process
+    takes the GPU of its ``LOCAL_RANK`` and joins a NCCL group (gloo on CPU).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise BadInputError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu")
+        if world_size > 1 and chosen.index is None:
+            chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return Processes(rank, world_size, chosen)
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
+
+
+def _rng_state(streamer: PatchStreamer) -> dict[str, Any]:
+    """This process's random states, as tensors, lists and numbers (loadable with weights_only)."""
+    version, mt_state, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt_state), gauss],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The loader keeps its augmentation generator private; checkpoints need its state.
+        "augmentation": streamer._generator.get_state(),
+    }
+
+
+def _set_rng_states(states: Sequence[Mapping[str, Any]], procs: Processes, streamer: PatchStreamer) -> None:
+    if len(states) != procs.world_size:  # the random streams then stay seeded as at a fresh start
+        log.warning("the run was saved with %d process(es) and resumes with %d: it will not repeat an "
+                    "uninterrupted run exactly", len(states), procs.world_size)
+        return
+    state = states[procs.rank]
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    streamer._generator.set_state(state["augmentation"])
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated since the epoch started (CUDA), or the process's peak RSS (CPU), MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
