@@ -111,12 +111,18 @@ def percentile_ranks(scores: np.ndarray) -> np.ndarray:
         ``(rank - 1) / (N - 1)`` in [0, 1]: 0 for the lowest score, 1 for the highest; tied
         scores share their average rank. A single score gets 1.
     """
-    from scipy.stats import rankdata
-
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size <= 1:
         return np.ones(scores.size, dtype=np.float32)
-    return ((rankdata(scores) - 1) / (scores.size - 1)).astype(np.float32)
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    # runs of equal scores share the mean of their 0-based positions in sorted order
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], scores.size] - 1
+    run_of = np.repeat(np.arange(len(starts)), ends - starts + 1)
+    ranks = np.empty(scores.size, dtype=np.float64)
+    ranks[order] = ((starts + ends) / 2)[run_of]
+    return (ranks / (scores.size - 1)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -268,35 +274,53 @@ def sample_grid(grid: ScoreGrid, xs: np.ndarray, ys: np.ndarray) -> tuple[np.nda
     """
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     n_rows, n_cols = grid.values.shape
+    row_options = _covering_cells(ys, grid.origin[1], grid, n_rows)
+    col_options = _covering_cells(xs, grid.origin[0], grid, n_cols)
+    # Which patches cover a point changes only where a patch starts or ends: work on one point
+    # per run of points with the same covering cells, then spread the result to all points.
+    row_run, row_first = _runs(row_options)
+    col_run, col_first = _runs(col_options)
+    run_shape = (len(row_first), len(col_first))
+    total = np.zeros(run_shape, dtype=np.float32)
+    count = np.zeros(run_shape, dtype=np.float32)
+    for rows, row_covers in row_options:
+        for cols, col_covers in col_options:
+            cells = (rows[row_first, None], cols[None, col_first])
+            covered = row_covers[row_first, None] & col_covers[None, col_first] & grid.present[cells]
+            total += np.where(covered, grid.values[cells], 0)
+            count += covered
+    spread = (row_run[:, None], col_run[None, :])
+    footprint = (count > 0)[spread]
+    if not grid.interpolate:
+        mean = np.divide(total, count, out=np.zeros(run_shape, dtype=np.float32), where=count > 0)
+        return mean[spread], footprint
     shape = (len(ys), len(xs))
-    footprint = np.zeros(shape, dtype=bool)
-    total = np.zeros(shape, dtype=np.float32)
-    count = np.zeros(shape, dtype=np.float32)
-    for rows, row_covers in _covering_cells(ys, grid.origin[1], grid, n_rows):
-        for cols, col_covers in _covering_cells(xs, grid.origin[0], grid, n_cols):
+    total, weight_sum = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
+    defined = ~np.isnan(grid.values)
+    filled = np.where(defined, grid.values, 0)
+    for rows, row_weight in _bilinear_weights(ys, grid.origin[1], grid, n_rows):
+        for cols, col_weight in _bilinear_weights(xs, grid.origin[0], grid, n_cols):
             cells = (rows[:, None], cols[None, :])
-            covered = row_covers[:, None] & col_covers[None, :] & grid.present[cells]
-            footprint |= covered
-            if not grid.interpolate:
-                total += np.where(covered, grid.values[cells], 0)
-                count += covered
-    if grid.interpolate:
-        defined = ~np.isnan(grid.values)
-        filled = np.where(defined, grid.values, 0)
-        for rows, row_weight in _bilinear_weights(ys, grid.origin[1], grid, n_rows):
-            for cols, col_weight in _bilinear_weights(xs, grid.origin[0], grid, n_cols):
-                cells = (rows[:, None], cols[None, :])
-                weight = row_weight[:, None] * col_weight[None, :] * defined[cells]
-                total += weight * filled[cells]
-                count += weight
-    values = np.divide(total, count, out=np.zeros(shape, dtype=np.float32), where=footprint & (count > 0))
+            weight = row_weight[:, None] * col_weight[None, :] * defined[cells]
+            total += weight * filled[cells]
+            weight_sum += weight
+    values = np.divide(total, weight_sum, out=np.zeros(shape, dtype=np.float32), where=footprint & (weight_sum > 0))
     return values, footprint
+
+
+def _runs(options: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of consecutive positions with the same candidate cells and cover flags (see
+    :func:`_covering_cells`): the run of each position, and the first position of each run."""
+    keys = np.stack([part for option in options for part in option], axis=1)
+    starts = np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)] if len(keys) else np.zeros(0, dtype=bool)
+    return np.cumsum(starts) - 1, np.flatnonzero(starts)
 
 
 # -- colours ---------------------------------------------------------------------------------------
 
+@functools.cache
 def colormap_lut(colormap: str = "viridis") -> np.ndarray:
-    """The colormap as a (256, 3) uint8 lookup table (index = round(value * 255)).
+    """The colormap as a read-only (256, 3) uint8 lookup table (index = round(value * 255)).
 
     Parameters
     ----------
@@ -307,7 +331,9 @@ def colormap_lut(colormap: str = "viridis") -> np.ndarray:
         raise ValueError(f"unknown colormap {colormap!r}: use one of {', '.join(COLORMAPS)}")
     from matplotlib import colormaps  # the colormap tables only; pyplot is never imported
 
-    return np.rint(colormaps[colormap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    lut = np.rint(colormaps[colormap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    lut.flags.writeable = False  # shared by every caller (cached)
+    return lut
 
 
 def blend_overlay(image: np.ndarray, values: np.ndarray, footprint: np.ndarray, colormap: str = "viridis",
@@ -333,12 +359,11 @@ def blend_overlay(image: np.ndarray, values: np.ndarray, footprint: np.ndarray, 
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
-    lut = colormap_lut(colormap)
-    out = np.array(image, dtype=np.uint8, copy=True)
-    index = np.rint(np.clip(values[footprint], 0, 1) * 255).astype(np.uint8)
-    under = out[footprint].astype(np.float32)
-    out[footprint] = (under + alpha * (lut[index].astype(np.float32) - under) + 0.5).astype(np.uint8)
-    return out
+    colours = colormap_lut(colormap).astype(np.float32)[np.rint(np.clip(values, 0, 1) * 255).astype(np.uint8)]
+    under = np.asarray(image, dtype=np.float32)
+    # blending the whole block and choosing per pixel beats indexing with the footprint
+    blended = (under + alpha * (colours - under) + 0.5).astype(np.uint8)
+    return np.where(footprint[..., None], blended, np.asarray(image, dtype=np.uint8))
 
 
 def _legend_font(size: int) -> Any:
