@@ -259,3 +259,14 @@ def test_block_thumbnail_matches_the_slide_library_on_a_real_pyramid():
     width = min(ours.shape[1], theirs.shape[1])
     difference = np.abs(ours[:, :width].astype(np.float32) - theirs[:700, :width].astype(np.float32))
     assert difference.mean() < 6
+
+
+def test_a_store_without_patches_gives_a_plain_overlay_and_an_empty_collection(slide_store, tmp_path):
+    store, _ = slide_store
+    empty = write_tile_store(tmp_path / "empty.zarr", np.zeros((0, 2)), np.zeros(0), np.zeros((4, 4)), 256.0,
+                             {**store.attrs, "slide_id": "empty"})
+    files = render_slide_heatmaps(empty, np.zeros(0, np.float32), tmp_path / "out", thumbnail_size=256)
+    thumbnail, overlay = (np.asarray(Image.open(files[k])) for k in ("thumbnail", "overlay"))
+    rows, cols = np.nonzero((thumbnail != overlay).any(axis=-1))
+    assert rows.min() > thumbnail.shape[0] / 2 and cols.min() > thumbnail.shape[1] / 2  # the legend only
+    assert json.loads(files["geojson"].read_text())["features"] == []
