@@ -88,6 +88,7 @@ HEATMAP_FILES = {
 # invisible in a picture, and up to 16x fewer pixels than the next finer level.
 _LEVEL_TOLERANCE = 0.05
 _BLOCK = 512  # output pixels per side of a block read or composed at once
+_MAX_LEVEL_READ = 2048  # level pixels per side of one read_region call
 _TIFF_TILE = 256
 _TIFF_JPEG_QUALITY = 90
 _GEOJSON_CHUNK = 20_000  # features formatted per write
@@ -431,9 +432,6 @@ def draw_colour_bar(picture: np.ndarray, colormap: str = "viridis", avoid: np.nd
 
 # -- slide pixels ----------------------------------------------------------------------------------
 
-_MAX_LEVEL_READ = 2048  # level pixels per side of one read_region call
-
-
 def read_downsampled(slide: Slide, origin: tuple[float, float], size: tuple[int, int],
                      downsample: tuple[float, float]) -> np.ndarray:
     """A region of the slide at a chosen resolution, read from the best pyramid level.
@@ -637,13 +635,9 @@ def top_patch_gallery(slide: Slide, coords: np.ndarray, scores: np.ndarray, *, t
 
 # -- files -----------------------------------------------------------------------------------------
 
-def _partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_PARTIAL}{uuid.uuid4().hex}")
-
-
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(temporary sibling)`` and rename it to ``path``: never a half-written file."""
-    partial = _partial_path(path)
+    partial = path.with_name(f".{path.name}{_PARTIAL}{uuid.uuid4().hex}")
     try:
         write(partial)
         os.replace(partial, path)
