@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["balanced_accuracy", "classification_metrics", "macro_auc", "per_class_recall", "roc_auc"]
+__all__ = ["auc_confidence_interval", "balanced_accuracy", "classification_metrics", "confusion_matrix", "macro_auc",
+           "per_class_recall", "roc_auc", "roc_curve"]
 
 
 def roc_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
@@ -135,3 +136,56 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     }
     out.update({f"recall_{name}": float(r) for name, r in zip(class_names, recall, strict=True)})
     return out
+
+
+def roc_curve(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points of the ROC curve: false- and true-positive rates at every distinct threshold.
+
+    Returns
+    -------
+    fpr, tpr : (m,) arrays
+        From (0, 0) to (1, 1); tied scores make one diagonal step. Empty when only one class is present.
+    """
+    is_positive = np.asarray(is_positive).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos = int(is_positive.sum())
+    n_neg = is_positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return np.empty(0), np.empty(0)
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_truth = scores[order], is_positive[order]
+    # one point after each run of equal scores
+    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    true_pos = np.cumsum(sorted_truth)[last_of_run]
+    false_pos = np.cumsum(~sorted_truth)[last_of_run]
+    return np.r_[0.0, false_pos / n_neg], np.r_[0.0, true_pos / n_pos]
+
+
+def auc_confidence_interval(labels: np.ndarray, probabilities: np.ndarray, *, n_bootstrap: int = 2000,
+                            level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`macro_auc`, resampling slides with replacement.
+
+    Resamples that lack a class the AUC needs are drawn again (they are NaN and skipped).
+
+    Returns
+    -------
+    (low, high) : floats
+        NaN, NaN when the AUC itself is undefined.
+    """
+    labels = np.asarray(labels).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, -1)
+    if np.isnan(macro_auc(labels, probabilities)):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, labels.size, size=(n_bootstrap, labels.size))
+    aucs = np.array([macro_auc(labels[d], probabilities[d]) for d in draws])
+    aucs = aucs[~np.isnan(aucs)]
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n_classes, n_classes)`` counts: rows are true classes, columns predicted classes."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels).ravel(), np.asarray(predictions).ravel()), 1)
+    return matrix

@@ -7,7 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ips_path.metrics import balanced_accuracy, classification_metrics, macro_auc, per_class_recall, roc_auc
+from ips_path.metrics import (
+    auc_confidence_interval,
+    balanced_accuracy,
+    classification_metrics,
+    confusion_matrix,
+    macro_auc,
+    per_class_recall,
+    roc_auc,
+    roc_curve,
+)
 
 
 def test_roc_auc_counts_ordered_pairs_and_half_ties():
@@ -85,3 +94,34 @@ def test_classification_metrics_names_each_class():
     assert metrics["balanced_accuracy"] == pytest.approx(0.75)
     assert metrics["accuracy"] == pytest.approx(2 / 3)
     assert metrics["auc"] == 1.0
+
+
+def test_roc_curve_points_and_area():
+    truth = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9])
+    fpr, tpr = roc_curve(truth, scores)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(truth, scores))
+    assert roc_curve([1, 1], [0.2, 0.3])[0].size == 0
+
+
+def test_auc_interval_contains_the_auc_and_narrows_with_more_slides():
+    rng = np.random.default_rng(0)
+
+    def cohort(n):
+        labels = rng.integers(0, 2, n)
+        p1 = np.clip(labels * 0.3 + rng.uniform(0, 0.7, n), 0, 1)
+        return labels, np.stack([1 - p1, p1], 1)
+
+    small, large = cohort(30), cohort(600)
+    lo_s, hi_s = auc_confidence_interval(*small)
+    lo_l, hi_l = auc_confidence_interval(*large)
+    assert lo_s <= macro_auc(*small) <= hi_s and lo_l <= macro_auc(*large) <= hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 2
+    assert np.isnan(auc_confidence_interval(np.array([1, 1]), np.array([[0.2, 0.8], [0.1, 0.9]]))[0])
+
+
+def test_confusion_matrix_rows_are_truth():
+    m = confusion_matrix(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 3)
+    assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
