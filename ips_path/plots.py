@@ -1,4 +1,4 @@
-"""Training curves as a PNG (matplotlib's Agg canvas, no display needed)."""
+"""Training curves and ROC curves as PNGs (matplotlib's Agg canvas, no display needed)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,52 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_roc(labels: Sequence[int], probabilities: Sequence[Sequence[float]], class_names: Sequence[str],
+             path: str | os.PathLike, auc: float | None = None, ci: Sequence[float | None] | None = None) -> None:
+    """Draw the ROC curve (two classes) or one-vs-rest curves (more) and write them to ``path``, atomically.
+
+    Parameters
+    ----------
+    labels : (n,) class indices
+    probabilities : (n, K) class probabilities
+    class_names : K names
+    path : path-like
+        Output PNG.
+    auc, ci : float, (low, high), optional
+        Shown in the title.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from ips_path.metrics import roc_auc, roc_curve
+
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=np.float64)
+    fig = Figure(figsize=(5, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+    shown = [1] if len(class_names) == 2 else range(len(class_names))
+    for k in shown:
+        truth, scores = labels == k, probabilities[:, k]
+        fpr, tpr = roc_curve(truth, scores)
+        if fpr.size:
+            ax.plot(fpr, tpr, linewidth=2, label=f"{class_names[k]} (AUC {roc_auc(truth, scores):.3f})")
+    title = "ROC"
+    if auc is not None:
+        title += f": AUC {auc:.3f}"
+        if ci is not None and None not in ci:
+            title += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01),
+           aspect="equal")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize="small")
+    _save(fig, Path(path))
+
+
+def _save(fig, path: Path) -> None:
     partial = path.with_name(f".{path.name}.partial")
     fig.savefig(partial, format="png")
     os.replace(partial, path)

@@ -51,3 +51,19 @@ def small_tiff_nompp(tmp_path_factory: pytest.TempPathFactory) -> SlideSpec:
     path = tmp_path_factory.mktemp("generated") / "small_nompp.tiff"
     return write_synthetic_slide(path, 2000, 1500, mpp=0.5, fmt="tiff", resolution_tags=False,
                                  downsamples=(1, 4), seed=1)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    """8 generated slides (1024 x 768 px at 1 µm/px, half with lesions) tiled at 2 µm/px, 32 px: (manifest, tiles)."""
+    from ips_path.synth import write_synthetic_cohort
+    from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
+
+    root = tmp_path_factory.mktemp("cohort")
+    write_synthetic_cohort(root / "slides", 8, size=(1024, 768), mpp=1.0, downsamples=(1,), seed=5, workers=2,
+                           lesion_diameter_um=(150.0, 300.0))
+    manifest = root / "slides" / "manifest.csv"
+    results = tile_slides(collect_inputs([], manifest), root / "tiles",
+                          TilingParams(target_mpp=2.0, patch_size=32, qc=False), progress=False)
+    assert all(r.status == "tiled" and r.n_patches > 0 for r in results)
+    return manifest, root / "tiles"

@@ -1,0 +1,74 @@
+"""``ipspath predict``: predictions and attention scores for a cohort of slides."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("predict")
+@click.argument("slides", nargs=-1, type=click.Path())
+@click.option("--model", "model", required=True, type=click.Path(exists=True),
+              help="Training run folder (uses its best.pt) or a checkpoint .pt file.")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with slide_id, slide_path and optional label, mpp (labels give metrics).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder; running again resumes (finished slides are skipped).")
+@click.option("--tiles", "tiles_dir", type=click.Path(file_okay=False),
+              help="Folder of tile stores from `ipspath tile`; slides without a store are tiled into it. "
+                   "Default: OUT/tiles.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto (cuda if available).")
+@click.option("--threads", default=4, show_default=True, help="Threads reading tiles from each slide file.")
+@click.option("--chunk-size", type=int, help="Patches scored at a time (default: the model's chunk size).")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
+              show_default=True, help="Slide reader.")
+@click.option("--heatmaps/--no-heatmaps", default=True, show_default=True,
+              help="Also write attention heatmaps to OUT/heatmaps/<slide_id>/.")
+@click.option("--thumbnail-size", default=2048, show_default=True, help="Long side of the heatmap pictures, px.")
+@click.option("--top-k", default=16, show_default=True, help="Most attended patches in each slide's gallery.")
+@click.option("--tiff-mpp", type=float, help="Also write a pyramidal TIFF overlay at this resolution (µm/px).")
+@click.option("--scheduler", help="Dask scheduler address, or local:N, to predict on a cluster "
+                                  "(GPU workers need --resources GPU=1). Default: this process.")
+@click.pass_context
+def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifest: str | None, out_dir: str,
+                tiles_dir: str | None, device: str, threads: int, chunk_size: int | None, backend: str, heatmaps: bool,
+                thumbnail_size: int, top_k: int, tiff_mpp: float | None, scheduler: str | None) -> int:
+    """Predict every slide in SLIDES (files, folders, glob patterns) and/or --manifest with a trained model.
+
+    \b
+    Writes to OUT:
+      predictions.csv            one row per slide: predicted class, one probability per class
+      metrics.json, roc.png      with labels: AUC (bootstrap 95% CI), balanced accuracy, confusion matrix
+      scores/<id>_scores.h5      attention logit of every patch (coords + attention_scores)
+      heatmaps/<id>/             overlay.png, patches.geojson (QuPath), top_patches.png
+      status/<id>.json           per-slide status; a failing slide is recorded and the rest go on
+    The attention logits also go into each tile store as scores/<run>. Review with `ipspath report OUT`.
+    """
+    import torch
+
+    from ips_path.errors import BadInputError
+    from ips_path.predict import predict
+
+    if not slides and manifest is None:
+        raise BadInputError("give slides (files, folders, patterns) or --manifest")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = {"thumbnail_size": thumbnail_size, "top_k": top_k, "tiff_mpp": tiff_mpp}
+    result = predict(model, out_dir, inputs=slides, manifest=manifest, tiles_dir=tiles_dir, device=device,
+                     threads=threads, chunk_size=chunk_size, backend=backend, heatmaps=heatmaps,
+                     heatmap_options=options, scheduler=scheduler, progress=not ctx.obj["quiet"])
+    done = sum(r.status == "done" for r in result.records)
+    click.echo(f"predicted {done} of {len(result.records)} slides -> {result.out_dir / 'predictions.csv'}")
+    for record in result.records:
+        if record.status != "done":
+            click.echo(f"  failed: {record.slide_id}: {record.error}", err=True)
+    if result.metrics:
+        m = result.metrics
+        low, high = m["auc_ci95"]
+        click.echo(f"AUC {_number(m['auc'])} (95% CI {_number(low)}-{_number(high)}), balanced accuracy "
+                   f"{_number(m['balanced_accuracy'])} on {m['n_slides']} labelled slides")
+    click.echo(f"review: ipspath report {result.out_dir}")
+    return result.exit_code
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
