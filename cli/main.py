@@ -16,6 +16,7 @@ from ips_path.errors import IpspathError
 
 # name -> "module:attribute" of the click command; imported on first use.
 COMMANDS = {
+    "demo": "ips_path.cli.demo_cmd:demo_cmd",
     "features": "ips_path.cli.features_cmd:features_cmd",
     "heatmap": "ips_path.cli.heatmap_cmd:heatmap_cmd",
     "inspect": "ips_path.cli.inspect_cmd:inspect_cmd",
