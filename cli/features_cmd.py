@@ -36,9 +36,11 @@ def _find_stores(inputs: tuple[str, ...]) -> list[Path]:
 @click.option("--chunk-size", default=128, show_default=True, help="Patches per forward pass.")
 @click.option("--threads", default=4, show_default=True, help="Threads reading tiles from the slide files.")
 @click.option("--overwrite", is_flag=True, help="Recompute features that are already cached.")
+@click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786), or local:N, to embed "
+                                                     "slides on a cluster (GPU workers: --resources GPU=1).")
 @click.pass_context
 def features_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretrained: str | None, name: str | None,
-                 device: str, chunk_size: int, threads: int, overwrite: bool) -> int:
+                 device: str, chunk_size: int, threads: int, overwrite: bool, scheduler: str | None) -> int:
     """Embed every patch of the tile stores TILES (stores or folders of them) once with a frozen encoder.
 
     The embeddings go into each store as features/<name> (float16). Train on them with
@@ -52,7 +54,7 @@ def features_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretr
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     results = extract_features(_find_stores(tiles), encoder, name=name, pretrained=pretrained, device=device,
-                               chunk_size=chunk_size, threads=threads, overwrite=overwrite,
+                               chunk_size=chunk_size, threads=threads, overwrite=overwrite, scheduler=scheduler,
                                progress=not ctx.obj["quiet"])
     counts = {s: sum(r.status == s for r in results) for s in ("extracted", "skipped", "failed")}
     click.echo(f"features: {counts['extracted']} extracted, {counts['skipped']} skipped, {counts['failed']} failed")

@@ -26,7 +26,7 @@ import torch
 from ips_path.errors import IpspathError
 from ips_path.loader import PatchStreamer
 from ips_path.model.encoders import build_encoder
-from ips_path.progress import progress_bar
+from ips_path.parallel import map_slides, process_object
 from ips_path.store import TileStore
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,24 @@ def embed_store(encoder: torch.nn.Module, store: TileStore, streamer: PatchStrea
     return out
 
 
+@dataclass(frozen=True)
+class FeatureSettings:
+    """What every store of a run shares (sent to each worker)."""
+
+    encoder: str
+    name: str
+    pretrained: str | None
+    weights_sha256: str | None
+    device: str = "cpu"
+    chunk_size: int = 64
+    threads: int = 4
+    overwrite: bool = False
+
+
 def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, name: str | None = None,
                      pretrained: str | os.PathLike | None = None, device: str = "cpu", chunk_size: int = 64,
-                     threads: int = 4, overwrite: bool = False, progress: bool = True) -> list[FeatureResult]:
+                     threads: int = 4, overwrite: bool = False, scheduler: str | None = None,
+                     progress: bool = True) -> list[FeatureResult]:
     """Embed the patches of every tile store with a frozen encoder and cache them in the store.
 
     Parameters
@@ -88,51 +103,65 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         Patches per forward pass; reader threads.
     overwrite : bool
         Recompute features that are already cached.
+    scheduler : str, optional
+        Dask scheduler address or ``local:N`` (see :mod:`ips_path.parallel`); GPU workers need
+        the resource ``GPU=1``. Default: this process, one store after the other.
     progress : bool
-        Show a progress bar over patches.
+        Show a progress bar over stores.
 
     Returns
     -------
     list of FeatureResult
         One per store, in order. A failing slide is recorded and the others go on.
     """
-    name = name or encoder_name.replace(":", "_")
-    digest = weights_digest(pretrained)
-    encoder = build_encoder(encoder_name, pretrained=pretrained).to(device).eval()
-    identity = {"encoder": encoder_name, "weights_sha256": digest, "dim": int(encoder.out_dim)}
-    results: list[FeatureResult] = []
-    opened = [(Path(p), _open_or_error(p)) for p in stores]
-    total = sum(s.n_patches for _, s in opened if isinstance(s, TileStore))
-    with PatchStreamer(chunk_size=chunk_size, threads=threads, device=device) as streamer, \
-            progress_bar(total, "features", unit="patch", enabled=progress) as bar:
-        for path, store in opened:
-            if not isinstance(store, TileStore):
-                results.append(FeatureResult(path, "failed", error=store))
-                continue
-            array = f"features/{name}"
-            if not overwrite and store.has_array(array) and _matches(store, array, identity):
-                results.append(FeatureResult(path, "skipped", store.n_patches))
-                bar.update(store.n_patches)
-                continue
-            started = time.perf_counter()
-            try:
-                features = embed_store(encoder, store, streamer)
-                store.write_array(array, features, attrs=identity)
-            except IpspathError as exc:
-                log.error("%s", exc)
-                results.append(FeatureResult(path, "failed", error=str(exc)))
-                continue
-            finally:
-                bar.update(store.n_patches)
-            results.append(FeatureResult(path, "extracted", store.n_patches, time.perf_counter() - started))
-    return results
+    settings = FeatureSettings(encoder_name, name or encoder_name.replace(":", "_"),
+                               None if pretrained is None else str(Path(pretrained).resolve()),
+                               weights_digest(pretrained), device, chunk_size, threads, overwrite)
+    if pretrained is None:
+        log.warning("no --pretrained weights: %s keeps its random (seeded) initialisation; such features are "
+                    "only good for trying the pipeline", encoder_name)
+    _encoder(settings)  # a bad encoder name or weights file fails here, once, before any slide
+    paths = [Path(p).resolve() for p in stores]
+    gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
+    shared = paths + ([Path(settings.pretrained)] if settings.pretrained else [])
+    return map_slides(store_features, paths, settings, scheduler=scheduler, resources=gpu, shared_paths=shared,
+                      progress=progress, desc="features", on_lost=_lost)
 
 
-def _open_or_error(path: str | os.PathLike) -> TileStore | str:
+def store_features(path: Path, settings: FeatureSettings) -> FeatureResult:
+    """Cache the features of one tile store; never raises for a problem of the slide."""
+    array = f"features/{settings.name}"
+    started = time.perf_counter()
     try:
-        return TileStore.open(path)
+        store = TileStore.open(path)
+        encoder = _encoder(settings)
+        identity = {"encoder": settings.encoder, "weights_sha256": settings.weights_sha256,
+                    "dim": int(encoder.out_dim)}
+        if not settings.overwrite and store.has_array(array) and _matches(store, array, identity):
+            return FeatureResult(path, "skipped", store.n_patches)
+        streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device),
+                                  lambda: PatchStreamer(chunk_size=settings.chunk_size, threads=settings.threads,
+                                                        device=settings.device))
+        store.write_array(array, embed_store(encoder, store, streamer), attrs=identity)
     except IpspathError as exc:
-        return str(exc)
+        log.error("%s", exc)
+        return FeatureResult(path, "failed", error=str(exc))
+    return FeatureResult(path, "extracted", store.n_patches, time.perf_counter() - started)
+
+
+def _encoder(settings: FeatureSettings) -> torch.nn.Module:
+    def build() -> torch.nn.Module:
+        # Without weights the initialisation is seeded, so every worker (and every rerun) embeds alike.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = build_encoder(settings.encoder, pretrained=settings.pretrained)
+        return encoder.to(settings.device).eval()
+
+    return process_object("encoder", (settings.encoder, settings.pretrained, settings.device), build)
+
+
+def _lost(path: Path, exc: BaseException) -> FeatureResult:
+    return FeatureResult(path, "failed", error=f"{path}: the worker embedding it died ({type(exc).__name__}: {exc})")
 
 
 def _matches(store: TileStore, array: str, identity: dict) -> bool:

@@ -161,6 +161,26 @@ def dask_client(scheduler: str) -> Iterator[Any]:
         client.close()
 
 
+# One object per kind per worker process (a model, a patch streamer), kept for the following
+# slides of the run: a worker predicts many slides with one model.
+_PROCESS_OBJECTS: dict[str, tuple[Any, Any]] = {}
+
+
+def process_object(kind: str, key: Any, build: Callable[[], R]) -> R:
+    """The worker process's object of ``kind``, built by ``build()`` unless one with an equal ``key`` exists.
+
+    An object replaced by one with another key is closed (when it has ``close``).
+    """
+    held = _PROCESS_OBJECTS.get(kind)
+    if held is not None and held[0] == key:
+        return held[1]
+    if held is not None and hasattr(held[1], "close"):
+        held[1].close()
+    obj = build()
+    _PROCESS_OBJECTS[kind] = (key, obj)
+    return obj
+
+
 def _missing_paths(paths: list[str]) -> list[str]:
     """On a worker: which of ``paths`` it cannot see (folders must also be writable)."""
     missing = []

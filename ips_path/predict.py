@@ -37,7 +37,7 @@ import numpy as np
 
 from ips_path import __version__
 from ips_path.errors import BadInputError, IpspathError
-from ips_path.parallel import map_slides
+from ips_path.parallel import map_slides, process_object
 from ips_path.store import TileStore, store_path
 
 log = logging.getLogger(__name__)
@@ -298,34 +298,19 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= MPP_RTOL * max(abs(a), abs(b))
 
 
-# Per worker process: the model and the patch streamer, made on first use and kept for the
-# following slides (a Dask worker or this process predicts many slides with one model).
-_MODELS: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
-_STREAMERS: dict[tuple, Any] = {}
-
-
 def _load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
-    key = (str(path), device)
-    if key not in _MODELS:
-        from ips_path.train import load_model
+    from ips_path.train import load_model
 
-        _MODELS.clear()
-        _MODELS[key] = load_model(path, device)
-    return _MODELS[key]
+    return process_object("model", (str(path), device), lambda: load_model(path, device))
 
 
 def _streamer(settings: PredictSettings, checkpoint: dict[str, Any]) -> Any:
     from ips_path.loader import PatchStreamer
 
     chunk_size = settings.chunk_size or int(checkpoint["config"]["chunk_size"])
-    key = (chunk_size, settings.threads, settings.device, settings.backend)
-    if key not in _STREAMERS:
-        for old in _STREAMERS.values():
-            old.close()
-        _STREAMERS.clear()
-        _STREAMERS[key] = PatchStreamer(chunk_size=chunk_size, threads=settings.threads, device=settings.device,
-                                        backend=settings.backend)
-    return _STREAMERS[key]
+    return process_object("streamer", (chunk_size, settings.threads, settings.device, settings.backend),
+                          lambda: PatchStreamer(chunk_size=chunk_size, threads=settings.threads,
+                                                device=settings.device, backend=settings.backend))
 
 
 def _read_done_status(path: Path, job: PredictJob) -> SlideRecord | None:

@@ -67,3 +67,17 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, path
                           TilingParams(target_mpp=2.0, patch_size=32, qc=False), progress=False)
     assert all(r.status == "tiled" and r.n_patches > 0 for r in results)
     return manifest, root / "tiles"
+
+
+@pytest.fixture(scope="session")
+def trained_run(cohort: tuple[pathlib.Path, pathlib.Path], tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A training run folder (one epoch of a small model on ``cohort``), for prediction tests."""
+    from ips_path.config import TrainConfig
+    from ips_path.train import train
+
+    manifest, tiles = cohort
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = TrainConfig(epochs=1, batch_size=4, n_select=8, chunk_size=32, dim=32, heads=2, threads=2,
+                         device="cpu", augment=False, warmup_epochs=0)
+    train(manifest, tiles, out, config, progress=False)
+    return out

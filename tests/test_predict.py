@@ -17,23 +17,15 @@ import torch
 from click.testing import CliRunner
 
 from ips_path.cli.main import cli
-from ips_path.config import TrainConfig
 from ips_path.errors import BadInputError
 from ips_path.predict import predict, resolve_checkpoint
 from ips_path.store import TileStore
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
-from ips_path.train import train
-
-TRAIN_CONFIG = TrainConfig(epochs=1, batch_size=4, n_select=8, chunk_size=32, dim=32, heads=2, threads=2,
-                           device="cpu", augment=False, warmup_epochs=0)
 
 
-@pytest.fixture(scope="module")
-def run_dir(cohort, tmp_path_factory) -> Path:
-    manifest, tiles = cohort
-    out = tmp_path_factory.mktemp("predict_run") / "run"
-    train(manifest, tiles, out, TRAIN_CONFIG, progress=False)
-    return out
+@pytest.fixture()
+def run_dir(trained_run) -> Path:
+    return trained_run
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
