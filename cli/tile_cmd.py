@@ -116,7 +116,8 @@ def tile_cmd(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path, manifes
     patches = sum(r.n_patches for r in results)
     if not quiet or counts["failed"]:
         click.echo(
-            f"{len(results)} slides: {counts['tiled']} tiled, {counts['skipped']} skipped, "
+            f"{len(results)} slide{'' if len(results) == 1 else 's'}: {counts['tiled']} tiled, "
+            f"{counts['skipped']} skipped, "
             f"{counts['no-tissue']} without tissue, {counts['failed']} failed; {patches} patches; "
             f"summary: {out_dir / SUMMARY_NAME}",
             err=True,
