@@ -11,6 +11,12 @@ the same code runs without the pinned buffers and the side stream.
 
 Every chunk is a :class:`~ips_path.model.chunks.PatchChunk` of ``uint8`` patches ``(n, 3, P, P)``
 with the patches' grid positions; its tensors are the consumer's to keep.
+
+With ``backend="auto"`` patches are read with tiffslide whenever it sees the same pyramid the
+store was tiled against, and with openslide otherwise (DICOM, MIRAX, ...): on JPEG-tiled SVS and
+TIFF files tiffslide decodes a 256-px patch several times faster than openslide, whose
+premultiplied-ARGB to RGB conversion costs more than the JPEG decoding itself
+(``bench/loader_bench.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ips_path.errors import IpspathError
 from ips_path.model.chunks import PatchChunk
 from ips_path.slide import Slide
 from ips_path.store import TileStore
@@ -145,7 +152,7 @@ class PatchStreamer:
     seed : int
         Seed of the augmentation's random numbers.
     backend : {"auto", "openslide", "tiffslide"}
-        Slide backend.
+        Slide backend; "auto" picks per slide with :func:`open_for_reading`.
     """
 
     def __init__(self, *, chunk_size: int = 64, threads: int = 4, device: str | torch.device = "cpu",
@@ -188,7 +195,7 @@ class PatchStreamer:
             positions = positions[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
         own_slide = slide is None
         if own_slide:
-            slide = Slide(store.slide_path, backend=self.backend, slide_mpp=slide_mpp)
+            slide = open_for_reading(store, self.backend, slide_mpp)
         try:
             yield from self._stream_pixels(slide, coords, positions, store.read_level, store.read_size,
                                            store.patch_size)
@@ -269,6 +276,28 @@ class PatchStreamer:
         compute.wait_stream(self._copy_stream)
         on_device.record_stream(compute)  # allocated on the copy stream, used on the compute stream
         return on_device
+
+
+def open_for_reading(store: TileStore, backend: str = "auto", slide_mpp: float | None = None) -> Slide:
+    """Open the slide of ``store`` with the fastest backend that sees the pyramid the store was made on.
+
+    ``backend="auto"`` tries tiffslide first (faster patch reads, see the module docstring) and keeps
+    it only when its level-0 size and the size of the store's read level match what tiling recorded;
+    else openslide. An explicit ``backend`` is used as it is.
+    """
+    if backend != "auto":
+        return Slide(store.slide_path, backend=backend, slide_mpp=slide_mpp)
+    expected = (store.attrs.get("slide_dimensions"), store.attrs.get("read_level_dimensions"))
+    try:
+        slide = Slide(store.slide_path, backend="tiffslide", slide_mpp=slide_mpp)
+    except IpspathError:
+        return Slide(store.slide_path, backend="openslide", slide_mpp=slide_mpp)
+    level = store.read_level
+    seen = (list(slide.dimensions), list(slide.level_dimensions[level]) if level < slide.level_count else None)
+    if None not in expected and seen == (list(expected[0]), list(expected[1])):
+        return slide
+    slide.close()
+    return Slide(store.slide_path, backend="openslide", slide_mpp=slide_mpp)
 
 
 def _read_patches(slide: Slide, coords: np.ndarray, a: int, b: int, offset: int, level: int, read_size: int,

@@ -125,3 +125,22 @@ def test_stream_features_reads_the_cached_embeddings(grid_store):
         chunks = list(streamer.stream_features(grid_store, "test"))
     assert np.array_equal(torch.cat([c.patches for c in chunks]).numpy(), features)
     assert torch.equal(torch.cat([c.positions for c in chunks]), grid_positions(grid_store.coords, 96))
+
+
+def test_auto_reads_with_tiffslide_only_where_it_sees_the_tiled_pyramid(small_svs, test_data, tmp_path):
+    from ips_path.loader import open_for_reading
+    from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
+
+    slides = [small_svs.path, test_data / "slides" / "he_dicom.dcm"]
+    tile_slides(collect_inputs(slides), tmp_path, TilingParams(target_mpp=2.0, patch_size=64, qc=False),
+                progress=False)
+    svs, dicom = TileStore.open(tmp_path / "small.zarr"), TileStore.open(tmp_path / "he_dicom.zarr")
+    with open_for_reading(svs) as slide:
+        assert slide.backend == "tiffslide"
+    with open_for_reading(dicom) as slide:  # tiffslide does not read DICOM
+        assert slide.backend == "openslide"
+    with open_for_reading(svs, backend="openslide") as slide:
+        assert slide.backend == "openslide"
+    moved = TileStore(svs.path, {**svs.attrs, "read_level_dimensions": [1, 1]}, svs.coords, svs.tissue_fraction)
+    with open_for_reading(moved) as slide:  # another pyramid than the one tiled: the reference reader
+        assert slide.backend == "openslide"
