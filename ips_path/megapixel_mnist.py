@@ -170,6 +170,9 @@ class MegapixelMNIST(torch.utils.data.Dataset):
         Side of the square single-channel canvas in pixels (paper: 1500); at least 112.
     seed : int
         Images are a pure function of ``(seed, split, index)``.
+    n_noise_strokes : int
+        Noise strokes per image (paper: 50 on 1500 px). On a smaller canvas, ``50 * (canvas / 1500)**2``
+        keeps the paper's density of noise.
 
     Notes
     -----
@@ -178,7 +181,7 @@ class MegapixelMNIST(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: str, n_images: int | None = None,
-                 canvas: int = 1500, seed: int = 0) -> None:
+                 canvas: int = 1500, seed: int = 0, n_noise_strokes: int = N_NOISE_STROKES) -> None:
         _check_split(split)
         if canvas < MIN_CANVAS:
             raise BadInputError(f"Megapixel MNIST canvas of {canvas} px is too small for 5 "
@@ -187,6 +190,7 @@ class MegapixelMNIST(torch.utils.data.Dataset):
         self.n_images = DEFAULT_N_IMAGES[split] if n_images is None else n_images
         self.canvas = canvas
         self.seed = seed
+        self.n_noise_strokes = n_noise_strokes
         self.digits, self.digit_labels = load_digits(root, split)
         self._pool_by_class = [np.flatnonzero(self.digit_labels == c) for c in range(N_CLASSES)]
 
@@ -204,7 +208,7 @@ class MegapixelMNIST(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
         layout = self._sample_layout(rng)
         image = np.zeros((self.canvas, self.canvas), dtype=np.uint8)
-        _draw_noise_strokes(image, rng)
+        _draw_noise_strokes(image, self.n_noise_strokes, rng)
         for pool_index, (row, col) in zip(layout.pool_indices, layout.positions, strict=True):
             # Digits overwrite their whole box, so the noise never touches a digit.
             image[row:row + DIGIT_SIZE, col:col + DIGIT_SIZE] = self.digits[pool_index]
@@ -232,11 +236,11 @@ def _non_overlapping_positions(n: int, canvas: int, rng: np.random.Generator) ->
     raise RuntimeError(f"could not place {n} digits on a {canvas} px canvas")
 
 
-def _draw_noise_strokes(image: np.ndarray, rng: np.random.Generator) -> None:
+def _draw_noise_strokes(image: np.ndarray, n_strokes: int, rng: np.random.Generator) -> None:
     """Draw the noise strokes in place: pairs of 2 px lines of random slope inside 28x28 boxes."""
     canvas = image.shape[0]
     half_length = DIGIT_SIZE  # long enough that every line crosses its whole box
-    for _ in range(N_NOISE_STROKES):
+    for _ in range(n_strokes):
         box_row, box_col = rng.integers(0, canvas - DIGIT_SIZE + 1, size=2)
         for _ in range(2):
             center = rng.uniform(0, DIGIT_SIZE, size=2)
