@@ -95,7 +95,7 @@ class TrainConfig:
     pos_encoding: str = "none"
     epochs: int = 30
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.1
     warmup_epochs: float = 2.0
     grad_clip: float = 1.0

@@ -4,8 +4,10 @@ A run reads a manifest and the tile stores of its slides and writes to its folde
 
     config.yaml   the resolved configuration (rerun with --config config.yaml)
     splits.csv    slide_id, case_id, label, split (from the manifest, or a seeded patient-level split)
-    metrics.csv   one row per epoch: lr, train loss, validation loss, AUC, balanced accuracy, recalls,
-                  slides/s, patches/s, peak memory
+    metrics.csv   one row per epoch: lr (at the epoch's start), train loss, validation loss, AUC,
+                  balanced accuracy, accuracy, recall per class, slides/s, patches/s, peak memory
+                  (GPU memory in the epoch, or the process's peak RSS so far on CPU), seconds since
+                  the run started
     curves.png    the curves of metrics.csv
     last.pt       the state at the end of the last finished epoch (and at the start of a run)
     best.pt       the state at the epoch with the best validation ``monitor``
@@ -49,7 +51,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,8 @@ from ips_path.store import TileStore, store_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TASK_NAME", "TrainResult", "build_model", "load_checkpoint", "load_model", "lr_factor",
-           "shard_epoch", "train"]
+__all__ = ["TASK_NAME", "EarlyStopping", "Processes", "TrainResult", "build_model", "init_processes",
+           "load_checkpoint", "load_model", "lr_factor", "shard_epoch", "train"]
 
 TASK_NAME = "label"
 CHECKPOINT_FORMAT = "ipspath.checkpoint"
@@ -138,37 +140,47 @@ class Processes:
 
 @dataclass
 class EarlyStopping:
-    """Tracks the best validation ``monitor`` value and the epochs since it improved."""
+    """Tracks the best validation ``monitor`` value and the epochs since it improved.
+
+    Equal values are told apart by the validation loss (lower is better), so that a metric that
+    saturates (AUC 1.0 on a small validation set) still moves ``best.pt`` to better-calibrated epochs;
+    a metric the validation set cannot define (AUC without both classes) leaves the choice to the loss.
+    """
 
     monitor: str
     patience: int
     best: float | None = None
+    best_loss: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
-    lower_is_better: bool = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.lower_is_better = self.monitor == "loss"
-
-    def update(self, value: float, epoch: int) -> bool:
-        """Record an epoch's value; True when it is the best so far (NaN never is)."""
-        improved = not math.isnan(value) and (
-            self.best is None or (value < self.best if self.lower_is_better else value > self.best))
+    def update(self, value: float, loss: float, epoch: int) -> bool:
+        """Record an epoch's monitor value and validation loss; True when it is the best so far."""
+        improved = not math.isnan(loss) and (
+            self.best_epoch is None or self._key(value, loss) < self._key(self.best, self.best_loss))
         if improved:
-            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best, self.best_loss, self.best_epoch, self.bad_epochs = value, loss, epoch, 0
         else:
             self.bad_epochs += 1
         return improved
+
+    def _key(self, value: float, loss: float) -> tuple[float, float]:
+        """Sort key, lower is better."""
+        if math.isnan(value):
+            return (0.0, loss)
+        return (value if self.monitor == "loss" else -value, loss)
 
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {"best": self.best, "best_loss": self.best_loss, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+        self.best, self.best_loss = state["best"], state["best_loss"]
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -285,6 +297,8 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
         state.save("last.pt", epoch=0, status=status)  # so that an interrupted first epoch can resume
 
     # 5. Epochs.
+    run_started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)
+    saved_epoch = start_epoch
     try:
         for epoch in range(start_epoch, config.epochs):
             if status != "running":
@@ -294,14 +308,16 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
                                     epoch, procs, class_weights, autocast_dtype, progress))
             if val_items:
                 row.update(_validate(model, val_items, val_streamer, config, classes, procs, autocast_dtype))
+            row["elapsed_seconds"] = time.perf_counter() - run_started
             history.append(row)
-            improved = bool(val_items) and stopping.update(row[f"val_{config.monitor}"], epoch + 1)
+            improved = bool(val_items) and stopping.update(row[f"val_{config.monitor}"], row["val_loss"], epoch + 1)
             if epoch + 1 == config.epochs:
                 status = "completed"
             elif val_items and stopping.should_stop:
                 status = "early_stopped"
             _log_epoch(row, config, procs)
             state.save("last.pt", epoch=epoch + 1, status=status)
+            saved_epoch = epoch + 1
             if improved:
                 state.save("best.pt", epoch=epoch + 1, status=status)
             if procs.is_main:
@@ -310,7 +326,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
     except KeyboardInterrupt:
         if procs.is_main:
             log.warning("interrupted: %s holds the state after epoch %d; continue with --resume",
-                        out_dir / "last.pt", len(history))
+                        out_dir / "last.pt", saved_epoch)
         raise
     finally:
         train_streamer.close()
@@ -318,8 +334,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
     if status == "early_stopped":
         log.info("early stop: no better validation %s for %d epochs (best %.4f at epoch %d)", config.monitor,
                  config.patience, stopping.best, stopping.best_epoch)
-    return TrainResult(out_dir, len(history), stopping.best_epoch, stopping.best,
-                       "completed" if status == "running" else status, history, model)
+    return TrainResult(out_dir, len(history), stopping.best_epoch, stopping.best, status, history, model)
 
 
 # -- one epoch --------------------------------------------------------------------------------------

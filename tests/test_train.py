@@ -28,14 +28,14 @@ from ips_path.metrics import classification_metrics
 from ips_path.store import TileStore
 from ips_path.synth import write_synthetic_cohort
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
-from ips_path.train import load_checkpoint, load_model, lr_factor, shard_epoch, train
+from ips_path.train import EarlyStopping, load_checkpoint, load_model, lr_factor, shard_epoch, train
 
 # Small and quick: ~25-50 patches of 32 px per slide, a narrow model.
 FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=2, threads=2, warmup_epochs=1.0,
             device="cpu")
 FAST_OPTIONS = ["--n-select", "8", "--chunk-size", "16", "--dim", "32", "--heads", "4", "--batch-size", "2",
                 "--threads", "2", "--warmup-epochs", "1", "--device", "cpu"]
-TIMING_COLUMNS = ("train_seconds", "slides_per_s", "patches_per_s", "peak_memory_mb")
+TIMING_COLUMNS = ("train_seconds", "elapsed_seconds", "slides_per_s", "patches_per_s", "peak_memory_mb")
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +84,22 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
     assert lr_factor(12, 4, 20) == pytest.approx(0.5)
     assert lr_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_early_stopping_breaks_metric_ties_by_loss_and_counts_patience():
+    stopping = EarlyStopping("auc", patience=2)
+    assert stopping.update(0.8, 0.6, 1)
+    assert stopping.update(1.0, 0.5, 2)
+    assert stopping.update(1.0, 0.2, 3)  # same AUC, lower loss: better
+    assert not stopping.update(1.0, 0.3, 4)
+    assert not stopping.update(0.9, float("nan"), 5)
+    assert stopping.should_stop and (stopping.best, stopping.best_epoch) == (1.0, 3)
+    by_loss = EarlyStopping("loss", patience=0)
+    assert by_loss.update(0.5, 0.5, 1) and not by_loss.update(0.7, 0.7, 2) and by_loss.update(0.4, 0.4, 3)
+    assert not by_loss.should_stop  # patience 0: never stops
+    undefined = EarlyStopping("auc", patience=5)  # a validation set with one class: AUC is NaN
+    assert undefined.update(float("nan"), 0.5, 1) and undefined.update(float("nan"), 0.4, 2)
+    assert not undefined.update(float("nan"), 0.6, 3) and undefined.best_epoch == 2
 
 
 # -- end to end -------------------------------------------------------------------------------------
@@ -167,7 +183,7 @@ def test_interrupted_run_resumes_to_the_same_result(cohort, tmp_path, monkeypatc
     # A finished run resumes to nothing; a changed setting is refused.
     again = train(manifest, tiles, run, config, resume=True, progress=False)
     assert again.status == "completed" and again.epochs_completed == 2
-    with pytest.raises(BadInputError, match=r"lr \(0\.001 -> 0\.01\)"):
+    with pytest.raises(BadInputError, match=r"lr \(0\.0003 -> 0\.01\)"):
         train(manifest, tiles, run, TrainConfig(**{**FAST, "lr": 0.01}, seed=11), resume=True)
     with pytest.raises(BadInputError, match="already holds a run"):
         train(manifest, tiles, run, config)
