@@ -19,12 +19,14 @@ Settings (:data:`SETTINGS`):
     cached 2048-d float16 features, projector to D = 512, M = I = 5000, B = 16 (the paper's
     CAMELYON16 setting; the paper reports 5 GB at N up to 250k on a GPU). A feature chunk is a fixed
     random bank of I rows, rolled by a chunk-dependent shift, so no RNG dominates the run time.
+``features_checkpointed``
+    the same with the gradient phase in checkpointed pieces of 5000 patches (``grad_chunk_size``).
 ``pixels``
     uint8 RGB patches of 256 px, ResNet-18 (4 stages, projected to D = 128), M = 16, I = 64, random pixels.
 
 The CPU grids (:data:`GRIDS`) are cut down where 2 CPU cores cannot encode the patches in reasonable
 time (ResNet-18 runs at tens of 256 px patches a second there); the cut is written into the result.
-``--device cuda`` runs the full grid of the design: N = 1k, 10k, 100k, 250k at B = 16 in both settings.
+``--device cuda`` runs the full grid of the design: N = 1k, 10k, 100k, 250k at B = 16 in every setting.
 """
 
 from __future__ import annotations
@@ -41,16 +43,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_result  # noqa: E402
+from common import RESULTS_DIR, save_result  # noqa: E402
 
 SETTINGS = {
     "features": {"input": "features", "in_features": 2048, "dim": 512, "n_select": 5000, "chunk_size": 5000},
     "pixels": {"input": "pixels", "encoder": "resnet18", "patch_size": 256, "dim": 128, "n_select": 16,
                "chunk_size": 64},
 }
+# The features setting with the gradient phase checkpointed in pieces of 5000 patches: the projector's
+# float32 LayerNorm activations of all B * M = 80k features then never exist at once.
+SETTINGS["features_checkpointed"] = {**SETTINGS["features"], "grad_chunk_size": 5000, "checkpoint": True}
 GRIDS = {
     "cpu": {
         "features": {"n": [1_000, 10_000, 100_000, 250_000], "batch_size": 16},
+        "features_checkpointed": {"n": [10_000, 100_000], "batch_size": 16,
+                                  "reduced": "N = 10k and 100k only, to save CPU time"},
         "pixels": {"n": [128, 512, 2_048], "batch_size": 1,
                    "reduced": "B = 1 and N <= 2048 instead of B = 16 and N <= 250k: ResNet-18 at 256 px "
                               "encodes tens of patches a second on 2 CPU cores"},
@@ -59,6 +66,7 @@ GRIDS = {
     },
     "cuda": {
         "features": {"n": [1_000, 10_000, 100_000, 250_000], "batch_size": 16},
+        "features_checkpointed": {"n": [1_000, 10_000, 100_000, 250_000], "batch_size": 16},
         "pixels": {"n": [1_000, 10_000, 100_000, 250_000], "batch_size": 16},
         "m": {"m": [16, 64, 256], "batch_size": 16, "grad_chunk_size": 16},
     },
@@ -168,10 +176,17 @@ def available_memory_mb() -> float:
     return int(fields["MemAvailable"].split()[0]) / 1024
 
 
-def bench_n(device: str, threads: int, settings: list[str]) -> dict[str, Any]:
+def bench_n(device: str, threads: int, settings: list[str], merge: bool) -> dict[str, Any]:
     grid = GRIDS["cuda" if device.startswith("cuda") else "cpu"]
     result: dict[str, Any] = {"benchmark": "memory_flat_in_n", "device": device, "threads": threads,
                               "child_env": CHILD_ENV, "settings": {}}
+    previous = RESULTS_DIR / "memory_n.json"
+    if merge and previous.is_file():
+        earlier = json.loads(previous.read_text())
+        if earlier.get("device") == device:
+            # Each kept setting remembers the machine state it was measured under.
+            result["settings"] = {k: {"machine": earlier["machine"], **v} for k, v in earlier["settings"].items()
+                                  if k not in settings}
     for name in settings:
         setting, cut = SETTINGS[name], grid[name]
         runs = [run_child({**setting, "n": n, "batch_size": cut["batch_size"], "device": device,
@@ -226,11 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per measurement (default: 2)")
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=sorted(SETTINGS),
-                        help="settings of the flat-in-N benchmark (default: both)")
+                        help="settings of the flat-in-N benchmark (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other settings of an existing memory_n.json measured on the same device")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.what == "n":
-        result = bench_n(args.device, args.threads, args.settings)
+        result = bench_n(args.device, args.threads, args.settings, args.merge)
     else:
         result = bench_m(args.device, args.threads)
     result["wall_s"] = round(time.perf_counter() - start, 1)

@@ -1,12 +1,13 @@
 """Train IPS on Megapixel MNIST with the paper's settings and record accuracy, memory and time.
 
-Paper run (needs a GPU, about 150 epochs of 5000 images of 1500x1500 px):
+Paper run (needs a GPU: 150 epochs of 5000 images of 1500x1500 px; workers render the images):
 
-    python bench/mnist_bench.py --device cuda
+    python bench/mnist_bench.py --device cuda --workers 4
 
-CPU smoke run (2 CPU cores, under 5 minutes):
+CPU smoke run (about 2 minutes on 2 idle cores; on a busy shared machine passive OpenMP threads avoid
+wasting CPU on spinning):
 
-    python bench/mnist_bench.py --cpu-smoke
+    OMP_WAIT_POLICY=PASSIVE python bench/mnist_bench.py --cpu-smoke
 
 Settings of the paper (Bergner et al., ICLR 2023, Megapixel MNIST): patch 50, stride 50 (N = 900), M = 100,
 I = 100, D = 128, 8 heads, ResNet-18 first two stages from scratch on 1 channel, 1-D positional encoding
@@ -15,7 +16,8 @@ of the patch index, AdamW lr 1e-3 and weight decay 0.1, 10 warm-up epochs then c
 
 Accuracy: multi-class tasks count the argmax; the multi-label task counts an image as right only when
 all 10 presence labels are right at threshold 0.5 (exact match). Peak memory: the process's maximum RSS
-on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Saves ``bench/results/mnist_<preset>.json``.
+on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. ``test_digits_selected``: the fraction of test
+digits whose centre patch is among the M selected. Saves ``bench/results/mnist_<preset>.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +72,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Learning-rate factor per optimizer step: linear warm-up, then cosine decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
