@@ -44,7 +44,7 @@ class DemoSettings:
     patch_size: int = 64
     seed: int = 0
     train: TrainConfig = TrainConfig(epochs=12, batch_size=4, n_select=16, chunk_size=128, dim=64, heads=4,
-                                     lr=1e-3, warmup_epochs=1.0, patience=0, threads=2, device="cpu",
+                                     lr=3e-4, warmup_epochs=1.0, patience=0, threads=2, device="cpu",
                                      val_fraction=0.25)
 
 
@@ -81,16 +81,17 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, pr
 
     common = {"size": settings.slide_size, "mpp": settings.slide_mpp, "downsamples": (1, 4),
               "lesion_diameter_um": settings.lesion_um}
-    write_synthetic_cohort(out / "slides" / "train", settings.n_train, seed=settings.seed, **common)
+    write_synthetic_cohort(out / "slides" / "train", settings.n_train, seed=settings.seed, prefix="train",
+                           **common)
     test_specs = write_synthetic_cohort(out / "slides" / "test", settings.n_test, seed=settings.seed + 10_000,
-                                        **common)
+                                        prefix="test", **common)
     lap("generate")
 
     tiles = out / "tiles"
     params = TilingParams(target_mpp=settings.tile_mpp, patch_size=settings.patch_size)
     train_manifest, test_manifest = out / "slides" / "train" / "manifest.csv", out / "slides" / "test" / "manifest.csv"
     tile_slides(collect_inputs([], train_manifest) + collect_inputs([], test_manifest), tiles, params,
-                workers=2, progress=progress)
+                workers=2, progress=progress)  # the prefixes keep the two cohorts' slide ids apart
     lap("tile")
 
     run = out / "run"

@@ -284,6 +284,7 @@ def write_synthetic_cohort(
     size: tuple[int, int] = (4000, 3000),
     lesions_per_positive: tuple[int, int] = (1, 3),
     seed: int = 0,
+    prefix: str = "slide",
     **slide_options: object,
 ) -> list[SlideSpec]:
     """Write ``n_slides`` slides and ``manifest.csv`` (slide_id, slide_path, label, case_id).
@@ -302,6 +303,9 @@ def write_synthetic_cohort(
         Inclusive range of the number of lesions on a positive slide.
     seed : int
         Seed of the whole cohort; each slide gets its own seed from it.
+    prefix : str
+        Slides are ``<prefix>_000`` ... and cases ``<prefix>_case_000`` ...; cohorts that share a
+        tiles folder need different prefixes (the slide id names the tile store).
     **slide_options
         Passed to :func:`write_synthetic_slide` (mpp, fmt, downsamples, ...).
 
@@ -319,13 +323,13 @@ def write_synthetic_cohort(
     for index in range(n_slides):
         n_lesions = int(rng.integers(lesions_per_positive[0], lesions_per_positive[1] + 1)) if positive[index] else 0
         specs.append(write_synthetic_slide(
-            out_dir / f"slide_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)),
+            out_dir / f"{prefix}_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)),
             tissue=int(rng.integers(2, 5)), lesions=n_lesions, **slide_options))
     with open(out_dir / "manifest.csv", "w", newline="") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(["slide_id", "slide_path", "label", "case_id"])
         for index, spec in enumerate(specs):
-            writer.writerow([spec.path.stem, spec.path.name, spec.label, f"case_{index:03d}"])
+            writer.writerow([spec.path.stem, spec.path.name, spec.label, f"{prefix}_case_{index:03d}"])
     return specs
 
 

@@ -23,6 +23,8 @@ def test_tiny_demo_writes_every_output(tmp_path):
     with (out / "predictions" / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    # train and test slides have distinct ids, so each has its own tile store
+    assert len(list((out / "tiles").glob("*.zarr"))) == TINY.n_train + TINY.n_test
     assert (out / "run" / "best.pt").is_file() and (out / "run" / "curves.png").is_file()
     assert all((out / "predictions" / "heatmaps" / r["slide_id"] / "overlay.png").is_file() for r in rows)
     summary = json.loads((out / "demo.json").read_text())
