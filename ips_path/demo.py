@@ -43,7 +43,7 @@ class DemoSettings:
     tile_mpp: float = 2.0
     patch_size: int = 64
     seed: int = 0
-    train: TrainConfig = TrainConfig(epochs=12, batch_size=4, n_select=16, chunk_size=128, dim=64, heads=4,
+    train: TrainConfig = TrainConfig(epochs=8, batch_size=4, n_select=16, chunk_size=128, dim=64, heads=4,
                                      lr=3e-4, warmup_epochs=1.0, patience=0, threads=2, device="cpu",
                                      val_fraction=0.25)
 

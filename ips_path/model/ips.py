@@ -348,6 +348,8 @@ def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets:
     with amp:
         selections = [model.select_top_patches(chunks) for chunks in slides]
     patches, positions, mask = model.stack_selections(selections)
+    n_selected = [len(s) for s in selections]
+    del selections  # their patches are copied into the batch and their embeddings are not needed: free both
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with amp:
@@ -360,4 +362,4 @@ def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
     return {"loss": float(loss.detach()), "losses": {k: float(v.detach()) for k, v in losses.items()},
-            "grad_norm": grad_norm, "n_selected": [len(s) for s in selections]}
+            "grad_norm": grad_norm, "n_selected": n_selected}
