@@ -26,7 +26,6 @@ from ips_path.features import extract_features
 from ips_path.loader import PatchStreamer
 from ips_path.metrics import classification_metrics
 from ips_path.store import TileStore
-from ips_path.synth import write_synthetic_cohort
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 from ips_path.train import EarlyStopping, load_checkpoint, load_model, lr_factor, shard_epoch, train
 
@@ -36,19 +35,6 @@ FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=2, 
 FAST_OPTIONS = ["--n-select", "8", "--chunk-size", "16", "--dim", "32", "--heads", "4", "--batch-size", "2",
                 "--threads", "2", "--warmup-epochs", "1", "--device", "cpu"]
 TIMING_COLUMNS = ("train_seconds", "elapsed_seconds", "slides_per_s", "patches_per_s", "peak_memory_mb")
-
-
-@pytest.fixture(scope="session")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """8 generated slides (1024 x 768 px at 1 µm/px, half with lesions) tiled at 2 µm/px, 32 px: (manifest, tiles)."""
-    root = tmp_path_factory.mktemp("train_cohort")
-    write_synthetic_cohort(root / "slides", 8, size=(1024, 768), mpp=1.0, downsamples=(1,), seed=5, workers=2,
-                           lesion_diameter_um=(150.0, 300.0))
-    manifest = root / "slides" / "manifest.csv"
-    results = tile_slides(collect_inputs([], manifest), root / "tiles",
-                          TilingParams(target_mpp=2.0, patch_size=32, qc=False), progress=False)
-    assert all(r.status == "tiled" and r.n_patches > 0 for r in results)
-    return manifest, root / "tiles"
 
 
 def _history(run: Path) -> list[dict[str, str]]:
