@@ -500,7 +500,8 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     Raises
     ------
     BadInputError
-        Listing every slide without a usable store (with the ``ipspath tile`` command that makes them),
+        Listing every slide without a usable store or whose tiled slide file is gone (with the
+        ``ipspath tile`` command that makes them),
         stores made at another mpp/patch size than asked or disagreeing among themselves, and, in
         features mode, stores without the features (with the ``ipspath features`` command).
     """
@@ -511,9 +512,14 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
             missing.append(row.slide_id)
             continue
         try:
-            stores[row.slide_id] = TileStore.open(path)
+            store = TileStore.open(path)
         except BadInputError as exc:
             broken.append(str(exc))
+            continue
+        if config.features is None and not store.slide_path.exists():  # the loader reads the tiled file
+            broken.append(f"{path}: its slide file {store.slide_path} is gone (moved since tiling?)")
+            continue
+        stores[row.slide_id] = store
     geometries = Counter((s.target_mpp, s.patch_size) for s in stores.values())
     # The run's mpp and patch size: as asked, else the stores' when they all agree on it.
     mpps, sizes = {m for m, _ in geometries}, {p for _, p in geometries}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -252,6 +253,16 @@ def test_missing_tile_stores_are_listed_with_the_command_that_makes_them(cohort,
     assert "slide_001, slide_004" in message
     assert f"ipspath tile --manifest {manifest} -o {partial} --mpp 2 --patch-size 32" in message
     assert not (tmp_path / "run").exists()
+
+    # A slide moved away after tiling is found before training starts, not in the middle of it.
+    slide_file = TileStore.open(partial / "slide_002.zarr").slide_path
+    moved = slide_file.with_name("moved.svs")
+    slide_file.rename(moved)
+    try:
+        with pytest.raises(BadInputError, match=re.escape(f"slide_002.zarr: its slide file {slide_file} is gone")):
+            train(manifest, partial, tmp_path / "run", TrainConfig(**FAST))
+    finally:
+        moved.rename(slide_file)
 
 
 def test_stores_at_another_resolution_or_disagreeing_are_refused(cohort, tmp_path):
