@@ -698,10 +698,10 @@ class _RunState:
 
     def save(self, name: str, *, epoch: int, status: str) -> None:
         """Write ``<out_dir>/<name>`` atomically (rank 0; the others only hand over their RNG states)."""
-        rng = [_rng_state(self.streamer)]
+        rng = [_rng_state(self.streamer, self.procs.device)]
         if self.procs.distributed:
             rng = [None] * self.procs.world_size
-            dist.all_gather_object(rng, _rng_state(self.streamer))
+            dist.all_gather_object(rng, _rng_state(self.streamer, self.procs.device))
         if not self.procs.is_main:
             return
         checkpoint = {
@@ -793,7 +793,7 @@ def _seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
 
 
-def _rng_state(streamer: PatchStreamer) -> dict[str, Any]:
+def _rng_state(streamer: PatchStreamer, device: torch.device) -> dict[str, Any]:
     """This process's random states, as tensors, lists and numbers (loadable with weights_only)."""
     version, mt_state, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
@@ -802,7 +802,8 @@ def _rng_state(streamer: PatchStreamer) -> dict[str, Any]:
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                   "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only this process's GPU: asking for all of them would make a CUDA context on each.
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         # The loader keeps its augmentation generator private; checkpoints need its state.
         "augmentation": streamer._generator.get_state(),
     }
@@ -820,8 +821,8 @@ def _set_rng_states(states: Sequence[Mapping[str, Any]], procs: Processes, strea
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and procs.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], procs.device)
     streamer._generator.set_state(state["augmentation"])
 
 
