@@ -367,7 +367,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     order = [items[i] for i in shard_epoch(len(items), epoch, config.seed, procs.rank, procs.world_size)]
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     losses: list[float] = []
-    n_patches = 0
+    n_slides = n_patches = 0
     _reset_peak_memory(procs.device)
     started = time.perf_counter()
     with progress_bar(sum(item.n_patches for item in order), f"epoch {epoch + 1}/{config.epochs}", unit="patch",
@@ -386,11 +386,11 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             if procs.distributed:
                 _average_buffers(model, procs.world_size)
             losses.append(loss)
+            n_slides += len(batch)
             n_patches += sum(item.n_patches for item in batch)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{len(losses) * config.batch_size / elapsed:.2f}")
+            bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
     seconds = time.perf_counter() - started
-    n_slides = len(order) * procs.world_size
+    n_slides *= procs.world_size  # every process trains on as many slides
     return {"train_loss": float(np.mean(losses)), "train_slides": n_slides, "train_seconds": seconds,
             "slides_per_s": n_slides / seconds, "patches_per_s": _sum_over_processes(n_patches, procs) / seconds,
             "peak_memory_mb": _peak_memory_mb(procs.device)}
