@@ -150,7 +150,7 @@ class PatchStreamer:
     augmentation : Augmentation, optional
         Applied to every chunk when given (training); None for scoring and prediction.
     seed : int
-        Seed of the augmentation's random numbers.
+        Seed of the augmentation's random numbers (``generator``, whose state checkpoints save).
     backend : {"auto", "openslide", "tiffslide"}
         Slide backend; "auto" picks per slide with :func:`open_for_reading`.
     """
@@ -165,8 +165,8 @@ class PatchStreamer:
         self.augmentation = augmentation
         self.backend = backend
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ipspath-read")
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
         self._cuda = self.device.type == "cuda"
         self._pinned: list[torch.Tensor] = []
         self._copy_done: list[torch.cuda.Event] = []
@@ -240,7 +240,7 @@ class PatchStreamer:
             patches = self._to_device(host, k % 2)
             patches = resize_patches(patches.permute(0, 3, 1, 2), patch_size)
             if self.augmentation is not None:
-                patches = augment_patches(patches, self.augmentation, self._generator)
+                patches = augment_patches(patches, self.augmentation, self.generator)
             yield PatchChunk(patches, positions[start:start + len(host)].to(self.device, non_blocking=True))
 
     def _submit(self, slide: Slide, coords: np.ndarray, k: int, level: int,

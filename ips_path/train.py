@@ -805,7 +805,7 @@ def _rng_state(streamer: PatchStreamer, device: torch.device) -> dict[str, Any]:
         # Only this process's GPU: asking for all of them would make a CUDA context on each.
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         # The loader keeps its augmentation generator private; checkpoints need its state.
-        "augmentation": streamer._generator.get_state(),
+        "augmentation": streamer.generator.get_state(),
     }
 
 
@@ -823,7 +823,7 @@ def _set_rng_states(states: Sequence[Mapping[str, Any]], procs: Processes, strea
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and procs.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], procs.device)
-    streamer._generator.set_state(state["augmentation"])
+    streamer.generator.set_state(state["augmentation"])
 
 
 def _reset_peak_memory(device: torch.device) -> None:
