@@ -27,24 +27,23 @@ import openslide
 import torch
 
 from bench.common import save_result
-from ips_path.loader import PatchStreamer
+from ips_path.loader import PatchStreamer, open_for_reading
 from ips_path.model import IPSModel, Task, build_encoder
 from ips_path.model.chunks import PatchChunk
-from ips_path.store import write_tile_store
+from ips_path.store import TileStore
 from ips_path.synth import write_synthetic_slide
+from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
+from ips_path.tiling.tissue import TissueParams
 
 
-def make_store(folder: Path, size: int, patch: int) -> tuple[Path, object]:
-    """A generated JPEG SVS at 0.5 µm/px and a store of its full level-0 grid of ``patch`` px."""
+def make_store(folder: Path, size: int, patch: int) -> tuple[Path, TileStore]:
+    """A generated JPEG SVS at 0.5 µm/px, tiled by ``ipspath tile``'s code into its full grid of ``patch`` px."""
     slide_path = folder / "bench.svs"
     write_synthetic_slide(slide_path, size, size, mpp=0.5, fmt="svs", downsamples=(1, 4, 16), tile_size=256, seed=7)
-    xs = np.arange(0, size - patch + 1, patch)
-    coords = np.stack(np.meshgrid(xs, xs), axis=-1).reshape(-1, 2)
-    store = write_tile_store(
-        folder / "bench.zarr", coords, np.ones(len(coords), np.float32), np.ones((8, 8), np.uint8), 8.0,
-        {"slide_path": str(slide_path), "level0_mpp": [0.5, 0.5], "target_mpp": 0.5, "patch_size": patch,
-         "patch_size_level0": patch, "stride_level0": patch, "read_level": 0, "read_size": patch})
-    return slide_path, store
+    params = TilingParams(target_mpp=0.5, patch_size=patch, min_tissue=0.0, tissue=TissueParams(method="all"),
+                          qc=False)
+    tile_slides(collect_inputs([slide_path]), folder / "tiles", params, progress=False)
+    return slide_path, TileStore.open(folder / "tiles" / "bench.zarr")
 
 
 def plain_loop(slide_path: Path, coords: np.ndarray, patch: int) -> float:
@@ -58,8 +57,8 @@ def plain_loop(slide_path: Path, coords: np.ndarray, patch: int) -> float:
     return seconds
 
 
-def loader_pass(store, threads: int, chunk: int, device: str) -> float:
-    with PatchStreamer(chunk_size=chunk, threads=threads, device=device) as streamer:
+def loader_pass(store: TileStore, threads: int, chunk: int, device: str, backend: str = "auto") -> float:
+    with PatchStreamer(chunk_size=chunk, threads=threads, device=device, backend=backend) as streamer:
         started = time.perf_counter()
         n = sum(len(c) for c in streamer.stream(store))
         if device.startswith("cuda"):
@@ -67,6 +66,11 @@ def loader_pass(store, threads: int, chunk: int, device: str) -> float:
         seconds = time.perf_counter() - started
     assert n == store.n_patches
     return seconds
+
+
+def _auto_backend(store: TileStore) -> str:
+    with open_for_reading(store) as slide:
+        return slide.backend
 
 
 def scoring_model(device: str, patch: int) -> IPSModel:
@@ -110,10 +114,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         slide_path, store = make_store(Path(tmp), args.size, args.patch)
+        auto_backend = _auto_backend(store)
         n = store.n_patches
         plain = [plain_loop(slide_path, store.coords, args.patch) for _ in range(args.repeats)]
         loaded = [loader_pass(store, args.threads, args.chunk, args.device) for _ in range(args.repeats)]
+        loaded_openslide = [loader_pass(store, args.threads, args.chunk, args.device, "openslide")
+                            for _ in range(args.repeats)]
         plain_rate, loader_rate = n / statistics.median(plain), n / statistics.median(loaded)
+        openslide_rate = n / statistics.median(loaded_openslide)
 
         model = scoring_model(args.device, args.patch)
         k = min(args.score_patches, n)
@@ -129,12 +137,15 @@ def main() -> None:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "slide": {"size_px": [args.size, args.size], "format": "Aperio SVS, JPEG tiles 256 px", "mpp": 0.5},
         "patches": n,
+        "loader_backend_auto_picked": auto_backend,
         "patch_size": args.patch,
         "threads": args.threads,
         "plain_openslide_tiles_per_s": round(plain_rate, 1),
         "loader_tiles_per_s": round(loader_rate, 1),
         "loader_speedup": round(loader_rate / plain_rate, 3),
         "loader_speedup_target": 1.8,
+        "loader_backend_openslide_tiles_per_s": round(openslide_rate, 1),
+        "loader_backend_openslide_speedup": round(openslide_rate / plain_rate, 3),
         "scoring_encoder": "resnet18",
         "scoring_patches": k,
         "scoring_in_memory_patches_per_s": round(mem_rate, 2),
@@ -142,7 +153,8 @@ def main() -> None:
         "scoring_ratio": round(fed_rate / mem_rate, 3),
         "scoring_ratio_target": 0.9,
         "repeats": args.repeats,
-        "raw_seconds": {"plain": plain, "loader": loaded, "scoring_in_memory": mem, "scoring_from_loader": fed},
+        "raw_seconds": {"plain": plain, "loader": loaded, "loader_openslide": loaded_openslide,
+                        "scoring_in_memory": mem, "scoring_from_loader": fed},
     }
     save_result(f"loader_bench_{args.device.split(':')[0]}", result)
 

@@ -34,7 +34,7 @@ import tiffslide
 
 from ips_path.errors import BadInputError, IpspathError
 
-__all__ = ["BACKENDS", "WSI_EXTENSIONS", "Slide"]
+__all__ = ["BACKENDS", "WSI_EXTENSIONS", "Slide", "rgb_on_white"]
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class Slide:
 
     @staticmethod
     def _read_openslide(handle: Any, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        return _rgba_on_white(np.asarray(handle.read_region((x, y), level, (width, height))))
+        return rgb_on_white(np.asarray(handle.read_region((x, y), level, (width, height))))
 
     def _read_tiffslide(self, handle: Any, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         # Read the part inside the level from the zarr view and paste it on white: tiffslide's own
@@ -242,13 +242,13 @@ class Slide:
         region = np.full((height, width, 3), 255, dtype=np.uint8)
         if x0 < x1 and y0 < y1:
             pixels = np.asarray(handle.zarr_group[str(level)][y0:y1, x0:x1])
-            region[y0 - top:y1 - top, x0 - left:x1 - left] = _rgba_on_white(pixels)
+            region[y0 - top:y1 - top, x0 - left:x1 - left] = rgb_on_white(pixels)
         return region
 
     def get_thumbnail(self, max_size: tuple[int, int]) -> np.ndarray:
         """The whole slide as (h, w, 3) ``uint8`` RGB fitting in ``max_size`` (w, h), aspect kept."""
         size = _int_pair(max_size)
-        return self._with_handle(lambda handle: _rgba_on_white(np.asarray(handle.get_thumbnail(size))),
+        return self._with_handle(lambda handle: rgb_on_white(np.asarray(handle.get_thumbnail(size))),
                                  f"cannot read a {size[0]}x{size[1]} thumbnail")
 
     def associated_image(self, name: str) -> np.ndarray:
@@ -256,7 +256,7 @@ class Slide:
         if name not in self.associated_images:
             have = ", ".join(self.associated_images) or "none"
             raise BadInputError(f"{self.path}: no associated image {name!r} (it has: {have})")
-        return self._with_handle(lambda handle: _rgba_on_white(np.asarray(handle.associated_images[name])),
+        return self._with_handle(lambda handle: rgb_on_white(np.asarray(handle.associated_images[name])),
                                  f"cannot read associated image {name!r}")
 
     # -- the rest ------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def _mpp_from_tiff_tags(props: dict[str, Any]) -> tuple[float, float] | None:
     return _UM_PER_UNIT[unit] / resolution[0], _UM_PER_UNIT[unit] / resolution[1]
 
 
-def _rgba_on_white(pixels: np.ndarray) -> np.ndarray:
+def rgb_on_white(pixels: np.ndarray) -> np.ndarray:
     """(h, w, 3) uint8 RGB from grey, RGB or RGBA pixels; transparent parts become white."""
     if pixels.ndim == 2:
         pixels = pixels[..., None]

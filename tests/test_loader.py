@@ -127,7 +127,7 @@ def test_stream_features_reads_the_cached_embeddings(grid_store):
     assert torch.equal(torch.cat([c.positions for c in chunks]), grid_positions(grid_store.coords, 96))
 
 
-def test_auto_reads_with_tiffslide_only_where_it_sees_the_tiled_pyramid(small_svs, test_data, tmp_path):
+def test_auto_reads_tiles_directly_only_where_tiffslide_sees_the_tiled_pyramid(small_svs, test_data, tmp_path):
     from ips_path.loader import open_for_reading
     from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 
@@ -136,7 +136,7 @@ def test_auto_reads_with_tiffslide_only_where_it_sees_the_tiled_pyramid(small_sv
                 progress=False)
     svs, dicom = TileStore.open(tmp_path / "small.zarr"), TileStore.open(tmp_path / "he_dicom.zarr")
     with open_for_reading(svs) as slide:
-        assert slide.backend == "tiffslide"
+        assert slide.backend == "tifffile-tiles"
     with open_for_reading(dicom) as slide:  # tiffslide does not read DICOM
         assert slide.backend == "openslide"
     with open_for_reading(svs, backend="openslide") as slide:
@@ -144,3 +144,40 @@ def test_auto_reads_with_tiffslide_only_where_it_sees_the_tiled_pyramid(small_sv
     moved = TileStore(svs.path, {**svs.attrs, "read_level_dimensions": [1, 1]}, svs.coords, svs.tissue_fraction)
     with open_for_reading(moved) as slide:  # another pyramid than the one tiled: the reference reader
         assert slide.backend == "openslide"
+
+
+@pytest.mark.parametrize("level,size", [(0, 96), (1, 40)])
+def test_tile_reader_pixels_equal_tiffslide_reads(slide_file, level, size):
+    from ips_path.loader import TiffTileReader
+
+    rng = np.random.default_rng(level)
+    locations = [(0, 0), (1600 - 30, 1200 - 30), (-40, 10), *rng.integers(0, 1500, size=(40, 2)).tolist()]
+    with Slide(slide_file, backend="tiffslide") as slide, \
+            TiffTileReader(slide_file, level, slide.level_downsamples[level]) as reader:
+        for x, y in locations:  # unaligned, straddling tiles, over the edges
+            assert np.array_equal(reader.read_region((x, y), level, (size, size)),
+                                  slide.read_region((x, y), level, (size, size))), (x, y)
+
+
+def test_tile_reader_names_the_slide_and_patch_of_a_corrupt_tile(test_data):
+    from ips_path.loader import TiffTileReader
+
+    with TiffTileReader(test_data / "bad" / "unreadable.svs", 0, 1.0) as reader, \
+            pytest.raises(IpspathError, match=r"unreadable\.svs: cannot read region at level-0 \(0, 0\).*Bogus marker"):
+        reader.read_region((0, 0), 0, (16, 16))
+
+
+def test_auto_loader_chunks_equal_the_slide_pixels_of_a_tiled_store(small_svs, tmp_path):
+    from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
+
+    tile_slides(collect_inputs([small_svs.path]), tmp_path, TilingParams(target_mpp=1.0, patch_size=100, qc=False),
+                progress=False)
+    store = TileStore.open(tmp_path / "small.zarr")
+    with PatchStreamer(chunk_size=16, threads=3) as streamer:
+        patches = torch.cat([c.patches for c in streamer.stream(store)])
+    with Slide(small_svs.path, backend="tiffslide") as slide:
+        for i in range(0, store.n_patches, 7):
+            x, y = store.coords[i]
+            raw = torch.from_numpy(slide.read_region((int(x), int(y)), store.read_level,
+                                                     (store.read_size, store.read_size))).permute(2, 0, 1)
+            assert torch.equal(patches[i], resize_patches(raw[None], store.patch_size)[0]), i
