@@ -33,15 +33,13 @@ from ips_path.model.chunks import PatchChunk
 from ips_path.store import TileStore
 from ips_path.synth import write_synthetic_slide
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
-from ips_path.tiling.tissue import TissueParams
 
 
 def make_store(folder: Path, size: int, patch: int) -> tuple[Path, TileStore]:
-    """A generated JPEG SVS at 0.5 µm/px, tiled by ``ipspath tile``'s code into its full grid of ``patch`` px."""
+    """A generated JPEG SVS at 0.5 µm/px, tiled by ``ipspath tile``'s code: its tissue patches of ``patch`` px."""
     slide_path = folder / "bench.svs"
     write_synthetic_slide(slide_path, size, size, mpp=0.5, fmt="svs", downsamples=(1, 4, 16), tile_size=256, seed=7)
-    params = TilingParams(target_mpp=0.5, patch_size=patch, min_tissue=0.0, tissue=TissueParams(method="all"),
-                          qc=False)
+    params = TilingParams(target_mpp=0.5, patch_size=patch, qc=False)
     tile_slides(collect_inputs([slide_path]), folder / "tiles", params, progress=False)
     return slide_path, TileStore.open(folder / "tiles" / "bench.zarr")
 
@@ -137,6 +135,7 @@ def main() -> None:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "slide": {"size_px": [args.size, args.size], "format": "Aperio SVS, JPEG tiles 256 px", "mpp": 0.5},
         "patches": n,
+        "patches_are": "the tissue patches of the store (default tissue detection, >= 50 % tissue)",
         "loader_backend_auto_picked": auto_backend,
         "patch_size": args.patch,
         "threads": args.threads,
