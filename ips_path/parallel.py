@@ -139,6 +139,9 @@ def dask_client(scheduler: str) -> Iterator[Any]:
         from distributed import Client, LocalCluster
     except ImportError as exc:
         raise BadInputError("--scheduler needs Dask: pip install 'ipspath[dask]'") from exc
+    # distributed sets its loggers to INFO when imported: keep its chatter out of the user's terminal.
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     if scheduler.startswith("local:"):
         try:
             n_workers = int(scheduler.split(":", 1)[1])
@@ -147,7 +150,8 @@ def dask_client(scheduler: str) -> Iterator[Any]:
         except ValueError:
             raise BadInputError(f"--scheduler {scheduler}: use local:N with N >= 1 worker processes") from None
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                          scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster) as client:
             yield client
         return
     try:
