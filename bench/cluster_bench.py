@@ -6,9 +6,13 @@ user runs it, with ``--overwrite``):
 - ``--workers N`` (local processes, no Dask);
 - ``--scheduler local:N`` (a LocalCluster started and stopped by the command);
 - ``--scheduler tcp://...`` against a scheduler with N single-threaded worker processes that was
-  started beforehand (``dask scheduler`` + ``dask worker``), as on a real cluster.
+  started beforehand (``dask scheduler`` + ``dask worker``, with the README's worker setting), as
+  on a real cluster.
 
-The per-slide overhead is (Dask wall - local wall) / slides, with the running scheduler.
+The cohort is one generated 100,000 x 80,000 px SVS (the tiling benchmark's slide) listed under
+``--slides`` ids in the manifest, so every slide costs what a real one does (about 1.6 CPU s)
+without generating dozens of 400 MB files. The per-slide overhead is
+(Dask wall - local wall) / slides, with the running scheduler.
 
     python -m bench.cluster_bench [--slides 32] [--workers 2] [--repeats 3]
 """
@@ -16,6 +20,7 @@ The per-slide overhead is (Dask wall - local wall) / slides, with the running sc
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import subprocess
@@ -46,7 +51,9 @@ def _start_cluster(workers: int) -> tuple[str, list[subprocess.Popen]]:
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    # The README's worker recipe: without Dask's MALLOC_TRIM_THRESHOLD_ (see ips_path.parallel).
+    environ = {**os.environ, "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_": "None"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": environ}
     processes = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                    "--no-dashboard"], **quiet)]
     processes += [subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
@@ -61,20 +68,20 @@ def _start_cluster(workers: int) -> tuple[str, list[subprocess.Popen]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slides", type=int, default=32)
-    parser.add_argument("--size", type=int, nargs=2, default=(24000, 18000), help="level-0 px of each slide")
+    parser.add_argument("--size", type=int, nargs=2, default=(100_000, 80_000), help="level-0 px of the slide")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from ips_path.synth import write_synthetic_cohort
+    from ips_path.synth import write_synthetic_slide
 
     with tempfile.TemporaryDirectory(prefix="cluster_bench-") as tmp:
         work = Path(tmp)
         started = time.perf_counter()
-        write_synthetic_cohort(work / "slides", args.slides, size=tuple(args.size), mpp=0.25,
-                               downsamples=(1, 4, 16, 64), seed=1)
+        write_synthetic_slide(work / "slide.svs", *args.size, mpp=0.25, downsamples=(1, 4, 16, 64), seed=1)
         generate_s = time.perf_counter() - started
-        manifest = work / "slides" / "manifest.csv"
+        manifest = work / "manifest.csv"
+        manifest.write_text("slide_id,slide_path\n" + "".join(f"s{i:03d},slide.svs\n" for i in range(args.slides)))
         address, cluster = _start_cluster(args.workers)
         try:
             runs: dict[str, list[float]] = {"local_workers": [], "dask_local_cluster": [], "dask_running_scheduler": []}
@@ -95,6 +102,7 @@ def main() -> None:
         "command": f"python -m bench.cluster_bench --slides {args.slides} --size {args.size[0]} {args.size[1]} "
                    f"--workers {args.workers} --repeats {args.repeats}",
         "cohort": {"slides": args.slides, "size_px": list(args.size), "mpp": 0.25, "levels": [1, 4, 16, 64],
+                   "made_as": "one generated SVS listed under every slide id",
                    "generate_seconds": round(generate_s, 1)},
         "tile_options": "--mpp 0.5 --patch-size 256 (defaults), QC pictures on, --overwrite",
         "workers": args.workers,

@@ -149,8 +149,14 @@ def dask_client(scheduler: str) -> Iterator[Any]:
                 raise ValueError
         except ValueError:
             raise BadInputError(f"--scheduler {scheduler}: use local:N with N >= 1 worker processes") from None
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR) as cluster, \
+        import dask
+
+        # Dask gives workers MALLOC_TRIM_THRESHOLD_=65536, which also turns off glibc's adaptive mmap
+        # threshold: every large array is then mapped and page-faulted afresh, and tiling a slide takes
+        # ~40 % longer (bench/cluster_bench.py). Workers of a cluster started by hand: see the README.
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+                LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                             scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR) as cluster, \
                 Client(cluster) as client:
             yield client
         return
