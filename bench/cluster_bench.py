@@ -31,6 +31,14 @@ from pathlib import Path
 
 from bench.common import save_result
 
+# The README's worker setting: without Dask's MALLOC_TRIM_THRESHOLD_ (see ips_path.parallel).
+WORKER_CONFIG = """\
+distributed:
+  nanny:
+    pre-spawn-environ:
+      MALLOC_TRIM_THRESHOLD_: null
+"""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -46,13 +54,14 @@ def _tile(manifest: Path, out: Path, extra: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def _start_cluster(workers: int) -> tuple[str, list[subprocess.Popen]]:
+def _start_cluster(workers: int, config_dir: Path) -> tuple[str, list[subprocess.Popen]]:
     """A scheduler and ``workers`` single-threaded worker processes on this machine."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "ipspath.yaml").write_text(WORKER_CONFIG)
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
-    # The README's worker recipe: without Dask's MALLOC_TRIM_THRESHOLD_ (see ips_path.parallel).
-    environ = {**os.environ, "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_": "None"}
+    environ = {**os.environ, "DASK_CONFIG": str(config_dir)}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": environ}
     processes = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                    "--no-dashboard"], **quiet)]
@@ -82,7 +91,7 @@ def main() -> None:
         generate_s = time.perf_counter() - started
         manifest = work / "manifest.csv"
         manifest.write_text("slide_id,slide_path\n" + "".join(f"s{i:03d},slide.svs\n" for i in range(args.slides)))
-        address, cluster = _start_cluster(args.workers)
+        address, cluster = _start_cluster(args.workers, work / "dask-config")
         try:
             runs: dict[str, list[float]] = {"local_workers": [], "dask_local_cluster": [], "dask_running_scheduler": []}
             for _ in range(args.repeats):  # interleaved, so load changes hit every way alike
