@@ -350,7 +350,6 @@ def export_h5(store: TileStore, h5_path: str | os.PathLike) -> None:
     level_dim = attrs.get("read_level_dimensions") or attrs.get("slide_dimensions") or [0, 0]
     read_downsample = float(attrs.get("read_downsample", 1.0))
     level0_mpp = float(np.mean(store.level0_mpp))
-    stride_level0 = int(attrs.get("stride_level0", store.patch_size_level0))
     h5_path.parent.mkdir(parents=True, exist_ok=True)
     partial = h5_path.with_name(f".{h5_path.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}")
     try:
@@ -366,7 +365,7 @@ def export_h5(store: TileStore, h5_path: str | os.PathLike) -> None:
                 "patch_size_level0": store.patch_size_level0,
                 "target_magnification": 10.0 / store.target_mpp,
                 "level0_magnification": 10.0 / level0_mpp,
-                "overlap": max(0, store.patch_size_level0 - stride_level0),
+                "overlap": max(0, store.patch_size_level0 - store.stride_level0),
                 "target_mpp": store.target_mpp,
                 "level0_mpp": np.asarray(store.level0_mpp),
             })
