@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError
 
 __all__ = ["MONITORS", "RUNTIME_FIELDS", "TrainConfig", "load_config", "resolve_config", "save_config"]
@@ -231,7 +232,5 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
     """Write the configuration as YAML, atomically."""
     import yaml
 
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(yaml.safe_dump(config.as_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(partial, path)
+    text = yaml.safe_dump(config.as_dict(), sort_keys=False)
+    write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))

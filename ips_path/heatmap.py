@@ -32,8 +32,7 @@ import functools
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.progress import progress_bar
 from ips_path.slide import Slide
@@ -93,7 +93,6 @@ _TIFF_TILE = 256
 _TIFF_JPEG_QUALITY = 90
 _GEOJSON_CHUNK = 20_000  # features formatted per write
 _UNSCORED_FILL = np.float32(np.nan)
-_PARTIAL = ".partial-"
 
 
 # -- scores on a grid ------------------------------------------------------------------------------
@@ -635,22 +634,11 @@ def top_patch_gallery(slide: Slide, coords: np.ndarray, scores: np.ndarray, *, t
 
 # -- files -----------------------------------------------------------------------------------------
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(temporary sibling)`` and rename it to ``path``: never a half-written file."""
-    partial = path.with_name(f".{path.name}{_PARTIAL}{uuid.uuid4().hex}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
-
-
 def _save_png(image: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
     # zlib level 3: a third of the time of the default 6 for about 7 % more bytes on slide pictures
-    return _write_atomically(path, lambda target: Image.fromarray(image).save(target, format="PNG",
+    return write_atomically(path, lambda target: Image.fromarray(image).save(target, format="PNG",
                                                                                compress_level=3))
 
 
@@ -709,7 +697,7 @@ def write_patches_geojson(path: str | os.PathLike, coords: np.ndarray, patch_siz
                 out.write(",\n".join(template % row for row in rows))
             out.write("\n]}\n")
 
-    return _write_atomically(path, write)
+    return write_atomically(path, write)
 
 
 def _pyramid_sizes(width: int, height: int, tile: int) -> list[tuple[int, int]]:
@@ -789,7 +777,7 @@ def write_overlay_tiff(path: str | os.PathLike, slide: Slide, grid: ScoreGrid, m
                           resolution=(px_per_cm_x, px_per_cm_y), resolutionunit="CENTIMETER", metadata=None,
                           description="ipspath attention overlay" if index == 0 else None)
 
-    return _write_atomically(path, write)
+    return write_atomically(path, write)
 
 
 # -- one slide -------------------------------------------------------------------------------------

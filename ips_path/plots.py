@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ips_path.atomic import write_atomically
+
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
     """Draw losses (left) and validation metrics (right) per epoch and write them to ``path``, atomically.
@@ -85,9 +87,7 @@ def plot_roc(labels: Sequence[int], probabilities: Sequence[Sequence[float]], cl
 
 
 def _save(fig, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    fig.savefig(partial, format="png")
-    os.replace(partial, path)
+    write_atomically(path, lambda partial: fig.savefig(partial, format="png"))
 
 
 def _plot(ax, epochs: list, history: Sequence[Mapping[str, float]], key: str, label: str, **style) -> None:

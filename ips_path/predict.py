@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ips_path import __version__
+from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.parallel import map_slides, process_object
 from ips_path.store import TileStore, store_path
@@ -333,35 +334,38 @@ def _lost(job: PredictJob, exc: BaseException) -> SlideRecord:
 # -- files --------------------------------------------------------------------------------------
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(partial, path)
+    text = json.dumps(values, indent=2) + "\n"
+    write_atomically(path, lambda partial: partial.write_text(text))
 
 
 def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, run: str) -> None:
     import h5py
 
-    partial = path.with_name(f".{path.name}.partial")
-    with h5py.File(partial, "w") as f:
-        coords = f.create_dataset("coords", data=store.coords.astype(np.int64))
-        coords.attrs.update({"patch_size": store.patch_size_level0, "patch_level": 0,
-                             "target_mpp": store.target_mpp})
-        f.create_dataset("attention_scores", data=logits)
-        f.attrs.update({"run": run, "patch_size_level0": store.patch_size_level0,
-                        "slide_path": str(store.slide_path)})
-    os.replace(partial, path)
+    def write(partial: Path) -> None:
+        with h5py.File(partial, "w") as f:
+            coords = f.create_dataset("coords", data=store.coords.astype(np.int64))
+            coords.attrs.update({"patch_size": store.patch_size_level0, "patch_level": 0,
+                                 "target_mpp": store.target_mpp})
+            f.create_dataset("attention_scores", data=logits)
+            f.attrs.update({"run": run, "patch_size_level0": store.patch_size_level0,
+                            "slide_path": str(store.slide_path)})
+
+    write_atomically(path, write)
 
 
 def _write_predictions_csv(path: Path, records: Sequence[SlideRecord], classes: Sequence[str]) -> None:
     columns = ["slide_id", "label", "predicted", *(f"prob_{c}" for c in classes), "n_patches", "status", "error"]
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for r in records:
-            probs = r.probabilities or [""] * len(classes)
-            writer.writerow([r.slide_id, r.label or "", r.predicted or "", *probs, r.n_patches, r.status, r.error])
-    os.replace(partial, path)
+
+    def write(partial: Path) -> None:
+        with partial.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for r in records:
+                probs = r.probabilities or [""] * len(classes)
+                writer.writerow([r.slide_id, r.label or "", r.predicted or "", *probs, r.n_patches, r.status,
+                                 r.error])
+
+    write_atomically(path, write)
 
 
 def _write_metrics(out_dir: Path, records: Sequence[SlideRecord], classes: Sequence[str]) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from string import Template
 from urllib.parse import quote
 
 from ips_path import __version__
+from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError
 
 PREDICTIONS_NAME = "predictions.csv"
@@ -193,10 +194,7 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
                         if row.status == "done") or '<p class="empty">No slide was predicted.</p>',
         failed=_failed_html([r for r in rows if r.status == "failed"]),
     )
-    partial = out_path.with_name(out_path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, out_path)
-    return out_path
+    return write_atomically(out_path, lambda partial: partial.write_text(text, encoding="utf-8"))
 
 
 def _read_json(path: Path) -> dict:

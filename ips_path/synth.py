@@ -34,6 +34,8 @@ import scipy.fft
 import tifffile
 from scipy import ndimage
 
+from ips_path.atomic import write_atomically
+
 __all__ = ["Lesion", "SlideSpec", "in_lesion", "write_synthetic_cohort", "write_synthetic_slide"]
 
 #: Glass seen through the microscope: the colour of background and of unstained gaps.
@@ -265,14 +267,10 @@ def write_synthetic_slide(
     thumb_downsample = _thumbnail_downsample(width, height)
     painter = _Painter(mask_field, cell_px, placed, mpp, texture_seed, np.random.default_rng([seed, 6]))
 
-    partial = path.with_name(f".{path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        _write_pyramid(partial, spec, painter, tile_size, jpeg_quality, resolution_tags, thumb_downsample,
-                       workers or os.cpu_count() or 1)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_atomically(path, lambda partial: _write_pyramid(partial, spec, painter, tile_size, jpeg_quality,
+                                                          resolution_tags, thumb_downsample,
+                                                          workers or os.cpu_count() or 1))
     return spec
 
 

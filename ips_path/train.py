@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ips_path import __version__
+from ips_path.atomic import write_atomically
 from ips_path.config import RUNTIME_FIELDS, TrainConfig, save_config
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.loader import Augmentation, PatchStreamer
@@ -596,12 +597,14 @@ def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, path)
+
+    def write(partial: Path) -> None:
+        with partial.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) -> None:
@@ -713,10 +716,7 @@ class _RunState:
             "config": self.config.as_dict(), "class_names": list(self.classes), "task": TASK_NAME,
             "tiling": self.tiling, "in_features": self.in_features,
         }
-        path = self.out_dir / name
-        partial = path.with_name(f".{name}.partial")
-        torch.save(checkpoint, partial)
-        os.replace(partial, path)
+        write_atomically(self.out_dir / name, lambda partial: torch.save(checkpoint, partial))
 
 
 # -- starting, resuming, randomness -----------------------------------------------------------------

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ips_path.atomic import write_atomically
+
 QC_LONG_SIDE = 1024
 """Approximate long side of a QC picture, px (whole factors of the detection image)."""
 CONTOUR_RGB = (0, 170, 0)
@@ -111,19 +113,18 @@ def write_qc_png(path: str | os.PathLike, picture: np.ndarray) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    Image.fromarray(picture).save(partial, format="PNG", compress_level=1)
-    os.replace(partial, path)
+    write_atomically(path, lambda partial: Image.fromarray(picture).save(partial, format="PNG", compress_level=1))
 
 
 def write_summary_csv(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
     """Write the per-run tiling summary, one row per slide, columns :data:`SUMMARY_COLUMNS`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-    os.replace(partial, path)
+
+    def write(partial: Path) -> None:
+        with partial.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
