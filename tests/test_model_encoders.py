@@ -130,6 +130,21 @@ def test_megapixel_mnist_encoder_and_small_cnn_shapes():
         cnn(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
 
 
+def test_small_cnn_pooling_takes_the_mean_or_the_max_of_the_last_feature_map():
+    patches = torch.randint(0, 256, (4, 1, 40, 40), dtype=torch.uint8)
+    torch.manual_seed(0)
+    avg = build_encoder("smallcnn", in_channels=1, widths=(8, 16)).eval()
+    torch.manual_seed(0)
+    mx = build_encoder("smallcnn", in_channels=1, widths=(8, 16), pool="max").eval()
+    with torch.no_grad():
+        feature_map = avg.forward_features(patches)
+        torch.testing.assert_close(avg(patches), feature_map.mean((2, 3)))
+        torch.testing.assert_close(mx(patches), feature_map.amax((2, 3)))
+    assert not torch.allclose(avg(patches), mx(patches))
+    with pytest.raises(BadInputError, match="pool must be 'avg' or 'max'"):
+        build_encoder("smallcnn", pool="median")
+
+
 def test_pixel_normalisation_uses_buffers_and_accepts_unit_floats():
     norm = PixelNormalizer(3)
     assert dict(norm.state_dict()) == {}  # configuration, not weights

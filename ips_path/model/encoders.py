@@ -177,18 +177,25 @@ class SmallCNN(nn.Module):
         Output channels of each layer; each layer halves the spatial size. ``out_dim = widths[-1]``.
     mean, std : sequence of float, optional
         Pixel normalisation, see :class:`PixelNormalizer`.
+    pool : {"avg", "max"}
+        Global pooling of the last feature map. ``"max"`` reports a feature wherever in the patch it
+        occurs, undiluted by the empty rest: better when the object is small against the patch and
+        lands at any offset (Megapixel MNIST digits); ``"avg"`` suits textures that fill the patch.
     """
 
     def __init__(self, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128, 128),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, pool: str = "avg"):
         super().__init__()
+        pools = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+        if pool not in pools:
+            raise BadInputError(f"smallcnn pool must be 'avg' or 'max', got {pool!r}")
         self.normalize = PixelNormalizer(in_channels, mean, std)
         layers: list[nn.Module] = []
         for width_in, width in zip((in_channels, *widths[:-1]), widths, strict=True):
             layers += [*_conv_bn(width_in, width, 3, 2), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.out_dim = widths[-1]
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = pools[pool](1)
         _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +253,7 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
     ----------
     name : str
         ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (keyword ``stages`` keeps the first 1-4 stages),
-        ``"smallcnn"`` (keyword ``widths``), ``"features"`` (projector over cached embeddings; needs
+        ``"smallcnn"`` (keywords ``widths``, ``pool``), ``"features"`` (projector over cached embeddings; needs
         ``in_features``, keyword ``out_dim``, default 128), or ``"timm:<model name>"`` (needs timm).
     pretrained : path, optional
         Local state-dict file (``.pth``/``.pt``, read with ``weights_only=True``, or ``.safetensors``).
