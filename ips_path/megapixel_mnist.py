@@ -256,7 +256,7 @@ def _draw_noise_strokes(image: np.ndarray, n_strokes: int, rng: np.random.Genera
 
 
 def patch_chunks(image: torch.Tensor, patch_size: int = 50, stride: int = 50,
-                 chunk_size: int = 100) -> Iterator[PatchChunk]:
+                 chunk_size: int = 100, drop_empty: bool = False) -> Iterator[PatchChunk]:
     """Cut an image into a row-major grid of patches, in chunks for :meth:`IPSModel.select_top_patches`.
 
     Parameters
@@ -268,6 +268,11 @@ def patch_chunks(image: torch.Tensor, patch_size: int = 50, stride: int = 50,
         that would cross the right or bottom edge are left out.
     chunk_size : int
         Patches per chunk (the last chunk may be smaller).
+    drop_empty : bool
+        Leave out patches whose pixels are all 0, as tissue detection leaves out the glass of a slide.
+        Identical empty patches get identical selection scores, and without a positional encoding to
+        tell them apart they can fill the whole buffer. An image with no non-empty patch keeps its
+        first patch, so every stream holds at least one.
 
     Yields
     ------
@@ -282,5 +287,9 @@ def patch_chunks(image: torch.Tensor, patch_size: int = 50, stride: int = 50,
     patches = grid.permute(1, 2, 0, 3, 4).reshape(n_rows * n_cols, channels, patch_size, patch_size)
     rows, cols = torch.meshgrid(torch.arange(n_rows), torch.arange(n_cols), indexing="ij")
     positions = torch.stack((rows.flatten(), cols.flatten()), dim=1).to(image.device)
-    for start in range(0, n_rows * n_cols, chunk_size):
+    if drop_empty:
+        keep = patches.flatten(1).amax(dim=1) != 0
+        keep[0] |= not bool(keep.any())
+        patches, positions = patches[keep], positions[keep]
+    for start in range(0, len(patches), chunk_size):
         yield PatchChunk(patches[start:start + chunk_size], positions[start:start + chunk_size])

@@ -165,7 +165,37 @@ def test_patch_chunks_with_overlap_and_a_ragged_edge():
     assert chunks[0].patches.dtype == torch.uint8
 
 
+def test_patch_chunks_drop_empty_keeps_every_patch_with_signal_and_its_grid_position():
+    image = torch.zeros((1, 150, 150), dtype=torch.uint8)
+    image[0, 60, 140] = 1  # patch (1, 2)
+    image[0, 149, 0] = 255  # patch (2, 0)
+    kept = list(patch_chunks(image, patch_size=50, stride=50, chunk_size=1, drop_empty=True))
+    assert [c.positions.tolist() for c in kept] == [[[1, 2]], [[2, 0]]]
+    assert torch.equal(kept[0].patches[0], image[:, 50:100, 100:150])
+    assert len(list(patch_chunks(image, 50, 50, 100))) == 1 and sum(
+        len(c) for c in patch_chunks(image, 50, 50, 100)) == 9
+
+
+def test_patch_chunks_of_an_empty_image_keep_one_patch():
+    chunks = list(patch_chunks(torch.zeros((1, 100, 100), dtype=torch.uint8), 50, 50, 10, drop_empty=True))
+    assert [c.positions.tolist() for c in chunks] == [[[0, 0]]]
+
+
 def test_tasks_match_the_target_keys():
     targets = digit_targets(np.array([1, 1, 1, 2, 3]), np.zeros((5, 2), dtype=np.int64))
     assert [t.name for t in MEGAPIXEL_MNIST_TASKS] == list(targets)
     assert {t.name: t.kind for t in MEGAPIXEL_MNIST_TASKS}["multilabel"] == "multilabel"
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_ips_learns_megapixel_mnist_from_scratch():
+    """The CPU smoke preset of bench/mnist_bench.py, cut to 3 epochs: the majority digit is learned far
+    above the 10 % of chance (the full preset reaches about 85 %)."""
+    from bench.mnist_bench import PAPER, PRESETS, run
+
+    torch.set_num_threads(2)
+    cfg = {**PAPER, **PRESETS["cpu_smoke"], "epochs": 3}
+    result = run(cfg, torch.device("cpu"), MNIST, workers=0, seed=0)
+    assert result["final_test_accuracy"]["majority"] >= 0.3
+    assert result["history"][-1]["test_digits_selected"] > 0.5
