@@ -172,8 +172,7 @@ def test_patch_chunks_drop_empty_keeps_every_patch_with_signal_and_its_grid_posi
     kept = list(patch_chunks(image, patch_size=50, stride=50, chunk_size=1, drop_empty=True))
     assert [c.positions.tolist() for c in kept] == [[[1, 2]], [[2, 0]]]
     assert torch.equal(kept[0].patches[0], image[:, 50:100, 100:150])
-    assert len(list(patch_chunks(image, 50, 50, 100))) == 1 and sum(
-        len(c) for c in patch_chunks(image, 50, 50, 100)) == 9
+    assert sum(len(c) for c in patch_chunks(image, 50, 50, 100)) == 9  # by default every patch stays
 
 
 def test_patch_chunks_of_an_empty_image_keep_one_patch():
@@ -194,8 +193,11 @@ def test_ips_learns_megapixel_mnist_from_scratch():
     above the 10 % of chance (the full preset reaches about 85 %)."""
     from bench.mnist_bench import PAPER, PRESETS, run
 
-    torch.set_num_threads(2)
-    cfg = {**PAPER, **PRESETS["cpu_smoke"], "epochs": 3}
-    result = run(cfg, torch.device("cpu"), MNIST, workers=0, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the figures of the benchmark; results depend slightly on the thread count
+    try:
+        result = run({**PAPER, **PRESETS["cpu_smoke"], "epochs": 3}, torch.device("cpu"), MNIST, workers=0, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     assert result["final_test_accuracy"]["majority"] >= 0.3
     assert result["history"][-1]["test_digits_selected"] > 0.5
