@@ -15,3 +15,7 @@ class BadInputError(IpspathError):
     """The input (file, option, manifest) is wrong; the message names it and the fix."""
 
     exit_code = 2
+
+
+class RefusedError(BadInputError):
+    """An output holds results of other inputs; the message says which and how to go on (``--overwrite``)."""

@@ -1,0 +1,130 @@
+"""Identity of what produced a result: slide files, parameters, checkpoints, and keys naming them.
+
+A per-slide result (a tile store, cached features, a prediction, a heatmap) records the identity
+of its inputs, so a rerun can tell "same inputs, reuse it" from "other inputs, redo or refuse".
+An identity is a plain JSON-able dict; :func:`identity_key` turns one into a short stable name
+(for arrays inside a store, cache keys).
+
+- :func:`slide_identity`: size, mtime (ns) and a cheap content fingerprint (SHA-256 over the
+  size and three 64 KiB blocks: first, middle, last). A slide copied elsewhere keeps its
+  fingerprint; a slide replaced under the same name almost always changes it, even when size and
+  mtime were kept (``cp -p``, ``rsync -t``), without reading gigabytes.
+- :func:`file_digest`: SHA-256 of a whole file (checkpoints, encoder weights), cached per process
+  by (path, size, mtime_ns), so a file rewritten in place is digested afresh.
+- :func:`canonical_json` / :func:`identity_key`: one spelling of a parameter set, whatever the
+  order of its keys or the types (tuple/list, Path/str) it was built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FINGERPRINT_BLOCK",
+    "canonical_json",
+    "file_digest",
+    "file_fingerprint",
+    "identity_differences",
+    "identity_key",
+    "same_identity",
+    "slide_identity",
+]
+
+#: Bytes read from each of the start, middle and end of a slide file for its fingerprint.
+FINGERPRINT_BLOCK = 64 * 1024
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap content fingerprint of a file: SHA-256 (hex) over its size and three 64 KiB blocks.
+
+    Reads at most ``3 * FINGERPRINT_BLOCK`` bytes whatever the file's size.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest = hashlib.sha256(str(size).encode())
+        for offset in sorted({0, max(0, size // 2 - FINGERPRINT_BLOCK // 2), max(0, size - FINGERPRINT_BLOCK)}):
+            f.seek(offset)
+            digest.update(f.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
+def slide_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "mtime_ns": int, "fingerprint": hex}`` of a slide file.
+
+    The path itself is left out: the same file moved or mounted elsewhere is the same slide.
+    """
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fingerprint": file_fingerprint(path)}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a whole file, cached in this process by (resolved path, size, mtime_ns)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    cached = _DIGESTS.get(key)
+    if cached is None:
+        digest = hashlib.sha256()
+        with open(resolved, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        cached = _DIGESTS[key] = digest.hexdigest()
+    return cached
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, paths as strings, mapping keys as strings (one JSON spelling)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"an identity cannot hold {value!r}")
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _plain(value.item())
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """One compact JSON spelling of ``value``: sorted keys, tuples as lists, paths as strings.
+
+    Raises
+    ------
+    ValueError
+        For NaN or infinity (no identity holds them) and values JSON cannot spell.
+    """
+    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def identity_key(identity: Any, length: int = 16) -> str:
+    """A short stable name (``length`` hex characters of SHA-256) of an identity's canonical JSON."""
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:length]
+
+
+def same_identity(a: Any, b: Any) -> bool:
+    """Whether two identities are equal once spelled canonically (a JSON round trip keeps them equal)."""
+    return canonical_json(a) == canonical_json(b)
+
+
+def identity_differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two identities (``["model.digest", ...]``).
+
+    Used to say *why* a recorded result does not belong to this run.
+    """
+    recorded, current = _plain(recorded), _plain(current)
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        names: list[str] = []
+        for key in sorted(set(recorded) | set(current)):
+            names += identity_differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return names
+    return [] if recorded == current else [prefix.rstrip(".") or "identity"]
