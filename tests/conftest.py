@@ -81,3 +81,26 @@ def trained_run(cohort: tuple[pathlib.Path, pathlib.Path], tmp_path_factory: pyt
                          device="cpu", augment=False, warmup_epochs=0)
     train(manifest, tiles, out, config, progress=False)
     return out
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: pathlib.Path):
+    """A folder nobody can write in: permissions 0o555 for a normal user; for root (whom
+    permissions do not stop) a read-only tmpfs mounted there, skipped where mounting is not allowed."""
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("root without permission to mount a read-only file system")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
