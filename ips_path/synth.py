@@ -33,9 +33,10 @@ import tifffile
 from scipy import ndimage
 
 from ips_path.atomic import write_atomically
-from ips_path.synth_paint import BACKGROUND_RGB, MAX_DOWNSAMPLE, Painter
+from ips_path.synth_paint import BACKGROUND_RGB, MAX_DOWNSAMPLE, Painter, stain_shift_lut
 
-__all__ = ["BACKGROUND_RGB", "Lesion", "SlideSpec", "in_lesion", "write_synthetic_cohort", "write_synthetic_slide"]
+__all__ = ["BACKGROUND_RGB", "Lesion", "SlideSpec", "in_lesion", "lesion_fractions", "write_synthetic_cohort",
+           "write_synthetic_slide"]
 
 # The tissue mask has at most this many cells along the long side, and at least 16 level-0 px each.
 _MASK_LONG_SIDE = 1024
@@ -95,6 +96,7 @@ class SlideSpec:
     tissue_mask: np.ndarray = field(repr=False)   # bool (h, w), covering the whole slide
     mask_mpp: float                 # µm per mask cell
     lesions: tuple[Lesion, ...]
+    lookalikes: tuple[Lesion, ...] = ()   # benign regions that resemble lesions (not counted as lesions)
 
     @property
     def label(self) -> str:
@@ -110,12 +112,24 @@ class SlideSpec:
         """Fraction (0-1) of the level-0 rectangle at (x, y) of size (w, h) inside a lesion."""
         return float(_lesion_fractions(self.lesions, np.array([[x, y]]), (w, h))[0])
 
+    def lesion_area_fraction(self) -> float:
+        """The object-to-image ratio: lesion area over tissue area (0-1), from the lesion outlines and
+        the tissue mask (lesions lie inside the tissue)."""
+        tissue_px = float(self.tissue_mask.sum()) * self.mask_cell_px**2
+        return sum(_polygon_area(lesion.polygon(256)) for lesion in self.lesions) / tissue_px if tissue_px else 0.0
+
     def tissue_fraction(self, x: float, y: float, w: float, h: float) -> float:
         """Fraction (0-1) of the level-0 rectangle at (x, y) of size (w, h) on tissue (per the mask)."""
         xs, ys = _sample_points(np.array([[x, y]], dtype=np.float64), (w, h))
         rows = np.clip((ys / self.mask_cell_px).astype(int), 0, self.tissue_mask.shape[0] - 1)
         cols = np.clip((xs / self.mask_cell_px).astype(int), 0, self.tissue_mask.shape[1] - 1)
         return float(self.tissue_mask[rows, cols].mean())
+
+
+def _polygon_area(points: np.ndarray) -> float:
+    """Area of a simple polygon given as (n, 2) vertices (shoelace formula)."""
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
 def in_lesion(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int | tuple[int, int],
@@ -137,8 +151,21 @@ def in_lesion(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int
     -------
     (N,) bool array
     """
-    return _lesion_fractions(spec.lesions, np.asarray(coords_level0, dtype=np.float64),
-                             patch_size_level0) >= min_fraction
+    return lesion_fractions(spec, coords_level0, patch_size_level0) >= min_fraction
+
+
+def lesion_fractions(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int | tuple[int, int],
+                     regions: str = "lesions") -> np.ndarray:
+    """Fraction (0-1) of each patch's area inside a lesion (or, with ``regions="lookalikes"``, inside a
+    look-alike cluster); (N,) float array for the (N, 2) level-0 top-left corners ``coords_level0``.
+
+    With lesions smaller than a patch no patch is mostly lesion; ``> 0`` then says which patches
+    show some of it.
+    """
+    if regions not in ("lesions", "lookalikes"):
+        raise ValueError(f"regions must be 'lesions' or 'lookalikes', got {regions!r}")
+    return _lesion_fractions(getattr(spec, regions), np.asarray(coords_level0, dtype=np.float64),
+                             patch_size_level0)
 
 
 def _lesion_fractions(lesions: Sequence[Lesion], coords: np.ndarray,
@@ -176,6 +203,10 @@ def write_synthetic_slide(
     tissue: int | np.ndarray = 3,
     lesions: int | Sequence[tuple[float, float, float]] = 0,
     lesion_diameter_um: tuple[float, float] = (300.0, 800.0),
+    nucleus_scale: float | None = None,
+    lookalikes: int | Sequence[tuple[float, float, float]] = 0,
+    lookalike_diameter_um: tuple[float, float] | None = None,
+    stain_shift: float = 0.0,
     texture_seed: int = 0,
     workers: int | None = None,
 ) -> SlideSpec:
@@ -210,6 +241,18 @@ def write_synthetic_slide(
         explicit circles in level-0 pixels.
     lesion_diameter_um : (float, float)
         Range of the diameters of placed lesions, in µm.
+    nucleus_scale : float, optional
+        None: classic lesions (dense, large, dark nuclei; easy). A number: subtle lesions whose nuclei are
+        this many times larger than normal on average (1.4: 40 % larger) and pleomorphic, in stroma
+        much like the normal one; look-alike clusters then have nuclei as large but regular.
+    lookalikes : int or sequence of (x, y, radius)
+        Benign clusters of large, regular nuclei (on any slide, label unchanged): a number placed in
+        the tissue apart from the lesions, or explicit circles in level-0 pixels.
+    lookalike_diameter_um : (float, float), optional
+        Range of their diameters in µm; default: ``lesion_diameter_um``.
+    stain_shift : float
+        Per-slide staining variation: each colour channel's optical density is scaled by
+        ``exp(N(0, stain_shift))`` (0: every slide stained alike; 0.15: a realistic spread).
     texture_seed : int
         Seed of the stain textures. Slides sharing it share their staining, as if from one lab,
         and the textures (the slowest part for small slides) are made once per process; where
@@ -226,11 +269,19 @@ def write_synthetic_slide(
     _check_arguments(width, height, mpp, fmt, downsamples, tile_size, jpeg_quality)
     mask_field, cell_px = _tissue_field(tissue, width, height, np.random.default_rng([seed, 1]))
     tissue_mask = mask_field > 0.5
+    if nucleus_scale is not None and not nucleus_scale > 0:
+        raise ValueError(f"nucleus_scale must be positive, got {nucleus_scale}")
+    if not stain_shift >= 0:
+        raise ValueError(f"stain_shift must be >= 0, got {stain_shift}")
     placed = _lesions(lesions, tissue_mask, cell_px, mpp, lesion_diameter_um, np.random.default_rng([seed, 2]))
+    mimics = _lesions(lookalikes, tissue_mask, cell_px, mpp, lookalike_diameter_um or lesion_diameter_um,
+                      np.random.default_rng([seed, 7]), avoid=placed)
     spec = SlideSpec(path=path, width=width, height=height, mpp=float(mpp), fmt=fmt, downsamples=downsamples,
-                     seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed)
+                     seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed, lookalikes=mimics)
     thumb_downsample = _thumbnail_downsample(width, height)
-    painter = Painter(mask_field, cell_px, placed, mpp, texture_seed, np.random.default_rng([seed, 6]))
+    painter = Painter(mask_field, cell_px, placed, mpp, texture_seed, np.random.default_rng([seed, 6]),
+                      lookalikes=mimics, nucleus_scale=nucleus_scale,
+                      stain_lut=stain_shift_lut(stain_shift, np.random.default_rng([seed, 8])))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda partial: _write_pyramid(partial, spec, painter, tile_size, jpeg_quality,
@@ -246,6 +297,7 @@ def write_synthetic_cohort(
     positive_fraction: float = 0.5,
     size: tuple[int, int] = (4000, 3000),
     lesions_per_positive: tuple[int, int] = (1, 3),
+    lookalikes_per_slide: tuple[int, int] = (0, 0),
     seed: int = 0,
     prefix: str = "slide",
     **slide_options: object,
@@ -264,6 +316,8 @@ def write_synthetic_cohort(
         Level-0 (width, height) of every slide, in pixels.
     lesions_per_positive : (int, int)
         Inclusive range of the number of lesions on a positive slide.
+    lookalikes_per_slide : (int, int)
+        Inclusive range of the number of look-alike clusters on every slide, positive or negative.
     seed : int
         Seed of the whole cohort; each slide gets its own seed from it.
     prefix : str
@@ -282,12 +336,16 @@ def write_synthetic_cohort(
     positive = np.zeros(n_slides, dtype=bool)
     positive[rng.permutation(n_slides)[:n_positive]] = True
     suffix = ".svs" if slide_options.get("fmt", "svs") == "svs" else ".tiff"
+    # its own generator, so cohorts without look-alikes keep the slides they always had
+    lookalike_counts = np.random.default_rng([seed, 9]).integers(lookalikes_per_slide[0], lookalikes_per_slide[1] + 1,
+                                                                   n_slides)
     specs = []
     for index in range(n_slides):
         n_lesions = int(rng.integers(lesions_per_positive[0], lesions_per_positive[1] + 1)) if positive[index] else 0
         specs.append(write_synthetic_slide(
             out_dir / f"{prefix}_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)),
-            tissue=int(rng.integers(2, 5)), lesions=n_lesions, **slide_options))
+            tissue=int(rng.integers(2, 5)), lesions=n_lesions, lookalikes=int(lookalike_counts[index]),
+            **slide_options))
     with open(out_dir / "manifest.csv", "w", newline="") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(["slide_id", "slide_path", "label", "case_id"])
@@ -440,8 +498,10 @@ def _tissue_field(tissue: int | np.ndarray, width: int, height: int,
 
 
 def _lesions(lesions: int | Sequence[tuple[float, float, float]], tissue_mask: np.ndarray, cell_px: float,
-             mpp: float, diameter_um: tuple[float, float], rng: np.random.Generator) -> tuple[Lesion, ...]:
-    """Lesions as given, or ``lesions`` of them placed at random well inside the tissue."""
+             mpp: float, diameter_um: tuple[float, float], rng: np.random.Generator,
+             avoid: Sequence[Lesion] = ()) -> tuple[Lesion, ...]:
+    """Lesions as given, or ``lesions`` of them placed at random well inside the tissue, apart from each
+    other and from the regions in ``avoid``."""
     if not isinstance(lesions, int | np.integer):
         return tuple(Lesion(float(x), float(y), float(r)) for x, y, r in lesions)
     if lesions <= 0:
@@ -457,7 +517,7 @@ def _lesions(lesions: int | Sequence[tuple[float, float, float]], tissue_mask: n
         harmonics = tuple((rng.uniform(0, a), rng.uniform(0, 2 * np.pi)) for a in (0.12, 0.07, 0.04))
         reach = radius * (1 + sum(a for a, _ in harmonics))
         free = depth_px.copy()
-        for other in placed:  # keep lesions apart
+        for other in (*avoid, *placed):  # keep regions apart
             free[np.hypot(cell_x - other.x, cell_y - other.y) < other.max_radius + reach] = 0
         candidates = np.flatnonzero(free >= reach)
         if candidates.size == 0:  # tissue too thin for this size: shrink it to the deepest spot
@@ -492,20 +552,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tissue", type=int, default=3, help="number of tissue blobs")
     parser.add_argument("--lesions", type=int, default=0, help="number of lesions")
+    parser.add_argument("--lesion-diameter", type=float, nargs=2, default=(300.0, 800.0), metavar=("MIN", "MAX"),
+                        help="range of lesion diameters in µm (default 300 800)")
+    parser.add_argument("--nucleus-scale", type=float, default=None,
+                        help="subtle lesions: nuclei this many times larger than normal, pleomorphic "
+                             "(default: classic dense dark lesions)")
+    parser.add_argument("--lookalikes", type=int, default=0,
+                        help="look-alike clusters of large regular nuclei per slide")
+    parser.add_argument("--stain-shift", type=float, default=0.0,
+                        help="per-slide stain variation (0.15: realistic spread; default 0)")
     parser.add_argument("--cohort", type=int, metavar="N", help="write N slides and manifest.csv into OUT")
     parser.add_argument("--positive-fraction", type=float, default=0.5, help="with --cohort")
     args = parser.parse_args(argv)
     options = dict(mpp=args.mpp, resolution_tags=not args.no_resolution_tags, downsamples=args.downsamples,
-                   tile_size=args.tile_size, jpeg_quality=args.quality)
+                   tile_size=args.tile_size, jpeg_quality=args.quality, lesion_diameter_um=tuple(args.lesion_diameter),
+                   nucleus_scale=args.nucleus_scale, stain_shift=args.stain_shift)
     if args.cohort is not None:
         specs = write_synthetic_cohort(args.out, args.cohort, positive_fraction=args.positive_fraction,
                                        size=(args.width, args.height), seed=args.seed, fmt=args.fmt or "svs",
-                                       **options)
+                                       lookalikes_per_slide=(args.lookalikes, args.lookalikes), **options)
         print(f"wrote {len(specs)} slides and {pathlib.Path(args.out) / 'manifest.csv'}")
         return
     fmt = args.fmt or ("svs" if pathlib.Path(args.out).suffix.lower() == ".svs" else "tiff")
     spec = write_synthetic_slide(args.out, args.width, args.height, fmt=fmt, seed=args.seed,
-                                 tissue=args.tissue, lesions=args.lesions, **options)
+                                 tissue=args.tissue, lesions=args.lesions, lookalikes=args.lookalikes, **options)
     print(f"wrote {spec.path} ({spec.width}x{spec.height} px, {spec.mpp} µm/px, {len(spec.lesions)} lesions)")
 
 

@@ -20,7 +20,7 @@ import scipy.fft
 if TYPE_CHECKING:
     from ips_path.synth import Lesion
 
-__all__ = ["BACKGROUND_RGB", "MAX_DOWNSAMPLE", "Painter"]
+__all__ = ["BACKGROUND_RGB", "MAX_DOWNSAMPLE", "Painter", "stain_shift_lut"]
 
 #: Glass seen through the microscope: the colour of background and of unstained gaps.
 BACKGROUND_RGB = (242, 241, 244)
@@ -58,18 +58,83 @@ _LESION = _TissueLook(eosin=0.25, hematoxylin_background=0.30, gap_fraction=0.02
                       nucleus_radius_um=(3.5, 5.5), nucleus_elongation=(1.0, 1.4), nucleus_hematoxylin=1.6)
 
 
+def _subtle_lesion_look(nucleus_scale: float) -> _TissueLook:
+    """A lesion that differs from normal tissue mostly by its nuclei: ``nucleus_scale`` times larger on
+    average, pleomorphic (sizes spread, shapes from round to oval), a little denser and darker."""
+    low, high = _NORMAL.nucleus_radius_um
+    return _TissueLook(eosin=0.36, hematoxylin_background=0.14, gap_fraction=0.06, nuclei_per_mm2=5000,
+                       nucleus_radius_um=(low * nucleus_scale * 0.85, high * nucleus_scale * 1.1),
+                       nucleus_elongation=(1.0, 2.2), nucleus_hematoxylin=1.35)
+
+
+def _lookalike_look(nucleus_scale: float) -> _TissueLook:
+    """Benign look-alike clusters: nuclei as large as a lesion's on average but regular (one size, round)
+    and normally stained, in normal stroma (as reactive or lymphoid clusters can look)."""
+    mean_radius = sum(_NORMAL.nucleus_radius_um) / 2 * nucleus_scale
+    return _TissueLook(eosin=0.40, hematoxylin_background=0.12, gap_fraction=0.08, nuclei_per_mm2=5000,
+                       nucleus_radius_um=(mean_radius * 0.95, mean_radius * 1.05), nucleus_elongation=(1.0, 1.15),
+                       nucleus_hematoxylin=1.15)
+
+
+def stain_shift_lut(strength: float, rng: np.random.Generator) -> np.ndarray | None:
+    """A (3, 256) uint8 lookup table that changes a slide's staining as another lab's would.
+
+    Each channel's optical density is scaled by ``exp(N(0, strength))``; so 0.15 moves darker stain
+    by about 15 % per channel. None when ``strength`` is 0 (no change).
+    """
+    if strength <= 0:
+        return None
+    scale = np.exp(rng.normal(0.0, strength, 3))
+    values = np.arange(256, dtype=np.float64)
+    lut = np.empty((3, 256), dtype=np.uint8)
+    for channel in range(3):
+        background = float(BACKGROUND_RGB[channel])
+        density = -np.log(np.clip(values, 1, background) / background)
+        lut[channel] = np.clip(background * np.exp(-density * scale[channel]) + 0.5, 0, 255).astype(np.uint8)
+        lut[channel, values > background] = values[values > background].astype(np.uint8)
+    return lut
+
+
 class Painter:
-    """Composes slide pixels at any power-of-two downsample from the mask field, textures and lesions."""
+    """Composes slide pixels at any power-of-two downsample from the mask field, textures and lesions.
+
+    Parameters
+    ----------
+    mask_field : (h, w) float32 array
+        Smooth tissue field, tissue where > 0.5, one value per mask cell.
+    cell_px : float
+        Level-0 pixels per mask cell.
+    lesions, lookalikes : sequence of Lesion
+        Regions painted with the lesion and the look-alike texture.
+    mpp : float
+        Level-0 µm/px.
+    texture_seed : int
+        Seed of the stain textures (shared by slides "from one lab").
+    rng : numpy.random.Generator
+        Where each texture layer starts on this slide.
+    nucleus_scale : float, optional
+        None: the classic lesion (dense, large, dark nuclei, little stroma). A number: a subtle lesion
+        whose nuclei are this many times larger than normal and pleomorphic; look-alikes then have
+        nuclei as large but regular.
+    stain_lut : (3, 256) uint8 array, optional
+        Per-channel lookup table applied to the tissue (see :func:`stain_shift_lut`).
+    """
 
     def __init__(self, mask_field: np.ndarray, cell_px: float, lesions: Sequence[Lesion], mpp: float,
-                 texture_seed: int, rng: np.random.Generator):
+                 texture_seed: int, rng: np.random.Generator, *, lookalikes: Sequence[Lesion] = (),
+                 nucleus_scale: float | None = None, stain_lut: np.ndarray | None = None):
         self.mask_field = mask_field
         self.cell_px = cell_px
-        self.lesions = tuple(lesions)
+        self.regions = {"lesion": tuple(lesions), "lookalike": tuple(lookalikes)}
         self.background = np.array(BACKGROUND_RGB, dtype=np.uint16)
-        looks = {"normal": _NORMAL, "lesion": _LESION} if self.lesions else {"normal": _NORMAL}
+        self.stain_lut = stain_lut
+        scale = 1.4 if nucleus_scale is None else nucleus_scale
+        looks = {"normal": _NORMAL, "lesion": _LESION if nucleus_scale is None else _subtle_lesion_look(scale),
+                 "lookalike": _lookalike_look(scale)}
+        # texture seeds by kind (normal +0, lesion +1, look-alike +2); only the kinds the slide shows are made
         self.textures = {name: _PeriodicTexture(_texture_pyramids(look, float(mpp), texture_seed + k), rng)
-                         for k, (name, look) in enumerate(looks.items())}
+                         for k, (name, look) in enumerate(looks.items())
+                         if name == "normal" or self.regions[name]}
 
     def paint(self, downsample: int, left: int, top: int, width: int, height: int) -> np.ndarray | None:
         """(height, width, 3) uint8 pixels of the region at ``downsample`` whose top-left pixel is
@@ -85,13 +150,16 @@ class Painter:
             return None
 
         pixels = self.textures["normal"].crop(downsample, left, top, width, height)
-        for lesion in self.lesions:
-            reach = lesion.max_radius
-            if xs[0] - reach < lesion.x < xs[-1] + reach and ys[0] - reach < lesion.y < ys[-1] + reach:
-                inside = lesion.contains(xs[None, :], ys[:, None])
-                if inside.any():
-                    lesion_pixels = self.textures["lesion"].crop(downsample, left, top, width, height)
-                    pixels = np.where(inside[..., None], lesion_pixels, pixels)
+        for kind, regions in self.regions.items():
+            for region in regions:
+                reach = region.max_radius
+                if xs[0] - reach < region.x < xs[-1] + reach and ys[0] - reach < region.y < ys[-1] + reach:
+                    inside = region.contains(xs[None, :], ys[:, None])
+                    if inside.any():
+                        region_pixels = self.textures[kind].crop(downsample, left, top, width, height)
+                        pixels = np.where(inside[..., None], region_pixels, pixels)
+        if self.stain_lut is not None:
+            pixels = np.stack([self.stain_lut[c][pixels[..., c]] for c in range(3)], axis=-1)
         if block.min() >= 0.5 + 0.5 / _EDGE_SHARPNESS:
             return pixels
         field_values = _bilinear(block, cells_y - first_row, cells_x - first_col)

@@ -15,6 +15,7 @@ from ips_path.synth import (
     BACKGROUND_RGB,
     Lesion,
     in_lesion,
+    lesion_fractions,
     main,
     write_synthetic_cohort,
     write_synthetic_slide,
@@ -167,3 +168,95 @@ def test_the_command_line_writes_a_slide(tmp_path, capsys):
     assert "0 lesions" in capsys.readouterr().out
     with Slide(tmp_path / "cli.tiff") as slide:
         assert (slide.dimensions, slide.level_count, slide.level0_mpp) == ((800, 600), 2, (0.25, 0.25))
+
+
+# -- knobs for hard cohorts: subtle lesions, look-alikes, stain shift --------------------------------
+
+def _nucleus_areas(rgb: np.ndarray) -> np.ndarray:
+    """Pixel areas of the dark (hematoxylin) blobs of an RGB region."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(rgb.astype(np.float32).mean(axis=2) < 150)
+    return np.bincount(labels.ravel())[1:] if n else np.zeros(0)
+
+
+def test_subtle_lesions_have_nuclei_as_much_larger_as_asked_and_lookalikes_as_large_but_regular(tmp_path):
+    # Two large explicit regions so that each holds hundreds of nuclei.
+    spec = write_synthetic_slide(tmp_path / "s.tiff", 3000, 1200, mpp=0.5, fmt="tiff", downsamples=(1,), seed=2,
+                                 tissue=np.ones((4, 4), bool), lesions=[(700, 600, 450)], lookalikes=[(2300, 600, 450)],
+                                 nucleus_scale=1.4)
+    assert spec.label == "positive" and len(spec.lookalikes) == 1
+    with Slide(spec.path) as slide:
+        lesion = np.asarray(slide.read_region((400, 300), 0, (600, 600)))
+        mimic = np.asarray(slide.read_region((2000, 300), 0, (600, 600)))
+        normal = np.asarray(slide.read_region((1250, 0), 0, (500, 1200)))
+    sizes = {name: _nucleus_areas(region) for name, region in
+             (("lesion", lesion), ("lookalike", mimic), ("normal", normal))}
+    sizes = {name: areas[areas >= 12] for name, areas in sizes.items()}  # leave out grain and edge crumbs
+    median = {name: float(np.median(areas)) for name, areas in sizes.items()}
+    # nuclei touch and merge sometimes, so the ratio of areas (1.4^2 = 1.96) is measured loosely
+    assert 1.5 < median["lesion"] / median["normal"] < 3.0
+    assert 1.5 < median["lookalike"] / median["normal"] < 3.0
+    spread = {name: float(np.subtract(*np.percentile(areas, [75, 25])) / np.median(areas))
+              for name, areas in sizes.items()}
+    assert spread["lookalike"] < spread["lesion"]
+
+
+def test_lesion_area_fraction_is_the_share_of_tissue_in_lesions(tmp_path):
+    tissue = np.zeros((30, 40), bool)
+    tissue[5:25, 5:35] = True  # 2/3 x 3/4 of the slide... in mask cells
+    spec = write_synthetic_slide(tmp_path / "s.tiff", 4000, 3000, mpp=1.0, fmt="tiff", downsamples=(1, 4), seed=1,
+                                 tissue=tissue, lesions=[(2000, 1500, 100), (1200, 1000, 50)])
+    tissue_px = float(spec.tissue_mask.sum()) * spec.mask_cell_px**2
+    expected = np.pi * (100**2 + 50**2) / tissue_px
+    assert spec.lesion_area_fraction() == pytest.approx(expected, rel=0.02)
+    # the patch-level truth agrees: lesion area summed over a patch grid
+    xs, ys = np.meshgrid(np.arange(0, 4000, 50), np.arange(0, 3000, 50))
+    coords = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    assert lesion_fractions(spec, coords, 50).sum() * 50**2 == pytest.approx(np.pi * (100**2 + 50**2), rel=0.03)
+
+
+def test_placed_lookalikes_keep_apart_from_lesions_and_leave_the_label_alone(tmp_path):
+    specs = write_synthetic_cohort(tmp_path, 4, size=(3000, 2000), mpp=1.0, downsamples=(1, 4), seed=3, workers=2,
+                                   lesion_diameter_um=(40.0, 70.0), lesions_per_positive=(1, 2),
+                                   lookalikes_per_slide=(2, 3), nucleus_scale=1.4)
+    for spec in specs:
+        assert 2 <= len(spec.lookalikes) <= 3
+        for mimic in spec.lookalikes:
+            for lesion in spec.lesions:
+                assert np.hypot(mimic.x - lesion.x, mimic.y - lesion.y) >= mimic.max_radius + lesion.max_radius
+        centres = np.array([[m.x, m.y] for m in spec.lookalikes]) - 1
+        assert not lesion_fractions(spec, centres, 2).any()
+        assert lesion_fractions(spec, centres, 2, regions="lookalikes").all()
+    assert {s.label for s in specs} == {"positive", "negative"}
+    # a micro-lesion cohort: about 0.1 % of the tissue per positive slide
+    fractions = [s.lesion_area_fraction() for s in specs if s.lesions]
+    assert all(2e-4 < f < 5e-3 for f in fractions)
+
+
+def test_stain_shift_changes_the_colours_but_not_the_layout(tmp_path):
+    options = dict(fmt="tiff", downsamples=(1,), seed=4, lesions=1, mpp=1.0)
+    plain = write_synthetic_slide(tmp_path / "a.tiff", 1500, 1000, **options)
+    same = write_synthetic_slide(tmp_path / "b.tiff", 1500, 1000, stain_shift=0.0, **options)
+    shifted = write_synthetic_slide(tmp_path / "c.tiff", 1500, 1000, stain_shift=0.3, **options)
+    assert _digest(plain.path) == _digest(same.path)
+    assert shifted.lesions == plain.lesions
+    assert np.array_equal(shifted.tissue_mask, plain.tissue_mask)
+    with Slide(plain.path) as a, Slide(shifted.path) as c:
+        before = np.asarray(a.read_region((0, 0), 0, (1500, 1000))).astype(float)
+        after = np.asarray(c.read_region((0, 0), 0, (1500, 1000))).astype(float)
+    tissue = np.repeat(np.repeat(plain.tissue_mask, int(plain.mask_cell_px), 0), int(plain.mask_cell_px), 1)
+    tissue = tissue[:1000, :1500]
+    shift = np.abs(before[tissue].mean(axis=0) - after[tissue].mean(axis=0))
+    assert shift.max() > 3  # grey levels, averaged over the tissue
+    assert np.abs(before[~tissue] - after[~tissue]).mean() < 1  # the glass stays the glass
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (dict(nucleus_scale=0.0), "nucleus_scale"),
+    (dict(stain_shift=float("nan")), "stain_shift"),
+    (dict(stain_shift=-0.1), "stain_shift"),
+])
+def test_bad_knobs_are_refused(tmp_path, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        write_synthetic_slide(tmp_path / "s.tiff", 500, 500, fmt="tiff", **arguments)
