@@ -2,7 +2,8 @@
 
 Required columns: ``slide_id``, ``slide_path`` (absolute, or relative to the manifest's folder),
 ``label``. Optional: ``split`` (train/val/test), ``case_id`` (the patient: splits never cut a
-patient), ``mpp`` (level-0 µm/px, overrides the slide's metadata).
+patient), ``mpp`` (level-0 µm/px, overrides the slide's metadata); for survival tasks ``time``
+(follow-up, any unit) and ``event`` (1 = event observed at ``time``, 0 = censored then).
 
 Validation collects every problem before raising, so a user fixes the file in one pass.
 """
@@ -10,16 +11,17 @@ Validation collects every problem before raising, so a user fixes the file in on
 from __future__ import annotations
 
 import csv
+import math
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ips_path.errors import BadInputError
 
 REQUIRED_COLUMNS = ("slide_id", "slide_path", "label")
-OPTIONAL_COLUMNS = ("split", "case_id", "mpp")
+OPTIONAL_COLUMNS = ("split", "case_id", "mpp", "time", "event")
 SPLITS = ("train", "val", "test")
 
 
@@ -43,6 +45,10 @@ class ManifestRow:
         Level-0 resolution override in µm/px.
     line : int
         Line number in the CSV file (the header is line 1), for messages.
+    time : float or None
+        Follow-up time (survival), in the manifest's unit; None when not given.
+    event : int or None
+        1 = the event was observed at ``time``, 0 = censored at ``time``; None when not given.
     """
 
     slide_id: str
@@ -52,9 +58,12 @@ class ManifestRow:
     case_id: str
     mpp: float | None
     line: int
+    time: float | None = None
+    event: int | None = None
 
 
-def read_manifest(path: str | Path, *, require_label: bool = True, check_files: bool = True) -> list[ManifestRow]:
+def read_manifest(path: str | Path, *, require_label: bool = True, check_files: bool = True,
+                  require_survival: bool = False) -> list[ManifestRow]:
     """Read and validate a manifest CSV.
 
     Parameters
@@ -65,6 +74,9 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
         Whether every row needs a non-empty ``label`` (training: yes; prediction: no).
     check_files : bool
         Whether every ``slide_path`` must exist.
+    require_survival : bool
+        Whether every row needs a ``time`` (a number >= 0) and an ``event`` (0 or 1), consistent
+        across the slides of a patient (survival training). Without it, values given are still checked.
 
     Returns
     -------
@@ -75,7 +87,8 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
     ------
     BadInputError
         Listing every bad row at once with its line number: missing columns or files, duplicate
-        slide ids, empty labels, unknown splits, bad mpp values, a patient in two splits.
+        slide ids, empty labels, unknown splits, bad mpp values, a patient in two splits; for survival
+        a missing or negative time, an event other than 0/1, a patient whose slides disagree on them.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,10 +97,12 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
         reader = csv.DictReader(f)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns and not (c == "label" and not require_label)]
+        if require_survival:
+            missing += [c for c in ("time", "event") if c not in columns]
         if missing:
-            raise BadInputError(
-                f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}"
-            )
+            required = [c for c in REQUIRED_COLUMNS if c != "label" or require_label]
+            required += ["time", "event"] if require_survival else []
+            raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(required)}")
         raw = [({(k or "").strip(): (v or "").strip() for k, v in rec.items()}, i + 2) for i, rec in enumerate(reader)]
 
     problems: list[str] = []
@@ -121,9 +136,10 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
                     raise ValueError
             except ValueError:
                 problems.append(f"line {line}: mpp {rec['mpp']!r} is not a positive number (µm/px)")
+        time, event = _survival_values(rec, line, slide_id, require_survival, problems)
         if len(problems) == bad:
             rows.append(ManifestRow(slide_id, resolved.resolve() if slide_path else resolved, label, split,
-                                    rec.get("case_id") or slide_id, mpp, line))
+                                    rec.get("case_id") or slide_id, mpp, line, time, event))
 
     splits_of_case: dict[str, set[str]] = defaultdict(set)
     for row in rows:
@@ -133,6 +149,7 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
         if len(splits) > 1:
             problems.append(f"case_id {case_id!r} is in several splits ({', '.join(sorted(splits))}); "
                             "a patient must stay in one split")
+    problems += _survival_disagreements(rows)
     if not raw:
         problems.append("no rows")
     if problems:
@@ -141,14 +158,57 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
     return rows
 
 
+def _survival_values(rec: dict[str, str], line: int, slide_id: str, required: bool, problems: list[str]
+                     ) -> tuple[float | None, int | None]:
+    """The row's time and event, appending what is wrong with them to ``problems``."""
+    raw_time, raw_event = rec.get("time", ""), rec.get("event", "")
+    time = event = None
+    if raw_time:
+        try:
+            time = float(raw_time)
+            if not (math.isfinite(time) and time >= 0):
+                raise ValueError
+        except ValueError:
+            problems.append(f"line {line}: time {raw_time!r} of slide {slide_id!r} is not a number >= 0")
+            time = None
+    elif required:
+        problems.append(f"line {line}: empty time for slide {slide_id!r}")
+    if raw_event:
+        if raw_event in ("0", "1", "0.0", "1.0"):
+            event = int(float(raw_event))
+        else:
+            problems.append(f"line {line}: event {raw_event!r} of slide {slide_id!r} must be 1 (event observed) "
+                            "or 0 (censored)")
+    elif required:
+        problems.append(f"line {line}: empty event for slide {slide_id!r}")
+    return time, event
+
+
+def _survival_disagreements(rows: Sequence[ManifestRow]) -> list[str]:
+    """A patient's slides share one outcome: name the patients whose rows give different ones."""
+    outcomes: dict[str, set[tuple[float | None, int | None]]] = defaultdict(set)
+    for row in rows:
+        if row.time is not None or row.event is not None:
+            outcomes[row.case_id].add((row.time, row.event))
+    problems = []
+    for case_id, found in sorted(outcomes.items()):
+        if len(found) > 1:
+            listing = ", ".join(f"time {t if t is None else f'{t:g}'} event {e}" for t, e in sorted(found, key=str))
+            problems.append(f"case_id {case_id!r} has slides with different outcomes ({listing}); "
+                            "a patient has one time and event")
+    return problems
+
+
 def assign_splits(rows: Sequence[ManifestRow], *, val_fraction: float = 0.2, test_fraction: float = 0.0,
-                  seed: int = 0) -> dict[str, str]:
+                  seed: int = 0, strata: Mapping[str, str] | None = None) -> dict[str, str]:
     """Split slides into train/val/test by patient, stratified by label, reproducibly.
 
     Rows that already have a split keep it; the others are assigned. Patients are shuffled with
     ``seed`` within each label (the label of a patient's first slide), and the first
     ``val_fraction`` of each label's patients go to val (at least one when the label has three or
     more patients), the next ``test_fraction`` to test, the rest to train (never empty).
+    ``strata`` (case_id -> stratum, e.g. :func:`ips_path.survival.survival_strata`) replaces the
+    label as what the split keeps in proportion.
 
     Returns
     -------
@@ -162,7 +222,7 @@ def assign_splits(rows: Sequence[ManifestRow], *, val_fraction: float = 0.2, tes
             cases[r.case_id].append(r)
     by_label: dict[str, list[str]] = defaultdict(list)
     for case_id, case_rows in cases.items():
-        by_label[str(case_rows[0].label)].append(case_id)
+        by_label[strata[case_id] if strata is not None else str(case_rows[0].label)].append(case_id)
     rng = random.Random(seed)
     out = dict(fixed)
     for label in sorted(by_label):
