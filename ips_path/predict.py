@@ -168,8 +168,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     progress : bool
         Progress bar over slides.
     """
+    from ips_path.checkpoint import load_checkpoint
     from ips_path.tiling.run import collect_inputs
-    from ips_path.train import load_checkpoint
 
     checkpoint_path = resolve_checkpoint(model)
     checkpoint = load_checkpoint(checkpoint_path)  # refuse a foreign file before any work
@@ -241,7 +241,7 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, record: SlideReco
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
         prediction = model.predict_slide(chunks)
-    from ips_path.train import TASK_NAME
+    from ips_path.checkpoint import TASK_NAME
 
     probabilities = prediction.probabilities[TASK_NAME].float().cpu().reshape(-1).tolist()
     logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
@@ -300,7 +300,7 @@ def _close(a: float, b: float) -> bool:
 
 
 def _load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
-    from ips_path.train import load_model
+    from ips_path.checkpoint import load_model
 
     return process_object("model", (str(path), device), lambda: load_model(path, device))
 

@@ -46,7 +46,6 @@ import csv
 import logging
 import math
 import os
-import random
 import resource
 import time
 from collections import Counter
@@ -60,26 +59,33 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ips_path import __version__
 from ips_path.atomic import write_atomically
+from ips_path.checkpoint import TASK_NAME, RunState, build_model, load_checkpoint
 from ips_path.config import RUNTIME_FIELDS, TrainConfig, save_config
+from ips_path.distributed import (
+    GradientPhaseDDP,
+    Processes,
+    average_buffers,
+    init_processes,
+    mean_over_processes,
+    seed_everything,
+    set_rng_states,
+    shard_epoch,
+    sum_over_processes,
+)
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.loader import Augmentation, PatchStreamer
 from ips_path.manifest import ManifestRow, assign_splits, class_names, read_manifest
 from ips_path.metrics import classification_metrics
-from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, train_step
+from ips_path.model import IPSModel, PatchChunk, train_step
 from ips_path.plots import plot_training_curves
 from ips_path.progress import progress_bar
 from ips_path.store import TileStore, store_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TASK_NAME", "EarlyStopping", "Processes", "TrainResult", "build_model", "init_processes",
-           "load_checkpoint", "load_model", "lr_factor", "shard_epoch", "train"]
+__all__ = ["EarlyStopping", "TrainResult", "check_tile_stores", "lr_factor", "train"]
 
-TASK_NAME = "label"
-CHECKPOINT_FORMAT = "ipspath.checkpoint"
-CHECKPOINT_VERSION = 1
 MPP_RTOL = 1e-3  # tile stores made with the same --mpp agree far better than this
 
 
@@ -120,23 +126,6 @@ class SlideItem:
     label: int
     n_patches: int
     slide_mpp: float | None = None
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in a (possibly one-process) run."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 @dataclass
@@ -233,7 +222,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
     #    (seed, epoch), augmentation the per-process generator saved in checkpoints. The CPU kernels
     #    used here are deterministic already; torch.use_deterministic_algorithms would cost seconds of
     #    imports (torch._dynamo) for nothing.
-    _seed_everything(config.seed, procs.rank)
+    seed_everything(config.seed, procs.rank)
 
     # 2. Slides: classes, splits, tile stores (or cached features).
     rows = read_manifest(manifest, require_label=True, check_files=False)
@@ -286,13 +275,13 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
         stopping.load_state_dict(checkpoint["early_stopping"])
         history = [dict(row) for row in checkpoint["history"]]
         start_epoch, status = int(checkpoint["epoch"]), checkpoint["status"]
-        _set_rng_states(checkpoint["rng"], procs, train_streamer)
+        set_rng_states(checkpoint["rng"], procs, train_streamer)
         log.info("resuming %s after epoch %d of %d", out_dir, start_epoch, config.epochs)
     step_model: IPSModel | DistributedDataParallel = model
     if procs.distributed:
-        step_model = _GradientPhaseDDP(model)
+        step_model = GradientPhaseDDP(model)
 
-    state = _RunState(out_dir, config, classes, tiling, in_features, model, optimizer, scheduler, stopping,
+    state = RunState(out_dir, config, classes, tiling, in_features, model, optimizer, scheduler, stopping,
                       history, train_streamer, procs)
     if checkpoint is None:
         state.save("last.pt", epoch=0, status=status)  # so that an interrupted first epoch can resume
@@ -340,18 +329,6 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
 
 # -- one epoch --------------------------------------------------------------------------------------
 
-def shard_epoch(n_slides: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The training slides (indices) this process takes in ``epoch``, in order.
-
-    All processes shuffle alike with ``(seed, epoch)``, drop the last ``n_slides % world_size`` of the
-    shuffled order, and take every ``world_size``-th from their rank on: the shards are disjoint, of
-    equal size, and cover every slide but the dropped few (none with one process).
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n_slides)
-    kept = order[: n_slides - n_slides % world_size]
-    return [int(i) for i in kept[rank::world_size]]
-
-
 def lr_factor(step: int, warmup_steps: float, total_steps: int) -> float:
     """Learning rate at optimiser step ``step`` (from 0) relative to the peak: linear warm-up, cosine decay."""
     if step < warmup_steps:
@@ -378,14 +355,14 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             targets = {TASK_NAME: torch.tensor([item.label for item in batch], dtype=torch.long)}
             out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
                              grad_clip=config.grad_clip or None, class_weights=class_weights)
-            loss = _mean_over_processes(out["loss"], procs)
+            loss = mean_over_processes(out["loss"], procs)
             if not math.isfinite(loss):
                 raise IpspathError(
                     f"the training loss is {loss} at epoch {epoch + 1}, step {step + 1}: training diverged; "
                     "the last good state is in last.pt. Lower --lr, keep --grad-clip, or check the slides")
             scheduler.step()
             if procs.distributed:
-                _average_buffers(model, procs.world_size)
+                average_buffers(model, procs.world_size)
             losses.append(loss)
             n_slides += len(batch)
             n_patches += sum(item.n_patches for item in batch)
@@ -393,7 +370,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     seconds = time.perf_counter() - started
     n_slides *= procs.world_size  # every process trains on as many slides
     return {"train_loss": float(np.mean(losses)), "train_slides": n_slides, "train_seconds": seconds,
-            "slides_per_s": n_slides / seconds, "patches_per_s": _sum_over_processes(n_patches, procs) / seconds,
+            "slides_per_s": n_slides / seconds, "patches_per_s": sum_over_processes(n_patches, procs) / seconds,
             "peak_memory_mb": _peak_memory_mb(procs.device)}
 
 
@@ -410,53 +387,6 @@ def _counted(chunks: Iterable[PatchChunk], bar: Any) -> Iterator[PatchChunk]:
     for chunk in chunks:
         bar.update(len(chunk))
         yield chunk
-
-
-class _GradientPhaseDDP(DistributedDataParallel):
-    """DDP around an :class:`IPSModel` whose ``forward`` is the gradient phase.
-
-    :func:`~ips_path.model.train_step` calls ``forward_selected`` (here: DDP's forward, whose backward
-    all-reduces the gradients) and everything else (``select_top_patches``, ``stack_selections``,
-    ``tasks``) on the wrapped model, outside DDP.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
-
-    def forward_selected(self, patches: torch.Tensor, positions: torch.Tensor | None = None,
-                         mask: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return self(patches, positions, mask)
-
-
-def _average_buffers(model: torch.nn.Module, world_size: int) -> None:
-    """Average the floating-point buffers (BatchNorm running statistics) over the processes."""
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.detach().flatten().float() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for b in buffers:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
-
-
-def _mean_over_processes(value: float, procs: Processes) -> float:
-    if not procs.distributed:
-        return value
-    return _sum_over_processes(value, procs) / procs.world_size
-
-
-def _sum_over_processes(value: float, procs: Processes) -> float:
-    if not procs.distributed:
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=procs.device)
-    dist.all_reduce(tensor)
-    return float(tensor.item())
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -618,107 +548,6 @@ def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) 
              row["patches_per_s"])
 
 
-# -- model ------------------------------------------------------------------------------------------
-
-def build_model(config: TrainConfig, n_classes: int, in_features: int | None = None, *,
-                load_pretrained: bool = True) -> IPSModel:
-    """The IPS model a configuration describes: one multiclass task ``"label"`` over ``n_classes``.
-
-    Parameters
-    ----------
-    config : TrainConfig
-    n_classes : int
-    in_features : int, optional
-        Dimension of the cached features (``config.features`` runs).
-    load_pretrained : bool
-        Load ``config.pretrained`` into the encoder (not when the weights come from a checkpoint).
-    """
-    if config.features is not None:
-        encoder = build_encoder("features", in_features=in_features, out_dim=config.dim)
-    else:
-        encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None)
-    return IPSModel(encoder, [Task(TASK_NAME, n_classes, "multiclass")], dim=config.dim, n_heads=config.heads,
-                    n_select=config.n_select, chunk_size=config.chunk_size, score=config.score,
-                    pos_encoding=None if config.pos_encoding == "none" else config.pos_encoding,
-                    grad_chunk_size=config.grad_chunk_size, checkpoint=config.checkpoint_grads)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` (``weights_only=True``, onto the CPU).
-
-    Keys: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``status``, ``config`` (dict),
-    ``class_names``, ``tiling`` (``target_mpp``, ``patch_size``), ``in_features``, ``early_stopping``,
-    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``.
-
-    Raises
-    ------
-    BadInputError
-        Missing, unreadable, or not an ipspath checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
-        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise BadInputError(f"{path}: not an ipspath training checkpoint")
-    if int(checkpoint.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise BadInputError(f"{path}: checkpoint format {checkpoint['format_version']} is newer than this "
-                            f"ipspath ({__version__}) reads; upgrade ipspath")
-    return checkpoint
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[IPSModel, dict[str, Any]]:
-    """The model of a checkpoint, in eval mode on ``device``, and the checkpoint (for class names, tiling).
-
-    Needs no file but the checkpoint (``pretrained`` weights are not read again).
-    """
-    checkpoint = load_checkpoint(path)
-    config = TrainConfig.from_dict(checkpoint["config"], source=str(path))
-    model = build_model(config, len(checkpoint["class_names"]), checkpoint["in_features"], load_pretrained=False)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint
-
-
-@dataclass
-class _RunState:
-    """What a checkpoint holds, and where it is written."""
-
-    out_dir: Path
-    config: TrainConfig
-    classes: Sequence[str]
-    tiling: dict[str, Any]
-    in_features: int | None
-    model: IPSModel
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    stopping: EarlyStopping
-    history: list[dict[str, float]]
-    streamer: PatchStreamer
-    procs: Processes
-
-    def save(self, name: str, *, epoch: int, status: str) -> None:
-        """Write ``<out_dir>/<name>`` atomically (rank 0; the others only hand over their RNG states)."""
-        rng = [_rng_state(self.streamer, self.procs.device)]
-        if self.procs.distributed:
-            rng = [None] * self.procs.world_size
-            dist.all_gather_object(rng, _rng_state(self.streamer, self.procs.device))
-        if not self.procs.is_main:
-            return
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "ipspath_version": __version__,
-            "epoch": epoch, "status": status,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopping.state_dict(),
-            "history": self.history, "rng": rng,
-            "config": self.config.as_dict(), "class_names": list(self.classes), "task": TASK_NAME,
-            "tiling": self.tiling, "in_features": self.in_features,
-        }
-        write_atomically(self.out_dir / name, lambda partial: torch.save(checkpoint, partial))
-
-
 # -- starting, resuming, randomness -----------------------------------------------------------------
 
 def _start_or_resume(out_dir: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
@@ -759,71 +588,6 @@ def _check_same_run(checkpoint: Mapping[str, Any], classes: Sequence[str], split
             shown = ", ".join(f"{slide_id}: {split}" for slide_id, split in changed[:6])
             raise BadInputError(f"the manifest's slides or splits changed since the run started ({shown}); "
                                 f"resume with the manifest the run started with ({saved_path})")
-
-
-def init_processes(device: str) -> Processes:
-    """Rank, world size and device of this process; starts the process group under ``torchrun``.
-
-    ``device="auto"`` picks CUDA when available. Under torchrun (``WORLD_SIZE`` > 1) each process
-    takes the GPU of its ``LOCAL_RANK`` and joins a NCCL group (gloo on CPU).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise BadInputError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadInputError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu")
-        if world_size > 1 and chosen.index is None:
-            chosen = torch.device("cuda", local_rank)
-        torch.cuda.set_device(chosen)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    return Processes(rank, world_size, chosen)
-
-
-def _seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
-
-
-def _rng_state(streamer: PatchStreamer, device: torch.device) -> dict[str, Any]:
-    """This process's random states, as tensors, lists and numbers (loadable with weights_only)."""
-    version, mt_state, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(mt_state), gauss],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-        # Only this process's GPU: asking for all of them would make a CUDA context on each.
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        # The loader keeps its augmentation generator private; checkpoints need its state.
-        "augmentation": streamer.generator.get_state(),
-    }
-
-
-def _set_rng_states(states: Sequence[Mapping[str, Any]], procs: Processes, streamer: PatchStreamer) -> None:
-    if len(states) != procs.world_size:  # the random streams then stay seeded as at a fresh start
-        log.warning("the run was saved with %d process(es) and resumes with %d: it will not repeat an "
-                    "uninterrupted run exactly", len(states), procs.world_size)
-        return
-    state = states[procs.rank]
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and procs.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], procs.device)
-    streamer.generator.set_state(state["augmentation"])
 
 
 def _reset_peak_memory(device: torch.device) -> None:

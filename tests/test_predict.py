@@ -64,8 +64,8 @@ def test_predict_writes_every_output_for_every_slide(run_dir, cohort, tmp_path):
 
 
 def test_predict_matches_the_model_run_directly(run_dir, cohort, tmp_path):
+    from ips_path.checkpoint import load_model
     from ips_path.loader import PatchStreamer
-    from ips_path.train import load_model
 
     manifest, tiles = cohort
     slide_id = _rows(manifest)[0]["slide_id"]

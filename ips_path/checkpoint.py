@@ -1,0 +1,211 @@
+"""Checkpoints of a training run: the model they describe, how they are written, read and identified.
+
+A checkpoint (``last.pt``, ``best.pt``) is one ``torch.save`` dict, read with ``weights_only=True``
+(no code runs): weights, optimiser, schedule, early-stopping state, history, the RNG states of every
+process, the resolved configuration, class names and tiling parameters. Prediction needs this module
+only, never the training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from ips_path import __version__
+from ips_path.atomic import write_atomically
+from ips_path.config import TrainConfig
+from ips_path.distributed import Processes, rng_state
+from ips_path.errors import BadInputError
+from ips_path.loader import PatchStreamer
+from ips_path.model import IPSModel, Task, build_encoder
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASK_NAME", "CheckpointIdentity", "RunState", "build_model",
+           "checkpoint_identity", "load_checkpoint", "load_model"]
+
+TASK_NAME = "label"
+CHECKPOINT_FORMAT = "ipspath.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class _Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+def build_model(config: TrainConfig, n_classes: int, in_features: int | None = None, *,
+                load_pretrained: bool = True) -> IPSModel:
+    """The IPS model a configuration describes: one multiclass task ``"label"`` over ``n_classes``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    n_classes : int
+    in_features : int, optional
+        Dimension of the cached features (``config.features`` runs).
+    load_pretrained : bool
+        Load ``config.pretrained`` into the encoder (not when the weights come from a checkpoint).
+    """
+    if config.features is not None:
+        encoder = build_encoder("features", in_features=in_features, out_dim=config.dim)
+    else:
+        encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None)
+    return IPSModel(encoder, [Task(TASK_NAME, n_classes, "multiclass")], dim=config.dim, n_heads=config.heads,
+                    n_select=config.n_select, chunk_size=config.chunk_size, score=config.score,
+                    pos_encoding=None if config.pos_encoding == "none" else config.pos_encoding,
+                    grad_chunk_size=config.grad_chunk_size, checkpoint=config.checkpoint_grads)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train` (``weights_only=True``, onto the CPU).
+
+    Keys: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``status``, ``config`` (dict),
+    ``class_names``, ``tiling`` (``target_mpp``, ``patch_size``), ``in_features``, ``early_stopping``,
+    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``.
+
+    Raises
+    ------
+    BadInputError
+        Missing, unreadable, or not an ipspath checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: checkpoint not found")
+    return _parse_checkpoint(path, path)
+
+
+def _parse_checkpoint(source: Path | io.BytesIO, path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
+        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise BadInputError(f"{path}: not an ipspath training checkpoint")
+    if int(checkpoint.get("format_version", 0)) > CHECKPOINT_VERSION:
+        raise BadInputError(f"{path}: checkpoint format {checkpoint['format_version']} is newer than this "
+                            f"ipspath ({__version__}) reads; upgrade ipspath")
+    return checkpoint
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[IPSModel, dict[str, Any]]:
+    """The model of a checkpoint, in eval mode on ``device``, and the checkpoint (for class names, tiling).
+
+    Needs no file but the checkpoint (``pretrained`` weights are not read again).
+    """
+    checkpoint = load_checkpoint(path)
+    config = TrainConfig.from_dict(checkpoint["config"], source=str(path))
+    model = build_model(config, len(checkpoint["class_names"]), checkpoint["in_features"], load_pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds, and where it is written."""
+
+    out_dir: Path
+    config: TrainConfig
+    classes: Sequence[str]
+    tiling: dict[str, Any]
+    in_features: int | None
+    model: IPSModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stopping: _Stateful
+    history: list[dict[str, float]]
+    streamer: PatchStreamer
+    procs: Processes
+
+    def save(self, name: str, *, epoch: int, status: str) -> None:
+        """Write ``<out_dir>/<name>`` atomically (rank 0; the others only hand over their RNG states)."""
+        rng = [rng_state(self.streamer, self.procs.device)]
+        if self.procs.distributed:
+            rng = [None] * self.procs.world_size
+            dist.all_gather_object(rng, rng_state(self.streamer, self.procs.device))
+        if not self.procs.is_main:
+            return
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "ipspath_version": __version__,
+            "epoch": epoch, "status": status,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopping.state_dict(),
+            "history": self.history, "rng": rng,
+            "config": self.config.as_dict(), "class_names": list(self.classes), "task": TASK_NAME,
+            "tiling": self.tiling, "in_features": self.in_features,
+        }
+        write_atomically(self.out_dir / name, lambda partial: torch.save(checkpoint, partial))
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """What a checkpoint file is, so that outputs and caches can be keyed by it rather than by its path.
+
+    Attributes
+    ----------
+    path : Path
+        The checkpoint file (resolved).
+    sha256 : str
+        Hex digest of the file's bytes.
+    config : dict
+        Its resolved training configuration.
+    class_names : tuple of str
+    tiling : dict
+        ``target_mpp`` (µm/px) and ``patch_size`` (px) of the tile stores it was trained on.
+    """
+
+    path: Path
+    sha256: str
+    config: dict[str, Any] = field(compare=False, hash=False)
+    class_names: tuple[str, ...]
+    tiling: dict[str, Any] = field(compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        """Hex digest of the file digest, configuration, class names and tiling (64 characters)."""
+        text = json.dumps({"sha256": self.sha256, "config": self.config, "class_names": list(self.class_names),
+                           "tiling": self.tiling}, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-safe description (for records such as ``run.json``)."""
+        return {"path": str(self.path), "sha256": self.sha256, "key": self.key, "config": self.config,
+                "class_names": list(self.class_names), "tiling": self.tiling}
+
+
+_identities: dict[tuple[str, int, int], CheckpointIdentity] = {}
+
+
+def checkpoint_identity(path: str | os.PathLike) -> CheckpointIdentity:
+    """The identity of a checkpoint file: its digest, configuration, class names and tiling.
+
+    Computed once per (path, size, mtime_ns) in a process: a checkpoint rewritten in place (a
+    training run moving ``best.pt``) gets a new identity, an unchanged one costs a ``stat``.
+
+    Raises
+    ------
+    BadInputError
+        As :func:`load_checkpoint`.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise BadInputError(f"{path}: checkpoint not found")
+    # One open file for the stat, the digest and the contents: a checkpoint replaced meanwhile (they are
+    # renamed into place) cannot mix two files' facts.
+    with path.open("rb") as f:
+        stat = os.fstat(f.fileno())
+        cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+        identity = _identities.get(cache_key)
+        if identity is None:
+            data = f.read()
+            checkpoint = _parse_checkpoint(io.BytesIO(data), path)
+            identity = CheckpointIdentity(path, hashlib.sha256(data).hexdigest(), dict(checkpoint["config"]),
+                                          tuple(checkpoint["class_names"]), dict(checkpoint["tiling"]))
+            _identities[cache_key] = identity
+    return identity
