@@ -227,3 +227,81 @@ def test_rechunk_regroups_without_losing_or_reordering_patches():
     assert next(iter(rechunk([same], 5))) is same  # chunks of the right size pass through
     with pytest.raises(BadInputError, match="positions"):
         list(rechunk([PatchChunk(x[:2], grid[:2]), PatchChunk(x[2:4])], 3))
+
+
+class ShapeSensitiveEncoder(RowwiseEncoder):
+    """A patch's embedding changes with the batch size, as cuDNN/BLAS kernels chosen by shape do.
+
+    The change (1e-3 per patch of batch size) is far above rounding, so a selection that mixed
+    batch shapes would rank patches differently; it also records every batch size it saw.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        return super().forward(x) + 1e-3 * x.shape[0] * torch.arange(x.shape[1], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("score", ["logit", "paper"])
+def test_selection_is_identical_however_the_loader_cuts_the_stream(score):
+    """Every batch of a slide is encoded with I patches (the last one padded), so the selection is the
+    same for any incoming chunk sizes and any N mod I."""
+    x = torch.randn(103, 16, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for sizes in ([10], [7], [3, 25], [103]):
+        torch.manual_seed(2)
+        model = make_model(n_select=9, chunk_size=10, score=score, sharpness=20.0,
+                           encoder=ShapeSensitiveEncoder(16), seed=2)
+        selection = model.select_top_patches(split(x, sizes))
+        assert set(model.encoder.batch_sizes) == {10}
+        runs.append((selection.indices.tolist(), selection.scores.tolist(), selection.all_logits.tolist()))
+    assert all(run == runs[0] for run in runs)
+
+
+def test_a_slide_of_one_short_chunk_is_not_padded():
+    model = make_model(n_select=3, chunk_size=50, encoder=ShapeSensitiveEncoder(16))
+    model.select_top_patches(split(torch.randn(12, 16), [12]))
+    assert model.encoder.batch_sizes == [12]
+
+
+class Identity(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.parametrize("score", ["logit", "paper"])
+def test_padding_is_never_selected_even_when_it_would_score_best(score):
+    """Zero patches score 0; every real patch scores below 0, so padding would win if it competed."""
+    torch.manual_seed(0)
+    model = IPSModel(Identity(16), [Task("a", 2, "binary")], dim=16, n_heads=1, n_select=8, chunk_size=10,
+                     score=score)
+    with torch.no_grad():
+        direction = model.aggregator.k_proj.weight.t() @ model.aggregator.q_proj(model.aggregator.queries)[0]
+    x = -direction * torch.linspace(1, 2, 23)[:, None]  # logits < 0, all distinct
+    selection = model.select_top_patches(split(x, [10]))
+    assert sorted(selection.indices.tolist()) == list(range(8))  # the 8 best real patches: the least negative
+    assert len(selection.all_logits) == 23 and bool((selection.all_logits < 0).all())
+    assert not bool((selection.patches == 0).all(dim=1).any())
+
+
+def test_paper_score_under_bf16_autocast_ranks_by_float32_logits_not_by_stream_order():
+    """Logits 1e-3 apart tie in bf16 (8 mantissa bits); a stable sort of tied scores favours the first
+    patches of the stream, the slide's top left. In float32 they stay apart and the last patches win."""
+    torch.manual_seed(0)
+    model = IPSModel(Identity(16), [Task("a", 2, "binary")], dim=16, n_heads=1, n_select=10, chunk_size=50,
+                     score="paper")
+    with torch.no_grad():
+        direction = model.aggregator.k_proj.weight.t() @ model.aggregator.q_proj(model.aggregator.queries)[0]
+        unit_logit = model.aggregator.attention_logits(direction[None, None])[0, 0, 0, 0]
+    x = direction * (4.0 / unit_logit) * (1 + 1e-3 * torch.arange(200.0))[:, None]  # logits 4.0 .. 4.8, rising
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        selection = model.select_top_patches(split(x, [50]))
+    assert sorted(selection.indices.tolist()) == list(range(190, 200))
+    assert selection.indices.tolist() == list(range(199, 189, -1))  # best first

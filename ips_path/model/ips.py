@@ -79,8 +79,10 @@ class IPSModel(nn.Module):
         the chunk order and can differ from the whole-slide top-M.
 
         Exactness holds for the scores as computed: BLAS/cuDNN kernels may give a patch's embedding
-        different last bits in batches of different size (about 1e-7 relative on CPU), which can only
-        swap patches whose scores are that close.
+        different last bits in batches of different size (about 1e-7 relative on CPU, more under bf16).
+        The short last chunk of a slide is therefore encoded zero-padded to I, so every batch of a slide
+        has one shape and the result does not depend on how the loader cut the stream; another I can
+        still swap patches whose scores are within that rounding.
     pos_encoding : {None, "1d", "2d"}
         Positional encoding added to the embeddings: by stream index (the paper) or by (row, col) grid
         position (needs chunks with positions).
@@ -161,7 +163,9 @@ class IPSModel(nn.Module):
         all_logits: list[torch.Tensor] = []
         n_seen = 0
         for chunk in rechunk(chunks, self.chunk_size):
-            incoming = self._candidates(chunk, n_seen, device)
+            # The short last chunk of a slide is padded to I (see _candidates), so every batch of the slide
+            # has one shape; a slide of one chunk has only that one shape anyway.
+            incoming = self._candidates(chunk, n_seen, device, pad_to=self.chunk_size if n_seen else None)
             n_seen += len(chunk)
             all_logits.append(incoming.logit_scores)
             candidates = incoming if buffer is None else buffer.cat(incoming)
@@ -176,15 +180,29 @@ class IPSModel(nn.Module):
                                "NaN; lower the learning rate or check the inputs")
         return selection
 
-    def _candidates(self, chunk: PatchChunk, start: int, device: torch.device) -> Candidates:
+    def _candidates(self, chunk: PatchChunk, start: int, device: torch.device,
+                    pad_to: int | None = None) -> Candidates:
+        """Encode and score one chunk; with ``pad_to``, encode it zero-padded to that many patches.
+
+        cuDNN and BLAS choose kernels by batch shape, so a patch encoded in a short batch can get other
+        embedding bits (under bf16, other enough to swap near-tied patches) than in a full one. Padding
+        keeps one batch shape for the whole slide; the padding's embeddings are dropped before scoring,
+        so padding can never be selected.
+        """
         patches = chunk.patches.to(device, non_blocking=True)
         grid = None if chunk.positions is None else chunk.positions.to(device, non_blocking=True)
-        indices = torch.arange(start, start + len(chunk), device=device)
-        emb = self.embed(patches).float()
+        n = len(chunk)
+        indices = torch.arange(start, start + n, device=device)
+        encoded = patches if pad_to is None or n >= pad_to else _pad(patches, pad_to)
+        emb = self.embed(encoded)[:n].float()
         positions = self.encoding_positions(indices, grid)
         logits = None
         if self.score == "paper":
-            logits = self.aggregator.attention_logits(emb[None], None if positions is None else positions[None])[0]
+            # float32 outside autocast, like the default score: bf16 logits tie often at 10^4-10^5 patches,
+            # and the stable sort would then favour the first patches of the stream (the slide's top left).
+            with torch.autocast(device.type, enabled=False):
+                logits = self.aggregator.attention_logits(
+                    emb[None], None if positions is None else positions[None])[0].float()
         return Candidates(indices, self.aggregator.mean_attention_logits(emb, positions), patches, grid, emb, logits)
 
     def stack_selections(self, selections: Sequence[Selection]
