@@ -8,9 +8,6 @@ only, never the training code.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +21,8 @@ from ips_path import __version__
 from ips_path.atomic import write_atomically
 from ips_path.config import TrainConfig
 from ips_path.distributed import Processes, rng_state
-from ips_path.errors import BadInputError
+from ips_path.errors import BadInputError, IpspathError
+from ips_path.identity import file_digest, identity_key
 from ips_path.loader import PatchStreamer
 from ips_path.model import IPSModel, Task, build_encoder
 
@@ -78,12 +76,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: checkpoint not found")
-    return _parse_checkpoint(path, path)
-
-
-def _parse_checkpoint(source: Path | io.BytesIO, path: Path) -> dict[str, Any]:
     try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a damaged or foreign file
         raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -168,10 +162,9 @@ class CheckpointIdentity:
 
     @property
     def key(self) -> str:
-        """Hex digest of the file digest, configuration, class names and tiling (64 characters)."""
-        text = json.dumps({"sha256": self.sha256, "config": self.config, "class_names": list(self.class_names),
-                           "tiling": self.tiling}, sort_keys=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        """Hex SHA-256 of the file digest, configuration, class names and tiling (64 characters)."""
+        return identity_key({"sha256": self.sha256, "config": self.config, "class_names": self.class_names,
+                             "tiling": self.tiling}, length=64)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe description (for records such as ``run.json``)."""
@@ -194,18 +187,20 @@ def checkpoint_identity(path: str | os.PathLike) -> CheckpointIdentity:
         As :func:`load_checkpoint`.
     """
     path = Path(path).resolve()
-    if not path.is_file():
-        raise BadInputError(f"{path}: checkpoint not found")
-    # One open file for the stat, the digest and the contents: a checkpoint replaced meanwhile (they are
-    # renamed into place) cannot mix two files' facts.
-    with path.open("rb") as f:
-        stat = os.fstat(f.fileno())
-        cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    for _ in range(3):  # a checkpoint renamed into place while it is read is read again
+        try:
+            before = path.stat()
+        except OSError:
+            raise BadInputError(f"{path}: checkpoint not found") from None
+        cache_key = (str(path), before.st_size, before.st_mtime_ns)
         identity = _identities.get(cache_key)
-        if identity is None:
-            data = f.read()
-            checkpoint = _parse_checkpoint(io.BytesIO(data), path)
-            identity = CheckpointIdentity(path, hashlib.sha256(data).hexdigest(), dict(checkpoint["config"]),
-                                          tuple(checkpoint["class_names"]), dict(checkpoint["tiling"]))
+        if identity is not None:
+            return identity
+        checkpoint = load_checkpoint(path)
+        identity = CheckpointIdentity(path, file_digest(path), dict(checkpoint["config"]),
+                                      tuple(checkpoint["class_names"]), dict(checkpoint["tiling"]))
+        after = path.stat()
+        if (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns):
             _identities[cache_key] = identity
-    return identity
+            return identity
+    raise IpspathError(f"{path}: the checkpoint kept changing while it was read; wait for training to finish")

@@ -27,8 +27,8 @@ from ips_path.loader import PatchStreamer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GradientPhaseDDP", "Processes", "average_buffers", "init_processes", "mean_over_processes",
-           "rng_state", "seed_everything", "set_rng_states", "shard_epoch", "sum_over_processes"]
+__all__ = ["CudaDevices", "GradientPhaseDDP", "Processes", "average_buffers", "init_processes", "mean_over_processes",
+           "resolve_device", "rng_state", "seed_everything", "set_rng_states", "shard_epoch", "sum_over_processes"]
 
 
 @dataclass(frozen=True)
@@ -48,26 +48,101 @@ class Processes:
         return self.world_size > 1
 
 
+@dataclass(frozen=True)
+class CudaDevices:
+    """What this process sees of CUDA: whether it is usable, how many GPUs, which one is current."""
+
+    available: bool
+    count: int
+    current: int
+
+    @classmethod
+    def visible(cls) -> CudaDevices:
+        """Ask torch (without making a CUDA context when there is no GPU)."""
+        if not torch.cuda.is_available():
+            return cls(False, 0, 0)
+        return cls(True, torch.cuda.device_count(), torch.cuda.current_device())
+
+
+def resolve_device(requested: str, env: Mapping[str, str] | None = None,
+                   cuda: CudaDevices | None = None) -> torch.device:
+    """The device a training (or prediction) process computes on, always with an index on CUDA.
+
+    Parameters
+    ----------
+    requested : str
+        ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    env : mapping, optional
+        Environment (default ``os.environ``): under torchrun ``WORLD_SIZE``, ``LOCAL_RANK`` and
+        ``LOCAL_WORLD_SIZE`` (processes on this machine).
+    cuda : CudaDevices, optional
+        What CUDA offers (default: asked from torch).
+
+    Returns
+    -------
+    torch.device
+        ``cpu``, or ``cuda:i`` where ``i`` is ``LOCAL_RANK`` under torchrun, else the given index,
+        else the current device (``torch.cuda.set_device`` needs an index).
+
+    Raises
+    ------
+    BadInputError
+        Not a device; CUDA asked for but not visible; an index beyond the visible GPUs; ``cuda:N``
+        for several processes on one machine (they would all share GPU N).
+    """
+    env = os.environ if env is None else env
+    cuda = CudaDevices.visible() if cuda is None else cuda
+    world_size = _env_int(env, "WORLD_SIZE", 1)
+    local_rank = _env_int(env, "LOCAL_RANK", None)
+    local_world_size = _env_int(env, "LOCAL_WORLD_SIZE", world_size)
+    if requested == "auto":
+        requested = "cuda" if cuda.available else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise BadInputError(f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not cuda.available:
+        raise BadInputError(f"--device {requested}: no CUDA GPU is visible to this process; use --device cpu")
+    if device.index is not None and local_world_size > 1:
+        raise BadInputError(
+            f"--device {requested} with {local_world_size} processes on this machine would put them all on GPU "
+            f"{device.index}; use --device cuda (each process takes the GPU of its LOCAL_RANK) and choose the GPUs "
+            "with CUDA_VISIBLE_DEVICES")
+    index = device.index if device.index is not None else local_rank if local_rank is not None else cuda.current
+    if not 0 <= index < cuda.count:
+        origin = "LOCAL_RANK" if device.index is None and local_rank is not None else "--device"
+        raise BadInputError(f"{origin} asks for GPU {index} but this process sees {cuda.count} GPU(s) "
+                            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); use cuda:0 to "
+                            f"cuda:{cuda.count - 1}, or start fewer processes per machine")
+    return torch.device("cuda", index)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise BadInputError(f"environment variable {name}={value!r} is not a non-negative whole number "
+                            "(torchrun sets it; unset it to run one process)")
+    return number
+
+
 def init_processes(device: str) -> Processes:
     """Rank, world size and device of this process; starts the process group under ``torchrun``.
 
-    ``device="auto"`` picks CUDA when available. Under torchrun (``WORLD_SIZE`` > 1) each process
-    takes the GPU of its ``LOCAL_RANK`` and joins a NCCL group (gloo on CPU).
+    The device is :func:`resolve_device`'s. Under torchrun (``WORLD_SIZE`` > 1) the processes join a
+    NCCL group (gloo on CPU).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise BadInputError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    world_size = _env_int(os.environ, "WORLD_SIZE", 1)
+    rank = _env_int(os.environ, "RANK", 0)
+    chosen = resolve_device(device)
     if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadInputError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu")
-        if world_size > 1 and chosen.index is None:
-            chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")

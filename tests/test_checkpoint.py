@@ -53,8 +53,8 @@ def test_identity_follows_the_contents_and_is_computed_once_per_file_version(tra
     assert len(first.key) == 64 and first.key != first.sha256
 
     parsed = []
-    real_parse = checkpoint_module._parse_checkpoint
-    monkeypatch.setattr(checkpoint_module, "_parse_checkpoint", lambda *a: parsed.append(1) or real_parse(*a))
+    real_load = checkpoint_module.load_checkpoint
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", lambda *a: parsed.append(1) or real_load(*a))
     assert checkpoint_identity(path) == first and not parsed  # unchanged file: from the cache
 
     # The same path rewritten with other weights (as training moves best.pt): a new identity.
