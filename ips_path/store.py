@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -178,15 +179,31 @@ class TileStore:
         attrs : dict, optional
             JSON-able attributes of the array.
         """
+        data = np.asarray(data)
+
+        def fill(array: Any) -> None:
+            array[...] = data
+
+        self.write_array_in_blocks(name, data.shape, data.dtype, fill, attrs)
+
+    def write_array_in_blocks(self, name: str, shape: tuple[int, ...], dtype: Any, fill: Callable[[Any], None],
+                              attrs: dict[str, Any] | None = None) -> None:
+        """Add or replace an array filled piece by piece by ``fill``, atomically like :meth:`write_array`.
+
+        ``fill`` receives the new, empty ``zarr.Array`` of ``shape`` and ``dtype`` (chunks of about
+        4 MiB along the first axis) and writes it by slices, so an array larger than memory can be
+        written; if ``fill`` raises, nothing is left behind and the old array stays.
+        """
         import zarr
 
         _check_array_name(name)
         if name in CORE_ARRAYS:
             raise ValueError(f"{name!r} is written by `ipspath tile` only")
-        data = np.asarray(data)
         partial = self.path / f"{_PARTIAL_PREFIX}{uuid.uuid4().hex}"
         try:
-            array = zarr.create_array(partial, data=data, zarr_format=3, chunks=_chunks(data))
+            chunks = _chunks(np.empty((0, *shape[1:]), dtype=dtype), rows=shape[0]) if shape else ()
+            array = zarr.create_array(partial, shape=shape, dtype=dtype, zarr_format=3, chunks=chunks)
+            fill(array)
             if attrs:
                 array.attrs.update(attrs)
             parent = name.rsplit("/", 1)[0] if "/" in name else ""
@@ -240,13 +257,15 @@ class TileStore:
         return f"TileStore({str(self.path)!r}, n_patches={self.n_patches})"
 
 
-def _chunks(data: np.ndarray) -> tuple[int, ...]:
-    """Chunks of about 4 MiB along the first axis, whole along the others."""
+def _chunks(data: np.ndarray, rows: int | None = None) -> tuple[int, ...]:
+    """Chunks of about 4 MiB along the first axis, whole along the others (``rows``: the first
+    axis's length when ``data`` only stands for the dtype and trailing shape)."""
     if data.ndim == 0:
         return ()
+    n_rows = data.shape[0] if rows is None else rows
     row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
-    rows = max(1, min(max(1, data.shape[0]), (4 << 20) // row_bytes))
-    return (rows, *(max(1, s) for s in data.shape[1:]))
+    chunk_rows = max(1, min(max(1, n_rows), (4 << 20) // row_bytes))
+    return (chunk_rows, *(max(1, s) for s in data.shape[1:]))
 
 
 def write_tile_store(
@@ -411,14 +430,9 @@ def import_h5(
     BadInputError
         Unreadable h5 file, missing ``coords`` or patch size attributes.
     """
-    import dataclasses
-
     import h5py
 
     from ips_path.slide import Slide
-    from ips_path.tiling.grid import patch_geometry, tissue_fraction
-    from ips_path.tiling.run import tile_attrs
-    from ips_path.tiling.tissue import TissueParams, tissue_mask_for_slide
 
     h5_path = Path(h5_path)
     try:
@@ -437,24 +451,61 @@ def import_h5(
             patch_size_level0 = round(int(h5_attrs["patch_size"]) * slide.level_downsamples[level])
         else:
             raise BadInputError(f"{h5_path}: 'coords' has neither a patch_size nor a patch_size_level0 attribute")
-        level0_mpp = float(np.mean(slide.require_mpp()))
-        if patch_size is None:
-            patch_size = max(1, round(patch_size_level0 * level0_mpp / target_mpp))
-        geometry = patch_geometry(level0_mpp, slide.level_downsamples, target_mpp, patch_size)
-        # the file's level-0 patch size is the truth; the rest of the geometry follows from it
-        geometry = dataclasses.replace(
-            geometry,
-            patch_size_level0=patch_size_level0,
-            stride_level0=patch_size_level0,
-            read_size=max(1, round(patch_size_level0 / geometry.read_downsample)),
-            effective_mpp=level0_mpp * patch_size_level0 / patch_size,
-        )
-        params = TissueParams()
-        tissue, _ = tissue_mask_for_slide(slide, params)
-        fractions = tissue_fraction(tissue.mask, tissue.downsample, coords, patch_size_level0)
-        attrs = {
-            **tile_attrs(slide, slide_id_from_path(slide_path), geometry, params.method, params.as_dict()),
-            "imported_from": str(h5_path.resolve()),
-        }
-        return write_tile_store(out_path, coords, fractions, tissue.mask, tissue.mpp, attrs,
-                                mask_downsample=tissue.downsample)
+        return tile_store_for_coords(slide, coords, patch_size_level0, out_path, target_mpp=target_mpp,
+                                     patch_size=patch_size, attrs={"imported_from": str(h5_path.resolve())})
+
+
+def tile_store_for_coords(slide: Any, coords: np.ndarray, patch_size_level0: int, out_path: str | os.PathLike, *,
+                          target_mpp: float, patch_size: int | None = None, slide_id: str | None = None,
+                          attrs: dict[str, Any] | None = None) -> TileStore:
+    """Write the tile store of an open slide for a grid of patches made elsewhere.
+
+    Every coordinate is kept; the tissue mask is detected on the slide (default
+    :class:`~ips_path.tiling.tissue.TissueParams`) for QC and tissue fractions.
+
+    Parameters
+    ----------
+    slide : ips_path.slide.Slide
+        The open slide the coordinates belong to.
+    coords : np.ndarray
+        int (N, 2) level-0 top-left (x, y).
+    patch_size_level0 : int
+        Patch side in level-0 px.
+    out_path : path-like
+        The ``.zarr`` store to write.
+    target_mpp : float
+        Resolution the patches are to be used at, µm/px.
+    patch_size : int, optional
+        Patch side at ``target_mpp``, px; default: the level-0 patch size converted to ``target_mpp``.
+    slide_id : str, optional
+        The slide's id (as in the manifest); default: the slide file's name without suffix.
+    attrs : dict, optional
+        Extra JSON-able store attributes (where the grid came from).
+    """
+    import dataclasses
+
+    from ips_path.tiling.grid import patch_geometry, tissue_fraction
+    from ips_path.tiling.run import tile_attrs
+    from ips_path.tiling.tissue import TissueParams, tissue_mask_for_slide
+
+    level0_mpp = float(np.mean(slide.require_mpp()))
+    if patch_size is None:
+        patch_size = max(1, round(patch_size_level0 * level0_mpp / target_mpp))
+    geometry = patch_geometry(level0_mpp, slide.level_downsamples, target_mpp, patch_size)
+    # the given level-0 patch size is the truth; the rest of the geometry follows from it
+    geometry = dataclasses.replace(
+        geometry,
+        patch_size_level0=patch_size_level0,
+        stride_level0=patch_size_level0,
+        read_size=max(1, round(patch_size_level0 / geometry.read_downsample)),
+        effective_mpp=level0_mpp * patch_size_level0 / patch_size,
+    )
+    params = TissueParams()
+    tissue, _ = tissue_mask_for_slide(slide, params)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    fractions = tissue_fraction(tissue.mask, tissue.downsample, coords, patch_size_level0)
+    slide_id = slide_id or slide_id_from_path(slide.path)
+    store_attrs = {**tile_attrs(slide, slide_id, geometry, params.method, params.as_dict()),
+                   **(attrs or {})}
+    return write_tile_store(out_path, coords, fractions, tissue.mask, tissue.mpp, store_attrs,
+                            mask_downsample=tissue.downsample)
