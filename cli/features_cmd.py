@@ -1,4 +1,5 @@
-"""``ipspath features``: cache patch embeddings of a frozen encoder in the tile stores."""
+"""``ipspath features``: cache patch embeddings of a frozen encoder in the tile stores, or import those
+of TRIDENT / CLAM / STAMP (``ipspath features import``)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def _find_stores(inputs: tuple[str, ...]) -> list[Path]:
     return stores
 
 
-@click.command("features")
+@click.command("extract")
 @click.argument("tiles", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--encoder", default="resnet50", show_default=True,
-              help="Frozen encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>.")
+              help="Frozen encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>, or a foundation-model "
+                   "preset (see `ipspath features --help`; presets need --pretrained).")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
               help="Local weights file of the encoder (torchvision/timm state dict). Nothing is downloaded.")
 @click.option("--name", help="Name of the cached array features/<name> (default: the encoder name).")
@@ -39,9 +41,10 @@ def _find_stores(inputs: tuple[str, ...]) -> list[Path]:
 @click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786), or local:N, to embed "
                                                      "slides on a cluster (GPU workers: --resources GPU=1).")
 @click.pass_context
-def features_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretrained: str | None, name: str | None,
+def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretrained: str | None, name: str | None,
                  device: str, chunk_size: int, threads: int, overwrite: bool, scheduler: str | None) -> int:
-    """Embed every patch of the tile stores TILES (stores or folders of them) once with a frozen encoder.
+    """Embed every patch of the tile stores TILES (stores or folders of them) once with a frozen encoder
+    (what `ipspath features TILES...` runs).
 
     The embeddings go into each store as features/<name> (float16). Train on them with
     `ipspath train --features <name>`: epochs then read no pixels. Slides already done are skipped,
@@ -62,3 +65,78 @@ def features_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretr
         if r.status == "failed":
             click.echo(f"  failed: {r.store}: {r.error}", err=True)
     return 1 if counts["failed"] else 0
+
+
+@click.command("import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="CSV with slide_id and slide_path (labels not needed); FOLDER holds <slide_id>.h5 of each.")
+@click.option("-o", "--tiles", "tiles_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of tile stores: made where missing, completed where present.")
+@click.option("--format", "tool", type=click.Choice(["auto", "trident", "clam", "stamp"]), default="auto",
+              show_default=True, help="Tool that wrote the files (auto: recognised from their contents).")
+@click.option("--name", help="Name of the features: features/<name>, for `train --features <name>` "
+                             "(default: the encoder the files name; CLAM files name none).")
+@click.option("--clam-patches", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="CLAM's patches/ folder (create_patches_fp.py), for the patch size and level its feature files "
+                   "do not record.")
+@click.pass_context
+def import_cmd(ctx: click.Context, folder: Path, manifest: Path, tiles_dir: Path, tool: str, name: str | None,
+               clam_patches: Path | None) -> int:
+    """Import the patch features TRIDENT, CLAM or STAMP made, one FOLDER/<slide_id>.h5 per manifest slide.
+
+    \b
+    TRIDENT  features_<encoder>/<slide>.h5: features (N, D), coords level-0 px, patch size attrs
+    CLAM     h5_files/<slide>.h5: features, coords level-0 px (patch size: --clam-patches)
+    STAMP    <slide>.h5: feats, coords in µm, tile_size_um / tile_size_px attrs
+
+    Each slide's tile store gets the features as features/<name> (float16) with their provenance;
+    a slide without a store gets one (the file's patch grid and a tissue mask). All files are checked
+    first: coordinates that disagree with an existing store (another grid, slide or resolution) stop
+    the import with nothing written. Then:
+
+    \b
+      ipspath train --manifest m.csv --tiles TILES --features <name> -o run
+      ipspath predict --model run --manifest m.csv --tiles TILES -o pred
+    """
+    from ips_path.feature_import import import_features
+
+    results = import_features(folder, manifest, tiles_dir, tool=tool, name=name, clam_patches=clam_patches,
+                              progress=not ctx.obj["quiet"])
+    counts = {s: sum(r.status == s for r in results) for s in ("imported", "added", "skipped", "failed")}
+    click.echo("import: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    for r in results:
+        if r.status == "failed":
+            click.echo(f"  failed: {r.slide_id}: {r.error}", err=True)
+    return 1 if counts["failed"] else 0
+
+
+class _ExtractByDefault(click.Group):
+    """``ipspath features TILES...`` runs ``extract``; ``ipspath features import ...`` imports."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["extract", *args]
+        return super().parse_args(ctx, args)
+
+
+def _presets_help() -> str:
+    from ips_path.model.foundation import preset_table
+
+    return ("Foundation-model presets for --encoder (weights from a local file, --pretrained; "
+            "patches resized on the device; needs the extra 'foundation' except resnet50_trunc):\n\n\b\n"
+            + preset_table())
+
+
+@click.group("features", cls=_ExtractByDefault, epilog=_presets_help())
+def features_cmd() -> None:
+    """Patch embeddings in the tile stores: compute them with a frozen encoder, or import them.
+
+    \b
+      ipspath features TILES... --encoder uni_v1 --pretrained uni.bin     (= features extract)
+      ipspath features import FEATURE_FOLDER --manifest m.csv -o TILES
+    """
+
+
+features_cmd.add_command(extract_cmd)
+features_cmd.add_command(import_cmd)
