@@ -35,6 +35,9 @@ def _help(text: str, name: str) -> str:
                                       "suits a CPU; on a GPU use a ResNet, ideally with --pretrained.", "encoder"))
 @click.option("--pretrained", type=click.Path(dir_okay=False),
               help="Local weights file of the encoder (torchvision/timm state dict). Nothing is downloaded.")
+@click.option("--train-blocks", type=int, metavar="K",
+              help="With a ViT preset encoder (uni_v1, uni2_h, virchow2, h_optimus_0/1, gigapath, phikon_v2): "
+                   "fine-tune only its last K blocks, under activation checkpointing; the rest stays frozen.")
 @click.option("--features", help="Train on cached embeddings features/<name> from `ipspath features` instead of "
                                  "pixels: epochs read no pixels (no augmentation; --encoder is ignored).")
 @click.option("--n-select", type=int, help=_help("M: patches per slide kept for the gradient step.", "n_select"))

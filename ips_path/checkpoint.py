@@ -25,6 +25,7 @@ from ips_path.errors import BadInputError, IpspathError
 from ips_path.identity import file_digest, identity_key
 from ips_path.loader import PatchStreamer
 from ips_path.model import IPSModel, Task, build_encoder
+from ips_path.model.foundation import ENCODER_PRESETS, require_preset_weights
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASK_NAME", "CheckpointIdentity", "RunState", "build_model",
            "checkpoint_identity", "load_checkpoint", "load_model"]
@@ -54,7 +55,13 @@ def build_model(config: TrainConfig, n_classes: int, in_features: int | None = N
     if config.features is not None:
         encoder = build_encoder("features", in_features=in_features, out_dim=config.dim)
     else:
-        encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None)
+        if config.train_blocks is not None and config.encoder not in ENCODER_PRESETS:
+            raise BadInputError(f"--train-blocks needs a ViT preset encoder ({', '.join(ENCODER_PRESETS)}), "
+                                f"not {config.encoder!r}")
+        if load_pretrained:
+            require_preset_weights(config.encoder, config.pretrained)
+        blocks = {} if config.train_blocks is None else {"train_blocks": config.train_blocks}
+        encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None, **blocks)
     return IPSModel(encoder, [Task(TASK_NAME, n_classes, "multiclass")], dim=config.dim, n_heads=config.heads,
                     n_select=config.n_select, chunk_size=config.chunk_size, score=config.score,
                     pos_encoding=None if config.pos_encoding == "none" else config.pos_encoding,

@@ -37,6 +37,9 @@ class TrainConfig:
         Ignored with ``features``.
     pretrained : str or None
         Local weights file of the encoder, loaded when the run starts. Nothing is downloaded.
+    train_blocks : int or None
+        With a ViT preset encoder (``uni_v1``, ...): fine-tune only its last K transformer blocks,
+        each under activation checkpointing; the others stay frozen. None: train the whole encoder.
     features : str or None
         Train on the cached embeddings ``features/<name>`` of the tile stores (``ipspath features``)
         instead of pixels; the encoder is then a small projector over them.
@@ -87,6 +90,7 @@ class TrainConfig:
 
     encoder: str = "smallcnn"
     pretrained: str | None = None
+    train_blocks: int | None = None
     features: str | None = None
     n_select: int = 32
     chunk_size: int = 128
@@ -134,6 +138,8 @@ class TrainConfig:
         for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.train_blocks is not None and (self.train_blocks < 0 or self.features is not None):
+            problems.append(f"train_blocks must be >= 0 and needs pixels (no features), got {self.train_blocks}")
         if self.checkpoint_grads and self.grad_chunk_size is None:
             problems.append("checkpoint_grads needs grad_chunk_size (patches per checkpointed piece)")
         if problems:

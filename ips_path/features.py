@@ -26,6 +26,7 @@ import torch
 from ips_path.errors import IpspathError
 from ips_path.loader import PatchStreamer
 from ips_path.model.encoders import build_encoder
+from ips_path.model.foundation import require_preset_weights
 from ips_path.parallel import map_slides, process_object
 from ips_path.store import TileStore
 
@@ -58,9 +59,13 @@ def weights_digest(path: str | os.PathLike | None) -> str | None:
 def embed_store(encoder: torch.nn.Module, store: TileStore, streamer: PatchStreamer) -> np.ndarray:
     """Embeddings of every patch of ``store``: float16 ``(N, encoder.out_dim)``, in store order."""
     out = np.empty((store.n_patches, encoder.out_dim), dtype=np.float16)
+    # a foundation-model preset runs in the precision it was made for (autocast, on a GPU)
+    dtype = getattr(torch, getattr(getattr(encoder, "preset", None), "dtype", "float32"))
     start = 0
     for chunk in streamer.stream(store):
-        emb = encoder(chunk.patches)
+        device = chunk.patches.device.type
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
+            emb = encoder(chunk.patches)
         out[start:start + len(emb)] = emb.float().cpu().numpy()
         start += len(emb)
     return out
@@ -91,7 +96,8 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     stores : sequence of path-like
         ``.zarr`` tile stores (made by ``ipspath tile``).
     encoder_name : str
-        Encoder, as for :func:`~ips_path.model.encoders.build_encoder` (``resnet50``, ``timm:...``).
+        Encoder, as for :func:`~ips_path.model.encoders.build_encoder` (``resnet50``, ``timm:...``, or a
+        foundation-model preset such as ``uni_v1``, which needs ``pretrained``).
     name : str, optional
         Name of the cached array (``features/<name>``); default: the encoder name, with ``:``
         replaced by ``_``.
@@ -117,6 +123,7 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     settings = FeatureSettings(encoder_name, name or encoder_name.replace(":", "_"),
                                None if pretrained is None else str(Path(pretrained).resolve()),
                                weights_digest(pretrained), device, chunk_size, threads, overwrite)
+    require_preset_weights(encoder_name, pretrained)
     if pretrained is None:
         log.warning("no --pretrained weights: %s keeps its random (seeded) initialisation; such features are "
                     "only good for trying the pipeline", encoder_name)

@@ -254,7 +254,9 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
     name : str
         ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (keyword ``stages`` keeps the first 1-4 stages),
         ``"smallcnn"`` (keywords ``widths``, ``pool``), ``"features"`` (projector over cached embeddings; needs
-        ``in_features``, keyword ``out_dim``, default 128), or ``"timm:<model name>"`` (needs timm).
+        ``in_features``, keyword ``out_dim``, default 128), ``"timm:<model name>"`` (needs timm), or a
+        foundation-model preset of :data:`~ips_path.model.foundation.ENCODER_PRESETS` (``uni_v1``, ...,
+        ``resnet50_trunc``; keyword ``train_blocks``).
     pretrained : path, optional
         Local state-dict file (``.pth``/``.pt``, read with ``weights_only=True``, or ``.safetensors``).
         ResNets take torchvision/timm ResNet files; their ``fc.*`` keys and the keys of dropped stages
@@ -282,12 +284,22 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
         encoder, ignore = FeatureProjector(in_features, **kw), ()
     elif name.startswith("timm:"):
         return _build_timm(name.removeprefix("timm:"), pretrained, in_channels, **kw)
+    elif name in _presets():
+        from .foundation import build_preset
+
+        return build_preset(name, pretrained, **kw)
     else:
         raise BadInputError(f"unknown encoder {name!r}; choose resnet18, resnet34, resnet50, smallcnn, "
-                            "features or timm:<name>")
+                            f"features, timm:<name> or a preset ({', '.join(_presets())})")
     if pretrained is not None:
         load_weights(encoder, pretrained, ignore_prefixes=ignore)
     return encoder
+
+
+def _presets() -> dict[str, Any]:
+    from .foundation import ENCODER_PRESETS  # foundation builds on this module
+
+    return ENCODER_PRESETS
 
 
 def _build_timm(model_name: str, pretrained: str | os.PathLike | None, in_channels: int,

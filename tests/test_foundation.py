@@ -1,0 +1,229 @@
+"""Foundation-model presets: the registry, resizing and normalisation, weights, and --train-blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from ips_path.cli.main import cli
+from ips_path.config import TrainConfig
+from ips_path.errors import BadInputError
+from ips_path.features import extract_features
+from ips_path.model import ResNet, build_encoder
+from ips_path.model.encoders import IMAGENET_MEAN, IMAGENET_STD
+from ips_path.model.foundation import ENCODER_PRESETS, FoundationEncoder, build_preset
+from ips_path.store import TileStore, write_tile_store
+from ips_path.synth import write_synthetic_slide
+from ips_path.checkpoint import build_model
+
+HAS_TIMM = importlib.util.find_spec("timm") is not None
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+def test_every_preset_states_what_it_needs():
+    assert set(ENCODER_PRESETS) == {"uni_v1", "uni2_h", "virchow2", "h_optimus_0", "h_optimus_1", "gigapath",
+                                    "phikon_v2", "resnet50_trunc"}
+    for preset in ENCODER_PRESETS.values():
+        assert preset.out_dim > 0 and preset.input_size == 224
+        assert len(preset.mean) == len(preset.std) == 3
+        assert isinstance(getattr(torch, preset.dtype), torch.dtype)
+        assert preset.weights
+    dims = {name: p.out_dim for name, p in ENCODER_PRESETS.items()}
+    assert dims == {"uni_v1": 1024, "uni2_h": 1536, "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536,
+                    "gigapath": 1536, "phikon_v2": 1024, "resnet50_trunc": 1024}
+    assert ENCODER_PRESETS["h_optimus_0"].mean != IMAGENET_MEAN and ENCODER_PRESETS["uni_v1"].mean == IMAGENET_MEAN
+    assert ENCODER_PRESETS["virchow2"].pooling == "cls+mean" and ENCODER_PRESETS["virchow2"].prefix_tokens == 5
+
+
+def test_features_help_lists_the_presets_with_dimensions_and_norms():
+    result = CliRunner().invoke(cli, ["features", "--help"])
+    assert result.exit_code == 0, result.output
+    for name, preset in ENCODER_PRESETS.items():
+        line = next(row for row in result.output.splitlines() if row.strip().startswith(name))
+        assert f"{preset.out_dim}-d" in line and ("ImageNet" in line or "0.707" in line)
+
+
+class _Recorder(nn.Module):
+    """A backbone that keeps its input and returns tokens (n, 3, 4): CLS = channel means."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = x
+        return x.mean(dim=(2, 3))[:, None, :].expand(-1, 3, -1) + torch.arange(3.0)[None, :, None]
+
+
+@pytest.mark.parametrize("name", ["uni_v1", "h_optimus_0"])
+def test_patches_are_resized_and_normalised_as_the_preset_says(name):
+    preset = dataclasses.replace(ENCODER_PRESETS[name], out_dim=3)
+    encoder = FoundationEncoder(preset, _Recorder())
+    patches = torch.full((2, 3, 256, 256), 128, dtype=torch.uint8)
+    patches[1] = 200
+    out = encoder(patches)
+    seen = encoder.backbone.seen
+    assert seen.shape == (2, 3, 224, 224)
+    expected = (torch.tensor([128.0, 200.0])[:, None] / 255 - torch.tensor(preset.mean)) / torch.tensor(preset.std)
+    torch.testing.assert_close(seen.mean(dim=(2, 3)), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected)  # the class token
+    virchow = FoundationEncoder(dataclasses.replace(ENCODER_PRESETS["virchow2"], prefix_tokens=1, out_dim=6),
+                                _Recorder())
+    tokens = _Recorder().forward_features(virchow.normalize(patches.float() / 255))
+    torch.testing.assert_close(virchow(patches), torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1))
+
+
+@pytest.fixture()
+def resnet50_weights(tmp_path):
+    """A full ResNet-50 file in torchvision's layout (seeded, not ImageNet: the code path is what counts)."""
+    torch.manual_seed(3)
+    model = ResNet("resnet50")
+    state = {**model.state_dict(), "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
+    path = tmp_path / "resnet50-imagenet.pth"
+    torch.save(state, path)
+    return path, model
+
+
+def test_resnet50_trunc_is_imagenet_resnet50_to_layer3_on_224px(resnet50_weights):
+    path, full = resnet50_weights
+    encoder = build_encoder("resnet50_trunc", pretrained=path).eval()
+    assert encoder.out_dim == 1024
+    patches = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        out = encoder(patches)
+        x = F.interpolate(patches.float() / 255, size=(224, 224), mode="bilinear", align_corners=False,
+                          antialias=True)
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        full.eval()
+        x = full.maxpool(full.relu(full.bn1(full.conv1(x))))
+        expected = full.layer3(full.layer2(full.layer1(x))).mean(dim=(2, 3))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_features_with_resnet50_trunc_end_to_end(resnet50_weights, tmp_path):
+    slide = tmp_path / "s.svs"
+    write_synthetic_slide(slide, 128, 64, mpp=0.5, downsamples=(1,), seed=2)
+    xs, ys = np.arange(0, 128 - 63, 64), np.arange(0, 64 - 63, 64)
+    coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    store = write_tile_store(tmp_path / "tiles" / "s.zarr", coords, np.ones(len(coords), np.float32),
+                             np.ones((4, 4), np.uint8), 8.0,
+                             {"slide_path": str(slide), "level0_mpp": [0.5, 0.5], "target_mpp": 0.5,
+                              "patch_size": 64, "patch_size_level0": 64, "stride_level0": 64, "read_level": 0,
+                              "read_size": 64})
+    result = CliRunner().invoke(cli, ["features", str(store.path.parent), "--encoder", "resnet50_trunc",
+                                      "--pretrained", str(resnet50_weights[0]), "--device", "cpu",
+                                      "--chunk-size", "8"], standalone_mode=False)
+    assert result.exception is None, result.output
+    cached = TileStore.open(store.path).read_array("features/resnet50_trunc")
+    assert cached.shape == (len(coords), 1024) and np.isfinite(cached).all()
+
+
+def test_weights_problems_are_one_clear_line(resnet50_weights, tmp_path):
+    with pytest.raises(BadInputError, match="needs its weights: give --pretrained"):
+        extract_features([tmp_path], "uni_v1", progress=False)
+    with pytest.raises(BadInputError, match="not found"):
+        build_preset("resnet50_trunc", tmp_path / "missing.pth")
+    torch.save(ResNet("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(BadInputError, match="do not fit"):
+        build_preset("resnet50_trunc", tmp_path / "r18.pth")
+    with pytest.raises(BadInputError, match="unknown encoder"):
+        build_encoder("uni_v3")
+
+
+@pytest.mark.skipif(HAS_TIMM, reason="timm is installed here")
+def test_a_missing_extra_is_named():
+    with pytest.raises(BadInputError, match=r"optional extra 'foundation'.*pip install 'ipspath\[foundation\]'"):
+        build_preset("uni_v1")
+
+
+class _TinyViT(nn.Module):
+    """Shaped like a timm ViT: patch_embed, cls_token, blocks, norm; forward_features -> tokens."""
+
+    def __init__(self, dim: int = 16, depth: int = 4):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.Sequential(*[nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True)
+                                      for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+        return self.norm(self.blocks(tokens))
+
+
+def _tiny_encoder() -> FoundationEncoder:
+    torch.manual_seed(0)
+    preset = dataclasses.replace(ENCODER_PRESETS["uni_v1"], input_size=32, out_dim=16)
+    return FoundationEncoder(preset, _TinyViT())
+
+
+def test_train_blocks_trains_only_the_last_k_blocks_under_checkpointing():
+    encoder, reference = _tiny_encoder(), _tiny_encoder()
+    encoder.set_train_blocks(2)
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("backbone.blocks.2.", "backbone.blocks.3.", "backbone.norm."))
+                             for n in trainable)
+    assert any(n.startswith("backbone.blocks.2.") for n in trainable)
+    calls = {i: 0 for i in range(4)}
+    for i, block in enumerate(encoder.backbone.blocks):
+        block.linear1.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    patches = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    encoder.train()
+    out = encoder(patches)
+    out.sum().backward()
+    # frozen blocks run once; trained blocks run again in the backward pass (their activations were not kept)
+    assert calls == {0: 1, 1: 1, 2: 2, 3: 2}
+    assert all((p.grad is not None) == p.requires_grad for p in encoder.parameters())
+    reference.train()
+    torch.testing.assert_close(out, reference(patches))  # same function, only the gradients change
+    encoder.set_train_blocks(None)
+    assert all(p.requires_grad for p in encoder.parameters())
+    with pytest.raises(BadInputError, match="has 4 blocks"):
+        encoder.set_train_blocks(5)
+
+
+def test_train_blocks_needs_a_vit_preset_and_pixels(resnet50_weights):
+    with pytest.raises(BadInputError, match="train_blocks"):
+        TrainConfig(train_blocks=-1)
+    with pytest.raises(BadInputError, match="train_blocks"):
+        TrainConfig(train_blocks=2, features="uni_v1")
+    with pytest.raises(BadInputError, match="needs a ViT preset"):
+        build_model(TrainConfig(encoder="resnet18", train_blocks=2), 2)
+    with pytest.raises(BadInputError, match="no transformer blocks"):
+        build_model(TrainConfig(encoder="resnet50_trunc", train_blocks=2, pretrained=str(resnet50_weights[0])), 2)
+    with pytest.raises(BadInputError, match="needs its weights"):
+        build_model(TrainConfig(encoder="uni_v1"), 2)
+
+
+# -- where timm / transformers import (the GPU machine) -----------------------------------------
+
+@pytest.mark.skipif(not HAS_TIMM, reason="needs timm (optional extra 'foundation'; not importable with this torch)")
+@pytest.mark.parametrize("name", [n for n, p in ENCODER_PRESETS.items() if p.library == "timm"])
+def test_timm_presets_build_embed_and_load_their_own_weights(name, tmp_path):
+    encoder = build_preset(name).eval()
+    weights = tmp_path / "w.pth"
+    torch.save(encoder.backbone.state_dict(), weights)
+    loaded = build_preset(name, weights, train_blocks=2).eval()
+    patches = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    with torch.no_grad():
+        out = loaded(patches)
+        torch.testing.assert_close(out, encoder(patches))  # the file's weights, not a new initialisation
+    assert out.shape == (2, ENCODER_PRESETS[name].out_dim)
+    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    depth = len(loaded.blocks())
+    assert trainable and all(n.startswith((f"backbone.blocks.{depth - 2}.", f"backbone.blocks.{depth - 1}.",
+                                           "backbone.norm", "backbone.fc_norm", "backbone.head"))
+                             for n in trainable)
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers (optional extra 'foundation')")
+def test_phikon_v2_builds_from_its_config_and_embeds():
+    encoder = build_preset("phikon_v2", train_blocks=1).eval()
+    with torch.no_grad():
+        out = encoder(torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8))
+    assert out.shape == (2, 1024) and len(encoder.blocks()) == 24
