@@ -100,15 +100,16 @@ def import_cmd(ctx: click.Context, folder: Path, manifest: Path, tiles_dir: Path
       ipspath predict --model run --manifest m.csv --tiles TILES -o pred
     """
     from ips_path.feature_import import import_features
+    from ips_path.jobs import run_exit_code
 
-    results = import_features(folder, manifest, tiles_dir, tool=tool, name=name, clam_patches=clam_patches,
-                              progress=not ctx.obj["quiet"])
-    counts = {s: sum(r.status == s for r in results) for s in ("imported", "added", "skipped", "failed")}
-    click.echo("import: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    for r in results:
-        if r.status == "failed":
-            click.echo(f"  failed: {r.slide_id}: {r.error}", err=True)
-    return 1 if counts["failed"] else 0
+    outcomes = import_features(folder, manifest, tiles_dir, tool=tool, name=name, clam_patches=clam_patches,
+                               progress=not ctx.obj["quiet"])
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "reused", "failed")}
+    click.echo(f"import: {counts['done']} imported, {counts['reused']} already there, {counts['failed']} failed")
+    for o in outcomes:
+        if not o.ok:
+            click.echo(f"  failed: {o.slide_id}: {o.error}", err=True)
+    return run_exit_code(outcomes)
 
 
 class _ExtractByDefault(click.Group):

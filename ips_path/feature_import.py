@@ -38,11 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.errors import BadInputError, IpspathError
+from ips_path.errors import BadInputError
+from ips_path.identity import same_identity, slide_identity
+from ips_path.jobs import SlideOutcome, Status, run_job
 from ips_path.store import TileStore, store_path, tile_store_for_coords
 
-__all__ = ["FEATURE_FORMATS", "FeatureFile", "FeatureFormat", "ImportResult", "SlideFrame", "import_features",
-           "read_feature_file"]
+__all__ = ["FEATURE_FORMATS", "FeatureFile", "FeatureFormat", "SlideFrame", "import_features", "read_feature_file"]
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +121,6 @@ class FeatureFormat:
     name: str
     detect: Callable[[Any], bool]
     read: Callable[[Any, Path, SlideFrame, Path | None], FeatureFile]
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    """What happened to one slide: ``status`` is "imported" (new store), "added" (to an existing
-    store), "skipped" (the same features are already there) or "failed"."""
-
-    slide_id: str
-    store: Path
-    status: str
-    n_patches: int = 0
-    error: str | None = None
 
 
 # -- readers ------------------------------------------------------------------------------------
@@ -322,7 +311,7 @@ class _Job:
 
 def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tiles_dir: str | os.PathLike, *,
                     tool: str = "auto", name: str | None = None, clam_patches: str | os.PathLike | None = None,
-                    progress: bool = True) -> list[ImportResult]:
+                    progress: bool = True) -> list[SlideOutcome]:
     """Import the feature file of every manifest slide into its tile store.
 
     Parameters
@@ -346,9 +335,10 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
 
     Returns
     -------
-    list of ImportResult
-        One per manifest slide, in manifest order. A slide whose values cannot be read is recorded
-        as failed and the others go on.
+    list of SlideOutcome
+        One per manifest slide, in manifest order: ``done`` (``extra["store_created"]`` says whether
+        the store is new), ``reused`` (the same features were there) or ``failed`` (a slide whose
+        values cannot be read; the others go on). ``identity`` is that of the imported features.
 
     Raises
     ------
@@ -436,36 +426,39 @@ def _feature_name(jobs: Sequence[_Job], name: str | None) -> str:
     return name
 
 
-def _import_one(job: _Job, name: str) -> ImportResult:
-    from ips_path.slide import Slide
-
-    array = f"features/{name}"
+def _import_one(job: _Job, name: str) -> SlideOutcome:
     file = job.file
-    provenance = {"tool": file.tool, "encoder": file.encoder, "dim": file.dim,
-                  "source": {"file": str(file.path.resolve()), **_file_identity(file.path)}}
-    try:
+    # what the features are: moving the file elsewhere keeps them the same, editing it does not
+    identity = {"tool": file.tool, "encoder": file.encoder, "dim": file.dim, "source": slide_identity(file.path)}
+    extra = {"store": str(job.store), "n_patches": file.n_patches}
+
+    def work() -> SlideOutcome:
+        from ips_path.slide import Slide
+
+        array = f"features/{name}"
         store = job.existing
-        status = "added"
-        if store is not None and store.has_array(array) and _same(store.array_attrs(array), provenance):
-            return ImportResult(job.slide_id, job.store, "skipped", store.n_patches)
-        if store is None:
+        if store is not None and store.has_array(array) and \
+                same_identity(store.array_attrs(array).get("identity"), identity):
+            return SlideOutcome(job.slide_id, Status.REUSED, identity=identity, extra=extra)
+        created = store is None
+        if created:
             with Slide(job.slide_path, slide_mpp=job.slide_mpp) as slide:
                 store = tile_store_for_coords(slide, file.coords, file.patch_size_level0, job.store,
                                               target_mpp=file.target_mpp, patch_size=file.patch_size,
                                               slide_id=job.slide_id,
-                                              attrs={"imported_from": provenance["source"]["file"],
+                                              attrs={"imported_from": str(file.path.resolve()),
                                                      "imported_tool": file.tool})
-            status = "imported"
         if file.n_patches:
-            _copy_features(file, job.order, store, array, provenance)
-    except IpspathError as exc:
-        log.error("%s", exc)
-        return ImportResult(job.slide_id, job.store, "failed", error=str(exc))
-    return ImportResult(job.slide_id, job.store, status, file.n_patches)
+            attrs = {**{k: v for k, v in identity.items() if k != "source"}, "identity": identity,
+                     "source_file": str(file.path.resolve())}
+            _copy_features(file, job.order, store, array, attrs)
+        return SlideOutcome(job.slide_id, Status.DONE, identity=identity, extra={**extra, "store_created": created})
+
+    return run_job(job.slide_id, file.path, work, extra)
 
 
 def _copy_features(file: FeatureFile, order: np.ndarray, store: TileStore, array: str,
-                   provenance: dict[str, Any]) -> None:
+                   attrs: dict[str, Any]) -> None:
     """Stream the file's features into ``array`` of ``store`` in store order, as float16, block by block."""
     import h5py
 
@@ -490,15 +483,6 @@ def _copy_features(file: FeatureFile, order: np.ndarray, store: TileStore, array
                 target[start:start + len(block)] = block
 
     try:
-        store.write_array_in_blocks(array, (file.n_patches, file.dim), np.float16, fill, attrs=provenance)
+        store.write_array_in_blocks(array, (file.n_patches, file.dim), np.float16, fill, attrs=attrs)
     except OSError as exc:
         raise BadInputError(f"{file.path}: cannot read its features ({exc}); is the file complete?") from None
-
-
-def _file_identity(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _same(attrs: Mapping[str, Any], provenance: Mapping[str, Any]) -> bool:
-    return all(attrs.get(k) == v for k, v in provenance.items())

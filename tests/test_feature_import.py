@@ -85,7 +85,8 @@ def test_a_trident_folder_trains_and_predicts_with_heatmaps(cohort, tmp_path, ca
         np.testing.assert_array_equal(_stored(store, "uni_v1", coords, features), features.astype(np.float16))
         attrs = store.array_attrs("features/uni_v1")
         assert attrs["tool"] == "trident" and attrs["encoder"] == "uni_v1" and attrs["dim"] == DIM
-        assert attrs["source"]["file"] == str((folder / f"{slide_id}.h5").resolve())
+        assert attrs["source_file"] == str((folder / f"{slide_id}.h5").resolve())
+        assert attrs["identity"]["source"]["size"] == (folder / f"{slide_id}.h5").stat().st_size
 
     run = tmp_path / "run"
     code, err = _run(["-q", "train", "--manifest", str(manifest), "--tiles", str(tiles), "--features", "uni_v1",
@@ -107,7 +108,7 @@ def test_features_are_copied_block_by_block_in_store_order(cohort, tmp_path, mon
     folder = _write_trident_folder(tmp_path / "features_uni_v1", grids, order="column")
     monkeypatch.setattr(feature_import, "BLOCK_BYTES", 5 * DIM * 4)  # five rows a block: many blocks
     results = import_features(folder, manifest, tmp_path / "tiles", progress=False)
-    assert {r.status for r in results} == {"imported"}
+    assert {(r.status, r.extra["store_created"]) for r in results} == {("done", True)}
     for slide_id, (coords, features) in grids.items():
         store = TileStore.open(tmp_path / "tiles" / f"{slide_id}.zarr")
         np.testing.assert_array_equal(_stored(store, "uni_v1", coords, features), features.astype(np.float16))
@@ -129,7 +130,7 @@ def test_clam_files_need_their_patch_files_and_join_existing_stores(cohort, tmp_
         import_features(feat_dir / "h5_files", manifest, tiles, clam_patches=patches, progress=False)
     results = import_features(feat_dir / "h5_files", manifest, tiles, name="resnet50_trunc", clam_patches=patches,
                               progress=False)
-    assert {r.status for r in results} == {"added"}
+    assert {(r.status, r.extra["store_created"]) for r in results} == {("done", False)}
     for slide_id, (coords, _) in grids.items():
         store = TileStore.open(tiles / f"{slide_id}.zarr")
         assert store.array_names("features") == ["resnet50_trunc", "uni_v1"]
@@ -146,7 +147,8 @@ def test_stamp_coordinates_in_microns_land_on_the_level0_grid(cohort, tmp_path):
         write_stamp(tmp_path / "stamp", slide_id, coords * MPP, features * 2, tile_size_um=PATCH_L0 * MPP,
                     tile_size_px=32, extractor="virchow2")
     results = import_features(tmp_path / "stamp", manifest, tiles, progress=False)
-    assert {r.status for r in results} == {"added"}  # same grid as TRIDENT's once µm became pixels
+    # the same grid as TRIDENT's once µm became pixels
+    assert {(r.status, r.extra["store_created"]) for r in results} == {("done", False)}
     slide_id, (coords, features) = next(iter(grids.items()))
     store = TileStore.open(tiles / f"{slide_id}.zarr")
     np.testing.assert_array_equal(_stored(store, "virchow2", coords, features),
@@ -158,12 +160,14 @@ def test_a_rerun_skips_and_a_replaced_file_is_imported_again(cohort, tmp_path):
     folder = _write_trident_folder(tmp_path / "features_uni_v1", grids)
     tiles = tmp_path / "tiles"
     import_features(folder, manifest, tiles, progress=False)
-    assert {r.status for r in import_features(folder, manifest, tiles, progress=False)} == {"skipped"}
+    assert {r.status for r in import_features(folder, manifest, tiles, progress=False)} == {"reused"}
+    moved = shutil.copytree(folder, tmp_path / "moved" / folder.name, copy_function=shutil.copy2)
+    assert {r.status for r in import_features(moved, manifest, tiles, progress=False)} == {"reused"}
     slide_id, (coords, features) = next(iter(grids.items()))
     write_trident(folder, slide_id, coords, features + 1, patch_size=32, level0_magnification=20,
                   target_magnification=5, dimensions=SIZE)
     results = {r.slide_id: r.status for r in import_features(folder, manifest, tiles, progress=False)}
-    assert results.pop(slide_id) == "added" and set(results.values()) == {"skipped"}
+    assert results.pop(slide_id) == "done" and set(results.values()) == {"reused"}
     store = TileStore.open(tiles / f"{slide_id}.zarr")
     np.testing.assert_array_equal(_stored(store, "uni_v1", coords, features), (features + 1).astype(np.float16))
 
@@ -247,4 +251,4 @@ def test_non_finite_features_fail_that_slide_and_the_others_go_on(cohort, tmp_pa
     results = {r.slide_id: r for r in import_features(folder, manifest, tmp_path / "tiles", progress=False)}
     assert results[bad_id].status == "failed" and "NaN" in results[bad_id].error
     assert not TileStore.open(tmp_path / "tiles" / f"{bad_id}.zarr").has_array("features/uni_v1")
-    assert {r.status for s, r in results.items() if s != bad_id} == {"imported"}
+    assert {r.status for s, r in results.items() if s != bad_id} == {"done"}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from ips_path.checkpoint import build_model
 from ips_path.cli.main import cli
 from ips_path.config import TrainConfig
 from ips_path.errors import BadInputError
@@ -21,7 +22,6 @@ from ips_path.model.encoders import IMAGENET_MEAN, IMAGENET_STD
 from ips_path.model.foundation import ENCODER_PRESETS, FoundationEncoder, build_preset
 from ips_path.store import TileStore, write_tile_store
 from ips_path.synth import write_synthetic_slide
-from ips_path.checkpoint import build_model
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
