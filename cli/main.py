@@ -24,6 +24,7 @@ COMMANDS = {
     "report": "ips_path.cli.report_cmd:report_cmd",
     "tile": "ips_path.cli.tile_cmd:tile_cmd",
     "train": "ips_path.cli.train_cmd:train_cmd",
+    "view": "ips_path.cli.view_cmd:view_cmd",
 }
 
 

@@ -105,6 +105,18 @@
   form.hidden = false;
   apply();
 
+  // served by `ipspath view` (which marks the page): each card links to the slide's deep-zoom viewer
+  const viewerMark = document.querySelector('meta[name="ipspath-viewer"]');
+  if (viewerMark) {
+    for (const card of cards) {
+      const link = document.createElement("a");
+      link.className = "viewer-link";
+      link.href = viewerMark.content + encodeURIComponent(card.dataset.id);
+      link.textContent = "open in viewer";
+      card.querySelector(".card-head").append(link);
+    }
+  }
+
   // full-size viewer
   const box = document.createElement("div");
   box.className = "lightbox";
