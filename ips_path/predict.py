@@ -39,7 +39,7 @@ from ips_path import __version__
 from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.parallel import map_slides, process_object
-from ips_path.store import TileStore, store_path
+from ips_path.store import StoreMismatchError, TileStore, store_path
 
 log = logging.getLogger(__name__)
 
@@ -276,16 +276,21 @@ def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, An
     path = store_path(settings.tiles_dir, job.slide_id)
     overwrite = False
     if path.exists():
-        store = TileStore.open(path)
-        if _close(store.target_mpp, target_mpp) and store.patch_size == patch_size:
+        try:
+            store = TileStore.open(path, slide_id=job.slide_id, slide_path=job.slide_path)
+        except StoreMismatchError:
+            if not settings.own_tiles:
+                raise
+            store = None
+        if store is not None and _close(store.target_mpp, target_mpp) and store.patch_size == patch_size:
             return store
-        made = f"{store.target_mpp:g} µm/px, {store.patch_size} px"
+        made = "from another slide file" if store is None else f"at {store.target_mpp:g} µm/px, {store.patch_size} px"
         if not settings.own_tiles:
             raise BadInputError(
-                f"{path}: tiled at {made} but the model needs {target_mpp:g} µm/px, {patch_size} px; tile it again "
+                f"{path}: tiled {made} but the model needs {target_mpp:g} µm/px, {patch_size} px; tile it again "
                 f"with `ipspath tile {job.slide_path} -o DIR --mpp {target_mpp:g} --patch-size {patch_size}` "
                 "or leave out --tiles")
-        log.info("%s: tiled at %s; tiling again at the model's %g µm/px, %d px", path, made, target_mpp, patch_size)
+        log.info("%s: tiled %s; tiling again at the model's %g µm/px, %d px", path, made, target_mpp, patch_size)
         overwrite = True
     params = TilingParams(target_mpp=target_mpp, patch_size=patch_size, backend=settings.backend)
     result = tile_slide(SlideInput(job.slide_id, job.slide_path, job.mpp), settings.tiles_dir, params, overwrite)

@@ -13,6 +13,14 @@ Layout of ``<out>/<slide_id>.zarr`` (see DESIGN.md)::
 Every write is atomic: a store is built in a hidden temporary sibling and renamed into place;
 an extra array is built in a hidden folder inside the store and renamed to its name. A
 writer killed at any point leaves nothing that :meth:`TileStore.open` accepts as complete.
+
+A store is verified where it is read (:meth:`TileStore.open`): it must be *whole* (every core
+array with the shape and dtype its attrs promise and every chunk file present: zarr would read a
+missing chunk back as zeros) and, when its slide file is at hand, *belong to that slide*: the
+slide's size and content fingerprint (:func:`ips_path.identity.slide_identity`, recorded at
+tiling as ``slide_identity``) must still match, and the slide id the store was made for must be
+the one asked for. Every chunk is written, even one of zeros, and checksummed (zstd), so a
+deleted or damaged chunk is found instead of read as zeros.
 """
 
 from __future__ import annotations
@@ -30,11 +38,34 @@ import numpy as np
 
 from ips_path import __version__
 from ips_path.errors import BadInputError
+from ips_path.identity import slide_identity
+
+__all__ = [
+    "CORE_ARRAYS",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "StoreMismatchError",
+    "TileStore",
+    "export_h5",
+    "import_h5",
+    "remove_partial_stores",
+    "slide_id_from_path",
+    "store_path",
+    "tile_store_for_coords",
+    "write_tile_store",
+]
 
 FORMAT = "ipspath.tiles"
-FORMAT_VERSION = 1
+#: 2: slide_identity (size, mtime_ns, content fingerprint) recorded; every chunk written and checksummed.
+FORMAT_VERSION = 2
 CORE_ARRAYS = ("coords", "tissue_fraction", "mask")
+# dtype and number of dimensions of the core arrays; coords and tissue_fraction have n_patches rows.
+_CORE_LAYOUT = {"coords": ("int64", 2), "tissue_fraction": ("float32", 1), "mask": ("uint8", 2)}
 _PARTIAL_PREFIX = ".partial-"
+
+
+class StoreMismatchError(BadInputError):
+    """A whole tile store that was made from another slide, or from an older version of its slide file."""
 
 
 def slide_id_from_path(path: str | os.PathLike) -> str:
@@ -122,43 +153,89 @@ class TileStore:
         self.stride_level0 = int(attrs.get("stride_level0", self.patch_size_level0))
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> TileStore:
-        """Open a complete tile store.
+    def open(cls, path: str | os.PathLike, *, slide_id: str | None = None,
+             slide_path: str | os.PathLike | None = None) -> TileStore:
+        """Open a tile store, verified: whole, and made from its slide as it is now.
+
+        Parameters
+        ----------
+        path : path-like
+            The ``.zarr`` folder.
+        slide_id : str, optional
+            The slide the caller wants (a manifest row): the store must have been made for it.
+        slide_path : path-like, optional
+            The caller's file of that slide: when it exists, the store must have been made from
+            it (same size and content fingerprint). The file the store was tiled from is checked
+            the same way whenever it still exists, with or without this argument.
 
         Raises
         ------
         BadInputError
             When ``path`` is missing, not an ipspath tile store, incomplete (its writer was
-            stopped) or from a newer ipspath.
+            stopped), damaged (an array or chunk file missing, wrong shape or dtype, a chunk that
+            does not decode), from an older ipspath without the slide's identity, or from a newer
+            ipspath.
+        StoreMismatchError
+            When the store was made for another slide id, or from another file than its slide
+            now is (copied under another id, or the slide replaced after tiling).
         """
-        import zarr
-
         path = Path(path)
         if not path.is_dir():
             raise BadInputError(f"{path}: no tile store there; run `ipspath tile` first")
         if _node_type(path) != "group":
             raise BadInputError(f"{path}: not a tile store (no zarr v3 group)")
-        group = zarr.open_group(path, mode="r")
-        attrs = dict(group.attrs)
+        attrs = dict(json.loads((path / "zarr.json").read_text()).get("attributes", {}))
         if attrs.get("format") != FORMAT:
             raise BadInputError(f"{path}: not an ipspath tile store (format {attrs.get('format')!r})")
         if attrs.get("complete") is not True:
             raise BadInputError(f"{path}: incomplete tile store (its writer was stopped); run `ipspath tile` again")
-        if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
+        version = int(attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
             raise BadInputError(
                 f"{path}: tile store format {attrs['format_version']} is newer than this ipspath "
                 f"({__version__}) reads ({FORMAT_VERSION}); upgrade ipspath"
             )
-        coords = np.asarray(group["coords"][...], dtype=np.int64).reshape(-1, 2)
-        tissue_fraction = np.asarray(group["tissue_fraction"][...], dtype=np.float32)
-        return cls(path, attrs, coords, tissue_fraction)
+        if version < FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{path}: tile store format {version} records no identity of its slide file and cannot be "
+                "checked; tile the slide again (`ipspath tile` redoes such stores)")
+        _check_whole(path, attrs)
+        coords = _read_core(path, "coords").astype(np.int64, copy=False).reshape(-1, 2)
+        tissue_fraction = _read_core(path, "tissue_fraction").astype(np.float32, copy=False)
+        store = cls(path, attrs, coords, tissue_fraction)
+        store.check_slide(slide_id, slide_path)
+        return store
+
+    def check_slide(self, slide_id: str | None = None, slide_path: str | os.PathLike | None = None) -> None:
+        """StoreMismatchError unless the store was made for ``slide_id`` from the file ``slide_path``
+        as it is now (size and content fingerprint; the modification time alone may differ, as after
+        a copy). The recorded slide file is checked too when it exists; missing files are not checked."""
+        made_for = self.attrs.get("slide_id")
+        if slide_id is not None and made_for != slide_id:
+            raise StoreMismatchError(
+                f"{self.path}: made for slide {made_for!r}, not {slide_id!r} (copied or renamed?); tile "
+                f"slide {slide_id!r} again with `ipspath tile ... --overwrite`")
+        recorded = self.attrs.get("slide_identity") or {}
+        candidates = [Path(slide_path)] if slide_path is not None else []
+        if not candidates or candidates[0].resolve() != self.slide_path:
+            candidates.append(self.slide_path)
+        for candidate in candidates:
+            if not candidate.is_file():
+                continue
+            now = slide_identity(candidate)
+            if (now["size"], now["fingerprint"]) != (recorded.get("size"), recorded.get("fingerprint")):
+                change = ("the slide file was replaced or changed after tiling" if candidate == self.slide_path
+                          else "the store belongs to another slide file")
+                raise StoreMismatchError(
+                    f"{self.path}: made from another file than {candidate} ({change}: size or content "
+                    f"fingerprint differ); tile it again with `ipspath tile {candidate} ... --overwrite`")
 
     def mask(self) -> tuple[np.ndarray, float]:
         """The tissue mask as bool (h, w) and its resolution in µm/px."""
         import zarr
 
         array = zarr.open_array(self.path / "mask", mode="r")
-        return np.asarray(array[...]) != 0, float(array.attrs["mpp"])
+        return _read_core(self.path, "mask") != 0, float(array.attrs["mpp"])
 
     def mask_downsample(self) -> float:
         """Level-0 pixels per mask pixel."""
@@ -202,7 +279,7 @@ class TileStore:
         partial = self.path / f"{_PARTIAL_PREFIX}{uuid.uuid4().hex}"
         try:
             chunks = _chunks(np.empty((0, *shape[1:]), dtype=dtype), rows=shape[0]) if shape else ()
-            array = zarr.create_array(partial, shape=shape, dtype=dtype, zarr_format=3, chunks=chunks)
+            array = _create_array(partial, None, shape=shape, dtype=dtype, chunks=chunks)
             fill(array)
             if attrs:
                 array.attrs.update(attrs)
@@ -219,19 +296,25 @@ class TileStore:
         return _node_type(self.path / name) == "array"
 
     def read_array(self, name: str) -> np.ndarray:
-        """The whole array ``name``; KeyError when it does not exist."""
-        import zarr
-
-        if not self.has_array(name):
-            raise KeyError(f"{self.path}: no array {name!r}")
-        return np.asarray(zarr.open_array(self.path / name, mode="r")[...])
+        """The whole array ``name``; KeyError when it does not exist, BadInputError when damaged."""
+        return np.asarray(self.open_array(name)[...])
 
     def open_array(self, name: str) -> Any:
-        """Array ``name`` as a read-only ``zarr.Array``, read lazily by slicing; KeyError when absent."""
+        """Array ``name`` as a read-only ``zarr.Array``, read lazily by slicing; KeyError when absent.
+
+        BadInputError when a chunk file of it is missing or empty (it would read back as zeros).
+        """
         import zarr
 
         if not self.has_array(name):
             raise KeyError(f"{self.path}: no array {name!r}")
+        meta = json.loads((self.path / name / "zarr.json").read_text())
+        missing, expected = _missing_chunks(self.path / name, meta)
+        if missing:
+            raise BadInputError(
+                f"{self.path}: damaged array {name!r} ({len(missing)} of {expected} chunk file(s) missing or "
+                f"empty, first: {name}/c/{missing[0]}); write it again (`ipspath features ... --overwrite` for "
+                "features, `ipspath predict ... --overwrite` for scores)")
         return zarr.open_array(self.path / name, mode="r")
 
     def array_attrs(self, name: str) -> dict[str, Any]:
@@ -255,6 +338,76 @@ class TileStore:
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_patches={self.n_patches})"
+
+
+def _create_array(where: Any, name: str | None, *, chunks: tuple[int, ...], data: np.ndarray | None = None,
+                  shape: tuple[int, ...] | None = None, dtype: Any = None) -> Any:
+    """A zarr array (``data``, or empty of ``shape`` and ``dtype``) whose every chunk is a checksummed
+    file, zeros included (by default zarr skips chunks equal to the fill value, and a deleted chunk
+    would read back as zeros)."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    options = {"chunks": chunks, "compressors": ZstdCodec(level=0, checksum=True),
+               "config": {"write_empty_chunks": True}}
+    options.update({"data": data} if data is not None else {"shape": shape, "dtype": dtype})
+    if name is None:
+        return zarr.create_array(where, zarr_format=3, **options)
+    return where.create_array(name, **options)
+
+
+def _missing_chunks(array_dir: Path, meta: dict[str, Any]) -> tuple[list[str], int]:
+    """Chunk files of a zarr v3 array that are absent or empty, and how many there should be."""
+    shape = meta["shape"]
+    chunk_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    separator = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+    grid = [-(-size // chunk) for size, chunk in zip(shape, chunk_shape, strict=True)]
+    present = {}
+    chunk_root = array_dir / "c"
+    if chunk_root.is_dir():
+        for folder, _, files in os.walk(chunk_root):
+            for file in files:
+                key = os.path.relpath(os.path.join(folder, file), chunk_root).replace(os.sep, separator)
+                present[key] = os.path.getsize(os.path.join(folder, file))
+    expected = [separator.join(map(str, index)) for index in np.ndindex(*grid)] if all(grid) else []
+    missing = [key for key in expected if present.get(key, 0) == 0]
+    return missing, len(expected)
+
+
+def _check_whole(path: Path, attrs: dict[str, Any]) -> None:
+    """BadInputError unless every core array is there with the promised shape, dtype and chunks."""
+    n_patches = attrs.get("n_patches")
+    problems = []
+    for name, (dtype, ndim) in _CORE_LAYOUT.items():
+        try:
+            meta = json.loads((path / name / "zarr.json").read_text())
+        except (OSError, ValueError):
+            problems.append(f"array {name!r} is missing")
+            continue
+        shape = meta.get("shape", [])
+        rows_ok = name == "mask" or (shape and shape[0] == n_patches)
+        if meta.get("data_type") != dtype or len(shape) != ndim or not rows_ok or (name == "coords" and shape[1] != 2):
+            problems.append(f"array {name!r} is {meta.get('data_type')} {shape}, not the {dtype} with "
+                            f"{'its mask' if name == 'mask' else f'{n_patches} rows'} the store's attrs promise")
+            continue
+        missing, expected = _missing_chunks(path / name, meta)
+        if missing:
+            problems.append(f"{len(missing)} of {expected} chunk file(s) of {name!r} are missing or empty "
+                            f"(first: {name}/c/{missing[0]})")
+    if problems:
+        raise BadInputError(f"{path}: damaged tile store ({'; '.join(problems)}); it would read back as zeros: "
+                            "tile the slide again with `ipspath tile ... --overwrite`")
+
+
+def _read_core(path: Path, name: str) -> np.ndarray:
+    """A core array, whole; a chunk that does not decode (corrupted, truncated) is BadInputError."""
+    import zarr
+
+    try:
+        return np.asarray(zarr.open_array(path / name, mode="r")[...])
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise BadInputError(f"{path}: damaged tile store (array {name!r} does not decode: {exc}); "
+                            "tile the slide again with `ipspath tile ... --overwrite`") from exc
 
 
 def _chunks(data: np.ndarray, rows: int | None = None) -> tuple[int, ...]:
@@ -297,7 +450,8 @@ def write_tile_store(
         JSON-able attributes; must hold ``slide_path``, ``level0_mpp``, ``target_mpp``,
         ``patch_size``, ``patch_size_level0``, ``read_level`` and ``read_size``. ``format``,
         ``format_version``, ``ipspath_version``, ``n_patches``, ``created`` and ``complete`` are
-        set here.
+        set here. ``slide_id`` defaults to the store's name without ``.zarr``, ``slide_identity``
+        to :func:`ips_path.identity.slide_identity` of ``slide_path`` (which must then exist).
     mask_downsample : float, optional
         Level-0 pixels per mask pixel; default: mask_mpp / mean level-0 mpp.
 
@@ -317,6 +471,9 @@ def write_tile_store(
                            "read_level", "read_size") if k not in attrs]
     if missing:
         raise ValueError(f"tile store attrs lack {', '.join(missing)}")
+    attrs = {"slide_id": path.name.removesuffix(".zarr"), **attrs}
+    if "slide_identity" not in attrs:
+        attrs["slide_identity"] = slide_identity(attrs["slide_path"])
     order = np.lexsort((coords[:, 0], coords[:, 1]))
     coords, tissue_fraction = coords[order], tissue_fraction[order]
     if mask_downsample is None:
@@ -335,9 +492,9 @@ def write_tile_store(
     partial = path.with_name(f".{path.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}")
     try:
         group = zarr.open_group(partial, mode="w", zarr_format=3)
-        group.create_array("coords", data=coords, chunks=_chunks(coords))
-        group.create_array("tissue_fraction", data=tissue_fraction, chunks=_chunks(tissue_fraction))
-        mask_array = group.create_array("mask", data=np.asarray(mask).astype(np.uint8), chunks=(1024, 1024))
+        _create_array(group, "coords", data=coords, chunks=_chunks(coords))
+        _create_array(group, "tissue_fraction", data=tissue_fraction, chunks=_chunks(tissue_fraction))
+        mask_array = _create_array(group, "mask", data=np.asarray(mask).astype(np.uint8), chunks=(1024, 1024))
         mask_array.attrs.update({"mpp": float(mask_mpp), "downsample": float(mask_downsample)})
         group.attrs.update(full_attrs)
         group.attrs["complete"] = True  # last: before this, the folder never opens as a store
@@ -416,7 +573,7 @@ def import_h5(
     slide_path : path-like
         The slide the coordinates belong to.
     out_path : path-like
-        The ``.zarr`` store to write.
+        The ``.zarr`` store to write; its name without ``.zarr`` is the slide id it is made for.
     target_mpp : float
         Resolution the patches are to be used at, µm/px.
     patch_size : int, optional
@@ -478,7 +635,8 @@ def tile_store_for_coords(slide: Any, coords: np.ndarray, patch_size_level0: int
     patch_size : int, optional
         Patch side at ``target_mpp``, px; default: the level-0 patch size converted to ``target_mpp``.
     slide_id : str, optional
-        The slide's id (as in the manifest); default: the slide file's name without suffix.
+        The slide's id (as in the manifest) the store is made for; default: the store's name
+        without ``.zarr``.
     attrs : dict, optional
         Extra JSON-able store attributes (where the grid came from).
     """
@@ -504,7 +662,7 @@ def tile_store_for_coords(slide: Any, coords: np.ndarray, patch_size_level0: int
     tissue, _ = tissue_mask_for_slide(slide, params)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     fractions = tissue_fraction(tissue.mask, tissue.downsample, coords, patch_size_level0)
-    slide_id = slide_id or slide_id_from_path(slide.path)
+    slide_id = slide_id or Path(out_path).name.removesuffix(".zarr")
     store_attrs = {**tile_attrs(slide, slide_id, geometry, params.method, params.as_dict()),
                    **(attrs or {})}
     return write_tile_store(out_path, coords, fractions, tissue.mask, tissue.mpp, store_attrs,

@@ -443,7 +443,7 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
             missing.append(row.slide_id)
             continue
         try:
-            store = TileStore.open(path)
+            store = TileStore.open(path, slide_id=row.slide_id, slide_path=row.slide_path)
         except BadInputError as exc:
             broken.append(str(exc))
             continue

@@ -29,7 +29,9 @@ from ips_path.store import (
 from ips_path.synth import write_synthetic_slide
 
 ATTRS = {
+    "slide_id": "S1",
     "slide_path": "/data/S1.svs",
+    "slide_identity": {"size": 1, "mtime_ns": 1, "fingerprint": "0"},
     "level0_mpp": [0.25, 0.26],
     "target_mpp": 0.5,
     "patch_size": 256,
@@ -139,7 +141,8 @@ _KILLED_WRITER = textwrap.dedent(
             time.sleep(60)
         return array
     zarr.Group.create_array = slow_create
-    attrs = {"slide_path": "s.svs", "level0_mpp": [0.5, 0.5], "target_mpp": 0.5, "patch_size": 256,
+    attrs = {"slide_id": "S", "slide_path": "s.svs", "slide_identity": {}, "level0_mpp": [0.5, 0.5],
+             "target_mpp": 0.5, "patch_size": 256,
              "patch_size_level0": 256, "read_level": 0, "read_size": 256}
     write_tile_store(sys.argv[1], np.zeros((9, 2)), np.ones(9), np.ones((4, 4), bool), 8.0, attrs)
     """

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ips_path.cli.main import cli
 from ips_path.errors import BadInputError
+from ips_path.identity import slide_identity
 from ips_path.slide import Slide
 from ips_path.store import TileStore
 from ips_path.tiling.run import SlideInput, TilingParams, collect_inputs, exit_code, tile_slide, tile_slides
@@ -299,8 +300,9 @@ def test_store_records_the_tiling(generated, tmp_path):
     attrs = TileStore.open(tmp_path / "small.zarr").attrs
     stat = generated.stat()
     assert attrs["slide_path"] == str(generated.resolve())
-    assert attrs["slide_size"] == stat.st_size and attrs["slide_mtime"] == stat.st_mtime
+    assert attrs["slide_identity"] == slide_identity(generated)
+    assert attrs["slide_identity"]["size"] == stat.st_size and attrs["slide_identity"]["mtime_ns"] == stat.st_mtime_ns
     assert attrs["level0_mpp"] == [0.5, 0.5] and attrs["effective_mpp"] == pytest.approx(0.5)
     assert attrs["min_tissue"] == 0.25 and attrs["tissue_params"]["keep_holes"] is True
-    assert attrs["tissue_method"] == "colour" and attrs["format_version"] == 1
+    assert attrs["tissue_method"] == "colour" and attrs["format_version"] == 2
     json.dumps(attrs)  # JSON-able

@@ -8,8 +8,10 @@ slide ends as a :class:`TileResult` with a status, and the run writes
     <out>/qc/<slide_id>.png   QC picture (unless qc=False)
     <out>/h5/<slide_id>.h5    CLAM/TRIDENT coordinates (with h5=True)
 
-A slide whose complete store was made with the same parameters from the same file (size
-and modification time) is skipped, so an interrupted run resumes where it stopped.
+A slide whose whole store was made with the same parameters from the same file (size and
+content fingerprint, :func:`ips_path.identity.slide_identity`) is skipped, so an interrupted run
+resumes where it stopped; a store made from another file (the slide replaced, or the store copied
+under another slide's id) is tiled again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from ips_path.errors import BadInputError, IpspathError
+from ips_path.identity import slide_identity
 from ips_path.store import (
+    StoreMismatchError,
     TileStore,
     export_h5,
     remove_partial_stores,
@@ -254,16 +258,21 @@ def _mask_file(tissue_mask: Path, slide_id: str) -> Path:
     )
 
 
-def _existing_store(path: Path, fingerprint: dict[str, Any], slide_file: Path) -> TileStore | None:
+def _existing_store(path: Path, fingerprint: dict[str, Any], item: SlideInput) -> TileStore | None:
     """The store at ``path`` if it can be reused; None if there is none or it must be redone.
 
-    Raises BadInputError when it was made with other parameters or is not a tile store: the
-    user says with ``--overwrite`` whether to replace it.
+    A store made for another slide id or from another file than the slide is now, or in an older
+    format, is redone (with a warning). Raises BadInputError when it was made with other
+    parameters or is damaged or not a tile store: the user says with ``--overwrite`` whether to
+    replace it.
     """
     if not path.exists():
         return None
     try:
-        store = TileStore.open(path)
+        store = TileStore.open(path, slide_id=item.slide_id, slide_path=item.path)
+    except StoreMismatchError as exc:
+        log.warning("%s; tiling it again", str(exc).split("; ")[0])
+        return None
     except BadInputError as exc:
         raise BadInputError(f"{exc}; pass --overwrite to replace it") from exc
     if store.attrs.get("tiling_params") != fingerprint:
@@ -273,10 +282,6 @@ def _existing_store(path: Path, fingerprint: dict[str, Any], slide_file: Path) -
             f"{path}: exists with other tiling parameters ({differ}); pass --overwrite to replace it "
             "or choose another output folder"
         )
-    stat = slide_file.stat()
-    if store.attrs.get("slide_size") != stat.st_size or store.attrs.get("slide_mtime") != stat.st_mtime:
-        log.warning("%s: the slide file changed since its store was made; tiling it again", slide_file)
-        return None
     return store
 
 
@@ -284,13 +289,11 @@ def tile_attrs(
     slide: Any, slide_id: str, geometry: PatchGeometry, tissue_method: str, tissue_params: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The attributes a tile store records about its slide and grid (see DESIGN.md)."""
-    stat = slide.path.stat()
     return {
         **geometry.as_dict(),
         "slide_id": slide_id,
         "slide_path": str(slide.path.resolve()),
-        "slide_size": stat.st_size,
-        "slide_mtime": stat.st_mtime,
+        "slide_identity": slide_identity(slide.path),
         "slide_dimensions": list(slide.dimensions),
         "read_level_dimensions": list(slide.level_dimensions[geometry.read_level]),
         "backend": slide.backend,
@@ -347,7 +350,7 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
     fingerprint = params.fingerprint(slide_mpp)
     qc_path = out_dir / "qc" / f"{item.slide_id}.png"
     h5_path = out_dir / "h5" / f"{item.slide_id}.h5"
-    existing = None if overwrite or not item.path.is_file() else _existing_store(target, fingerprint, item.path)
+    existing = None if overwrite or not item.path.is_file() else _existing_store(target, fingerprint, item)
     if existing is not None and (qc_path.is_file() or not params.qc):
         if params.h5 and not h5_path.is_file():
             export_h5(existing, h5_path)
