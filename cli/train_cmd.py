@@ -65,8 +65,9 @@ def _help(text: str, name: str) -> str:
               help=_help("Weight the loss of each class inversely to its share of training slides.", "class_weights"))
 @click.option("--patience", type=int,
               help=_help("Stop after this many epochs without a better validation --monitor; 0: never.", "patience"))
-@click.option("--monitor", type=click.Choice(["auc", "balanced_accuracy", "loss"]),
-              help=_help("Validation metric for best.pt and early stopping.", "monitor"))
+@click.option("--monitor", type=click.Choice(["auc", "balanced_accuracy", "loss", "c_index"]),
+              help=_help("Validation metric for best.pt and early stopping (survival: c_index or loss; auc "
+                         "means c_index there).", "monitor"))
 @click.option("--augment/--no-augment", default=None,
               help=_help("Random flips, 90° rotations and colour jitter of training patches.", "augment"))
 @click.option("--threads", type=int, help=_help("Threads reading patches from the slide files.", "threads"))
@@ -86,6 +87,20 @@ def _help(text: str, name: str) -> str:
                                         "[default: the stores', which must agree]")
 @click.option("--patch-size", type=int, help="Patch size the run expects of the tile stores, px. "
                                              "[default: the stores']")
+@click.option("--task", type=click.Choice(["classification", "survival"]),
+              help=_help("classification of the label column, or survival: a risk score learnt from the time and "
+                         "event columns (1 = event, 0 = censored).", "task"))
+@click.option("--survival-loss", type=click.Choice(["cox", "nll"]),
+              help=_help("Survival: cox = Cox partial likelihood over each batch (every batch holds an event); nll = "
+                         "discrete-time likelihood over --time-bins bins (also predicts a survival curve).",
+                         "survival_loss"))
+@click.option("--time-bins", type=int, help=_help("Survival nll: time bins, cut at quantiles of the training event "
+                                                  "times.", "time_bins"))
+@click.option("--time-unit", help=_help("Survival: unit of the manifest's time column (for plots and reports).",
+                                        "time_unit"))
+@click.option("--risk-groups", type=click.IntRange(2, 3),
+              help=_help("Survival: Kaplan-Meier risk groups at the median (2) or tertiles (3) of the training "
+                         "risks.", "risk_groups"))
 @click.pass_context
 def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path, config_file: Path | None,
               resume: bool, **options: Any) -> int:
@@ -99,6 +114,13 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
     best.pt (best validation --monitor) is what `ipspath predict` uses.
 
     \b
+    Survival (--task survival): the manifest needs time and event columns instead of label; the
+    model learns a risk score (Cox, or a discrete-time survival curve with --survival-loss nll),
+    splits keep events and follow-up balanced, each epoch logs the validation C-index, and the run
+    ends with survival_metrics.json (Harrell's and Uno's C-index with 95 % intervals, time-dependent
+    AUC) and km_val.png (Kaplan-Meier curves of the risk groups, log-rank p-value).
+
+    \b
     Several GPUs or nodes: torchrun --nproc-per-node N -m ips_path.cli.main train ...
     (each process takes a disjoint share of the slides; gradients are averaged).
 
@@ -106,6 +128,7 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
     Example (CPU, minutes):
       ipspath tile --manifest m.csv -o tiles --mpp 2 --patch-size 64
       ipspath train --manifest m.csv --tiles tiles -o run --epochs 10
+      ipspath train --manifest m.csv --tiles tiles -o run --task survival --time-unit months
     """
     from ips_path.config import resolve_config
     from ips_path.train import train

@@ -26,6 +26,7 @@ from ips_path.identity import file_digest, identity_key
 from ips_path.loader import PatchStreamer
 from ips_path.model import IPSModel, Task, build_encoder
 from ips_path.model.foundation import ENCODER_PRESETS, require_preset_weights
+from ips_path.survival.training import SurvivalRun, survival_task
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASK_NAME", "CheckpointIdentity", "RunState", "build_model",
            "checkpoint_identity", "load_checkpoint", "load_model"]
@@ -41,7 +42,9 @@ class _Stateful(Protocol):
 
 def build_model(config: TrainConfig, n_classes: int, in_features: int | None = None, *,
                 load_pretrained: bool = True) -> IPSModel:
-    """The IPS model a configuration describes: one multiclass task ``"label"`` over ``n_classes``.
+    """The IPS model a configuration describes: one multiclass task ``"label"`` over ``n_classes``, or
+    for ``task: survival`` one survival task (:func:`~ips_path.survival.training.survival_task`;
+    ``n_classes`` is then unused).
 
     Parameters
     ----------
@@ -62,7 +65,8 @@ def build_model(config: TrainConfig, n_classes: int, in_features: int | None = N
             require_preset_weights(config.encoder, config.pretrained)
         blocks = {} if config.train_blocks is None else {"train_blocks": config.train_blocks}
         encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None, **blocks)
-    return IPSModel(encoder, [Task(TASK_NAME, n_classes, "multiclass")], dim=config.dim, n_heads=config.heads,
+    task = survival_task(config) if config.task == "survival" else Task(TASK_NAME, n_classes, "multiclass")
+    return IPSModel(encoder, [task], dim=config.dim, n_heads=config.heads,
                     n_select=config.n_select, chunk_size=config.chunk_size, score=config.score,
                     pos_encoding=None if config.pos_encoding == "none" else config.pos_encoding,
                     grad_chunk_size=config.grad_chunk_size, checkpoint=config.checkpoint_grads)
@@ -73,7 +77,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``status``, ``config`` (dict),
     ``class_names``, ``tiling`` (``target_mpp``, ``patch_size``), ``in_features``, ``early_stopping``,
-    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``.
+    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``; survival runs also
+    ``survival`` (:meth:`~ips_path.survival.training.SurvivalRun.state`: loss, time unit, bin edges,
+    the training outcomes, risk-group cut points).
 
     Raises
     ------
@@ -123,6 +129,7 @@ class RunState:
     history: list[dict[str, float]]
     streamer: PatchStreamer
     procs: Processes
+    survival: SurvivalRun | None = None
 
     def save(self, name: str, *, epoch: int, status: str) -> None:
         """Write ``<out_dir>/<name>`` atomically (rank 0; the others only hand over their RNG states)."""
@@ -138,9 +145,11 @@ class RunState:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopping.state_dict(),
             "history": self.history, "rng": rng,
-            "config": self.config.as_dict(), "class_names": list(self.classes), "task": TASK_NAME,
+            "config": self.config.as_dict(), "class_names": list(self.classes), "task": self.model.tasks[0].name,
             "tiling": self.tiling, "in_features": self.in_features,
         }
+        if self.survival is not None:
+            checkpoint["survival"] = self.survival.state()
         write_atomically(self.out_dir / name, lambda partial: torch.save(checkpoint, partial))
 
 

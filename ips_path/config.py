@@ -19,7 +19,9 @@ from ips_path.errors import BadInputError
 
 __all__ = ["MONITORS", "RUNTIME_FIELDS", "TrainConfig", "load_config", "resolve_config", "save_config"]
 
-MONITORS = ("auc", "balanced_accuracy", "loss")
+MONITORS = ("auc", "balanced_accuracy", "loss", "c_index")
+TASKS = ("classification", "survival")
+SURVIVAL_LOSSES = ("cox", "nll")
 SCORES = ("logit", "paper")
 POS_ENCODINGS = ("none", "1d", "2d")
 # Settings that change where and how fast a run computes, not its result: a resumed run may change them.
@@ -67,8 +69,10 @@ class TrainConfig:
         Weight the loss of each class by ``n_slides / (n_classes * n_slides_of_class)`` (training slides).
     patience : int
         Stop after this many epochs without a better validation ``monitor``; 0: never stop early.
-    monitor : {"auc", "balanced_accuracy", "loss"}
-        Validation metric of ``best.pt`` and early stopping (loss: lower is better).
+    monitor : {"auc", "balanced_accuracy", "loss", "c_index"}
+        Validation metric of ``best.pt`` and early stopping (loss: lower is better). Survival tasks
+        have no AUC: there the default ``auc`` means ``c_index`` (Harrell's), and ``balanced_accuracy``
+        is refused.
     augment : bool
         Random flips, 90° rotations and colour jitter of training patches.
     threads : int
@@ -86,6 +90,18 @@ class TrainConfig:
     mpp, patch_size : float or int or None
         Patch resolution (µm/px) and size (px) the run asks of the tile stores; None: the stores'
         (they must agree).
+    task : {"classification", "survival"}
+        Classify the manifest's ``label``, or learn a risk score from its ``time`` and ``event``.
+    survival_loss : {"cox", "nll"}
+        Survival only: Cox partial likelihood over each batch (one risk output; batches always hold an
+        event), or the discrete-time negative log-likelihood over ``time_bins`` bins (a survival curve).
+    time_bins : int
+        Survival ``nll`` only: bins cut at quantiles of the training event times.
+    time_unit : str
+        Survival only: the unit of the manifest's ``time`` column, as shown on plots and reports.
+    risk_groups : int
+        Survival only: Kaplan-Meier risk groups, cut at the median (2) or tertiles (3) of the
+        training slides' risks.
     """
 
     encoder: str = "smallcnn"
@@ -116,9 +132,16 @@ class TrainConfig:
     grad_chunk_size: int | None = None
     mpp: float | None = None
     patch_size: int | None = None
+    task: str = "classification"
+    survival_loss: str = "cox"
+    time_bins: int = 4
+    time_unit: str = "months"
+    risk_groups: int = 2
 
     def __post_init__(self) -> None:
         problems = []
+        if self.task == "survival" and self.monitor == "auc":
+            object.__setattr__(self, "monitor", "c_index")  # the default monitor, in survival terms
         for name in ("n_select", "chunk_size", "dim", "heads", "epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,11 +158,22 @@ class TrainConfig:
             problems.append(f"mpp must be a positive µm/px, got {self.mpp}")
         if not 0 <= self.val_fraction < 1:
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS)):
+        for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS),
+                              ("task", TASKS), ("survival_loss", SURVIVAL_LOSSES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.train_blocks is not None and (self.train_blocks < 0 or self.features is not None):
             problems.append(f"train_blocks must be >= 0 and needs pixels (no features), got {self.train_blocks}")
+        if self.task == "survival" and self.monitor == "balanced_accuracy":
+            problems.append("monitor balanced_accuracy does not exist for survival; use c_index or loss")
+        if self.task == "classification" and self.monitor == "c_index":
+            problems.append("monitor c_index is for survival tasks; use auc, balanced_accuracy or loss")
+        if self.task == "survival" and self.class_weights:
+            problems.append("class_weights is for classification; survival tasks have no classes")
+        if self.time_bins < 2:
+            problems.append(f"time_bins must be >= 2, got {self.time_bins}")
+        if self.risk_groups not in (2, 3):
+            problems.append(f"risk_groups must be 2 (median split) or 3 (tertiles), got {self.risk_groups}")
         if self.checkpoint_grads and self.grad_chunk_size is None:
             problems.append("checkpoint_grads needs grad_chunk_size (patches per checkpointed piece)")
         if problems:

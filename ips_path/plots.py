@@ -30,12 +30,14 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
     loss_ax, metric_ax = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         _plot(loss_ax, epochs, history, key, label)
-    loss_ax.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
-    metric_keys = ["val_auc", "val_balanced_accuracy"] + sorted(
+    survival = any("val_c_index" in row for row in history)
+    loss_ax.set(xlabel="epoch", ylabel="loss (survival likelihood)" if survival else "loss (cross-entropy)",
+                title="Loss")
+    metric_keys = ["val_auc", "val_balanced_accuracy", "val_c_index"] + sorted(
         {k for row in history for k in row if k.startswith("val_recall_")})
     for key in metric_keys:
         _plot(metric_ax, epochs, history, key, key.removeprefix("val_").replace("_", " "),
-              linestyle="-" if key in ("val_auc", "val_balanced_accuracy") else ":")
+              linestyle="-" if key in ("val_auc", "val_balanced_accuracy", "val_c_index") else ":")
     metric_ax.set(xlabel="epoch", ylabel="validation metric", title="Validation", ylim=(-0.02, 1.02))
     for ax in (loss_ax, metric_ax):
         ax.grid(alpha=0.3)

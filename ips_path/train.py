@@ -50,7 +50,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ from ips_path.model import IPSModel, PatchChunk, train_step
 from ips_path.plots import plot_training_curves
 from ips_path.progress import progress_bar
 from ips_path.store import TileStore, store_path
+from ips_path.survival.cohort import check_events_in_splits, survival_splits
+from ips_path.survival.training import SurvivalRun
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +121,14 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class SlideItem:
-    """A slide of the run: where its patches are and its class index."""
+    """A slide of the run: where its patches are and its class index (or survival target)."""
 
     slide_id: str
     store: Path
     label: int
     n_patches: int
     slide_mpp: float | None = None
+    target: tuple[float, float, float] | None = None  # survival: time, event, time bin
 
 
 @dataclass
@@ -224,24 +227,36 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
     #    imports (torch._dynamo) for nothing.
     seed_everything(config.seed, procs.rank)
 
-    # 2. Slides: classes, splits, tile stores (or cached features).
-    rows = read_manifest(manifest, require_label=True, check_files=False)
-    classes = class_names(rows)
-    if len(classes) < 2:
+    # 2. Slides: classes (or survival outcomes), splits, tile stores (or cached features).
+    survival_task = config.task == "survival"
+    rows = read_manifest(manifest, require_label=not survival_task, check_files=False,
+                         require_survival=survival_task)
+    classes = [] if survival_task else class_names(rows)
+    if not survival_task and len(classes) < 2:
         raise BadInputError(f"{manifest}: training needs at least two classes in the label column, "
                             f"found {classes}")
-    splits = assign_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
+    if survival_task:
+        splits = survival_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
+        check_events_in_splits(rows, splits, manifest)
+    else:
+        splits = assign_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
     if checkpoint is not None:
         _check_same_run(checkpoint, classes, splits, out_dir)
     used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
     items, tiling, in_features = check_tile_stores(used, tiles_dir, manifest, config, classes)
+    survival = None
+    if survival_task:
+        survival = SurvivalRun.from_rows(config, [r for r in used if splits[r.slide_id] == "train" and
+                                                  r.slide_id in items])
+        items = {r.slide_id: replace(items[r.slide_id], target=survival.target(r)) for r in used if r.slide_id in items}
     train_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "train" and r.slide_id in items]
     val_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "val" and r.slide_id in items]
     if not train_items:
         raise BadInputError(f"{manifest}: no training slides (all are in val/test, or have no patches)")
     if len(train_items) < procs.world_size:
         raise BadInputError(f"{len(train_items)} training slides cannot keep {procs.world_size} processes busy")
-    _warn_about_missing_classes(train_items, val_items, classes)
+    if not survival_task:
+        _warn_about_missing_classes(train_items, val_items, classes)
     if procs.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
@@ -282,7 +297,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
         step_model = GradientPhaseDDP(model)
 
     state = RunState(out_dir, config, classes, tiling, in_features, model, optimizer, scheduler, stopping,
-                      history, train_streamer, procs)
+                     history, train_streamer, procs, survival=survival)
     if checkpoint is None:
         state.save("last.pt", epoch=0, status=status)  # so that an interrupted first epoch can resume
 
@@ -295,9 +310,10 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
                 break
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             row.update(_train_epoch(step_model, model, train_items, train_streamer, optimizer, scheduler, config,
-                                    epoch, procs, class_weights, autocast_dtype, progress))
+                                    epoch, procs, class_weights, autocast_dtype, progress, survival))
             if val_items:
-                row.update(_validate(model, val_items, val_streamer, config, classes, procs, autocast_dtype))
+                row.update(_validate(model, val_items, val_streamer, config, classes, procs, autocast_dtype,
+                                     survival))
             row["elapsed_seconds"] = time.perf_counter() - run_started
             history.append(row)
             improved = bool(val_items) and stopping.update(row[f"val_{config.monitor}"], row["val_loss"], epoch + 1)
@@ -313,6 +329,9 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
             if procs.is_main:
                 _write_csv(out_dir / "metrics.csv", history)
                 plot_training_curves(history, out_dir / "curves.png")
+        if survival is not None:
+            _finish_survival(survival, model, train_items, val_items, val_streamer, config, procs, autocast_dtype,
+                             out_dir)
     except KeyboardInterrupt:
         if procs.is_main:
             log.warning("interrupted: %s holds the state after epoch %d; continue with --resume",
@@ -341,9 +360,16 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                  streamer: PatchStreamer, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, epoch: int, procs: Processes,
                  class_weights: dict[str, torch.Tensor] | None, autocast_dtype: torch.dtype | None,
-                 progress: bool) -> dict[str, float]:
-    order = [items[i] for i in shard_epoch(len(items), epoch, config.seed, procs.rank, procs.world_size)]
-    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+                 progress: bool, survival: SurvivalRun | None = None) -> dict[str, float]:
+    shard = shard_epoch(len(items), epoch, config.seed, procs.rank, procs.world_size)
+    order = [items[i] for i in shard]
+    if survival is not None:  # Cox: every batch holds an event
+        events = [int(item.target[1]) for item in order]
+        batches = [[order[i] for i in batch] for batch in
+                   survival.batches(range(len(order)), events, config.batch_size, epoch, config.seed + procs.rank)]
+    else:
+        batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    task = model.tasks[0]
     losses: list[float] = []
     n_slides = n_patches = 0
     _reset_peak_memory(procs.device)
@@ -352,7 +378,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                       enabled=progress and procs.is_main) as bar:
         for step, batch in enumerate(batches):
             slides = [_counted(_slide_chunks(streamer, item, config.features), bar) for item in batch]
-            targets = {TASK_NAME: torch.tensor([item.label for item in batch], dtype=torch.long)}
+            targets = {task.name: _targets(batch)}
             out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
                              grad_clip=config.grad_clip or None, class_weights=class_weights)
             loss = mean_over_processes(out["loss"], procs)
@@ -374,6 +400,13 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             "peak_memory_mb": _peak_memory_mb(procs.device)}
 
 
+def _targets(items: Sequence[SlideItem]) -> torch.Tensor:
+    """Class indices ``(B,)``, or survival targets ``(B, 3)``: time, event, time bin."""
+    if items and items[0].target is not None:
+        return torch.tensor([item.target for item in items], dtype=torch.float32)
+    return torch.tensor([item.label for item in items], dtype=torch.long)
+
+
 def _slide_chunks(streamer: PatchStreamer, item: SlideItem, features: str | None) -> Iterator[PatchChunk]:
     """The patches of one slide (or their cached features), opened when first asked for."""
     store = TileStore.open(item.store)
@@ -392,25 +425,66 @@ def _counted(chunks: Iterable[PatchChunk], bar: Any) -> Iterator[PatchChunk]:
 # -- validation -------------------------------------------------------------------------------------
 
 def _validate(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig,
-              classes: Sequence[str], procs: Processes, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+              classes: Sequence[str], procs: Processes, autocast_dtype: torch.dtype | None,
+              survival: SurvivalRun | None = None) -> dict[str, float]:
     """Predict every validation slide (without augmentation), gather the predictions, compute the metrics."""
+    logits = _predict_logits(model, items, streamer, config, procs, autocast_dtype)
+    task = model.tasks[0]
+    if survival is not None:
+        return survival.validation_metrics(task, logits, _targets(items))
+    labels = _targets(items)
+    metrics = classification_metrics(labels.numpy(), task.probabilities(logits).numpy(), classes)
+    return {"val_loss": float(task.loss(logits, labels)), **{f"val_{k}": v for k, v in metrics.items()}}
+
+
+def _predict_logits(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig,
+                    procs: Processes, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """The logits of every slide of ``items`` (``(n, n_outputs)``, float32, CPU), each process predicting a share."""
     amp = (torch.autocast(procs.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
+    name = model.tasks[0].name
     mine = []
     for index in range(procs.rank, len(items), procs.world_size):
         with amp:
             prediction = model.predict_slide(_slide_chunks(streamer, items[index], config.features))
-        mine.append((index, prediction.logits[TASK_NAME].cpu().tolist()))
+        mine.append((index, prediction.logits[name].float().cpu().tolist()))
     gathered = [mine]
     if procs.distributed:
         gathered = [None] * procs.world_size
         dist.all_gather_object(gathered, mine)
     logits_by_index = dict(pair for part in gathered for pair in part)
-    logits = torch.tensor([logits_by_index[i] for i in range(len(items))], dtype=torch.float32)
-    labels = torch.tensor([item.label for item in items])
-    task = model.tasks[0]
-    metrics = classification_metrics(labels.numpy(), task.probabilities(logits).numpy(), classes)
-    return {"val_loss": float(task.loss(logits, labels)), **{f"val_{k}": v for k, v in metrics.items()}}
+    return torch.tensor([logits_by_index[i] for i in range(len(items))], dtype=torch.float32)
+
+
+def _finish_survival(survival: SurvivalRun, model: IPSModel, train_items: Sequence[SlideItem],
+                     val_items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig, procs: Processes,
+                     autocast_dtype: torch.dtype | None, out_dir: Path) -> None:
+    """With the best weights: risk-group cut points from the training slides, the validation metrics with
+    intervals and Kaplan-Meier picture (``survival_metrics.json``, ``km_val.png``); the cut points go into
+    ``best.pt`` (and ``last.pt``), which prediction reads."""
+    best = out_dir / "best.pt"
+    final_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best.is_file():
+        model.load_state_dict(load_checkpoint(best)["model"])
+    try:
+        train_logits = _predict_logits(model, train_items, streamer, config, procs, autocast_dtype)
+        val_logits = _predict_logits(model, val_items, streamer, config, procs, autocast_dtype) if val_items else None
+    finally:
+        model.load_state_dict(final_weights)
+    if not procs.is_main:
+        return
+    summary = survival.finish(model.tasks[0], train_logits, val_logits, _targets(val_items) if val_items else None,
+                              out_dir)
+    for name in ("best.pt", "last.pt"):
+        if (out_dir / name).is_file():
+            checkpoint = load_checkpoint(out_dir / name)
+            checkpoint["survival"] = survival.state()
+            write_atomically(out_dir / name, lambda partial, c=checkpoint: torch.save(c, partial))
+    validation = summary.get("validation", {})
+    if validation:
+        log.info("validation C-index %.3f (95 %% CI %.3f-%.3f), Uno %.3f; log-rank p %.2g between the risk groups "
+                 "(%s)", validation["c_index"], validation["c_index_low"], validation["c_index_high"],
+                 validation["uno_c_index"], validation["log_rank_p"], out_dir / "km_val.png")
 
 
 # -- slides and tile stores -------------------------------------------------------------------------
@@ -483,8 +557,8 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
         log.warning("%d slide(s) have no patches (no tissue found) and are left out: %s", len(empty),
                     ", ".join(empty))
     index = {name: i for i, name in enumerate(classes)}
-    items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index[r.label], stores[r.slide_id].n_patches,
-                                   r.mpp)
+    items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index.get(r.label, -1),
+                                   stores[r.slide_id].n_patches, r.mpp)
              for r in rows if stores[r.slide_id].n_patches > 0}
     return items, {"target_mpp": float(mpp), "patch_size": int(size)}, in_features
 
@@ -521,8 +595,9 @@ def _class_weights(items: Sequence[SlideItem], n_classes: int, device: torch.dev
 
 
 def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path) -> None:
-    _write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, "label": r.label, "split": splits[r.slide_id]}
-                      for r in rows])
+    outcome = any(r.time is not None for r in rows)
+    _write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, "label": r.label, "split": splits[r.slide_id],
+                       **({"time": r.time, "event": r.event} if outcome else {})} for r in rows])
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -541,7 +616,9 @@ def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) 
     if not procs.is_main:
         return
     text = f"epoch {int(row['epoch'])}/{config.epochs}  loss {row['train_loss']:.4f}"
-    if "val_loss" in row:
+    if "val_c_index" in row:
+        text += f"  val loss {row['val_loss']:.4f}  C-index {row['val_c_index']:.3f}"
+    elif "val_loss" in row:
         text += (f"  val loss {row['val_loss']:.4f}  AUC {row['val_auc']:.3f}  "
                  f"balanced acc {row['val_balanced_accuracy']:.3f}")
     log.info("%s  (%.1f s, %.2f slides/s, %.0f patches/s)", text, row["train_seconds"], row["slides_per_s"],

@@ -70,7 +70,8 @@ def harrell_c_index(time: Sequence[float], event: Sequence[int], risk: Sequence[
     if not event.any() or not np.isfinite(risk).all():
         return float("nan")
     try:
-        return float(metrics.concordance_index_censored(event, time, risk)[0])
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 without comparable pairs: NaN
+            return float(metrics.concordance_index_censored(event, time, risk)[0])
     except (ValueError, ZeroDivisionError):  # no comparable pair
         return float("nan")
 
@@ -113,8 +114,10 @@ def uno_c_index(time: Sequence[float], event: Sequence[int], risk: Sequence[floa
     if not clipped_event.any():
         return float("nan")
     try:
-        return float(metrics.concordance_index_ipcw(_structured(*reference), _structured(np.minimum(time, tau),
-                                                    clipped_event), risk, tau=tau)[0])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(metrics.concordance_index_ipcw(_structured(*reference),
+                                                        _structured(np.minimum(time, tau), clipped_event), risk,
+                                                        tau=tau)[0])
     except (ValueError, ZeroDivisionError):
         return float("nan")
 
@@ -236,7 +239,7 @@ def survival_metrics(time: Sequence[float], event: Sequence[int], risk: Sequence
         given, ``n``, ``n_events``.
     """
     time, event, risk = _arrays(time, event, risk)
-    out: dict[str, float] = {"n": float(time.size), "n_events": float(event.sum())}
+    out: dict[str, float] = {"n": int(time.size), "n_events": int(event.sum())}
     for name, function in (("c_index", lambda i: harrell_c_index(time[i], event[i], risk[i])),
                            ("uno_c_index", lambda i: uno_c_index(time[i], event[i], risk[i], reference))):
         out[name] = function(np.arange(time.size))
