@@ -33,7 +33,7 @@ from ips_path.survival.losses import TimeBins
 from ips_path.survival.metrics import harrell_c_index, survival_metrics
 from ips_path.survival.sampling import event_batches
 
-__all__ = ["SURVIVAL_TASK_NAME", "SurvivalRun", "survival_task"]
+__all__ = ["SURVIVAL_TASK_NAME", "SurvivalRun", "finite_json", "survival_task"]
 
 SURVIVAL_TASK_NAME = "survival"
 
@@ -116,25 +116,35 @@ class SurvivalRun:
             if len(train_risk) == len(self.reference_time) else None,
         }
         if val_logits is not None and val_targets is not None and len(val_logits):
-            summary["validation"] = self.evaluate(task, val_logits, val_targets[:, 0].numpy(),
-                                                  val_targets[:, 1].numpy(), out_dir / "km_val.png",
+            curves = None if task.is_cox else task.probabilities(val_logits).numpy()
+            summary["validation"] = self.evaluate(task.risk(val_logits).numpy(), val_targets[:, 0].numpy(),
+                                                  val_targets[:, 1].numpy(), out_dir / "km_val.png", curves=curves,
                                                   title="validation slides", n_bootstrap=n_bootstrap)
-        text = json.dumps(_finite(summary), indent=2)
+        text = json.dumps(finite_json(summary), indent=2)
         write_atomically(out_dir / "survival_metrics.json", lambda partial: partial.write_text(text, encoding="utf-8"))
         return summary
 
-    def evaluate(self, task: Task, logits: torch.Tensor, time: np.ndarray, event: np.ndarray, km_path: Path, *,
-                 title: str, n_bootstrap: int = 1000) -> dict[str, float]:
-        """Every survival metric of a scored cohort, and its Kaplan-Meier picture at ``km_path``."""
-        risk = task.risk(logits).numpy()
-        curves = times = None
-        if self.bins is not None:
-            curves_per_bin = task.probabilities(logits).numpy()
+    def evaluate(self, risk: np.ndarray, time: np.ndarray, event: np.ndarray, km_path: Path, *,
+                 curves: np.ndarray | None = None, title: str, n_bootstrap: int = 1000) -> dict[str, float]:
+        """Every survival metric of a scored cohort, and its Kaplan-Meier picture at ``km_path``.
+
+        Parameters
+        ----------
+        risk, time, event : (n,) arrays
+        km_path : Path
+            Output PNG of the risk groups' Kaplan-Meier curves.
+        curves : (n, K) array, optional
+            Discrete-time survival past each bin, for the integrated Brier score.
+        title : str
+            Names the cohort on the picture.
+        """
+        times = survival = None
+        if self.bins is not None and curves is not None:
             times = _brier_times(time)
-            curves = self.bins.survival_at(curves_per_bin, times)
+            survival = self.bins.survival_at(curves, times)
         metrics = survival_metrics(time, event, risk, reference=(np.array(self.reference_time),
                                                                   np.array(self.reference_event)),
-                                   survival=curves, survival_times=times, n_bootstrap=n_bootstrap)
+                                   survival=survival, survival_times=times, n_bootstrap=n_bootstrap)
         cutoffs = self.cutoffs if self.cutoffs is not None else risk_cutoffs(risk, self.config.risk_groups)
         metrics["log_rank_p"] = plot_kaplan_meier(time, event, assign_groups(risk, cutoffs), km_path,
                                                   n_groups=len(cutoffs) + 1, time_unit=self.config.time_unit,
@@ -162,12 +172,12 @@ def _brier_times(time: np.ndarray) -> np.ndarray:
     return np.linspace(low, high, 20) if high > low else np.array([low])
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """JSON-safe: NaN and infinities become None."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     if isinstance(value, float | np.floating) and not math.isfinite(value):
         return None
     return float(value) if isinstance(value, np.floating) else value
