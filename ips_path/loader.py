@@ -4,10 +4,15 @@ A pool of threads reads the patches of the next chunk with :meth:`Slide.read_reg
 and libjpeg release the GIL) while the consumer encodes the current one. Patches come in the
 tile store's coordinate order (row-major), which keeps reads local in the file.
 
-On CUDA, each chunk is read into one of two pinned host buffers that are reused for the whole
-run (pinning is expensive), copied to the GPU with ``non_blocking`` on a side stream, and then
-resized to the patch size and augmented on the GPU; the encoder normalises there too. On CPU
-the same code runs without the pinned buffers and the side stream.
+Several chunks are read at once (``in_flight``, default 2), so the readers never wait for the
+consumer between chunks. On CUDA, each chunk is read into one of a ring of pinned host buffers
+that are reused for the whole run (pinning is expensive), copied to the GPU with ``non_blocking``
+on a side stream, and then resized to the patch size and augmented on the GPU without host
+synchronisation; the encoder normalises there too. On CPU the same code runs without the pinned
+buffers and the side stream.
+
+A stream that fails (a damaged tile) or is abandoned by its consumer cancels its queued reads and
+waits for the running ones before the slide is closed: openslide frees its handle without a lock.
 
 Every chunk is a :class:`~ips_path.model.chunks.PatchChunk` of ``uint8`` patches ``(n, 3, P, P)``
 with the patches' grid positions; its tensors are the consumer's to keep.
@@ -24,9 +29,9 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,18 +92,19 @@ def augment_patches(patches: torch.Tensor, augmentation: Augmentation, generator
     def draw(shape: tuple[int, ...], low: float = 0.0, high: float = 1.0) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=device) * (high - low) + low
 
+    # Only elementwise selections (torch.where) below: no boolean indexing or .any(), which would make
+    # the host wait for the device once per chunk.
     x = patches
     if augmentation.flips:
         x = torch.where((draw((n, 1, 1, 1)) < 0.5), x.flip(-1), x)
         x = torch.where((draw((n, 1, 1, 1)) < 0.5), x.flip(-2), x)
     if augmentation.rotations:
-        quarter_turns = (draw((n,)) * 4).long().clamp_(max=3)
-        rotated = x.clone()
-        for k in (1, 2, 3):
-            chosen = quarter_turns == k
-            if chosen.any():
-                rotated[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
-        x = rotated
+        # A quarter turn k (uniform in 0..3) is a transpose when k is odd, then a flip of the columns for
+        # k in {1, 2} and of the rows for k in {2, 3}: rot90 by k, counterclockwise, with no gather.
+        quarter_turns = (draw((n, 1, 1, 1)) * 4).long().clamp_(max=3)
+        x = torch.where(quarter_turns % 2 == 1, x.transpose(-2, -1), x)
+        x = torch.where((quarter_turns == 1) | (quarter_turns == 2), x.flip(-2), x)
+        x = torch.where(quarter_turns >= 2, x.flip(-1), x)
     if augmentation.jitters_colour:
         f = x.float()
         if augmentation.brightness:
@@ -137,6 +143,14 @@ def grid_positions(coords: np.ndarray, step: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rel[:, ::-1]))
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as set by taskset, SLURM or a container)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class PatchStreamer:
     """Reads the patches of tile stores from their slides, chunk by chunk.
 
@@ -147,8 +161,8 @@ class PatchStreamer:
     ----------
     chunk_size : int
         Patches per chunk (the IPS chunk size I is a good choice).
-    threads : int
-        Reader threads.
+    threads : int, optional
+        Reader threads; default: the CPU cores this process may use (:func:`available_cores`).
     device : str or torch.device
         Where chunks are delivered; resizing and augmentation run there.
     augmentation : Augmentation, optional
@@ -157,14 +171,20 @@ class PatchStreamer:
         Seed of the augmentation's random numbers (``generator``, whose state checkpoints save).
     backend : {"auto", "openslide", "tiffslide"}
         Slide backend; "auto" picks per slide with :func:`open_for_reading`.
+    in_flight : int
+        Chunks read at once ahead of the consumer (>= 1). Two keep every reader busy across the
+        boundary between chunks; on CUDA the ring holds ``in_flight + 1`` pinned buffers.
     """
 
-    def __init__(self, *, chunk_size: int = 64, threads: int = 4, device: str | torch.device = "cpu",
-                 augmentation: Augmentation | None = None, seed: int = 0, backend: str = "auto"):
-        if chunk_size < 1 or threads < 1:
-            raise ValueError("chunk_size and threads must be >= 1")
+    def __init__(self, *, chunk_size: int = 64, threads: int | None = None, device: str | torch.device = "cpu",
+                 augmentation: Augmentation | None = None, seed: int = 0, backend: str = "auto",
+                 in_flight: int = 2):
+        threads = available_cores() if threads is None else threads
+        if chunk_size < 1 or threads < 1 or in_flight < 1:
+            raise ValueError("chunk_size, threads and in_flight must be >= 1")
         self.chunk_size = chunk_size
         self.threads = threads
+        self.in_flight = in_flight
         self.device = torch.device(device)
         self.augmentation = augmentation
         self.backend = backend
@@ -201,6 +221,7 @@ class PatchStreamer:
         if own_slide:
             slide = open_for_reading(store, self.backend, slide_mpp)
         try:
+            # _stream_pixels has waited for every read of the slide when it ends, however it ends.
             yield from self._stream_pixels(slide, coords, positions, store.read_level, store.read_size,
                                            store.patch_size)
         finally:
@@ -233,28 +254,45 @@ class PatchStreamer:
         n_chunks = math.ceil(len(coords) / self.chunk_size)
         if n_chunks == 0:
             return
-        pending = self._submit(slide, coords, 0, level, read_size)
-        for k in range(n_chunks):
-            host, reads = pending
-            for future in reads:
-                future.result()  # re-raises a read error: it names the slide and the coordinates
-            if k + 1 < n_chunks:
-                pending = self._submit(slide, coords, k + 1, level, read_size)
-            start = k * self.chunk_size
-            patches = self._to_device(host, k % 2)
-            patches = resize_patches(patches.permute(0, 3, 1, 2), patch_size)
-            if self.augmentation is not None:
-                patches = augment_patches(patches, self.augmentation, self.generator)
-            yield PatchChunk(patches, positions[start:start + len(host)].to(self.device, non_blocking=True))
+        stop = threading.Event()  # set when the stream ends early: running reads stop at their next patch
+        pending: deque[tuple[torch.Tensor, list[Future]]] = deque()
+        try:
+            for k in range(min(self.in_flight, n_chunks)):
+                pending.append(self._submit(slide, coords, k, level, read_size, stop))
+            for k in range(n_chunks):
+                host, reads = pending[0]
+                for future in reads:
+                    future.result()  # re-raises a read error: it names the slide and the coordinates
+                pending.popleft()
+                patches = self._to_device(host, k % self._ring_size)
+                if k + self.in_flight < n_chunks:  # its buffer is the one chunk k - 1 was copied from
+                    pending.append(self._submit(slide, coords, k + self.in_flight, level, read_size, stop))
+                start = k * self.chunk_size
+                patches = resize_patches(patches.permute(0, 3, 1, 2), patch_size)
+                if self.augmentation is not None:
+                    patches = augment_patches(patches, self.augmentation, self.generator)
+                yield PatchChunk(patches, positions[start:start + len(host)].to(self.device, non_blocking=True))
+        finally:
+            # Failed or abandoned (GeneratorExit at the yield): no read may outlive the stream, since the
+            # caller closes the slide next. Queued reads are cancelled, running ones stop at their next patch.
+            stop.set()
+            outstanding = [future for _, reads in pending for future in reads]
+            for future in outstanding:
+                future.cancel()
+            wait(outstanding)
+
+    @property
+    def _ring_size(self) -> int:
+        return self.in_flight + 1
 
     def _submit(self, slide: Slide | TiffTileReader, coords: np.ndarray, k: int, level: int,
-                read_size: int) -> tuple[torch.Tensor, list[Future]]:
+                read_size: int, stop: threading.Event) -> tuple[torch.Tensor, list[Future]]:
         """Start reading chunk ``k`` into a host buffer; one task per thread over a contiguous run."""
-        start, stop = k * self.chunk_size, min((k + 1) * self.chunk_size, len(coords))
-        host = self._host_buffer(k % 2, stop - start, read_size)
+        start, end = k * self.chunk_size, min((k + 1) * self.chunk_size, len(coords))
+        host = self._host_buffer(k % self._ring_size, end - start, read_size)
         out = host.numpy()
-        bounds = np.linspace(start, stop, min(self.threads, stop - start) + 1).round().astype(int)
-        reads = [self._pool.submit(_read_patches, slide, coords, int(a), int(b), start, level, read_size, out)
+        bounds = np.linspace(start, end, min(self.threads, end - start) + 1).round().astype(int)
+        reads = [self._pool.submit(_read_patches, slide, coords, int(a), int(b), start, level, read_size, out, stop)
                  for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
         return host, reads
 
@@ -264,8 +302,8 @@ class PatchStreamer:
         if not self._cuda:
             return torch.empty((n, *shape[1:]), dtype=torch.uint8)
         if not self._pinned or self._pinned[0].shape != shape:
-            self._pinned = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
-            self._copy_done = [torch.cuda.Event() for _ in range(2)]
+            self._pinned = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(self._ring_size)]
+            self._copy_done = [torch.cuda.Event() for _ in range(self._ring_size)]
         # The copy of the chunk that last used this buffer must be over before threads refill it.
         self._copy_done[slot].synchronize()
         return self._pinned[slot][:n]
@@ -287,9 +325,13 @@ class TiffTileReader:
 
     The tile bytes are read with ``os.pread`` (no shared file position, so threads read at once) and
     decoded with tifffile's decoder (imagecodecs, outside the GIL), the one tiffslide uses, so the
-    pixels equal ``Slide(..., backend="tiffslide").read_region``. Each thread keeps its last
-    decoded tiles, so patches that straddle tiles decode each tile once. This skips the layers
-    above the decoder (zarr indexing, openslide's ARGB conversion), which cost more than decoding.
+    pixels equal ``Slide(..., backend="tiffslide").read_region``. This skips the layers above the
+    decoder (zarr indexing, openslide's ARGB conversion), which cost more than decoding.
+
+    Decoded tiles are shared by all threads in a row-band cache (:class:`_TileCache`) that holds
+    the last few rows of tiles across the level: a patch straddles up to four tiles, and patches
+    read in row-major order meet each tile again in the next patch and the next patch row, so each
+    tile is decoded once (a 256-px patch on Aperio's 240-px tiles otherwise decodes 2.2 tiles).
 
     Parameters
     ----------
@@ -329,7 +371,9 @@ class TiffTileReader:
         except Exception:
             self._tiff.close()
             raise
-        self._local = threading.local()
+        tile_bytes = page.tilewidth * page.tilelength * 3
+        rows = _TILE_ROWS_CACHED * self._tiles_across
+        self._cache = _TileCache(max(_TILES_CACHED_AT_LEAST, min(rows, _TILE_CACHE_BYTES // tile_bytes)))
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """(h, w, 3) uint8 RGB of the region at level-0 ``location``, ``size`` px of ``level`` (white outside)."""
@@ -357,26 +401,22 @@ class TiffTileReader:
                                f"{cause}") from exc
         return region
 
+    @property
+    def decodes(self) -> int:
+        """Tiles decoded so far (each once, unless the cache dropped it before its last use)."""
+        return self._cache.misses
+
     def _decoded(self, index: int) -> np.ndarray:
-        """Tile ``index`` as (tile_h, tile_w, 3) RGB, from this thread's cache of recent tiles."""
-        cache = getattr(self._local, "tiles", None)
-        if cache is None:
-            cache = self._local.tiles = OrderedDict()
-        tile = cache.get(index)
-        if tile is None:
-            count = int(self._counts[index])
-            if count == 0:  # a sparse tile: never written
-                tile = np.full((self._tile[1], self._tile[0], 3), 255, dtype=np.uint8)
-            else:
-                data = os.pread(self._fd, count, int(self._offsets[index]))
-                pixels = self._page.decode(data, index, jpegtables=self._page.jpegtables)[0]
-                tile = rgb_on_white(pixels.reshape(pixels.shape[-3:]))
-            cache[index] = tile
-            if len(cache) > _TILES_KEPT_PER_THREAD:
-                cache.popitem(last=False)
-        else:
-            cache.move_to_end(index)
-        return tile
+        """Tile ``index`` as (tile_h, tile_w, 3) RGB, from the shared cache (decoded once)."""
+        return self._cache.get(index, self._decode)
+
+    def _decode(self, index: int) -> np.ndarray:
+        count = int(self._counts[index])
+        if count == 0:  # a sparse tile: never written
+            return np.full((self._tile[1], self._tile[0], 3), 255, dtype=np.uint8)
+        data = os.pread(self._fd, count, int(self._offsets[index]))
+        pixels = self._page.decode(data, index, jpegtables=self._page.jpegtables)[0]
+        return rgb_on_white(pixels.reshape(pixels.shape[-3:]))
 
     def close(self) -> None:
         """Release the file; calling it twice is harmless."""
@@ -392,8 +432,46 @@ class TiffTileReader:
         self.close()
 
 
-# Enough for the tiles under one row of patches of a thread's share of a chunk.
-_TILES_KEPT_PER_THREAD = 32
+class _TileCache:
+    """Decoded tiles shared by reader threads, least recently used out first; each tile decoded once.
+
+    The first thread to ask for a tile decodes it (outside the lock); threads asking meanwhile wait for
+    that result instead of decoding it again. A tile that fails to decode is not kept, and every
+    thread waiting for it gets the error.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._tiles: OrderedDict[int, Future] = OrderedDict()
+        self.misses = 0  # tiles decoded so far
+
+    def get(self, index: int, decode: Callable[[int], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            entry = self._tiles.get(index)
+            owner = entry is None
+            if owner:
+                self.misses += 1
+                entry = self._tiles[index] = Future()
+                while len(self._tiles) > self.capacity:
+                    self._tiles.popitem(last=False)  # a waiting thread keeps its own reference
+            else:
+                self._tiles.move_to_end(index)
+        if owner:
+            try:
+                entry.set_result(decode(index))
+            except BaseException as exc:
+                entry.set_exception(exc)
+                with self._lock:
+                    if self._tiles.get(index) is entry:
+                        del self._tiles[index]
+        return entry.result()
+
+
+# Patches read in row-major order, a few chunks at a time, touch about three rows of tiles at once.
+_TILE_ROWS_CACHED = 4
+_TILE_CACHE_BYTES = 256 * 2**20
+_TILES_CACHED_AT_LEAST = 64
 
 
 def open_for_reading(store: TileStore, backend: str = "auto",
@@ -427,8 +505,13 @@ def open_for_reading(store: TileStore, backend: str = "auto",
 
 
 def _read_patches(slide: Slide | TiffTileReader, coords: np.ndarray, a: int, b: int, offset: int, level: int,
-                  read_size: int, out: np.ndarray) -> None:
-    """Read patches ``a:b`` of ``coords`` into ``out[a - offset : b - offset]`` (runs in a reader thread)."""
+                  read_size: int, out: np.ndarray, stop: threading.Event) -> None:
+    """Read patches ``a:b`` of ``coords`` into ``out[a - offset : b - offset]`` (runs in a reader thread).
+
+    Returns early once ``stop`` is set: the stream has ended and nobody will use the pixels.
+    """
     for i in range(a, b):
+        if stop.is_set():
+            return
         x, y = coords[i]
         out[i - offset] = slide.read_region((int(x), int(y)), level, (read_size, read_size))

@@ -209,6 +209,7 @@ def write_synthetic_slide(
     stain_shift: float = 0.0,
     texture_seed: int = 0,
     workers: int | None = None,
+    grain: float = 0.0,
 ) -> SlideSpec:
     """Write a pyramidal, JPEG-compressed, H&E-like slide file.
 
@@ -259,12 +260,19 @@ def write_synthetic_slide(
         the textures start, the tissue and the lesions follow ``seed``.
     workers : int, optional
         Threads composing and encoding tiles; default: the number of CPUs.
+    grain : float
+        Fine pixel noise (standard deviation in grey levels) on the tissue, as real scans carry. The
+        smooth generated texture compresses to ~2 KB per 256-px JPEG tile, a tenth of an Aperio scan;
+        ``grain=8`` at quality 80 gives Aperio-like tiles of 10-25 KB, which decoding benchmarks need
+        (``bench/loader_bench.py``). 0 (default) writes the same bytes as before the option existed.
 
     Returns
     -------
     SlideSpec
     """
     path = pathlib.Path(path)
+    if not 0 <= grain <= 64:
+        raise ValueError(f"grain must be within 0-64 grey levels, got {grain}")
     downsamples = tuple(int(d) for d in downsamples)
     _check_arguments(width, height, mpp, fmt, downsamples, tile_size, jpeg_quality)
     mask_field, cell_px = _tissue_field(tissue, width, height, np.random.default_rng([seed, 1]))
@@ -284,9 +292,10 @@ def write_synthetic_slide(
                       stain_lut=stain_shift_lut(stain_shift, np.random.default_rng([seed, 8])))
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    grain_bank = _grain_bank(grain, tile_size, seed) if grain else None
     write_atomically(path, lambda partial: _write_pyramid(partial, spec, painter, tile_size, jpeg_quality,
                                                           resolution_tags, thumb_downsample,
-                                                          workers or os.cpu_count() or 1))
+                                                          workers or os.cpu_count() or 1, grain_bank))
     return spec
 
 
@@ -378,7 +387,8 @@ def _thumbnail_downsample(width: int, height: int) -> int:
 
 
 def _write_pyramid(path: pathlib.Path, spec: SlideSpec, painter: Painter, tile_size: int, quality: int,
-                   resolution_tags: bool, thumb_downsample: int, workers: int) -> None:
+                   resolution_tags: bool, thumb_downsample: int, workers: int,
+                   grain_bank: np.ndarray | None = None) -> None:
     level_sizes = [(max(1, spec.width // d), max(1, spec.height // d)) for d in spec.downsamples]
     # The classic TIFF offsets end at 4 GiB; JPEG rarely reaches a tenth of the raw size, but a
     # big slide gets BigTIFF (openslide and tiffslide read both).
@@ -399,7 +409,8 @@ def _write_pyramid(path: pathlib.Path, spec: SlideSpec, painter: Painter, tile_s
                 if resolution_tags:
                     px_per_cm = 1e4 / (spec.mpp * downsample)
                     options.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-            tiles = _encoded_tiles(painter, downsample, level_w, level_h, tile_size, quality, pool, workers)
+            tiles = _encoded_tiles(painter, downsample, level_w, level_h, tile_size, quality, pool, workers,
+                                   grain_bank)
             tif.write(tiles, shape=(level_h, level_w, 3), dtype=np.uint8, tile=(tile_size, tile_size),
                       compression="jpeg", photometric="rgb", metadata=None, **options)
             if spec.fmt == "svs" and index == 0:
@@ -434,17 +445,40 @@ def _label_image(seed: int) -> np.ndarray:
 
 
 def _encoded_tiles(painter: Painter, downsample: int, level_w: int, level_h: int, tile_size: int,
-                   quality: int, pool: ThreadPoolExecutor, workers: int) -> Iterator[bytes]:
-    """JPEG bytes of every tile of one level, row by row, composed and encoded on ``pool``."""
+                   quality: int, pool: ThreadPoolExecutor, workers: int,
+                   grain_bank: np.ndarray | None = None) -> Iterator[bytes]:
+    """JPEG bytes of every tile of one level, row by row, composed and encoded on ``pool``.
+
+    With ``grain_bank`` (see :func:`_grain_bank`) each tissue tile gets a crop of it added, at an
+    offset that follows the tile's position, so the noise is the same on every run and never repeats
+    between neighbouring tiles.
+    """
     background = _encode_jpeg(np.broadcast_to(np.array(BACKGROUND_RGB, dtype=np.uint8),
                                               (tile_size, tile_size, 3)), quality)
 
     def tile_bytes(left: int, top: int) -> bytes:
         pixels = painter.paint(downsample, left, top, tile_size, tile_size)
-        return background if pixels is None else _encode_jpeg(pixels, quality)
+        if pixels is None:
+            return background
+        if grain_bank is not None:
+            span = grain_bank.shape[0] - tile_size
+            dy, dx = (top * 7919 + left * 104729) % span, (left * 7919 + top * 15485863) % span
+            noise = grain_bank[dy:dy + tile_size, dx:dx + tile_size]
+            pixels = np.clip(pixels.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        return _encode_jpeg(pixels, quality)
 
     positions = ((left, top) for top in range(0, level_h, tile_size) for left in range(0, level_w, tile_size))
     return _ordered_map(pool, tile_bytes, positions, max_pending=8 * workers)
+
+
+def _grain_bank(grain: float, tile_size: int, seed: int) -> np.ndarray:
+    """int16 noise of standard deviation ``grain``, (4 * tile_size)^2 x 3, from which tiles take crops.
+
+    One bank per slide instead of fresh noise per tile keeps writing fast (a crop and an add).
+    """
+    side = 4 * tile_size
+    noise = np.random.default_rng([seed, 9]).normal(0.0, grain, (side, side, 3))
+    return np.round(noise).astype(np.int16)
 
 
 def _encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:

@@ -181,3 +181,108 @@ def test_auto_loader_chunks_equal_the_slide_pixels_of_a_tiled_store(small_svs, t
             raw = torch.from_numpy(slide.read_region((int(x), int(y)), store.read_level,
                                                      (store.read_size, store.read_size))).permute(2, 0, 1)
             assert torch.equal(patches[i], resize_patches(raw[None], store.patch_size)[0]), i
+
+
+def test_rotations_alone_give_each_quarter_turn_and_nothing_else():
+    patches = torch.arange(400 * 3 * 5 * 5, dtype=torch.int64).remainder(251).to(torch.uint8).view(400, 3, 5, 5)
+    out = augment_patches(patches, Augmentation(flips=False, brightness=0, contrast=0, saturation=0),
+                          torch.Generator().manual_seed(0))
+    turns = []
+    for aug, orig in zip(out, patches, strict=True):
+        matches = [k for k in range(4) if torch.equal(aug, torch.rot90(orig, k, (-2, -1)))]
+        assert len(matches) == 1
+        turns.append(matches[0])
+    counts = np.bincount(turns, minlength=4)
+    assert counts.min() > 70  # about 100 each
+
+
+class _WatchedReader:
+    """A real slide reader that records reads running when it is closed, and reads started after."""
+
+    def __init__(self, reader, delay_s: float):
+        self.reader, self.delay_s = reader, delay_s
+        self.backend = reader.backend
+        self.lock = __import__("threading").Lock()
+        self.running = self.started = 0
+        self.running_at_close: int | None = None
+        self.started_after_close = 0
+
+    def read_region(self, location, level, size):
+        with self.lock:
+            self.running += 1
+            self.started += 1
+            if self.running_at_close is not None:
+                self.started_after_close += 1
+        try:
+            __import__("time").sleep(self.delay_s)
+            return self.reader.read_region(location, level, size)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def close(self):
+        with self.lock:
+            self.running_at_close = self.running
+        self.reader.close()
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    """Every slide the loader opens is a :class:`_WatchedReader` around the real one; the list of them."""
+    import ips_path.loader as loader
+
+    opened = []
+    real_open = loader.open_for_reading
+
+    def open_watched(store, backend="auto", slide_mpp=None):
+        opened.append(_WatchedReader(real_open(store, backend, slide_mpp), delay_s=0.02))
+        return opened[-1]
+
+    monkeypatch.setattr(loader, "open_for_reading", open_watched)
+    return opened
+
+
+@pytest.mark.parametrize("backend", ["auto", "openslide"])
+def test_a_damaged_slide_stream_waits_for_its_running_reads_before_closing_the_slide(test_data, tmp_path, watched,
+                                                                                     backend):
+    bad = test_data / "bad" / "unreadable.svs"
+    coords = np.stack(np.meshgrid(np.arange(0, 1024, 64), np.arange(0, 512, 64)), -1).reshape(-1, 2)
+    store = _store(tmp_path, bad, coords, patch_size=64, read_level=0, read_size=64, stride_level0=64)
+    with PatchStreamer(chunk_size=32, threads=4, backend=backend) as streamer, pytest.raises(IpspathError):
+        list(streamer.stream(store))
+    assert watched[0].running_at_close == 0
+    assert watched[0].started_after_close == 0
+    assert watched[0].started < len(coords)  # the queued reads of the other chunks were cancelled
+
+
+def test_an_abandoned_stream_cancels_its_reads_before_closing_the_slide(grid_store, watched):
+    with PatchStreamer(chunk_size=8, threads=3) as streamer:
+        chunks = streamer.stream(grid_store)
+        first = next(chunks)
+        chunks.close()  # the consumer stops early, as a failed training step does
+        assert len(first) == 8
+        assert watched[0].running_at_close == 0
+        assert watched[0].started_after_close == 0
+        assert watched[0].started < grid_store.n_patches
+
+
+def test_each_tile_is_decoded_once_by_all_threads_together(tmp_path):
+    """256-px patches on 240-px tiles straddle up to four tiles; the shared cache decodes each once."""
+    from ips_path.loader import open_for_reading
+
+    path = tmp_path / "aperio.svs"
+    write_synthetic_slide(path, 2400, 1920, mpp=0.5, downsamples=(1, 4), tile_size=240, seed=4, tissue=1)
+    xs, ys = np.arange(0, 2400 - 256, 256), np.arange(0, 1920 - 256, 256)
+    coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    store = _store(tmp_path, path, coords, patch_size=256, read_level=0, read_size=256, stride_level0=256)
+    store.attrs["slide_dimensions"], store.attrs["read_level_dimensions"] = [2400, 1920], [2400, 1920]
+    tiles = {(row, col) for x, y in coords for row in range(y // 240, (y + 255) // 240 + 1)
+             for col in range(x // 240, (x + 255) // 240 + 1)}
+    with open_for_reading(store) as reader, PatchStreamer(chunk_size=5, threads=4) as streamer:
+        assert reader.backend == "tifffile-tiles"
+        patches = torch.cat([c.patches for c in streamer.stream(store, slide=reader)])
+        assert reader.decodes == len(tiles) < 2 * len(coords)
+    with Slide(path, backend="tiffslide") as slide:
+        for i, (x, y) in enumerate(coords):
+            expected = slide.read_region((int(x), int(y)), 0, (256, 256))
+            assert np.array_equal(patches[i].permute(1, 2, 0).numpy(), expected)
