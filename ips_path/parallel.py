@@ -6,7 +6,10 @@ to a Dask distributed cluster (``pip install ipspath[dask]``):
 
 - ``"tcp://host:8786"``: a running scheduler (``dask scheduler`` + ``dask worker`` processes,
   or dask-jobqueue on SLURM);
-- ``"local:N"``: a LocalCluster of N worker processes on this machine, to try it out.
+- ``"local:N"``: a LocalCluster of N worker processes on this machine, to try it out. With GPU
+  work (the resource ``GPU=1``, as ``--device cuda`` asks) it starts one worker per visible GPU
+  instead (at most N), each pinned to its GPU through ``CUDA_VISIBLE_DEVICES`` and offering the
+  resource ``GPU=1``, so one slide runs per GPU at a time.
 
 The per-slide functions write their results straight to the shared output folder, atomically,
 and return a small picklable record. A worker that dies mid-slide leaves no half-written output;
@@ -110,7 +113,7 @@ def _run_dask(function: Callable[..., R], items: Sequence[T], args: tuple, sched
               on_lost: Callable[[T, BaseException], R] | None) -> Iterator[tuple[int, R]]:
     from distributed import as_completed as dask_as_completed
 
-    with dask_client(scheduler) as client:
+    with dask_client(scheduler, gpus=bool(resources and resources.get("GPU"))) as client:
         check_workers_see(client, shared_paths)
         futures = {}
         for index, item in enumerate(items):
@@ -125,15 +128,39 @@ def _run_dask(function: Callable[..., R], items: Sequence[T], args: tuple, sched
                 yield index, on_lost(items[index], exc)
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (else every GPU torch sees)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        names = []
+        for name in (n.strip() for n in listed.split(",")):
+            if not name or name == "-1":  # CUDA stops at the first invalid entry
+                break
+            names.append(name)
+        return names
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 @contextmanager
-def dask_client(scheduler: str) -> Iterator[Any]:
+def dask_client(scheduler: str, gpus: bool = False) -> Iterator[Any]:
     """A ``distributed.Client`` for ``scheduler`` (an address, or ``"local:N"`` for a LocalCluster).
+
+    Parameters
+    ----------
+    scheduler : str
+        ``tcp://host:port`` or ``local:N``.
+    gpus : bool
+        The work needs the resource ``GPU=1``: ``local:N`` then starts one worker per visible GPU
+        (at most N), each seeing only its GPU (``CUDA_VISIBLE_DEVICES``) and offering ``GPU=1``.
+        Ignored for a running scheduler, whose GPU workers must be started so (see the README).
 
     Raises
     ------
     BadInputError
-        When Dask is not installed, ``local:N`` is malformed, or the scheduler does not answer
-        within :data:`CONNECT_TIMEOUT_S` seconds.
+        When Dask is not installed, ``local:N`` is malformed or asks for GPUs where none is
+        visible, or the scheduler does not answer within :data:`CONNECT_TIMEOUT_S` seconds.
     """
     try:
         from distributed import Client, LocalCluster
@@ -155,8 +182,9 @@ def dask_client(scheduler: str) -> Iterator[Any]:
         # threshold: every large array is then mapped and page-faulted afresh, and tiling a slide takes
         # ~40 % longer (bench/cluster_bench.py). Workers of a cluster started by hand: see the README.
         with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-                LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                             scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR) as cluster, \
+                (_gpu_cluster(n_workers) if gpus else
+                 LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                              scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)) as cluster, \
                 Client(cluster) as client:
             yield client
         return
@@ -169,6 +197,25 @@ def dask_client(scheduler: str) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+def _gpu_cluster(max_workers: int) -> Any:
+    """A local cluster of one single-threaded worker process per visible GPU, pinned to it, offering ``GPU=1``.
+
+    A plain LocalCluster's workers offer no resources, so tasks asking for ``GPU=1`` would wait forever.
+    """
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    gpus = visible_gpus()[:max_workers]
+    if not gpus:
+        raise BadInputError("--device cuda with --scheduler local:N: no GPU is visible to this process "
+                            "(CUDA_VISIBLE_DEVICES, or torch sees none); use --device cpu or run on a GPU machine")
+    options = dict(host="127.0.0.1", nthreads=1, dashboard=False, dashboard_address=None, resources={"GPU": 1},
+                   silence_logs=logging.ERROR)
+    workers = {f"gpu-{gpu}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": gpu}}}
+               for gpu in gpus}
+    scheduler = {"cls": Scheduler, "options": dict(host="127.0.0.1", port=0, dashboard=False, dashboard_address=None)}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="ipspath-gpus")
 
 
 # One object per kind per worker process (a model, a patch streamer), kept for the following

@@ -80,3 +80,34 @@ def test_an_unreachable_scheduler_fails_clearly_within_seconds():
 def test_bad_local_spec():
     with pytest.raises(BadInputError, match="local:N"):
         map_slides(square_and_log, [1], "/tmp", scheduler="local:zero", progress=False)
+
+
+def worker_gpu(item: int) -> tuple[int, str | None]:
+    return item, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def gpus_seen() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_gpu_work_on_a_local_cluster_runs_one_pinned_worker_per_visible_gpu(monkeypatch):
+    """Tasks asking for GPU=1 finish (a plain LocalCluster offers no such resource: they waited forever),
+    on one worker per visible GPU, each seeing only its own."""
+    from ips_path.parallel import dask_client
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    records = map_slides(worker_gpu, list(range(6)), scheduler="local:4", resources={"GPU": 1}, progress=False)
+    assert [item for item, _ in records] == list(range(6))
+    assert {gpu for _, gpu in records} <= {"3", "5"}
+    with dask_client("local:4", gpus=True) as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert sorted(w["resources"].get("GPU") for w in workers) == [1, 1]
+        assert sorted(client.run(gpus_seen).values()) == ["3", "5"]
+    with dask_client("local:1", gpus=True) as client:  # at most N workers
+        assert list(client.run(gpus_seen).values()) == ["3"]
+
+
+def test_gpu_work_on_a_local_cluster_without_a_visible_gpu_is_refused(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(BadInputError, match="no GPU is visible"):
+        map_slides(worker_gpu, [1], scheduler="local:2", resources={"GPU": 1}, progress=False)
