@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import click
 
 
@@ -26,12 +28,15 @@ import click
 @click.option("--thumbnail-size", default=2048, show_default=True, help="Long side of the heatmap pictures, px.")
 @click.option("--top-k", default=16, show_default=True, help="Most attended patches in each slide's gallery.")
 @click.option("--tiff-mpp", type=float, help="Also write a pyramidal TIFF overlay at this resolution (µm/px).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace results in OUT made by another model or from other slide files (otherwise refused), "
+                   "and predict every slide again.")
 @click.option("--scheduler", help="Dask scheduler address, or local:N, to predict on a cluster "
                                   "(GPU workers need --resources GPU=1). Default: this process.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifest: str | None, out_dir: str,
                 tiles_dir: str | None, device: str, threads: int, chunk_size: int | None, backend: str, heatmaps: bool,
-                thumbnail_size: int, top_k: int, tiff_mpp: float | None, scheduler: str | None) -> int:
+                thumbnail_size: int, top_k: int, tiff_mpp: float | None, overwrite: bool, scheduler: str | None) -> int:
     """Predict every slide in SLIDES (files, folders, glob patterns) and/or --manifest with a trained model.
 
     \b
@@ -40,27 +45,28 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
       metrics.json, roc.png      with labels: AUC (bootstrap 95% CI), balanced accuracy, confusion matrix
       scores/<id>_scores.h5      attention logit of every patch (coords + attention_scores)
       heatmaps/<id>/             overlay.png, patches.geojson (QuPath), top_patches.png
-      status/<id>.json           per-slide status; a failing slide is recorded and the rest go on
-    The attention logits also go into each tile store as scores/<run>. Review with `ipspath report OUT`.
+      status/<id>.json           per-slide record: status, what made it (slide file, store, model)
+    A failing slide is recorded and the rest go on; running again resumes. OUT holds one model's
+    results: another model, or a slide file replaced under the same id, is refused unless --overwrite.
+    The attention logits also go into each tile store as scores/<run>-<model key>. Review with
+    `ipspath report OUT`.
     """
-    import torch
-
     from ips_path.errors import BadInputError
     from ips_path.predict import predict
 
     if not slides and manifest is None:
         raise BadInputError("give slides (files, folders, patterns) or --manifest")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"thumbnail_size": thumbnail_size, "top_k": top_k, "tiff_mpp": tiff_mpp}
     result = predict(model, out_dir, inputs=slides, manifest=manifest, tiles_dir=tiles_dir, device=device,
                      threads=threads, chunk_size=chunk_size, backend=backend, heatmaps=heatmaps,
-                     heatmap_options=options, scheduler=scheduler, progress=not ctx.obj["quiet"])
-    done = sum(r.status == "done" for r in result.records)
-    click.echo(f"predicted {done} of {len(result.records)} slides -> {result.out_dir / 'predictions.csv'}")
-    for record in result.records:
-        if record.status != "done":
-            click.echo(f"  failed: {record.slide_id}: {record.error}", err=True)
+                     heatmap_options=options, scheduler=scheduler, overwrite=overwrite, progress=not ctx.obj["quiet"])
+    counts = Counter(o.status.value for o in result.outcomes)
+    shown = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "done")
+    click.echo(f"predicted {sum(o.ok for o in result.outcomes)} of {len(result.outcomes)} slides"
+               f"{f' ({shown})' if shown else ''} -> {result.out_dir / 'predictions.csv'}")
+    for outcome in result.outcomes:
+        if not outcome.ok:
+            click.echo(f"  {outcome.status.value}: {outcome.slide_id}: {outcome.error}", err=True)
     if result.metrics:
         m = result.metrics
         low, high = m["auc_ci95"]

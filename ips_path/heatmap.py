@@ -27,12 +27,10 @@ resolution (never level 0 of the whole slide).
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +52,7 @@ __all__ = [
     "HeatmapResult",
     "ScoreGrid",
     "blend_overlay",
+    "check_heatmap_options",
     "colormap_lut",
     "draw_colour_bar",
     "jobs_from_predictions",
@@ -811,6 +810,40 @@ def open_store_slide(store: TileStore) -> Slide:
     return slide
 
 
+def check_heatmap_options(options: Mapping[str, Any]) -> None:
+    """Refuse bad options of :func:`render_slide_heatmaps` with one line, before any slide is rendered.
+
+    Raises
+    ------
+    BadInputError
+        An unknown option, or a value out of its range (NaN and infinity included).
+    """
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise BadInputError(f"unknown heatmap option(s) {', '.join(unknown)}; use {', '.join(_OPTION_NAMES)}")
+
+    def number(name: str, low: float, high: float = math.inf, what: str = "") -> None:
+        value = options.get(name)
+        if value is None:
+            return
+        if not isinstance(value, (int, float)) or not (math.isfinite(value) and low <= value <= high):
+            flag = "--" + name.replace("_", "-")
+            raise BadInputError(f"{flag} {value!r}: must be {what}")
+
+    number("thumbnail_size", 16, what="at least 16 px")
+    number("smooth_sigma_um", 0, what="a finite µm >= 0")
+    number("alpha", 0, 1, what="an opacity between 0 and 1")
+    number("top_k", 0, what="a number of patches >= 0")
+    number("tiff_mpp", 1e-6, what="a finite µm/px > 0")
+    number("threads", 1, what="at least 1 thread")
+    if options.get("colormap", "viridis") not in COLORMAPS:
+        raise BadInputError(f"--colormap {options['colormap']!r}: use one of {', '.join(COLORMAPS)}")
+
+
+_OPTION_NAMES = ("thumbnail_size", "smooth_sigma_um", "colormap", "alpha", "top_k", "geojson", "tiff_mpp",
+                 "threads", "progress")
+
+
 def render_slide_heatmaps(
     store: TileStore,
     scores: np.ndarray,
@@ -1016,27 +1049,24 @@ def jobs_from_predictions(pred_dir: str | os.PathLike, slide_ids: Sequence[str] 
     BadInputError
         No or unreadable run.json, a tiles folder that is gone, and as :func:`jobs_from_tiles`.
     """
-    pred_dir = Path(pred_dir)
-    run_file = pred_dir / "run.json"
-    try:
-        info = json.loads(run_file.read_text())
-    except FileNotFoundError:
-        raise BadInputError(f"{pred_dir}: not an `ipspath predict` output folder (no run.json)") from None
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{run_file}: unreadable ({exc}); run `ipspath predict` again") from exc
+    from ips_path.predictions import PredictionFolder
+
+    folder = PredictionFolder(pred_dir)
+    if not folder.run_file.exists():
+        raise BadInputError(f"{pred_dir}: not an `ipspath predict` output folder (no run.json)")
+    info = folder.read_run()
     missing_keys = [k for k in ("run", "tiles") if not info.get(k)]
     if missing_keys:
-        raise BadInputError(f"{run_file}: no {' or '.join(missing_keys)} recorded; use "
+        raise BadInputError(f"{folder.run_file}: no {' or '.join(missing_keys)} recorded; use "
                             "`ipspath heatmap --tiles TILES --run RUN -o OUT` instead")
     tiles = Path(info["tiles"])
-    if not tiles.is_absolute() and (pred_dir / tiles).exists():
-        tiles = pred_dir / tiles
-    if not slide_ids and (pred_dir / "predictions.csv").exists():
-        with open(pred_dir / "predictions.csv", newline="") as f:
-            slide_ids = [row["slide_id"] for row in csv.DictReader(f) if row.get("status", "done") == "done"]
+    if not tiles.is_absolute() and (folder.root / tiles).exists():
+        tiles = folder.root / tiles
+    if not slide_ids and folder.predictions_csv.exists():
+        slide_ids = [row.slide_id for row in folder.read_predictions()[1] if row.ok]
         if not slide_ids:
-            raise BadInputError(f"{pred_dir / 'predictions.csv'}: no slide was predicted (status done)")
-    return jobs_from_tiles(tiles, str(info["run"]), pred_dir / "heatmaps" if out_dir is None else out_dir,
+            raise BadInputError(f"{folder.predictions_csv}: no slide was predicted (status done or reused)")
+    return jobs_from_tiles(tiles, str(info["run"]), folder.root / "heatmaps" if out_dir is None else out_dir,
                            slide_ids)
 
 

