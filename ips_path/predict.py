@@ -282,8 +282,9 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
                                     settings.device)
     store = _tile_store(job, settings, checkpoint["tiling"])
     features = checkpoint["config"].get("features")
-    identity = {"slide": slide_identity(job.slide_path), "store": _store_identity(store, features),
-                "model": settings.model_key}
+    # The slide's size and content, not its mtime: a copy of the same file is the same slide.
+    slide = {k: v for k, v in slide_identity(job.slide_path).items() if k != "mtime_ns"}
+    identity = {"slide": slide, "store": _store_identity(store, features), "model": settings.model_key}
     reused = check_done_record(status_file, identity, overwrite=settings.overwrite, what="predictions")
     if reused is not None:
         reused.extra["label"] = job.label  # the manifest may have gained labels since
