@@ -92,7 +92,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a damaged or foreign file
-        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        reason = (str(exc).strip().splitlines() or [""])[0]  # torch's explanations run over many lines
+        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise BadInputError(f"{path}: not an ipspath training checkpoint")
     if int(checkpoint.get("format_version", 0)) > CHECKPOINT_VERSION:

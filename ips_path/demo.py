@@ -101,20 +101,22 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, pr
     pred_dir = out / "predictions"
     result = predict(run, pred_dir, manifest=test_manifest, tiles_dir=tiles, device=settings.train.device,
                      threads=settings.train.threads, heatmap_options={"thumbnail_size": 1024, "top_k": 8},
-                     progress=progress)
+                     overwrite=True, progress=progress)  # the demo's own folder: a retrained model replaces it
     lap("predict")
 
     report = write_report(pred_dir, title="ipspath demo: generated slides with lesions")
     lap("report")
 
+    from ips_path.predictions import PredictionFolder
     from ips_path.store import TileStore
 
+    scores = f"scores/{PredictionFolder(pred_dir).read_run()['run']}"
     hits = []
     for spec in test_specs:
         if not spec.lesions:
             continue
         store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
-        logits = store.read_array(f"scores/{run.name}")
+        logits = store.read_array(scores)
         top = store.coords[int(np.argmax(logits))][None]
         hits.append(bool(in_lesion(spec, top, store.patch_size_level0)[0]))
     localisation = float(np.mean(hits)) if hits else None

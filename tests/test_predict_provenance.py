@@ -66,8 +66,8 @@ def _perturbed_run(run_dir: Path, out: Path, seed: int = 1) -> Path:
 
 def _other_classes_run(run_dir: Path, out: Path) -> Path:
     """A run of the same architecture over three classes (random head): another model, other classes."""
+    from ips_path.checkpoint import build_model
     from ips_path.config import TrainConfig
-    from ips_path.train import build_model
 
     out.mkdir(parents=True)
     checkpoint = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
@@ -221,13 +221,15 @@ def test_cuda_without_a_gpu_is_refused_before_any_work(trained_run, small, tmp_p
     assert not (tmp_path / "never").exists()
 
 
-def test_a_checkpoint_whose_head_does_not_fit_its_classes_is_refused(trained_run, small, tmp_path,
+def test_a_checkpoint_whose_head_does_not_fit_its_classes_or_is_unreadable_is_refused(trained_run, small, tmp_path,
                                                                                        capsys):
     manifest, tiles = small
     checkpoint = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
     checkpoint["class_names"] = ["a", "b", "c"]
     torch.save(checkpoint, tmp_path / "mismatch.pt")
-    for model, expected in (("mismatch.pt", "do not fit its configuration or class names"),):
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(4096))
+    for model, expected in (("mismatch.pt", "do not fit its configuration or class names"),
+                            ("garbage.pt", "not a readable checkpoint")):
         code, _, err = _cli("--model", tmp_path / model, "--manifest", manifest, "--tiles", tiles, "-o",
                             tmp_path / "never", "--device", "cpu", capsys=capsys)
         assert code == 2 and expected in err and err.count("\n") == 1, err
