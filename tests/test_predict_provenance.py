@@ -177,7 +177,12 @@ def test_a_slide_file_replaced_under_the_same_id_is_refused_then_redone_with_ove
     assert _probabilities(out) == {}  # no stale probabilities reported for the slide
 
     redone = predict(trained_run, out, inputs=[slide], heatmaps=False, progress=False, overwrite=True)
-    assert redone.outcomes[0].status == "done" and _probabilities(out)["case"] != before
+    assert redone.outcomes[0].status == "done"
+    reference = predict(trained_run, tmp_path / "reference", inputs=[manifest.parent / rows[1]["slide_path"]],
+                        heatmaps=False, progress=False)
+    after = _probabilities(out)["case"]
+    assert after != before
+    assert after == pytest.approx(reference.outcomes[0].extra["probabilities"], abs=1e-5)
 
 
 def test_a_checkpoint_rewritten_in_place_is_not_served_from_the_process_cache(trained_run, small, tmp_path):

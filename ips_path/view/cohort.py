@@ -1,7 +1,7 @@
 """The slides a viewer may show: what a prediction folder records, nothing else.
 
 :func:`open_cohort` reads an ``ipspath predict`` output folder once, at start: the predicted
-slides (status "done" in ``predictions.csv``), their tile stores and score run (``run.json``).
+slides (status done or reused in ``predictions.csv``), their tile stores and score run (``run.json``).
 Everything the server later serves is looked up by slide id in this record, so a URL can never
 name a file of its own: slide files are the ones the tile stores were made from, and the other
 files are the report page and the pictures it references inside the folder.
@@ -33,7 +33,7 @@ from ips_path.heatmap import (
     percentile_ranks,
     score_grid,
 )
-from ips_path.report import PREDICTIONS_NAME, SlidePrediction, read_predictions
+from ips_path.predictions import PredictionFolder, SlidePrediction
 from ips_path.slide import Slide
 from ips_path.store import TileStore
 
@@ -104,7 +104,7 @@ class Cohort:
     classes : list of str
         The model's class names, in probability order.
     rows : dict
-        Slide id -> its :class:`SlidePrediction` (status "done" only).
+        Slide id -> its :class:`SlidePrediction` (done or reused only).
     stores : dict
         Slide id -> its tile store folder.
     run : str
@@ -209,23 +209,15 @@ def open_cohort(pred_dir: str | Path) -> Cohort:
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise BadInputError(f"{pred_dir}: not a folder; give the output folder of `ipspath predict`")
-    classes, all_rows = read_predictions(pred_dir / PREDICTIONS_NAME)
-    rows = {row.slide_id: row for row in all_rows if row.status == "done"}
+    folder = PredictionFolder(pred_dir)
+    classes, all_rows = folder.read_predictions()
+    rows = {row.slide_id: row for row in all_rows if row.ok}
     if not rows:
-        raise BadInputError(f"{pred_dir / PREDICTIONS_NAME}: no slide was predicted (status done); nothing to view")
+        raise BadInputError(f"{folder.predictions_csv}: no slide was predicted (done or reused); nothing to view")
     jobs = jobs_from_predictions(pred_dir, list(rows))
-    run_info = _run_info(pred_dir)
+    run_info = folder.read_run()
     return Cohort(pred_dir, classes, rows, {job.slide_id: job.store for job in jobs}, jobs[0].run,
                   run_info.get("tasks"))
-
-
-def _run_info(pred_dir: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads((pred_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 class _RefParser(HTMLParser):
