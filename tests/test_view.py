@@ -81,7 +81,7 @@ def running(pred):
 
 def _top_patch(cohort, slide_id):
     view = cohort.slide(slide_id)
-    index = int(np.argmax(view.scores[:, 0]))
+    index = int(np.argmax(view.scores))
     return view, index, view.store.coords[index]
 
 
@@ -169,7 +169,7 @@ def test_server_serves_report_viewer_info_and_tiles(running, pred):
     info = json.loads(raw)
     view, index, (x, y) = _top_patch(cohort, slide_id)
     assert status == 200 and (info["width"], info["height"]) == view.slide.dimensions
-    assert info["prediction"]["classes"] == ["negative", "positive"] and info["tasks"] == ["attention"]
+    assert info["prediction"]["classes"] == ["negative", "positive"]
     assert len(info["patches"]["coords"]) == 2 * view.store.n_patches and info["contours"]
     assert info["next"] == cohort.ids[1] and info["previous"] is None
     level = info["max_level"]
@@ -177,7 +177,7 @@ def test_server_serves_report_viewer_info_and_tiles(running, pred):
     assert status == 200 and headers["Content-Type"] == "image/jpeg" and "immutable" in headers["Cache-Control"]
     assert Image.open(io.BytesIO(jpeg)).size == (256, 256)
     col, row = int(x + 8) // 256, int(y + 8) // 256
-    status, headers, png = running.get(_tile_url(view, "attention/0", level, col, row))
+    status, headers, png = running.get(_tile_url(view, "attention", level, col, row))
     rgba = np.asarray(Image.open(io.BytesIO(png)))
     assert status == 200 and headers["Content-Type"] == "image/png"
     assert (rgba[int(y + 8) % 256, int(x + 8) % 256] == [*VIRIDIS_TOP, 255]).all()
@@ -191,7 +191,7 @@ def test_concurrent_tile_requests_all_get_their_tile(running):
     geometry = DeepZoomGeometry(*view.slide.dimensions)
     level = geometry.max_level - 1
     columns, rows = (-(-side // 256) for side in geometry.level_size(level))
-    urls = [_tile_url(view, layer, level, col, row) for layer in ("slide", "attention/0")
+    urls = [_tile_url(view, layer, level, col, row) for layer in ("slide", "attention")
             for col in range(columns) for row in range(rows)] * 4
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(running.get, urls))
@@ -210,8 +210,9 @@ HOSTILE = [
     "/heatmaps/%00/overlay.png", "/%ff%fe", "//etc/passwd", "/static//etc/passwd", "/tiles/{id}/{v}/slide/99/0_0.jpeg",
     "/tiles/{id}/{v}/slide/-1/0_0.jpeg", "/tiles/{id}/{v}/slide/5/99999_0.jpeg", "/tiles/{id}/{v}/slide/abc/0_0.jpeg",
     "/tiles/{id}/{v}/slide/3/0_0_0.jpeg", "/tiles/{id}/{v}/slide/99999999999999999999/0_0.jpeg",
-    "/tiles/{id}/{v}/slide/3/0.jpeg", "/tiles/{id}/{v}/slide/3/%D9%A1_0.jpeg", "/tiles/{id}/{v}/attention/7/3/0_0.png",
-    "/tiles/{id}/{v}/attention/-1/3/0_0.png", "/tiles/{id}/0000/slide/3/0_0.jpeg", "/tiles/{id}/{v}/other/3/0_0.jpeg",
+    "/tiles/{id}/{v}/slide/3/0.jpeg", "/tiles/{id}/{v}/slide/3/%D9%A1_0.jpeg", "/tiles/{id}/{v}/attention/0/3/0_0.png",
+    "/tiles/{id}/{v}/attention/3/0_0.jpeg", "/tiles/{id}/{v}/slide/3/0_0.png", "/tiles/{id}/{v}/slide/3/.jpeg",
+    "/tiles/{id}/0000/slide/3/0_0.jpeg", "/tiles/{id}/{v}/other/3/0_0.jpeg",
     "/tiles/nope/{v}/slide/3/0_0.jpeg", "http://evil.example/etc/passwd", "/?token=x&" + "a=1&" * 50,
     "/" + "a" * 70_000,
 ]

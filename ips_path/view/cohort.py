@@ -59,10 +59,10 @@ class SlideView:
         Patch coordinates and geometry.
     slide : Slide
         The slide file the store was made from, open for the whole session.
-    scores : (N, T) float32 array
-        Attention logit of each patch for each of the T tasks.
-    grids : list of ScoreGrid
-        Per task, the percentile rank (0-1) of each patch's logit on the patch grid.
+    scores : (N,) float32 array
+        Attention logit of each patch.
+    grid : ScoreGrid
+        The percentile rank (0-1) of each patch's logit on the patch grid.
     version : str
         Short digest of the slide file's identity and the scores: part of every tile URL, so a
         browser never shows tiles cached from another slide or run under the same id.
@@ -73,7 +73,7 @@ class SlideView:
     store: TileStore
     slide: Slide
     scores: np.ndarray
-    grids: list[ScoreGrid]
+    grid: ScoreGrid
     version: str
     _contours: list[list[float]] | None = field(default=None, repr=False)
 
@@ -109,16 +109,13 @@ class Cohort:
         Slide id -> its tile store folder.
     run : str
         The score run (``scores/<run>`` in the stores).
-    task_names : list of str, optional
-        Names of the score columns when the scores hold one column per task.
     """
 
     def __init__(self, pred_dir: Path, classes: list[str], rows: dict[str, SlidePrediction],
-                 stores: dict[str, Path], run: str, task_names: list[str] | None = None):
+                 stores: dict[str, Path], run: str):
         self.pred_dir = pred_dir
         self.classes = classes
         self.run = run
-        self.task_names = list(task_names or [])
         self.ids = sorted(rows, key=_natural_key)
         self._rows = rows
         self._stores = stores
@@ -155,21 +152,12 @@ class Cohort:
     def _open(self, slide_id: str) -> SlideView:
         store = TileStore.open(self._stores[slide_id])
         scores = load_scores(store, self.run)
-        scores = scores.reshape(len(scores), -1) if scores.ndim == 1 else scores
-        grids = [score_grid(store.coords, percentile_ranks(column), store.stride_level0, store.patch_size_level0)
-                 for column in scores.T]
+        grid = score_grid(store.coords, percentile_ranks(scores), store.stride_level0, store.patch_size_level0)
         slide = open_store_slide(store)
         stat = slide.path.stat()
         digest = hashlib.sha256(f"{slide.path}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
         digest.update(np.ascontiguousarray(scores).tobytes())
-        return SlideView(slide_id, self._rows[slide_id], store, slide, scores, grids, digest.hexdigest()[:12])
-
-    def tasks(self, view: SlideView) -> list[str]:
-        """Names of the attention columns of ``view`` (one "attention" for single-task runs)."""
-        n_tasks = view.scores.shape[1]
-        if len(self.task_names) == n_tasks:
-            return self.task_names
-        return ["attention"] if n_tasks == 1 else [f"task {i + 1}" for i in range(n_tasks)]
+        return SlideView(slide_id, self._rows[slide_id], store, slide, scores, grid, digest.hexdigest()[:12])
 
     def report_files(self) -> dict[str, Path]:
         """The report page and the files it references inside the folder, by URL path.
@@ -215,9 +203,7 @@ def open_cohort(pred_dir: str | Path) -> Cohort:
     if not rows:
         raise BadInputError(f"{folder.predictions_csv}: no slide was predicted (done or reused); nothing to view")
     jobs = jobs_from_predictions(pred_dir, list(rows))
-    run_info = folder.read_run()
-    return Cohort(pred_dir, classes, rows, {job.slide_id: job.store for job in jobs}, jobs[0].run,
-                  run_info.get("tasks"))
+    return Cohort(pred_dir, classes, rows, {job.slide_id: job.store for job in jobs}, jobs[0].run)
 
 
 class _RefParser(HTMLParser):

@@ -7,7 +7,7 @@ Routes (GET and HEAD only)::
     /view/<slide_id>                    the viewer page of one slide
     /api/slide/<slide_id>               what the page needs: geometry, prediction, patches, contours (JSON)
     /tiles/<slide_id>/<version>/slide/<level>/<col>_<row>.jpeg
-    /tiles/<slide_id>/<version>/attention/<task>/<level>/<col>_<row>.png
+    /tiles/<slide_id>/<version>/attention/<level>/<col>_<row>.png
     /static/<asset>                     the viewer's script, style and OpenSeadragon, shipped in the package
 
 Every name in a URL is looked up in what :func:`~ips_path.view.cohort.open_cohort` recorded or
@@ -70,6 +70,7 @@ _SECURITY_HEADERS = {
 # Marks a report page served by the viewer: report.js then shows the cards' viewer links.
 _REPORT_MARK = '<meta name="ipspath-viewer" content="view/">'
 _TOP_K = 16
+_TILE_EXTENSIONS = {"slide": ".jpeg", "attention": ".png"}
 _MAX_QUERY_FIELDS = 8
 _COLOUR_BAR_STOPS = 11
 
@@ -151,37 +152,29 @@ class ViewerApp:
             "prediction": {"predicted": row.predicted, "label": row.label, "outcome": row.outcome,
                            "classes": cohort.classes,
                            "probabilities": [p if p is None else round(p, 4) for p in row.probabilities]},
-            "run": cohort.run, "tasks": cohort.tasks(view), "colormap": self.colormap, "colour_stops": stops,
+            "run": cohort.run, "colormap": self.colormap, "colour_stops": stops,
             "top_k": _TOP_K,
             "patches": {"size": store.patch_size_level0, "stride": store.stride_level0,
                         "coords": store.coords.reshape(-1).tolist(),
-                        "scores": [[float(f"{v:.6g}") for v in column.tolist()] for column in view.scores.T]},
+                        "scores": [float(f"{v:.6g}") for v in view.scores.tolist()]},
             "contours": view.contours(),
         }
 
     # -- tiles ---------------------------------------------------------------------------------
 
-    def tile(self, slide_id: str, version: str, layer: str, task: str | None, level: str,
-             position: str) -> tuple[bytes | None, str]:
+    def tile(self, slide_id: str, version: str, layer: str, level: str, position: str) -> tuple[bytes | None, str]:
         """Encoded tile bytes (None: an empty attention tile) and its content type."""
         view = self._require_version(slide_id, version)
         level_number = _small_int(level)
         col, row = (_small_int(part) for part in position.split("_", 1)) if "_" in position else (-1, -1)
         geometry = DeepZoomGeometry(*view.slide.dimensions)
-        if layer == "slide":
-            key: tuple = (slide_id, version, "slide", level_number, col, row)
-            content_type = _CONTENT_TYPES[".jpeg"]
-        else:
-            task_index = _small_int(task or "")
-            if task_index >= len(view.grids):
-                raise _HttpError(HTTPStatus.NOT_FOUND, f"no task {task} for slide {slide_id}")
-            key = (slide_id, version, "attention", self.colormap, task_index, level_number, col, row)
-            content_type = _CONTENT_TYPES[".png"]
+        key = (slide_id, version, layer, self.colormap, level_number, col, row)
+        content_type = _CONTENT_TYPES[".jpeg" if layer == "slide" else ".png"]
         found, tile = self.cache.get(key)
         if not found:
             try:
                 tile = (slide_tile(view.slide, geometry, level_number, col, row) if layer == "slide" else
-                        attention_tile(view.grids[task_index], geometry, level_number, col, row, self.lut))
+                        attention_tile(view.grid, geometry, level_number, col, row, self.lut))
             except TileNotFound as exc:
                 raise _HttpError(HTTPStatus.NOT_FOUND, str(exc)) from None
             self.cache.put(key, tile)
@@ -241,6 +234,10 @@ class _Handler(BaseHTTPRequestHandler):
     """Routes one request of a :class:`ViewerApp` (``self.server.app``)."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: the browser reuses its connections for tiles
+    # Headers and body leave in one write, without waiting: otherwise Nagle's algorithm and the
+    # client's delayed ACK hold every response on a kept-alive connection for about 40 ms.
+    disable_nagle_algorithm = True
+    wbufsize = 1 << 16
     server_version = "ipspath-view"
     sys_version = ""
     server: _ViewerHTTPServer
@@ -318,10 +315,9 @@ class _Handler(BaseHTTPRequestHandler):
                        cookie=cookie)
         elif head == "api" and len(names) == 3 and names[1] == "slide":
             self._send(HTTPStatus.OK, app.slide_info(names[2]), _CONTENT_TYPES[".json"], cache="no-cache")
-        elif head == "tiles" and len(names) == 6 and names[3] == "slide" and names[5].endswith(".jpeg"):
-            self._send_tile(*app.tile(names[1], names[2], "slide", None, names[4], names[5][:-len(".jpeg")]))
-        elif head == "tiles" and len(names) == 7 and names[3] == "attention" and names[6].endswith(".png"):
-            self._send_tile(*app.tile(names[1], names[2], "attention", names[4], names[5], names[6][:-len(".png")]))
+        elif head == "tiles" and len(names) == 6 and names[5].endswith(_TILE_EXTENSIONS.get(names[3], "/")):
+            position = names[5][:-len(_TILE_EXTENSIONS[names[3]])]
+            self._send_tile(*app.tile(names[1], names[2], names[3], names[4], position))
         elif head == "static" and "/".join(names[1:]) in app.assets:
             name = "/".join(names[1:])
             self._send(HTTPStatus.OK, app.assets[name], _content_type(name), cache=_ASSET_CACHE_CONTROL)

@@ -2,7 +2,7 @@
 // Layers: the slide (JPEG tiles), the attention (PNG tiles, transparent outside the patches; the
 // browser sets their opacity), and a canvas on top for the tissue contour, the patch grid and the
 // patch under the pointer. Everything comes from this server; nothing is fetched elsewhere.
-// The address may carry #task=N&opacity=0-100&top=RANK (zoom to the patch of that rank).
+// The address may carry #opacity=0-100&top=RANK (zoom to the patch of that rank).
 // For tests and scripts, <body> gets data-* fields: ready, slide-tiles, attention-tiles,
 // failed-tiles and zoomed-rank; window.ipspathViewer is the OpenSeadragon viewer.
 (function () {
@@ -70,7 +70,7 @@
       "linear-gradient(to right, " + info.colour_stops.map((c) => "rgb(" + c.join(",") + ")").join(", ") + ")";
   }
 
-  // Patches: coordinates, a lookup from grid cell to patch, and per task the order by attention.
+  // Patches: coordinates, a lookup from grid cell to patch, and their order by attention.
   function patchIndex(info) {
     const p = info.patches;
     const n = p.coords.length / 2;
@@ -85,14 +85,11 @@
     for (let i = 0; i < n; i++) {
       cell.set(Math.floor((p.coords[2 * i + 1] - oy) / p.stride) * cols + Math.floor((p.coords[2 * i] - ox) / p.stride), i);
     }
-    const orders = p.scores.map((scores) => {
-      const order = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a] || a - b);
-      const rank = new Int32Array(n);
-      order.forEach((index, position) => { rank[index] = position + 1; });
-      return { order, rank };
-    });
+    const order = Array.from(p.scores.keys()).sort((a, b) => p.scores[b] - p.scores[a] || a - b);
+    const rank = new Int32Array(n);
+    order.forEach((index, position) => { rank[index] = position + 1; });
     return {
-      n, size: p.size, stride: p.stride, coords: p.coords, scores: p.scores, orders,
+      n, size: p.size, stride: p.stride, coords: p.coords, scores: p.scores, order, rank,
       at(x, y) { // the patch whose grid cell holds (x, y) and which covers it, or -1
         const col = Math.floor((x - ox) / p.stride);
         const row = Math.floor((y - oy) / p.stride);
@@ -108,7 +105,6 @@
     header(info);
     const patches = patchIndex(info);
     const base = "/tiles/" + encodeURIComponent(info.slide_id) + "/" + info.version + "/";
-    let task = Math.min(Math.max(parseInt(hash.get("task") || "0", 10) || 0, 0), info.tasks.length - 1);
     let opacity = hash.has("opacity") ? Math.min(Math.max(parseFloat(hash.get("opacity")) || 0, 0), 100) : 50;
     let hovered = -1, selected = -1;
     const counts = { slide: 0, attention: 0, failed: 0 };
@@ -137,29 +133,18 @@
     });
 
     window.ipspathViewer = viewer;
-    const tasks = $("task");
-    if (info.tasks.length > 1) {
-      info.tasks.forEach((name, i) => tasks.add(new Option(name, String(i), false, i === task)));
-      $("task-choice").hidden = false;
-    }
     $("opacity").value = String(opacity);
 
     function overlayItem() {
       return viewer.world.getItemCount() > 1 ? viewer.world.getItemAt(1) : null;
     }
 
-    function showOverlay() {
-      viewer.addTiledImage({
-        tileSource: source("attention/" + task, ".png"), index: 1, replace: overlayItem() !== null,
-        opacity: opacity / 100, preload: true,
-      });
-    }
-
     viewer.addHandler("open", () => {
-      showOverlay();
+      // preload: tiles load at opacity 0 too, so the slider shows them at once
+      viewer.addTiledImage({ tileSource: source("attention", ".png"), index: 1, opacity: opacity / 100, preload: true });
       const top = parseInt(hash.get("top") || "0", 10);
       if (top >= 1 && top <= patches.n) {
-        zoomTo(patches.orders[task].order[top - 1], true);
+        zoomTo(patches.order[top - 1], true);
         body.dataset.zoomedRank = String(top);
       }
       body.dataset.ready = "1";
@@ -183,12 +168,6 @@
       $("show-overlay").checked = true;
       const item = overlayItem();
       if (item) item.setOpacity(opacity / 100);
-    });
-    tasks.addEventListener("change", () => {
-      task = Number(tasks.value);
-      showOverlay();
-      fillTopList();
-      showPatch(selected);
     });
     $("show-contour").addEventListener("change", draw);
     $("show-grid").addEventListener("change", draw);
@@ -273,12 +252,12 @@
         box.textContent = "hover or click a patch";
         return;
       }
-      const { rank } = patches.orders[task];
+      const { rank } = patches;
       const x = patches.coords[2 * index], y = patches.coords[2 * index + 1];
       box.className = "";
       box.innerHTML = "";
       const rows = [["rank", rank[index] + " of " + patches.n],
-        ["attention logit", patches.scores[task][index].toPrecision(4)],
+        ["attention logit", patches.scores[index].toPrecision(4)],
         ["percentile", (patches.n > 1 ? 100 * (patches.n - rank[index]) / (patches.n - 1) : 100).toFixed(1)],
         ["level-0 x, y", x + ", " + y]];
       for (const [name, value] of rows) {
@@ -334,14 +313,14 @@
     function fillTopList() {
       const list = $("top-list");
       list.innerHTML = "";
-      patches.orders[task].order.slice(0, info.top_k).forEach((index, position) => {
+      patches.order.slice(0, info.top_k).forEach((index, position) => {
         const item = document.createElement("li");
         item.dataset.index = String(index);
         const rank = document.createElement("span");
         rank.className = "rank";
         rank.textContent = "#" + (position + 1);
         const score = document.createElement("span");
-        score.textContent = patches.scores[task][index].toPrecision(4);
+        score.textContent = patches.scores[index].toPrecision(4);
         item.append(rank, score);
         item.title = "zoom to this patch";
         item.addEventListener("click", () => zoomTo(index, false));
