@@ -58,7 +58,7 @@ def prepare(scratch: Path) -> tuple[Path, str]:
 
 def serve(store_path: Path, run: str, cache_mb: int):
     """A running viewer server for the one slide: (server, app, slide id)."""
-    from ips_path.report import SlidePrediction
+    from ips_path.predictions import SlidePrediction
     from ips_path.view.cohort import Cohort
     from ips_path.view.server import ViewerApp, make_server
 
