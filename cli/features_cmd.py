@@ -37,7 +37,8 @@ def _find_stores(inputs: tuple[str, ...]) -> list[Path]:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto (cuda if available).")
 @click.option("--chunk-size", default=128, show_default=True, help="Patches per forward pass.")
 @click.option("--threads", default=4, show_default=True, help="Threads reading tiles from the slide files.")
-@click.option("--overwrite", is_flag=True, help="Recompute features that are already cached.")
+@click.option("--overwrite", is_flag=True, help="Recompute cached features, and replace features of this name made by "
+                                              "another encoder or other weights (otherwise refused).")
 @click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786), or local:N, to embed "
                                                      "slides on a cluster (GPU workers: --resources GPU=1).")
 @click.pass_context
@@ -47,24 +48,23 @@ def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretra
     (what `ipspath features TILES...` runs).
 
     The embeddings go into each store as features/<name> (float16). Train on them with
-    `ipspath train --features <name>`: epochs then read no pixels. Slides already done are skipped,
-    so an interrupted run resumes where it stopped.
+    `ipspath train --features <name>`: epochs then read no pixels. Slides already done with the same
+    encoder and weights are kept, so an interrupted run resumes where it stopped; features of that
+    name from another encoder or other weights are refused unless --overwrite.
     """
-    import torch
-
     from ips_path.features import extract_features
+    from ips_path.jobs import run_exit_code
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = extract_features(_find_stores(tiles), encoder, name=name, pretrained=pretrained, device=device,
-                               chunk_size=chunk_size, threads=threads, overwrite=overwrite, scheduler=scheduler,
-                               progress=not ctx.obj["quiet"])
-    counts = {s: sum(r.status == s for r in results) for s in ("extracted", "skipped", "failed")}
-    click.echo(f"features: {counts['extracted']} extracted, {counts['skipped']} skipped, {counts['failed']} failed")
-    for r in results:
-        if r.status == "failed":
-            click.echo(f"  failed: {r.store}: {r.error}", err=True)
-    return 1 if counts["failed"] else 0
+    outcomes = extract_features(_find_stores(tiles), encoder, name=name, pretrained=pretrained, device=device,
+                                chunk_size=chunk_size, threads=threads, overwrite=overwrite, scheduler=scheduler,
+                                progress=not ctx.obj["quiet"])
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "reused", "failed", "refused")}
+    click.echo(f"features: {counts['done']} extracted, {counts['reused']} already there, {counts['failed']} failed"
+               + (f", {counts['refused']} refused" if counts["refused"] else ""))
+    for o in outcomes:
+        if not o.ok:
+            click.echo(f"  {o.status}: {o.extra['store']}: {o.error}", err=True)
+    return run_exit_code(outcomes)
 
 
 @click.command("import")

@@ -5,54 +5,38 @@
 into the slide's tile store. Training with ``--features <name>`` then runs IPS on these
 embeddings (the paper's CAMELYON16 mode): epochs read no pixels.
 
-A slide whose store already holds complete features of that name, from the same encoder and
-weights, is skipped, so an interrupted run resumes where it stopped; each array is written
-atomically, so a killed run leaves no half-written features.
+Each slide is a job on the contract of :mod:`ips_path.jobs`. The array's attributes hold the
+identity of what made it (encoder, SHA-256 of its weights file, output dimension) and are written
+with it, atomically: a killed run leaves no half-written features. A store that already holds
+features of that name with the same identity is reused, so an interrupted run resumes where it
+stopped; features of that name made by another encoder or other weights are refused with one line
+(``--overwrite`` replaces them): a model trained on them would otherwise read other embeddings.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ips_path.errors import IpspathError
+from ips_path.errors import BadInputError
+from ips_path.identity import file_digest
+from ips_path.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.loader import PatchStreamer
 from ips_path.model.encoders import build_encoder
 from ips_path.model.foundation import require_preset_weights
 from ips_path.parallel import map_slides, process_object
-from ips_path.store import TileStore
+from ips_path.store import TileStore, slide_id_from_path
+
+__all__ = ["FeatureSettings", "embed_store", "extract_features", "store_features"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FeatureResult:
-    """What happened to one slide: ``status`` is "extracted", "skipped" or "failed"."""
-
-    store: Path
-    status: str
-    n_patches: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-
-
-def weights_digest(path: str | os.PathLike | None) -> str | None:
-    """Short SHA-256 of a weights file, recorded with the features so other weights are not mixed up."""
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 @torch.inference_mode()
@@ -78,7 +62,7 @@ class FeatureSettings:
     encoder: str
     name: str
     pretrained: str | None
-    weights_sha256: str | None
+    identity: dict[str, Any]
     device: str = "cpu"
     chunk_size: int = 64
     threads: int = 4
@@ -88,7 +72,7 @@ class FeatureSettings:
 def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, name: str | None = None,
                      pretrained: str | os.PathLike | None = None, device: str = "cpu", chunk_size: int = 64,
                      threads: int = 4, overwrite: bool = False, scheduler: str | None = None,
-                     progress: bool = True) -> list[FeatureResult]:
+                     progress: bool = True) -> list[SlideOutcome]:
     """Embed the patches of every tile store with a frozen encoder and cache them in the store.
 
     Parameters
@@ -104,11 +88,12 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     pretrained : path-like, optional
         Local weights file of the encoder (no download ever happens).
     device : str
-        Where the encoder runs.
+        Where the encoder runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     chunk_size, threads : int
-        Patches per forward pass; reader threads.
+        Patches per forward pass; reader threads (both >= 1).
     overwrite : bool
-        Recompute features that are already cached.
+        Recompute features that are already cached, and replace features of that name made by
+        another encoder or other weights (refused without it).
     scheduler : str, optional
         Dask scheduler address or ``local:N`` (see :mod:`ips_path.parallel`); GPU workers need
         the resource ``GPU=1``. Default: this process, one store after the other.
@@ -117,13 +102,32 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
 
     Returns
     -------
-    list of FeatureResult
-        One per store, in order. A failing slide is recorded and the others go on.
+    list of SlideOutcome
+        One per store, in order (``extra``: ``store``, ``n_patches``); status done, reused, failed
+        or refused. A failing slide is recorded and the others go on.
+
+    Raises
+    ------
+    BadInputError
+        A bad option, device, name, encoder or weights file, before any store is touched.
     """
-    settings = FeatureSettings(encoder_name, name or encoder_name.replace(":", "_"),
-                               None if pretrained is None else str(Path(pretrained).resolve()),
-                               weights_digest(pretrained), device, chunk_size, threads, overwrite)
+    from ips_path.distributed import resolve_device
+
+    for option, value in (("--chunk-size", chunk_size), ("--threads", threads)):
+        if not isinstance(value, int) or value < 1:
+            raise BadInputError(f"{option} {value!r}: must be at least 1")
+    name = name or encoder_name.replace(":", "_")
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise BadInputError(f"--name {name!r}: cannot name features/<name>; use letters, digits, '.', '_' and '-'")
+    if scheduler is None or device == "auto":  # Dask workers check the device they are given themselves
+        device = str(resolve_device(device))
     require_preset_weights(encoder_name, pretrained)
+    weights = None if pretrained is None else Path(pretrained).resolve()
+    if weights is not None and not weights.is_file():
+        raise BadInputError(f"{pretrained}: weights file not found; give the local file of the encoder's weights")
+    settings = FeatureSettings(encoder_name, name, None if weights is None else str(weights),
+                               {"encoder": encoder_name, "weights_sha256": None if weights is None else
+                                file_digest(weights)}, device, chunk_size, threads, overwrite)
     if pretrained is None:
         log.warning("no --pretrained weights: %s keeps its random (seeded) initialisation; such features are "
                     "only good for trying the pipeline", encoder_name)
@@ -135,25 +139,27 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
                       progress=progress, desc="features", on_lost=_lost)
 
 
-def store_features(path: Path, settings: FeatureSettings) -> FeatureResult:
+def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
     """Cache the features of one tile store; never raises for a problem of the slide."""
-    array = f"features/{settings.name}"
-    started = time.perf_counter()
-    try:
+    slide_id = slide_id_from_path(path)
+
+    def work() -> SlideOutcome:
+        array = f"features/{settings.name}"
         store = TileStore.open(path)
         encoder = _encoder(settings)
-        identity = {"encoder": settings.encoder, "weights_sha256": settings.weights_sha256,
-                    "dim": int(encoder.out_dim)}
-        if not settings.overwrite and store.has_array(array) and _matches(store, array, identity):
-            return FeatureResult(path, "skipped", store.n_patches)
+        identity = {**settings.identity, "dim": int(encoder.out_dim)}
+        extra = {"store": str(path), "n_patches": store.n_patches}
+        if store.has_array(array) and not settings.overwrite and \
+                check_identity(store.path / array, store.array_attrs(array).get("identity"), identity,
+                               what="features"):
+            return SlideOutcome(slide_id, Status.REUSED, identity=identity, extra=extra)
         streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device),
                                   lambda: PatchStreamer(chunk_size=settings.chunk_size, threads=settings.threads,
                                                         device=settings.device))
-        store.write_array(array, embed_store(encoder, store, streamer), attrs=identity)
-    except IpspathError as exc:
-        log.error("%s", exc)
-        return FeatureResult(path, "failed", error=str(exc))
-    return FeatureResult(path, "extracted", store.n_patches, time.perf_counter() - started)
+        store.write_array(array, embed_store(encoder, store, streamer), attrs={**identity, "identity": identity})
+        return SlideOutcome(slide_id, Status.DONE, identity=identity, extra=extra)
+
+    return run_job(slide_id, path, work, extra={"store": str(path)})
 
 
 def _encoder(settings: FeatureSettings) -> torch.nn.Module:
@@ -164,13 +170,10 @@ def _encoder(settings: FeatureSettings) -> torch.nn.Module:
             encoder = build_encoder(settings.encoder, pretrained=settings.pretrained)
         return encoder.to(settings.device).eval()
 
-    return process_object("encoder", (settings.encoder, settings.pretrained, settings.device), build)
+    # keyed by the weights' digest, not their path: a file rewritten in place is another encoder
+    return process_object("encoder", (settings.encoder, settings.identity["weights_sha256"], settings.device), build)
 
 
-def _lost(path: Path, exc: BaseException) -> FeatureResult:
-    return FeatureResult(path, "failed", error=f"{path}: the worker embedding it died ({type(exc).__name__}: {exc})")
-
-
-def _matches(store: TileStore, array: str, identity: dict) -> bool:
-    attrs = store.array_attrs(array)
-    return all(attrs.get(k) == v for k, v in identity.items())
+def _lost(path: Path, exc: BaseException) -> SlideOutcome:
+    return SlideOutcome(slide_id_from_path(path), Status.FAILED, exit_code=1, extra={"store": str(path)},
+                        error=f"{path}: the worker embedding it died ({type(exc).__name__}: {exc})")

@@ -33,6 +33,7 @@ __all__ = [
     "Status",
     "SlideOutcome",
     "check_done_record",
+    "check_identity",
     "error_line",
     "read_outcome",
     "run_exit_code",
@@ -252,14 +253,33 @@ def check_done_record(path: str | os.PathLike, identity: Mapping[str, Any], *, o
         record, what differs, and ``--overwrite``.
     """
     recorded = None if overwrite else read_outcome(path)
-    if recorded is None or not recorded.ok or not recorded.identity:
+    if recorded is None or not recorded.ok:
         return None
-    if same_identity(recorded.identity, identity):
-        recorded.status = Status.REUSED
-        return recorded
-    differs = ", ".join(identity_differences(recorded.identity, identity))
+    if not check_identity(path, recorded.identity, identity, on_change=on_change, what=what):
+        return None
+    recorded.status = Status.REUSED
+    return recorded
+
+
+def check_identity(where: str | os.PathLike, recorded: Mapping[str, Any] | None, identity: Mapping[str, Any], *,
+                   on_change: Literal["refuse", "redo"] = "refuse", what: str = "results") -> bool:
+    """Whether a result recorded with identity ``recorded`` at ``where`` can be reused for ``identity``.
+
+    True when they are equal; False (redo) when nothing is recorded (an older layout) or, with
+    ``on_change="redo"``, when they differ.
+
+    Raises
+    ------
+    RefusedError
+        They differ and ``on_change="refuse"``: one line naming ``where``, what differs and ``--overwrite``.
+    """
+    if not recorded:
+        return False
+    if same_identity(recorded, identity):
+        return True
+    differs = ", ".join(identity_differences(recorded, identity))
     if on_change == "redo":
-        log.info("%s: made from other inputs (%s); doing it again", path, differs)
-        return None
-    raise RefusedError(f"{path}: holds {what} made from other inputs (differs in {differs}); "
+        log.info("%s: made from other inputs (%s); doing it again", where, differs)
+        return False
+    raise RefusedError(f"{where}: holds {what} made from other inputs (differs in {differs}); "
                        "pass --overwrite to replace them, or choose another output folder")
