@@ -120,16 +120,19 @@ class _ExtractByDefault(click.Group):
             args = ["extract", *args]
         return super().parse_args(ctx, args)
 
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # the preset table needs torch: built only for --help, so `features import` does not import it
+        from ips_path.model.foundation import preset_table
 
-def _presets_help() -> str:
-    from ips_path.model.foundation import preset_table
+        formatter.write_paragraph()
+        formatter.write_text("Foundation-model presets for --encoder (weights from a local file, --pretrained; patches "
+                             "resized on the device; the extra 'foundation' is needed except by resnet50_trunc):")
+        formatter.write_paragraph()
+        for line in preset_table().splitlines():
+            formatter.write(f"{'':>{formatter.current_indent}}  {line}\n")
 
-    return ("Foundation-model presets for --encoder (weights from a local file, --pretrained; "
-            "patches resized on the device; needs the extra 'foundation' except resnet50_trunc):\n\n\b\n"
-            + preset_table())
 
-
-@click.group("features", cls=_ExtractByDefault, epilog=_presets_help())
+@click.group("features", cls=_ExtractByDefault)
 def features_cmd() -> None:
     """Patch embeddings in the tile stores: compute them with a frozen encoder, or import them.
 
