@@ -17,7 +17,7 @@ from ips_path.cli.main import cli
 from ips_path.config import TrainConfig
 from ips_path.errors import BadInputError
 from ips_path.features import extract_features
-from ips_path.model import ResNet, build_encoder
+from ips_path.model import IPSModel, PatchChunk, ResNet, Task, build_encoder, train_step
 from ips_path.model.encoders import IMAGENET_MEAN, IMAGENET_STD
 from ips_path.model.foundation import ENCODER_PRESETS, FoundationEncoder, build_preset
 from ips_path.store import TileStore, write_tile_store
@@ -185,6 +185,24 @@ def test_train_blocks_trains_only_the_last_k_blocks_under_checkpointing():
     assert all(p.requires_grad for p in encoder.parameters())
     with pytest.raises(BadInputError, match="has 4 blocks"):
         encoder.set_train_blocks(5)
+
+
+def test_an_ips_step_fine_tunes_only_the_last_blocks_with_checkpointed_pieces():
+    encoder = _tiny_encoder()
+    encoder.set_train_blocks(1)
+    model = IPSModel(encoder, [Task("label", 2, "multiclass")], dim=16, n_heads=2, n_select=6, chunk_size=8,
+                     grad_chunk_size=4, checkpoint=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    slides = [[PatchChunk(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)) for _ in range(3)]
+              for _ in range(2)]
+    result = train_step(model, slides, {"label": torch.tensor([0, 1])}, optimizer)
+    assert result["n_selected"] == [6, 6] and np.isfinite(result["loss"])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("encoder.backbone.blocks.3.") for n in changed)
+    frozen = tuple(f"encoder.backbone.{part}" for part in ("blocks.0.", "blocks.1.", "blocks.2.", "patch_embed"))
+    assert not any(n.startswith(frozen) for n in changed)
+    assert any(n.startswith("aggregator") for n in changed)
 
 
 def test_train_blocks_needs_a_vit_preset_and_pixels(resnet50_weights):
