@@ -41,6 +41,7 @@ import numpy as np
 from ips_path.errors import BadInputError
 from ips_path.identity import same_identity, slide_identity
 from ips_path.jobs import SlideOutcome, Status, run_job
+from ips_path.locks import output_lock
 from ips_path.store import TileStore, store_path, tile_store_for_coords
 
 __all__ = ["FEATURE_FORMATS", "FeatureFile", "FeatureFormat", "SlideFrame", "import_features", "read_feature_file"]
@@ -345,7 +346,8 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
     BadInputError
         Before anything is written: a bad manifest, a missing or unreadable feature file, files of
         several encoders or dimensions, no usable name, or a file whose coordinates do not agree with
-        the slide's existing tile store (another grid, another slide, another resolution).
+        the slide's existing tile store (another grid, another slide, another resolution); another
+        run writing into ``tiles_dir`` (:func:`~ips_path.locks.output_lock`).
     """
     from ips_path.manifest import read_manifest
     from ips_path.progress import progress_bar
@@ -358,14 +360,15 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
     if missing:
         raise BadInputError(f"{folder}: no feature file for {len(missing)} slide(s) of {manifest}: "
                             f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} (expected <slide_id>.h5)")
-    jobs = [_plan(r.slide_id, r.slide_path, r.mpp, folder / f"{r.slide_id}.h5", tiles_dir, tool, clam_patches)
-            for r in rows]
-    name = _feature_name(jobs, name)
-    results = []
-    with progress_bar(len(jobs), "import", unit="slide", enabled=progress) as bar:
-        for job in jobs:
-            results.append(_import_one(job, name))
-            bar.update()
+    with output_lock(tiles_dir):  # one writer of the tile stores at a time (tile, features import)
+        jobs = [_plan(r.slide_id, r.slide_path, r.mpp, folder / f"{r.slide_id}.h5", tiles_dir, tool, clam_patches)
+                for r in rows]
+        name = _feature_name(jobs, name)
+        results = []
+        with progress_bar(len(jobs), "import", unit="slide", enabled=progress) as bar:
+            for job in jobs:
+                results.append(_import_one(job, name))
+                bar.update()
     return results
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -238,7 +240,24 @@ def test_bad_feature_folders_are_named_with_the_fix(cohort, tmp_path):
     (folder / f"{last_id}.h5").write_bytes(b"not hdf5")
     with pytest.raises(BadInputError, match="cannot read as HDF5"):
         import_features(folder, manifest, tmp_path / "tiles", progress=False)
-    assert not (tmp_path / "tiles").exists()
+    assert not list((tmp_path / "tiles").glob("*.zarr"))
+
+
+def test_an_import_refuses_while_another_run_writes_the_stores(cohort, tmp_path):
+    manifest, grids = cohort
+    folder = _write_trident_folder(tmp_path / "features_uni_v1", grids)
+    tiles = tmp_path / "tiles"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ips_path.locks import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(tiles)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BadInputError, match=str(holder.pid)):
+            import_features(folder, manifest, tiles, progress=False)
+        assert not list(tiles.glob("*.zarr"))
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_non_finite_features_fail_that_slide_and_the_others_go_on(cohort, tmp_path):
