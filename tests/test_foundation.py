@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -46,8 +47,8 @@ def test_features_help_lists_the_presets_with_dimensions_and_norms():
     result = CliRunner().invoke(cli, ["features", "--help"])
     assert result.exit_code == 0, result.output
     for name, preset in ENCODER_PRESETS.items():
-        line = next(row for row in result.output.splitlines() if row.strip().startswith(name))
-        assert f"{preset.out_dim}-d" in line and ("ImageNet" in line or "0.707" in line)
+        line = re.search(rf"^ *{name} +(\d+)-d .*$", result.output, re.MULTILINE)
+        assert line and int(line[1]) == preset.out_dim and ("ImageNet" in line[0] or "0.707" in line[0])
 
 
 class _Recorder(nn.Module):
