@@ -111,13 +111,13 @@ def _timed_steps(heatmap, store, scores, out_dir: Path, steps: dict[str, float])
     with heatmap.open_store_slide(store) as slide:
         thumbnail, downsample = timed("thumbnail_read", heatmap.slide_thumbnail, slide, 2048)
         overlay, _ = timed("overlay_compose", heatmap.overlay_picture, thumbnail, downsample, grid)
-        files = {"thumbnail": timed("thumbnail_png", heatmap._save_png, thumbnail, out_dir / "thumbnail.png"),
-                 "overlay": timed("overlay_png", heatmap._save_png, overlay, out_dir / "overlay.png")}
+        files = {"thumbnail": timed("thumbnail_png", heatmap.save_png, thumbnail, out_dir / "thumbnail.png"),
+                 "overlay": timed("overlay_png", heatmap.save_png, overlay, out_dir / "overlay.png")}
         files["geojson"] = timed("geojson", heatmap.write_patches_geojson, out_dir / "patches.geojson", store.coords,
                                  store.patch_size_level0, scores, ranks=ranks)
         gallery = timed("top16_gallery", heatmap.top_patch_gallery, slide, store.coords, scores, top_k=16,
                         read_level=store.read_level, read_size=store.read_size, patch_size=store.patch_size)
-        files["top_patches"] = timed("top16_png", heatmap._save_png, gallery.image, out_dir / "top_patches.png")
+        files["top_patches"] = timed("top16_png", heatmap.save_png, gallery.image, out_dir / "top_patches.png")
     return files
 
 

@@ -8,6 +8,7 @@ import click
 
 from ips_path.errors import BadInputError
 from ips_path.heatmap import COLORMAPS, jobs_from_predictions, jobs_from_tiles, render_heatmaps
+from ips_path.jobs import run_exit_code
 
 
 @click.command("heatmap")
@@ -76,15 +77,15 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
     else:
         jobs = jobs_from_predictions(pred_dir, ids, out_dir)
     quiet = bool((ctx.obj or {}).get("quiet"))
-    results = render_heatmaps(jobs, progress=not quiet, thumbnail_size=thumbnail_size, smooth_sigma_um=smooth_um,
-                              colormap=colormap, alpha=alpha, top_k=top_k, geojson=not no_geojson,
-                              tiff_mpp=tiff_mpp, threads=threads)
-    failed = [r for r in results if r.error]
-    for result in failed:
-        click.echo(f"ipspath: error: {result.slide_id}: {result.error}", err=True)
+    outcomes = render_heatmaps(jobs, progress=not quiet, thumbnail_size=thumbnail_size, smooth_sigma_um=smooth_um,
+                               colormap=colormap, alpha=alpha, top_k=top_k, geojson=not no_geojson,
+                               tiff_mpp=tiff_mpp, threads=threads)
+    failed = [o for o in outcomes if not o.ok]
+    for outcome in failed:
+        click.echo(f"ipspath: error: {outcome.slide_id}: {outcome.error}", err=True)
     if not quiet or failed:
         parent = jobs[0].out_dir.parent if jobs else out_dir
-        click.echo(f"heatmaps: {len(results) - len(failed)} of {len(results)} slides drawn in {parent}"
+        click.echo(f"heatmaps: {len(outcomes) - len(failed)} of {len(outcomes)} slides drawn in {parent}"
                    + (f", {len(failed)} failed" if failed else ""), err=True)
     if failed:
-        ctx.exit(2 if len(failed) == len(results) and all(r.bad_input for r in failed) else 1)
+        ctx.exit(run_exit_code(outcomes))

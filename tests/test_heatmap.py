@@ -162,7 +162,7 @@ def test_smoothed_overlay_stays_on_the_patches(slide_store, tmp_path):
 
 def test_geojson_has_one_level0_square_per_patch_with_the_scores(slide_store, tmp_path, monkeypatch):
     store, scores = slide_store
-    monkeypatch.setattr(heatmap, "_GEOJSON_CHUNK", 7)  # several chunks: their joins must stay valid JSON
+    monkeypatch.setattr(heatmap.writers, "_GEOJSON_CHUNK", 7)  # several chunks: their joins must stay valid JSON
     path = heatmap.write_patches_geojson(tmp_path / "p.geojson", store.coords, PATCH, scores)
     collection = json.loads(path.read_text())
     assert collection["type"] == "FeatureCollection"

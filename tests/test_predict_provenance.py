@@ -150,11 +150,15 @@ def test_two_models_in_folders_of_one_name_keep_their_own_scores_and_heatmaps(tr
             with h5py.File(out / "scores" / f"{row['slide_id']}_scores.h5") as f:
                 assert np.array_equal(store.read_array(f"scores/{run}"), f["attention_scores"][...])
         assert not np.array_equal(store.read_array(f"scores/{run_a}"), store.read_array(f"scores/{run_b}"))
-    # heatmap --predictions draws each folder's own model
-    from ips_path.heatmap import jobs_from_predictions
+    # heatmap --predictions draws each folder's own model; --run with the shared folder name is ambiguous
+    from ips_path.errors import BadInputError
+    from ips_path.heatmap import jobs_from_predictions, jobs_from_tiles
 
     assert {job.run for job in jobs_from_predictions(a)} == {run_a}
     assert {job.run for job in jobs_from_predictions(b)} == {run_b}
+    with pytest.raises(BadInputError, match=f"scores of 2 models of run '{trained_run.name}'"):
+        jobs_from_tiles(tiles, trained_run.name, tmp_path / "maps")
+    assert {job.run for job in jobs_from_tiles(tiles, run_b, tmp_path / "maps")} == {run_b}
 
 
 def test_a_slide_file_replaced_under_the_same_id_is_refused_then_redone_with_overwrite(trained_run, cohort,
