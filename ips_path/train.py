@@ -42,7 +42,6 @@ Choices, in the order the code meets them:
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import os
@@ -61,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ips_path.atomic import write_atomically
 from ips_path.checkpoint import TASK_NAME, RunState, build_model, load_checkpoint
-from ips_path.config import RUNTIME_FIELDS, TrainConfig, save_config
+from ips_path.config import TrainConfig, save_config
 from ips_path.distributed import (
     GradientPhaseDDP,
     Processes,
@@ -74,12 +73,23 @@ from ips_path.distributed import (
     sum_over_processes,
 )
 from ips_path.errors import BadInputError, IpspathError
+from ips_path.faults import fault_point
 from ips_path.loader import Augmentation, PatchStreamer
 from ips_path.manifest import ManifestRow, assign_splits, class_names, read_manifest
 from ips_path.metrics import classification_metrics
 from ips_path.model import IPSModel, PatchChunk, train_step
-from ips_path.plots import plot_training_curves
 from ips_path.progress import progress_bar
+from ips_path.run_folder import (
+    RunStart,
+    check_same_run,
+    main_process,
+    repair_run_folder,
+    resumed_config,
+    run_folder_lock,
+    start_or_resume,
+    write_csv,
+    write_epoch_records,
+)
 from ips_path.store import TileStore, store_path
 from ips_path.survival.cohort import check_events_in_splits, survival_splits
 from ips_path.survival.training import SurvivalRun
@@ -207,20 +217,22 @@ def train(manifest: str | os.PathLike, tiles_dir: str | os.PathLike, out_dir: st
         The loss became NaN or infinite (``last.pt`` keeps the last good state).
     """
     out_dir = Path(out_dir)
-    checkpoint = _start_or_resume(out_dir, config, resume)
-    if checkpoint is not None:
-        config = _resumed_config(checkpoint, config)
-    joined = dist.is_available() and dist.is_initialized()  # a caller's process group is left to the caller
-    procs = init_processes(config.device)
-    try:
-        return _run(Path(manifest), Path(tiles_dir), out_dir, config, checkpoint, procs, progress)
-    finally:
-        if procs.distributed and not joined:
-            dist.destroy_process_group()
+    with run_folder_lock(out_dir, main=main_process()):
+        start = start_or_resume(out_dir, config, resume)
+        if start is not None:
+            config = resumed_config(start.checkpoint, config)
+        joined = dist.is_available() and dist.is_initialized()  # a caller's process group is left to the caller
+        procs = init_processes(config.device)
+        try:
+            return _run(Path(manifest), Path(tiles_dir), out_dir, config, start, procs, progress)
+        finally:
+            if procs.distributed and not joined:
+                dist.destroy_process_group()
 
 
-def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, checkpoint: dict[str, Any] | None,
+def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, start: RunStart | None,
          procs: Processes, progress: bool) -> TrainResult:
+    checkpoint = None if start is None else start.checkpoint
     # 1. Determinism: one seed for model initialisation on every process; the data order follows
     #    (seed, epoch), augmentation the per-process generator saved in checkpoints. The CPU kernels
     #    used here are deterministic already; torch.use_deterministic_algorithms would cost seconds of
@@ -241,7 +253,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
     else:
         splits = assign_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
     if checkpoint is not None:
-        _check_same_run(checkpoint, classes, splits, out_dir)
+        check_same_run(checkpoint, classes, splits, out_dir)
     used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
     items, tiling, in_features = check_tile_stores(used, tiles_dir, manifest, config, classes)
     survival = None
@@ -298,8 +310,11 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
 
     state = RunState(out_dir, config, classes, tiling, in_features, model, optimizer, scheduler, stopping,
                      history, train_streamer, procs, survival=survival)
-    if checkpoint is None:
+    if start is None:
         state.save("last.pt", epoch=0, status=status)  # so that an interrupted first epoch can resume
+        fault_point("train.started")
+    elif procs.is_main:
+        repair_run_folder(out_dir, start, history)
 
     # 5. Epochs.
     run_started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)
@@ -322,13 +337,15 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, ch
             elif val_items and stopping.should_stop:
                 status = "early_stopped"
             _log_epoch(row, config, procs)
-            state.save("last.pt", epoch=epoch + 1, status=status)
-            saved_epoch = epoch + 1
+            # Everything last.pt refers to is written before it (see ips_path.run_folder).
+            if procs.is_main:
+                write_epoch_records(out_dir, history)
             if improved:
                 state.save("best.pt", epoch=epoch + 1, status=status)
-            if procs.is_main:
-                _write_csv(out_dir / "metrics.csv", history)
-                plot_training_curves(history, out_dir / "curves.png")
+                fault_point("train.best_written")
+            state.save("last.pt", epoch=epoch + 1, status=status)
+            saved_epoch = epoch + 1
+            fault_point("train.last_written")
         if survival is not None:
             _finish_survival(survival, model, train_items, val_items, val_streamer, config, procs, autocast_dtype,
                              out_dir)
@@ -596,20 +613,8 @@ def _class_weights(items: Sequence[SlideItem], n_classes: int, device: torch.dev
 
 def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path) -> None:
     outcome = any(r.time is not None for r in rows)
-    _write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, "label": r.label, "split": splits[r.slide_id],
-                       **({"time": r.time, "event": r.event} if outcome else {})} for r in rows])
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def write(partial: Path) -> None:
-        with partial.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomically(path, write)
+    write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, "label": r.label, "split": splits[r.slide_id],
+                      **({"time": r.time, "event": r.event} if outcome else {})} for r in rows])
 
 
 def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) -> None:
@@ -625,47 +630,7 @@ def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) 
              row["patches_per_s"])
 
 
-# -- starting, resuming, randomness -----------------------------------------------------------------
-
-def _start_or_resume(out_dir: Path, config: TrainConfig, resume: bool) -> dict[str, Any] | None:
-    last = out_dir / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise BadInputError(f"{out_dir}: no last.pt to resume from; start the run without --resume")
-        return load_checkpoint(last)
-    if last.exists():
-        raise BadInputError(f"{out_dir} already holds a run (last.pt); continue it with --resume, or give "
-                            "another output folder")
-    return None
-
-
-def _resumed_config(checkpoint: Mapping[str, Any], config: TrainConfig) -> TrainConfig:
-    """The saved configuration with this invocation's runtime settings; other changes are refused."""
-    saved = TrainConfig.from_dict(checkpoint["config"], source="the checkpoint")
-    given, stored = config.as_dict(), saved.as_dict()
-    changed = [f"{k} ({stored[k]!r} -> {given[k]!r})" for k in stored
-               if k not in RUNTIME_FIELDS and given[k] != stored[k]]
-    if changed:
-        raise BadInputError(f"--resume continues the saved run, but these settings differ from it: "
-                            f"{', '.join(changed)}; drop them, or start a new run in another folder")
-    return TrainConfig.from_dict({**stored, **{k: given[k] for k in RUNTIME_FIELDS}})
-
-
-def _check_same_run(checkpoint: Mapping[str, Any], classes: Sequence[str], splits: Mapping[str, str],
-                    out_dir: Path) -> None:
-    if list(checkpoint["class_names"]) != list(classes):
-        raise BadInputError(f"the manifest's classes {list(classes)} differ from the run's "
-                            f"{list(checkpoint['class_names'])}; resume with the manifest the run started with")
-    saved_path = out_dir / "splits.csv"
-    if saved_path.is_file():
-        with saved_path.open(newline="", encoding="utf-8") as f:
-            saved = {row["slide_id"]: row["split"] for row in csv.DictReader(f)}
-        if saved != dict(splits):
-            changed = sorted(set(saved.items()) ^ set(splits.items()))
-            shown = ", ".join(f"{slide_id}: {split}" for slide_id, split in changed[:6])
-            raise BadInputError(f"the manifest's slides or splits changed since the run started ({shown}); "
-                                f"resume with the manifest the run started with ({saved_path})")
-
+# -- memory ---------------------------------------------------------------------------------------
 
 def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":

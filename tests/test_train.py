@@ -316,5 +316,5 @@ def test_subprocess_cli_trains_and_reports_bad_input_in_one_line(cohort, tmp_pat
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2
-    assert again.stderr.strip() == (f"ipspath: error: {run} already holds a run (last.pt); continue it with "
+    assert again.stderr.strip() == (f"ipspath: error: {run} already holds a run (last.pt, best.pt); continue it with "
                                     "--resume, or give another output folder")
