@@ -1,7 +1,9 @@
-"""One run per output folder: a lock file holding who writes there.
+"""One writer per output: lock files holding who writes there.
 
-``tile``, ``train`` and ``predict`` take :func:`output_lock` on their output folder before any
-work, so two runs never write into one folder at once. The lock is the file
+``train`` and ``predict`` take :func:`output_lock` on their output folder before any work, so two
+runs never write into one folder at once; ``tile`` claims each slide's store with
+:func:`file_lock` (``<out>/.<slide_id>.zarr.lock``), so runs on other slides share the folder and
+a second run on the same slide leaves it to the first. The lock of a folder is the file
 ``<folder>/.ipspath.lock``, created with ``O_EXCL`` (two processes cannot both create it), holding
 JSON: the holder's pid, host, boot id, process start time, when it took the lock, and its command
 line. It is removed when the holder leaves the ``with`` block, normally or by an exception.
@@ -21,6 +23,7 @@ or a folder that cannot be made is reported there, before any work, as one line 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -38,7 +41,8 @@ from pathlib import Path
 
 from ips_path.errors import BadInputError
 
-__all__ = ["LOCK_NAME", "LockHolder", "OutputLockedError", "output_lock", "read_lock"]
+__all__ = ["LOCK_NAME", "LockHolder", "OutputLockedError", "file_lock", "output_lock", "probe_writable", "read_lock",
+           "writer_alive", "writer_tag"]
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +140,11 @@ def _this_process(token: str) -> LockHolder:
     )
 
 
-def read_lock(folder: str | os.PathLike) -> LockHolder | None:
-    """The holder recorded in ``folder``'s lock file; None when there is no lock or it is unreadable."""
+def read_lock(folder: str | os.PathLike, name: str = LOCK_NAME) -> LockHolder | None:
+    """The holder recorded in lock file ``folder/name``; None when there is none or it is unreadable."""
     try:
-        data = json.loads((Path(folder) / LOCK_NAME).read_text())
-        return LockHolder(**{name: data[name] for name in LockHolder.__dataclass_fields__})
+        data = json.loads((Path(folder) / name).read_text())
+        return LockHolder(**{key: data[key] for key in LockHolder.__dataclass_fields__})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -191,7 +195,7 @@ def _create(lock: Path, holder: LockHolder) -> bool:
 
 @contextmanager
 def _guard(lock: Path) -> Iterator[None]:
-    """Serialise stale-lock take-overs of one folder (the kernel drops the flock of a dead holder)."""
+    """Serialise stale-lock take-overs in one folder (the kernel drops the flock of a dead holder)."""
     fd = os.open(lock.with_name(LOCK_NAME + ".guard"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -200,31 +204,121 @@ def _guard(lock: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(folder: Path, lock: Path, holder: LockHolder) -> None:
+def _acquire(lock: Path, holder: LockHolder, what: str, wait_s: float) -> None:
+    """Create ``lock`` for ``holder``, taking over a stale one; OutputLockedError naming ``what``
+    when a live holder keeps it longer than ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
     while True:
         if _create(lock, holder):
             return
         with _guard(lock):
-            other = read_lock(folder)
+            other = read_lock(lock.parent, lock.name)
             if other is None:
                 try:
                     age = time.time() - lock.stat().st_mtime
                 except FileNotFoundError:
                     continue  # released meanwhile: try again
-                if age < _UNREADABLE_GRACE_S:
-                    raise OutputLockedError(
-                        f"{folder}: another ipspath run is starting in this folder ({lock} is being written); "
-                        "wait for it to finish or choose another output folder")
-                log.warning("%s: taking over an unreadable lock file left by a dead run", lock)
+                if age >= _UNREADABLE_GRACE_S:
+                    log.warning("%s: taking over an unreadable lock file left by a dead run", lock)
+                    lock.unlink(missing_ok=True)
+                    continue
+                problem = f"another ipspath run is starting ({lock} is being written)"
+            else:
+                reason = _stale_reason(other)
+                if reason is not None:
+                    log.warning("%s: taking over the lock of a dead run (%s: %s)", what, other.describe(), reason)
+                    lock.unlink(missing_ok=True)
+                    continue
+                problem = f"in use by another ipspath run, {other.describe()}"
+        if time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
+        if other is not None and other.host != holder.host:
+            fix = f"wait for it to finish, or if that run is dead, delete {lock}"
+        else:
+            fix = "wait for it to finish or choose another output folder"
+        raise OutputLockedError(f"{what}: {problem}; {fix}")
+
+
+def writer_tag() -> str:
+    """``<pid>@<host>``: put in the names of temporary files, so a later run can tell the leftovers
+    of a dead writer (:func:`writer_alive` false) from the files a live one is still writing."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def writer_alive(tag: str) -> bool:
+    """Whether the writer of :func:`writer_tag` ``tag`` may still be writing: False only when it
+    ran on this host and its process is gone (or a zombie)."""
+    pid, _, host = tag.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    return _pid_alive(int(pid)) and _process_start(int(pid)) is not None
+
+
+@contextmanager
+def file_lock(lock: str | os.PathLike, what: str, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold the lock file ``lock`` for the ``with`` block (its folder must exist).
+
+    Parameters
+    ----------
+    lock : path-like
+        The lock file.
+    what : str
+        What the lock protects, for messages (a folder, a store).
+    wait_s : float
+        Seconds to wait for a live holder to release it before refusing.
+
+    Raises
+    ------
+    OutputLockedError
+        Another live run holds it (the message names its pid, host, start and command).
+    OSError
+        When the lock file cannot be created (read-only folder, full disk, name too long).
+
+    Notes
+    -----
+    Re-entrant within one process: a nested lock of a file this process already holds returns at
+    once, and the lock is released when the outermost block ends.
+    """
+    lock = Path(lock).parent.resolve() / Path(lock).name
+    holder = None if lock in _HELD else _this_process(uuid.uuid4().hex)
+    if holder is not None:
+        _acquire(lock, holder, what, wait_s)
+    _HELD[lock] = _HELD.get(lock, 0) + 1
+    try:
+        yield lock
+    finally:
+        _HELD[lock] -= 1
+        if holder is not None:
+            del _HELD[lock]
+            current = read_lock(lock.parent, lock.name)
+            if current is not None and current.token == holder.token:
                 lock.unlink(missing_ok=True)
-                continue
-            reason = _stale_reason(other)
-            if reason is None:
-                fix = ("wait for it to finish or choose another output folder" if other.host == holder.host else
-                       f"wait for it to finish, or if that run is dead, delete {lock}")
-                raise OutputLockedError(f"{folder}: in use by another ipspath run, {other.describe()}; {fix}")
-            log.warning("%s: taking over the lock of a dead run (%s: %s)", folder, other.describe(), reason)
-            lock.unlink(missing_ok=True)
+
+
+def probe_writable(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` and write and remove a small file in it, before any work.
+
+    Raises
+    ------
+    BadInputError
+        Naming the folder and the fix, when it cannot be made or written (read-only, disk full,
+        name too long, a file in the way).
+    """
+    folder = Path(folder)
+    probe = folder / f".ipspath-probe-{writer_tag()}-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, b"ipspath write probe\n" * 64)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise _os_error_line(folder, exc) from exc
+    return folder
 
 
 @contextmanager
@@ -254,21 +348,11 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
     holds returns at once, and the lock is released when the outermost block ends.
     """
     folder = Path(folder)
+    stack = contextlib.ExitStack()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = (folder / LOCK_NAME).resolve()
-        holder = None if lock in _HELD else _this_process(uuid.uuid4().hex)
-        if holder is not None:
-            _acquire(folder, lock, holder)
+        stack.enter_context(file_lock(folder / LOCK_NAME, str(folder)))
     except OSError as exc:
         raise _os_error_line(folder, exc) from exc
-    _HELD[lock] = _HELD.get(lock, 0) + 1
-    try:
+    with stack:
         yield folder
-    finally:
-        _HELD[lock] -= 1
-        if holder is not None:
-            del _HELD[lock]
-            current = read_lock(folder)
-            if current is not None and current.token == holder.token:
-                lock.unlink(missing_ok=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +36,9 @@ from typing import Any
 import numpy as np
 
 from ips_path import __version__
+from ips_path.atomic import partial_path, remove_dead_partials
 from ips_path.errors import BadInputError
+from ips_path.faults import fault_point
 from ips_path.identity import slide_identity
 
 __all__ = [
@@ -61,7 +62,6 @@ FORMAT_VERSION = 2
 CORE_ARRAYS = ("coords", "tissue_fraction", "mask")
 # dtype and number of dimensions of the core arrays; coords and tissue_fraction have n_patches rows.
 _CORE_LAYOUT = {"coords": ("int64", 2), "tissue_fraction": ("float32", 1), "mask": ("uint8", 2)}
-_PARTIAL_PREFIX = ".partial-"
 
 
 class StoreMismatchError(BadInputError):
@@ -96,8 +96,9 @@ def _replace_dir(new: Path, target: Path) -> None:
     """Move folder ``new`` to ``target``, replacing it. Readers see the old or the new folder,
     except for the moment between two renames, when ``target`` is missing."""
     if target.exists():
-        trash = target.with_name(f".{target.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}-old")
+        trash = partial_path(target, "-old")
         os.rename(target, trash)
+        fault_point("store.old_moved_aside")
         os.rename(new, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:
@@ -276,7 +277,11 @@ class TileStore:
         _check_array_name(name)
         if name in CORE_ARRAYS:
             raise ValueError(f"{name!r} is written by `ipspath tile` only")
-        partial = self.path / f"{_PARTIAL_PREFIX}{uuid.uuid4().hex}"
+        target = self.path / name
+        remove_dead_partials(self.path)  # what killed writers of other arrays left
+        if target.parent.is_dir():
+            remove_dead_partials(target.parent)
+        partial = partial_path(self.path / name.replace("/", "."))
         try:
             chunks = _chunks(np.empty((0, *shape[1:]), dtype=dtype), rows=shape[0]) if shape else ()
             array = _create_array(partial, None, shape=shape, dtype=dtype, chunks=chunks)
@@ -489,13 +494,14 @@ def write_tile_store(
     full_attrs.pop("complete", None)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}")
+    partial = partial_path(path)
     try:
         group = zarr.open_group(partial, mode="w", zarr_format=3)
         _create_array(group, "coords", data=coords, chunks=_chunks(coords))
         _create_array(group, "tissue_fraction", data=tissue_fraction, chunks=_chunks(tissue_fraction))
         mask_array = _create_array(group, "mask", data=np.asarray(mask).astype(np.uint8), chunks=(1024, 1024))
         mask_array.attrs.update({"mpp": float(mask_mpp), "downsample": float(mask_downsample)})
+        fault_point("store.arrays_written")
         group.attrs.update(full_attrs)
         group.attrs["complete"] = True  # last: before this, the folder never opens as a store
         _replace_dir(partial, path)
@@ -504,10 +510,11 @@ def write_tile_store(
     return TileStore(path, {**full_attrs, "complete": True}, coords, tissue_fraction)
 
 
-def remove_partial_stores(out_dir: str | os.PathLike, slide_id: str) -> None:
-    """Delete what killed writers of ``slide_id``'s store left in ``out_dir`` (hidden folders)."""
-    for leftover in Path(out_dir).glob(f".{slide_id}.zarr{_PARTIAL_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+def remove_partial_stores(out_dir: str | os.PathLike, slide_id: str | None = None) -> list[Path]:
+    """Delete what killed writers of ``slide_id``'s store (default: of every store) left in
+    ``out_dir``: hidden temporary folders, and the ``-old`` copy of a store being replaced. What
+    live writers are writing is left alone (see :func:`ips_path.atomic.remove_dead_partials`)."""
+    return remove_dead_partials(out_dir, None if slide_id is None else f"{slide_id}.zarr")
 
 
 def export_h5(store: TileStore, h5_path: str | os.PathLike) -> None:
@@ -527,7 +534,7 @@ def export_h5(store: TileStore, h5_path: str | os.PathLike) -> None:
     read_downsample = float(attrs.get("read_downsample", 1.0))
     level0_mpp = float(np.mean(store.level0_mpp))
     h5_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = h5_path.with_name(f".{h5_path.name}{_PARTIAL_PREFIX}{uuid.uuid4().hex}")
+    partial = partial_path(h5_path)
     try:
         with h5py.File(partial, "w") as f:
             dataset = f.create_dataset("coords", data=store.coords)

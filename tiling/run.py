@@ -16,6 +16,7 @@ under another slide's id) is tiled again.
 
 from __future__ import annotations
 
+import csv
 import glob
 import logging
 import os
@@ -30,6 +31,8 @@ import numpy as np
 
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.identity import slide_identity
+from ips_path.jobs import error_line
+from ips_path.locks import file_lock, probe_writable
 from ips_path.store import (
     StoreMismatchError,
     TileStore,
@@ -329,15 +332,18 @@ def tile_slide(
     """
     start = time.perf_counter()
     result = TileResult(item.slide_id, str(item.path), "failed", target_mpp=params.target_mpp)
+    out_dir = Path(out_dir)
+    target = store_path(out_dir, item.slide_id)
     try:
-        _tile_slide(item, Path(out_dir), params, overwrite, result)
-    except IpspathError as exc:
-        result.status, result.error, result.exit_code = "failed", str(exc), exc.exit_code
-        log.error("%s", exc)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # one writer per store: a second run leaves this slide alone instead of removing its work
+        with file_lock(out_dir / f".{target.name}.lock", str(target)):
+            remove_partial_stores(out_dir, item.slide_id)
+            _tile_slide(item, out_dir, params, overwrite, result)
     except Exception as exc:  # noqa: BLE001 - one slide must not stop the others
-        result.status, result.exit_code = "failed", 1
-        result.error = f"{item.path}: internal error: {type(exc).__name__}: {exc}"
-        log.error("%s", result.error, exc_info=log.isEnabledFor(logging.DEBUG))
+        result.status = "failed"
+        result.error, result.exit_code = error_line(exc, item.path)
+        log.error("%s", result.error)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -387,7 +393,6 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
                         item.path, params.patch_size, params.target_mpp, 100 * params.min_tissue)
         attrs = {**tile_attrs(slide, item.slide_id, geometry, method, tissue_params),
                  "min_tissue": params.min_tissue, "tiling_params": fingerprint}
-        remove_partial_stores(out_dir, item.slide_id)
         store = write_tile_store(target, coords, fractions, tissue.mask, tissue.mpp, attrs,
                                  mask_downsample=tissue.downsample)
         if params.qc:
@@ -458,15 +463,31 @@ def tile_slides(
         In input order.
     """
     from ips_path.parallel import map_slides
-    from ips_path.tiling.qc import write_summary_csv
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    probe_writable(out_dir)
+    remove_partial_stores(out_dir)  # what killed runs left, whichever slides they were tiling
     shared = [out_dir, *(item.path for item in inputs if item.path.exists())]
     results = map_slides(tile_slide, inputs, out_dir, params, overwrite, workers=workers, scheduler=scheduler,
                          shared_paths=shared, progress=progress, desc="tiling", on_lost=_lost)
-    write_summary_csv((r.as_row() for r in results), out_dir / SUMMARY_NAME)
+    _update_summary(out_dir / SUMMARY_NAME, results)
     return results
+
+
+def _update_summary(path: Path, results: Sequence[TileResult]) -> None:
+    """Write this run's rows into the folder's summary, keeping the rows of other slides (tiled by
+    earlier runs, or by runs on other slides at the same time)."""
+    from ips_path.tiling.qc import write_summary_csv
+
+    with file_lock(path.with_name(f".{path.name}.lock"), str(path), wait_s=60):
+        rows: dict[str, dict[str, Any]] = {}
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = {row["slide_id"]: row for row in csv.DictReader(f) if row.get("slide_id")}
+        except (OSError, ValueError, KeyError, csv.Error):
+            pass  # no summary yet, or not one of ours: it is rewritten
+        rows.update((r.slide_id, r.as_row()) for r in results)
+        write_summary_csv(rows.values(), path)
 
 
 def _lost(item: SlideInput, exc: BaseException) -> TileResult:
