@@ -11,6 +11,7 @@ Validation collects every problem before raising, so a user fixes the file in on
 from __future__ import annotations
 
 import csv
+import io
 import math
 import random
 from collections import defaultdict
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ips_path.errors import BadInputError
+from ips_path.names import slide_id_problem
 
 REQUIRED_COLUMNS = ("slide_id", "slide_path", "label")
 OPTIONAL_COLUMNS = ("split", "case_id", "mpp", "time", "event")
 SPLITS = ("train", "val", "test")
+#: Problems listed in one refusal; the rest are counted.
+MAX_LISTED = 50
 
 
 @dataclass(frozen=True)
@@ -93,30 +97,44 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: manifest not found")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns and not (c == "label" and not require_label)]
-        if require_survival:
-            missing += [c for c in ("time", "event") if c not in columns]
-        if missing:
-            required = [c for c in REQUIRED_COLUMNS if c != "label" or require_label]
-            required += ["time", "event"] if require_survival else []
-            raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(required)}")
-        raw = [({(k or "").strip(): (v or "").strip() for k, v in rec.items()}, i + 2) for i, rec in enumerate(reader)]
+    header, records = _read_csv(path)
+    columns = [c.strip() for c in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns and not (c == "label" and not require_label)]
+    if require_survival:
+        missing += [c for c in ("time", "event") if c not in columns]
+    if missing:
+        required = [c for c in REQUIRED_COLUMNS if c != "label" or require_label]
+        required += ["time", "event"] if require_survival else []
+        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(required)}")
 
     problems: list[str] = []
+    raw = []
+    for values, line in records:
+        if len(values) != len(columns):
+            problems.append(f"line {line}: {len(values)} value(s) but the header has {len(columns)} columns "
+                            "(a missing or extra comma, or a comma inside an unquoted value?)")
+            continue
+        raw.append(({k: v.strip() for k, v in zip(columns, values, strict=True)}, line))
+
     rows: list[ManifestRow] = []
     seen: dict[str, int] = {}
+    duplicates: dict[str, list[int]] = defaultdict(list)
     for rec, line in raw:
         slide_id, slide_path = rec.get("slide_id", ""), rec.get("slide_path", "")
         label = rec.get("label") or None
         split = (rec.get("split") or "").lower() or None
         bad = len(problems)
+        unsafe = slide_id_problem(slide_id)
         if not slide_id:
             problems.append(f"line {line}: empty slide_id")
+        elif unsafe is not None:
+            problems.append(f"line {line}: slide_id {slide_id[:60]!r} is not a safe file name ({unsafe}); "
+                            "use letters, digits, '-', '_' and '.'")
         elif slide_id in seen:
-            problems.append(f"line {line}: duplicate slide_id {slide_id!r} (first on line {seen[slide_id]})")
+            if not duplicates[slide_id]:
+                duplicates[slide_id].append(seen[slide_id])
+            duplicates[slide_id].append(line)
+            problems.append("")  # counted, listed below in one line
         else:
             seen[slide_id] = line
         resolved = Path(slide_path) if Path(slide_path).is_absolute() else (path.parent / slide_path)
@@ -150,12 +168,62 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
             problems.append(f"case_id {case_id!r} is in several splits ({', '.join(sorted(splits))}); "
                             "a patient must stay in one split")
     problems += _survival_disagreements(rows)
-    if not raw:
+    problems = [p for p in problems if p] + _duplicates_line(duplicates)
+    if not records:
         problems.append("no rows")
+    if len(problems) == 1:
+        raise BadInputError(f"{path}: {problems[0]}")
     if problems:
-        listing = "\n  ".join(problems)
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                         if len(problems) > MAX_LISTED else [])
+        listing = "\n  ".join(shown)
         raise BadInputError(f"{path}: {len(problems)} problem(s) in the manifest:\n  {listing}")
     return rows
+
+
+def _duplicates_line(duplicates: Mapping[str, list[int]]) -> list[str]:
+    """One line for every duplicated slide id, however many: a count and the first few."""
+    if not duplicates:
+        return []
+    n_lines = sum(len(lines) - 1 for lines in duplicates.values())
+    first = [f"{slide_id!r} (lines {', '.join(map(str, lines[:3]))}{', ...' if len(lines) > 3 else ''})"
+             for slide_id, lines in list(duplicates.items())[:3]]
+    more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
+    return [f"{len(duplicates)} slide_id value(s) used more than once ({n_lines} repeated row(s)): "
+            f"{', '.join(first)}{more}; every slide needs its own slide_id"]
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[list[str], int]]]:
+    """The header and the rows (values, line number of the row's end) of a manifest CSV.
+
+    Raises BadInputError naming the file, what it is instead, and the fix, for a spreadsheet
+    workbook, UTF-16 or any other encoding than UTF-8 (a BOM is allowed), or NUL bytes.
+    """
+    data = path.read_bytes()
+    fix = "save it as 'CSV UTF-8' (Excel: File > Save As > CSV UTF-8) and run again"
+    if data.startswith(b"PK\x03\x04"):
+        raise BadInputError(f"{path}: an Excel workbook (.xlsx, a zip file), not a CSV file; {fix}")
+    if data.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+        raise BadInputError(f"{path}: an Excel 97-2003 workbook (.xls), not a CSV file; {fix}")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:200].count(b"\x00") > len(data[:200]) // 4:
+        raise BadInputError(f"{path}: encoded as UTF-16, not UTF-8; {fix}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise BadInputError(
+            f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}; latin-1 or Windows-1252 "
+            f"text?); {fix}") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise BadInputError(f"{path}: holds a NUL byte on line {line} (not a text file?); {fix}")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        records = [(values, reader.line_num) for values in reader if values and any(v.strip() for v in values)]
+    except csv.Error as exc:
+        raise BadInputError(f"{path}: line {reader.line_num}: not valid CSV ({exc}); {fix}") from None
+    return header, records
 
 
 def _survival_values(rec: dict[str, str], line: int, slide_id: str, required: bool, problems: list[str]

@@ -40,6 +40,7 @@ from ips_path.atomic import partial_path, remove_dead_partials
 from ips_path.errors import BadInputError
 from ips_path.faults import fault_point
 from ips_path.identity import slide_identity
+from ips_path.names import check_slide_id
 
 __all__ = [
     "CORE_ARRAYS",
@@ -74,8 +75,11 @@ def slide_id_from_path(path: str | os.PathLike) -> str:
 
 
 def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
-    """Where the tile store of ``slide_id`` lives in ``out_dir``: ``<out_dir>/<slide_id>.zarr``."""
-    return Path(out_dir) / f"{slide_id}.zarr"
+    """Where the tile store of ``slide_id`` lives in ``out_dir``: ``<out_dir>/<slide_id>.zarr``.
+
+    BadInputError when ``slide_id`` is not a safe file name: a store is never put outside ``out_dir``.
+    """
+    return Path(out_dir) / f"{check_slide_id(slide_id)}.zarr"
 
 
 def _node_type(path: Path) -> str | None:

@@ -39,7 +39,8 @@ def test_every_problem_is_listed_with_its_line(tmp_path):
         read_manifest(p)
     msg = str(e.value)
     assert msg.startswith(f"{p}: 6 problem(s)")
-    for expected in ("line 3: duplicate slide_id 'a' (first on line 2)", "line 4: slide file not found",
+    for expected in ("slide_id value(s) used more than once (1 repeated row(s)): 'a' (lines 2, 3)",
+                     "line 4: slide file not found",
                      "line 5: empty label", "line 6: unknown split 'holdout'", "line 7: mpp '-1'",
                      "case_id 'p1' is in several splits"):
         assert expected in msg

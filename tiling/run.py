@@ -33,6 +33,7 @@ from ips_path.errors import BadInputError, IpspathError
 from ips_path.identity import slide_identity
 from ips_path.jobs import error_line
 from ips_path.locks import file_lock, probe_writable
+from ips_path.names import slide_id_problem
 from ips_path.store import (
     StoreMismatchError,
     TileStore,
@@ -182,7 +183,8 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathL
     Raises
     ------
     BadInputError
-        When nothing is found, or two different files would get the same slide id.
+        When nothing is found, two different files would get the same slide id, or a slide id
+        is not a safe file name (:mod:`ips_path.names`).
     """
     from ips_path.slide import WSI_EXTENSIONS
 
@@ -210,6 +212,12 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathL
         found.extend(SlideInput(row.slide_id, row.slide_path, row.mpp)
                      for row in read_manifest(manifest, require_label=False, check_files=False))
 
+    unsafe = [f"{item.path}: slide id {item.slide_id[:60]!r} is not a safe file name ({problem})"
+              for item in found if (problem := slide_id_problem(item.slide_id)) is not None]
+    if unsafe:
+        raise BadInputError(f"{len(unsafe)} slide file name(s) cannot name output files: " + "; ".join(unsafe[:5])
+                            + (f"; and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
+                            + "; rename the files or give safe slide_id values with --manifest")
     unique: dict[str, SlideInput] = {}
     clashes = []
     for item in found:
