@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import traceback
 
 import click
 
 from ips_path.errors import IpspathError
+from ips_path.jobs import error_line
 
 # name -> "module:attribute" of the click command; imported on first use.
 COMMANDS = {
@@ -62,16 +64,15 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user errors become one line and an exit code, not a traceback."""
+    """Run the CLI; user errors become one line and an exit code, not a traceback.
+
+    With ``--debug`` the traceback is printed first; the line and the exit code stay the same
+    (2 for bad input, 1 for failures).
+    """
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
         rv = cli.main(args=args, prog_name="ipspath", standalone_mode=False)
-    except IpspathError as exc:
-        if debug:
-            raise
-        click.echo(f"ipspath: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("ipspath: aborted", err=True)
         sys.exit(130)
@@ -83,12 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last line of defence for users
         if debug:
-            raise
-        click.echo(
-            f"ipspath: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-            err=True,
-        )
-        sys.exit(1)
+            traceback.print_exc()
+        line, code = error_line(exc)
+        if isinstance(exc, IpspathError) or code == 2:
+            click.echo(f"ipspath: error: {line}", err=True)
+        else:  # error_line's "internal error: ..." line
+            click.echo(f"ipspath: {line}", err=True)
+        sys.exit(code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -1,6 +1,6 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one.
 
-Temporary files and folders are hidden siblings named ``.<name>.partial-<pid>@<host>-<random>``:
+Temporary files and folders are hidden siblings named ``.<name>.partial-<pid>@<host hash>-<random>``:
 unique, so writers of one file never share one, and tagged with their writer, so a later run
 removes what a killed writer left (:func:`remove_dead_partials`) without touching what a live
 writer, in this process or another, is still writing.
@@ -8,6 +8,7 @@ writer, in this process or another, is still writing.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -20,14 +21,17 @@ from ips_path.locks import writer_alive, writer_tag
 __all__ = ["PARTIAL_MARK", "partial_path", "remove_dead_partials", "write_atomically"]
 
 PARTIAL_MARK = ".partial-"
-# .<name>.partial-<pid>@<host>-<32 hex>[-old]: the writer's tag is group 1
-_TAGGED = re.compile(r"\.partial-(\d+@.+)-[0-9a-f]{32}(?:-old)?$")
+_FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+# A write that failed without saying why, with less than this free, failed for want of space.
+_NEARLY_FULL_BYTES = 64 << 20
+# .<name>.partial-<pid>@<host hash>-<16 hex>[-old]: the writer's tag is group 1
+_TAGGED = re.compile(r"\.partial-(\d+@[0-9a-f]{8})-[0-9a-f]{16}(?:-old)?$")
 
 
 def partial_path(path: str | os.PathLike, suffix: str = "") -> Path:
     """A fresh temporary sibling of ``path``, tagged with this writer (``suffix`` appended)."""
     path = Path(path)
-    return path.with_name(f".{path.name}{PARTIAL_MARK}{writer_tag()}-{uuid.uuid4().hex}{suffix}")
+    return path.with_name(f".{path.name}{PARTIAL_MARK}{writer_tag()}-{uuid.uuid4().hex[:16]}{suffix}")
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -35,12 +39,28 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
 
     The temporary name is unique, so processes that write the same file at once (a slide retried
     on another Dask worker) never share it; it is removed if ``write`` fails.
+
+    Raises
+    ------
+    OSError
+        Naming ``path`` (not the temporary) when the file system refuses the write: no space
+        (also when a writer such as torch's ``inline_container.cc`` reports a failed write without
+        its errno and the disk is nearly full), read-only, permission, name too long.
     """
     path = Path(path)
     partial = partial_path(path)
     try:
-        write(partial)
-        os.replace(partial, path)
+        try:
+            write(partial)
+            os.replace(partial, path)
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, OSError) and exc.errno in _FILE_SYSTEM_ERRORS:
+                raise OSError(exc.errno, os.strerror(exc.errno), os.fspath(path)) from exc
+            # torch.save ("inline_container.cc ... file write failed") and numpy ("N requested and M
+            # written") report a failed write without its cause: a (nearly) full disk is the usual one
+            if shutil.disk_usage(path.parent).free < _NEARLY_FULL_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path)) from exc
+            raise
     finally:
         partial.unlink(missing_ok=True)
     return path

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -240,17 +241,22 @@ def _acquire(lock: Path, holder: LockHolder, what: str, wait_s: float) -> None:
         raise OutputLockedError(f"{what}: {problem}; {fix}")
 
 
+def _host_hash(host: str) -> str:
+    return hashlib.sha256(host.encode()).hexdigest()[:8]
+
+
 def writer_tag() -> str:
-    """``<pid>@<host>``: put in the names of temporary files, so a later run can tell the leftovers
-    of a dead writer (:func:`writer_alive` false) from the files a live one is still writing."""
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """``<pid>@<host hash>``: put in the names of temporary files, so a later run can tell the
+    leftovers of a dead writer (:func:`writer_alive` false) from the files a live one is still
+    writing. The host is hashed to 8 hex digits to keep names short."""
+    return f"{os.getpid()}@{_host_hash(socket.gethostname())}"
 
 
 def writer_alive(tag: str) -> bool:
     """Whether the writer of :func:`writer_tag` ``tag`` may still be writing: False only when it
     ran on this host and its process is gone (or a zombie)."""
     pid, _, host = tag.partition("@")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != _host_hash(socket.gethostname()) or not pid.isdigit():
         return True
     return _pid_alive(int(pid)) and _process_start(int(pid)) is not None
 

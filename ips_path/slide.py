@@ -39,6 +39,9 @@ __all__ = ["BACKENDS", "WSI_EXTENSIONS", "Slide", "rgb_on_white"]
 log = logging.getLogger(__name__)
 
 BACKENDS = ("openslide", "tiffslide")
+#: Largest level-0 side a slide may declare, px: 1 m at 0.25 µm/px, far beyond any glass slide; a
+#: larger one is a damaged or hostile header that would make every reader allocate petabytes.
+MAX_SIDE_PX = 4_000_000
 
 #: File extensions (lower case, with the dot) of slide formats that openslide or tiffslide read;
 #: used to find slides when a folder is given.
@@ -117,6 +120,11 @@ class Slide:
         self.level_count = int(handle.level_count)
         self.level_dimensions = tuple(_int_pair(d) for d in handle.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
+        width, height = self.dimensions
+        if not (0 < width <= MAX_SIDE_PX and 0 < height <= MAX_SIDE_PX):
+            self.close()
+            raise BadInputError(f"{self.path}: declares {width:,} x {height:,} px, beyond any slide (at most "
+                                f"{MAX_SIDE_PX:,} px a side); the file is damaged or not a slide: re-export it")
         self.objective_power = _positive_float(props.get(f"{prefix}.objective-power"))
         self.associated_images = tuple(sorted(handle.associated_images.keys()))
         self.level0_mpp, self.mpp_source = _resolve_mpp(props, prefix, self.vendor, self.objective_power,

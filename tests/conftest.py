@@ -83,12 +83,25 @@ def trained_run(cohort: tuple[pathlib.Path, pathlib.Path], tmp_path_factory: pyt
     return out
 
 
+def _tmpfs(folder: pathlib.Path, options: str):
+    """Mount a tmpfs with ``options`` on ``folder`` for the test (root only), or skip."""
+    import subprocess
+
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("needs permission to mount a small file system")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)]).returncode != 0:  # busy: detach it now, freed when closed
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: pathlib.Path):
     """A folder nobody can write in: permissions 0o555 for a normal user; for root (whom
     permissions do not stop) a read-only tmpfs mounted there, skipped where mounting is not allowed."""
-    import subprocess
-
     folder = tmp_path / "read_only"
     folder.mkdir()
     if os.geteuid() != 0:
@@ -96,11 +109,14 @@ def read_only_dir(tmp_path: pathlib.Path):
         yield folder
         folder.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
-    if not mounted:
-        pytest.skip("root without permission to mount a read-only file system")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+    yield from _tmpfs(folder, "ro,size=64k")
+
+
+@pytest.fixture
+def full_dir(tmp_path: pathlib.Path):
+    """A folder on a 16 KiB file system: a few small files fit, anything real fills it (root only)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small file system")
+    yield from _tmpfs(folder, "size=16k")
