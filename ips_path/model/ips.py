@@ -132,8 +132,13 @@ class IPSModel(nn.Module):
         """What the positional encoding takes: stream ``indices`` for "1d", ``grid`` positions for "2d"."""
         return {"1d": indices, "2d": grid}.get(self.aggregator.pos_encoding)
 
-    def select_top_patches(self, chunks: Iterable[PatchChunk]) -> Selection:
+    def select_top_patches(self, chunks: Iterable[PatchChunk], *, explore: float = 0.0) -> Selection:
         """Stream the chunks of one slide and keep the M best patches (see ``score``).
+
+        With ``explore`` > 0 (training), only the best ``M - k`` are kept by score and ``k = round(explore * M)``
+        more are drawn uniformly at random from the rest of the slide (keys from torch's default generator,
+        so seeded runs repeat), so that patches the current model overlooks still reach the gradient phase.
+        Up to M more patches are then held during the stream.
 
         Runs in eval mode under ``torch.no_grad()``, restoring the caller's mode. The buffer fills with the
         first patches; every later chunk of I competes with it, so only M + I patches are held at a time.
@@ -152,14 +157,19 @@ class IPSModel(nn.Module):
         self.eval()
         try:
             with torch.no_grad():
-                return self._select(chunks)
+                return self._select(chunks, explore)
         finally:
             self.train(was_training)
 
-    def _select(self, chunks: Iterable[PatchChunk]) -> Selection:
+    def _select(self, chunks: Iterable[PatchChunk], explore: float = 0.0) -> Selection:
+        if not 0 <= explore <= 1:
+            raise BadInputError(f"explore must be a share of M in [0, 1], got {explore}")
         device = self.device
+        n_random = round(explore * self.n_select)
+        n_greedy = self.n_select - n_random
         buffer: Candidates | None = None
-        buffer_scores: torch.Tensor
+        buffer_scores = torch.empty(0)
+        drawn = _RandomDraw(self.n_select) if n_random else None
         all_logits: list[torch.Tensor] = []
         n_seen = 0
         for chunk in rechunk(chunks, self.chunk_size):
@@ -168,12 +178,20 @@ class IPSModel(nn.Module):
             incoming = self._candidates(chunk, n_seen, device, pad_to=self.chunk_size if n_seen else None)
             n_seen += len(chunk)
             all_logits.append(incoming.logit_scores)
+            if drawn is not None:
+                drawn.offer(incoming)
+            if n_greedy == 0:  # everything drawn: the greedy buffer stays empty
+                nothing = torch.zeros(0, dtype=torch.long, device=device)
+                buffer, buffer_scores = incoming.take(nothing), incoming.logit_scores[:0]
+                continue
             candidates = incoming if buffer is None else buffer.cat(incoming)
             scores = scores_of(candidates, self.score)
-            keep = top_positions(scores, self.n_select)
+            keep = top_positions(scores, n_greedy)
             buffer, buffer_scores = candidates.take(keep), scores[keep]
         if buffer is None:
             raise BadInputError("the slide has no patches to select from (empty tile store or no tissue found)")
+        if drawn is not None:
+            buffer, buffer_scores = drawn.join(buffer, buffer_scores, n_random, self.score)
         selection = finish(buffer, buffer_scores, all_logits)
         if not torch.isfinite(selection.all_logits).all():
             raise IpspathError("attention scores are NaN or infinite: the model has diverged or the patches hold "
@@ -229,7 +247,9 @@ class IPSModel(nn.Module):
         return patches, stacked_positions, mask
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                mask: torch.Tensor | None = None, *, with_scores: bool = False
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor,
+                                                                           torch.Tensor]:
         """The gradient phase, see :meth:`forward_selected`."""
         device = self.device
         b, m = patches.shape[:2]
@@ -244,10 +264,16 @@ class IPSModel(nn.Module):
             emb = real.new_zeros(b * m, real.shape[1]).index_put((valid,), real)
         if positions is not None:
             positions = positions.to(device, non_blocking=True)
-        return self.aggregator(emb.view(b, m, -1), positions, mask)
+        emb = emb.view(b, m, -1)
+        logits, attention = self.aggregator(emb, positions, mask)
+        if not with_scores:
+            return logits, attention
+        return logits, attention, self.aggregator.mean_attention_logits(emb, positions)
 
     def forward_selected(self, patches: torch.Tensor, positions: torch.Tensor | None = None,
-                         mask: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                         mask: torch.Tensor | None = None, *, with_scores: bool = False
+                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | tuple[dict[str, torch.Tensor],
+                                                                                    torch.Tensor, torch.Tensor]:
         """Encode the selected patches of B slides (with gradients unless under no_grad) and aggregate.
 
         Parameters
@@ -265,8 +291,11 @@ class IPSModel(nn.Module):
             Task name -> ``(B, n_classes)`` (binary: ``(B,)``).
         attention : Tensor
             ``(B, T, H, M)`` attention weights.
+        scores : Tensor
+            Only ``with_scores``: ``(B, M)`` float32 selection scores (mean attention logits, as
+            :meth:`select_top_patches` ranks by with ``score="logit"``), with gradients.
         """
-        return self(patches, positions, mask)
+        return self(patches, positions, mask, with_scores=with_scores)
 
     def _embed_with_grad(self, patches: torch.Tensor) -> torch.Tensor:
         n = patches.shape[0]
@@ -302,6 +331,35 @@ class IPSModel(nn.Module):
         return SlidePrediction(probabilities, logits, attention[0].float(), selection)
 
 
+class _RandomDraw:
+    """Patches drawn uniformly at random from a stream: the ``size`` with the smallest random keys."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pool: Candidates | None = None
+        self.keys = torch.empty(0)
+
+    def offer(self, incoming: Candidates) -> None:
+        keys = torch.rand(len(incoming)).to(incoming.logit_scores.device)
+        pool = incoming if self.pool is None else self.pool.cat(incoming)
+        keys = keys if self.pool is None else torch.cat((self.keys, keys))
+        keep = top_positions(-keys, self.size)
+        self.pool, self.keys = pool.take(keep), keys[keep]
+
+    def join(self, greedy: Candidates, greedy_scores: torch.Tensor, n: int, score: str
+             ) -> tuple[Candidates, torch.Tensor]:
+        """``greedy`` plus up to ``n`` drawn patches that are not in it (the pool holds M >= n of them)."""
+        assert self.pool is not None
+        fresh = ~torch.isin(self.pool.indices, greedy.indices)
+        order = torch.argsort(torch.where(fresh, self.keys, torch.full_like(self.keys, 2.0)))
+        chosen = order[:min(n, int(fresh.sum()))].sort().values
+        extra = self.pool.take(chosen)
+        joined = greedy.cat(extra)
+        # the paper score ranks within its competition; drawn patches carry their own logit score
+        extra_scores = extra.logit_scores if score == "logit" else torch.zeros(len(extra), device=greedy_scores.device)
+        return joined, torch.cat((greedy_scores, extra_scores.to(greedy_scores.dtype)))
+
+
 @contextlib.contextmanager
 def _batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers in train mode still normalise with batch statistics but keep their running stats.
@@ -331,8 +389,8 @@ def _pad(x: torch.Tensor, m: int) -> torch.Tensor:
 
 def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets: Mapping[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, *, autocast_dtype: torch.dtype | None = None,
-               grad_clip: float | None = None, class_weights: Mapping[str, torch.Tensor] | None = None
-               ) -> dict[str, Any]:
+               grad_clip: float | None = None, class_weights: Mapping[str, torch.Tensor] | None = None,
+               explore: float = 0.0, instance_loss: float = 0.0, instance_k: int = 2) -> dict[str, Any]:
     """One IPS training step on a batch of B slides.
 
     Selection of each slide (eval, no_grad), then one gradient phase on the ``(B, M, ...)`` batch in train
@@ -353,26 +411,43 @@ def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets:
         Clip the gradient norm of all parameters to this value.
     class_weights : dict, optional
         Task name -> class weights, see :meth:`Task.loss`.
+    explore : float
+        Share of M drawn at random from the rest of each slide instead of by score (see
+        :meth:`IPSModel.select_top_patches`); 0: the paper's greedy top-M.
+    instance_loss : float
+        Weight of an instance-level loss on the selection scores (see :func:`instance_loss`); 0: off.
+        Needs one task with two classes (the second is the positive one).
+    instance_k : int
+        Patches per slide that the instance loss labels at each end of the ranking.
 
     Returns
     -------
     dict
-        ``loss`` (float), ``losses`` (task name -> float), ``grad_norm`` (float before clipping, or None
-        without ``grad_clip``), ``n_selected`` (list of patches kept per slide).
+        ``loss`` (float), ``losses`` (task name -> float, with ``"instance"`` when on), ``grad_norm`` (float
+        before clipping, or None without ``grad_clip``), ``n_selected`` (list of patches kept per slide),
+        ``selected`` (list of ``(M,)`` CPU int64 stream indices of the patches each slide trained on).
     """
     device = model.device
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with amp:
-        selections = [model.select_top_patches(chunks) for chunks in slides]
+        selections = [model.select_top_patches(chunks, explore=explore) for chunks in slides]
     patches, positions, mask = model.stack_selections(selections)
     n_selected = [len(s) for s in selections]
+    selected = [s.indices.cpu() for s in selections]
     del selections  # their patches are copied into the batch and their embeddings are not needed: free both
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with amp:
-        logits, _ = model.forward_selected(patches, positions, mask)
+        out = model.forward_selected(patches, positions, mask, with_scores=instance_loss > 0)
+    logits = out[0]
     losses = task_losses(logits, targets, model.tasks, class_weights)
+    if instance_loss > 0:
+        tasks = model.tasks
+        if len(tasks) != 1 or tasks[0].n_outputs not in (1, 2):
+            raise BadInputError("the instance loss needs one task with two classes")
+        is_positive = targets[tasks[0].name].reshape(-1).to(out[2].device) == 1
+        losses["instance"] = instance_loss * _instance_loss(out[2].float(), is_positive, mask, instance_k)
     loss = torch.stack(list(losses.values())).sum()
     loss.backward()
     grad_norm = None
@@ -380,4 +455,29 @@ def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
     return {"loss": float(loss.detach()), "losses": {k: float(v.detach()) for k, v in losses.items()},
-            "grad_norm": grad_norm, "n_selected": n_selected}
+            "grad_norm": grad_norm, "n_selected": n_selected, "selected": selected}
+
+
+def _instance_loss(scores: torch.Tensor, is_positive: torch.Tensor, mask: torch.Tensor | None, k: int) -> torch.Tensor:
+    """CLAM-style instance loss on the selection scores of the M trained patches of B slides.
+
+    The scores are read as patch logits: on a positive slide the ``k`` best-scored patches are pushed
+    towards "positive" and the ``k`` worst towards "negative"; on a negative slide the ``k`` best are
+    pushed towards "negative" (nothing on a negative slide is a lesion, so whatever ranks highest there,
+    look-alikes included, is taught to rank low). Mean binary cross-entropy over the labelled patches.
+    """
+    if mask is not None:
+        scores_hi = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+        scores_lo = scores.masked_fill(~mask.to(scores.device), float("inf"))
+    else:
+        scores_hi = scores_lo = scores
+    k = max(1, min(k, scores.shape[1] // 2 if scores.shape[1] > 1 else 1))
+    top = scores.gather(1, scores_hi.topk(k, dim=1).indices)
+    bottom = scores.gather(1, scores_lo.topk(k, dim=1, largest=False).indices)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    top_target = is_positive[:, None].float().expand_as(top)
+    terms = [bce(top, top_target, reduction="none").flatten()]
+    if is_positive.any():
+        low = bottom[is_positive]
+        terms.append(bce(low, torch.zeros_like(low), reduction="none").flatten())
+    return torch.cat(terms).mean()
