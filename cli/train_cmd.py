@@ -101,6 +101,14 @@ def _help(text: str, name: str) -> str:
 @click.option("--risk-groups", type=click.IntRange(2, 3),
               help=_help("Survival: Kaplan-Meier risk groups at the median (2) or tertiles (3) of the training "
                          "risks.", "risk_groups"))
+@click.option("--explore", type=float,
+              help=_help("Share of M drawn at random from the rest of each training slide (0: greedy top-M, "
+                         "the paper). Helps IPS find lesions far smaller than the slide; see the README.", "explore"))
+@click.option("--instance-loss", type=float,
+              help=_help("Weight of an instance loss on the selection scores: top patches of positive slides "
+                         "up, of negative slides down (0: off; two classes only).", "instance_loss"))
+@click.option("--instance-k", type=int, help=_help("Patches per slide the instance loss labels at each end.",
+                                                   "instance_k"))
 @click.pass_context
 def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path, config_file: Path | None,
               resume: bool, **options: Any) -> int:

@@ -102,6 +102,17 @@ class TrainConfig:
     risk_groups : int
         Survival only: Kaplan-Meier risk groups, cut at the median (2) or tertiles (3) of the
         training slides' risks.
+    explore : float
+        Share of M drawn at random from the rest of each training slide instead of by score, so that
+        patches the model overlooks still reach the gradient phase (0: the paper's greedy top-M).
+        Validation and prediction always select greedily.
+    instance_loss : float
+        Weight of a CLAM-style instance loss on the selection scores (0: off): the ``instance_k``
+        best-scored trained patches of a positive slide count as positive, its ``instance_k`` worst and
+        the best of a negative slide as negative. Two classes only; the second sorted class name is
+        the positive one.
+    instance_k : int
+        Patches per slide at each end of that ranking.
     """
 
     encoder: str = "smallcnn"
@@ -137,12 +148,15 @@ class TrainConfig:
     time_bins: int = 4
     time_unit: str = "months"
     risk_groups: int = 2
+    explore: float = 0.0
+    instance_loss: float = 0.0
+    instance_k: int = 2
 
     def __post_init__(self) -> None:
         problems = []
         if self.task == "survival" and self.monitor == "auc":
             object.__setattr__(self, "monitor", "c_index")  # the default monitor, in survival terms
-        for name in ("n_select", "chunk_size", "dim", "heads", "epochs", "batch_size", "threads"):
+        for name in ("n_select", "chunk_size", "dim", "heads", "epochs", "batch_size", "threads", "instance_k"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("grad_chunk_size", "patch_size"):
@@ -156,6 +170,10 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.mpp is not None and not self.mpp > 0:
             problems.append(f"mpp must be a positive µm/px, got {self.mpp}")
+        if not 0 <= self.explore <= 1:
+            problems.append(f"explore must be a share of M in [0, 1], got {self.explore}")
+        if not self.instance_loss >= 0:
+            problems.append(f"instance_loss must be >= 0, got {self.instance_loss}")
         if not 0 <= self.val_fraction < 1:
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS),

@@ -217,8 +217,8 @@ class GradientPhaseDDP(DistributedDataParallel):
             return getattr(self.module, name)
 
     def forward_selected(self, patches: torch.Tensor, positions: torch.Tensor | None = None,
-                         mask: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return self(patches, positions, mask)
+                         mask: torch.Tensor | None = None, *, with_scores: bool = False) -> tuple[Any, ...]:
+        return self(patches, positions, mask, with_scores=with_scores)
 
 
 def average_buffers(model: torch.nn.Module, world_size: int) -> None:

@@ -26,6 +26,7 @@ import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import imagecodecs
 import numpy as np
@@ -35,8 +36,11 @@ from scipy import ndimage
 from ips_path.atomic import write_atomically
 from ips_path.synth_paint import BACKGROUND_RGB, MAX_DOWNSAMPLE, Painter, stain_shift_lut
 
-__all__ = ["BACKGROUND_RGB", "Lesion", "SlideSpec", "in_lesion", "lesion_fractions", "write_synthetic_cohort",
-           "write_synthetic_slide"]
+if TYPE_CHECKING:
+    from ips_path.store import TileStore
+
+__all__ = ["BACKGROUND_RGB", "Lesion", "SlideSpec", "in_lesion", "lesion_fractions", "write_lesion_truth",
+           "write_synthetic_cohort", "write_synthetic_slide"]
 
 # The tissue mask has at most this many cells along the long side, and at least 16 level-0 px each.
 _MASK_LONG_SIDE = 1024
@@ -166,6 +170,19 @@ def lesion_fractions(spec: SlideSpec, coords_level0: np.ndarray, patch_size_leve
         raise ValueError(f"regions must be 'lesions' or 'lookalikes', got {regions!r}")
     return _lesion_fractions(getattr(spec, regions), np.asarray(coords_level0, dtype=np.float64),
                              patch_size_level0)
+
+
+def write_lesion_truth(spec: SlideSpec, store: TileStore) -> np.ndarray:
+    """Write the lesion fraction of every patch of ``store`` (tiled from ``spec``'s slide) as the float32
+    array ``truth/lesion``, which ``ipspath train`` reads to report how often it trains on lesions.
+
+    Returns
+    -------
+    (N,) float32 array, the values written
+    """
+    fractions = lesion_fractions(spec, store.coords, store.patch_size_level0).astype(np.float32)
+    store.write_array("truth/lesion", fractions, attrs={"source": "ipspath.synth", "seed": spec.seed})
+    return fractions
 
 
 def _lesion_fractions(lesions: Sequence[Lesion], coords: np.ndarray,

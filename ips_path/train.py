@@ -389,6 +389,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     task = model.tasks[0]
     losses: list[float] = []
     n_slides = n_patches = 0
+    truth = _LesionTruth()
     _reset_peak_memory(procs.device)
     started = time.perf_counter()
     with progress_bar(sum(item.n_patches for item in order), f"epoch {epoch + 1}/{config.epochs}", unit="patch",
@@ -397,7 +398,9 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             slides = [_counted(_slide_chunks(streamer, item, config.features), bar) for item in batch]
             targets = {task.name: _targets(batch)}
             out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
-                             grad_clip=config.grad_clip or None, class_weights=class_weights)
+                             grad_clip=config.grad_clip or None, class_weights=class_weights,
+                             explore=config.explore, instance_loss=config.instance_loss,
+                             instance_k=config.instance_k)
             loss = mean_over_processes(out["loss"], procs)
             if not math.isfinite(loss):
                 raise IpspathError(
@@ -407,6 +410,8 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             if procs.distributed:
                 average_buffers(model, procs.world_size)
             losses.append(loss)
+            for item, selected in zip(batch, out["selected"], strict=True):
+                truth.record(item, selected.numpy())
             n_slides += len(batch)
             n_patches += sum(item.n_patches for item in batch)
             bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
@@ -414,7 +419,40 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     n_slides *= procs.world_size  # every process trains on as many slides
     return {"train_loss": float(np.mean(losses)), "train_slides": n_slides, "train_seconds": seconds,
             "slides_per_s": n_slides / seconds, "patches_per_s": sum_over_processes(n_patches, procs) / seconds,
-            "peak_memory_mb": _peak_memory_mb(procs.device)}
+            "peak_memory_mb": _peak_memory_mb(procs.device), **truth.summary(procs)}
+
+
+class _LesionTruth:
+    """Where the trained patches lay, for tile stores that know their lesions (array ``truth/lesion``, the
+    lesion fraction of each patch, e.g. from :func:`ips_path.synth.write_lesion_truth`).
+
+    Per epoch: ``train_selected_in_lesion``, the share of the patches trained on of lesion-holding slides
+    that overlap a lesion, and ``train_lesion_found``, the share of those slides whose trained patches
+    include at least one such patch. Absent when no training slide has the truth.
+    """
+
+    ARRAY = "truth/lesion"
+
+    def __init__(self) -> None:
+        self.cache: dict[Path, np.ndarray | None] = {}
+        self.in_lesion = self.selected = self.found = self.slides = 0
+
+    def record(self, item: SlideItem, selected: np.ndarray) -> None:
+        if item.store not in self.cache:
+            store = TileStore.open(item.store)
+            self.cache[item.store] = store.read_array(self.ARRAY) > 0 if store.has_array(self.ARRAY) else None
+        lesion = self.cache[item.store]
+        if lesion is None or not lesion.any():
+            return
+        hits = int(lesion[selected].sum())
+        self.in_lesion, self.selected = self.in_lesion + hits, self.selected + len(selected)
+        self.found, self.slides = self.found + (hits > 0), self.slides + 1
+
+    def summary(self, procs: Processes) -> dict[str, float]:
+        totals = [sum_over_processes(v, procs) for v in (self.in_lesion, self.selected, self.found, self.slides)]
+        if not totals[3]:
+            return {}
+        return {"train_selected_in_lesion": totals[0] / totals[1], "train_lesion_found": totals[2] / totals[3]}
 
 
 def _targets(items: Sequence[SlideItem]) -> torch.Tensor:
@@ -626,6 +664,9 @@ def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) 
     elif "val_loss" in row:
         text += (f"  val loss {row['val_loss']:.4f}  AUC {row['val_auc']:.3f}  "
                  f"balanced acc {row['val_balanced_accuracy']:.3f}")
+    if "train_selected_in_lesion" in row:
+        text += (f"  trained patches in lesions {100 * row['train_selected_in_lesion']:.1f} % "
+                 f"(found on {100 * row['train_lesion_found']:.0f} % of lesion slides)")
     log.info("%s  (%.1f s, %.2f slides/s, %.0f patches/s)", text, row["train_seconds"], row["slides_per_s"],
              row["patches_per_s"])
 

@@ -1,0 +1,126 @@
+"""Options for lesions far smaller than the slide: exploration during training selection, the instance
+loss on the selection scores, and the trainer's report of how often it trained on lesions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ips_path.config import TrainConfig
+from ips_path.errors import BadInputError
+from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, train_step
+
+DIM = 8
+
+
+def feature_model(n_select: int = 4, seed: int = 0) -> IPSModel:
+    torch.manual_seed(seed)
+    return IPSModel(build_encoder("features", in_features=DIM, out_dim=16), [Task("label", 2)], dim=16, n_heads=2,
+                    n_select=n_select, chunk_size=8, dropout=0.0, attn_dropout=0.0)
+
+
+def chunks(x: torch.Tensor, size: int = 8) -> list[PatchChunk]:
+    return [PatchChunk(x[i:i + size]) for i in range(0, len(x), size)]
+
+
+def test_explore_draws_a_share_of_m_outside_the_greedy_top_and_prediction_stays_greedy():
+    model = feature_model(n_select=8)
+    x = torch.randn(60, DIM, generator=torch.Generator().manual_seed(1))
+    greedy = model.select_top_patches(chunks(x))
+    all_scores = greedy.all_logits
+    top8 = set(torch.topk(all_scores, 8).indices.tolist())
+    assert set(greedy.indices.tolist()) == top8
+
+    torch.manual_seed(3)
+    explored = model.select_top_patches(chunks(x), explore=0.25)
+    chosen = set(explored.indices.tolist())
+    assert len(chosen) == 8
+    assert set(torch.topk(all_scores, 6).indices.tolist()) <= chosen  # the best M - k are kept
+    assert len(chosen - top8) == 2  # k = round(0.25 * 8) drawn from the rest
+    torch.manual_seed(3)
+    assert model.select_top_patches(chunks(x), explore=0.25).indices.tolist() == explored.indices.tolist()
+    draws = set()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        draws |= set(model.select_top_patches(chunks(x), explore=0.25).indices.tolist()) - top8
+    assert len(draws) > 8  # different draws reach different patches
+    torch.manual_seed(0)
+    everything = model.select_top_patches(chunks(x), explore=1.0)
+    assert len(set(everything.indices.tolist())) == 8
+    assert set(model.predict_slide(chunks(x)).selection.indices.tolist()) == top8
+    with pytest.raises(BadInputError, match="explore"):
+        model.select_top_patches(chunks(x), explore=1.5)
+
+
+def _score_change(instance_loss: float, label: int) -> tuple[float, float]:
+    """Change of the mean selection score of the 2 best and the 2 worst selected patches of one slide
+    after five SGD steps on it."""
+    model = feature_model(n_select=8)
+    x = torch.randn(40, DIM, generator=torch.Generator().manual_seed(5))
+    before = model.select_top_patches(chunks(x))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        train_step(model, [chunks(x)], {"label": torch.tensor([label])}, optimizer, instance_loss=instance_loss)
+    after = model.select_top_patches(chunks(x)).all_logits
+    best, worst = before.indices[:2], before.indices[-2:]
+    return (float((after[best] - before.all_logits[best]).mean()),
+            float((after[worst] - before.all_logits[worst]).mean()))
+
+
+def test_the_instance_loss_ranks_down_the_best_of_negative_slides_and_spreads_positive_ones():
+    # negative slide: whatever ranks highest there (look-alikes on real slides) is pushed down
+    plain_best, _ = _score_change(0.0, label=0)
+    instance_best, _ = _score_change(1.0, label=0)
+    assert instance_best < plain_best - 0.05  # measured: -0.12 against -0.04
+    # positive slide: its best patches are pushed up relative to its worst
+    plain_best, plain_worst = _score_change(0.0, label=1)
+    instance_best, instance_worst = _score_change(1.0, label=1)
+    assert (instance_best - instance_worst) > (plain_best - plain_worst) + 0.01  # measured: 0.024 against 0.005
+
+
+def test_the_instance_loss_needs_two_classes():
+    model = IPSModel(build_encoder("features", in_features=DIM, out_dim=16), [Task("label", 3)], dim=16, n_heads=2,
+                     n_select=4, chunk_size=8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(BadInputError, match="two classes"):
+        train_step(model, [chunks(torch.randn(10, DIM))], {"label": torch.tensor([1])}, optimizer, instance_loss=0.5)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (dict(explore=1.5), "explore"), (dict(explore=float("nan")), "explore"),
+    (dict(instance_loss=-1.0), "instance_loss"), (dict(instance_loss=float("nan")), "instance_loss"),
+    (dict(instance_k=0), "instance_k"),
+])
+def test_bad_small_lesion_options_are_refused(values, message):
+    with pytest.raises(BadInputError, match=message):
+        TrainConfig(**values)
+
+
+def test_training_reports_how_often_it_trained_on_lesions_where_the_stores_know_them(cohort, tmp_path):
+    import csv
+    import shutil
+
+    from ips_path.store import TileStore
+    from ips_path.train import train
+
+    manifest, tiles = cohort
+    copy = tmp_path / "tiles"
+    shutil.copytree(tiles, copy)
+    config = TrainConfig(n_select=4, chunk_size=16, dim=16, heads=2, batch_size=2, epochs=1, threads=1,
+                         device="cpu", val_fraction=0.0, explore=0.5)
+    plain = train(manifest, copy, tmp_path / "plain", config, progress=False)
+    assert "train_selected_in_lesion" not in plain.history[0]
+
+    rows = list(csv.DictReader(manifest.open()))
+    # every patch of the first positive slide is "lesion"; the second's truth holds no lesion, so it is
+    # not counted: the one slide with lesions is found, and all its trained patches are in lesions
+    positives = [r["slide_id"] for r in rows if r["label"] == "positive"][:2]
+    for slide_id, value in zip(positives, (1.0, 0.0), strict=True):
+        store = TileStore.open(copy / f"{slide_id}.zarr")
+        store.write_array("truth/lesion", np.full(store.n_patches, value, dtype=np.float32))
+    result = train(manifest, copy, tmp_path / "truth", config, progress=False)
+    row = result.history[0]
+    assert row["train_selected_in_lesion"] == 1.0
+    assert row["train_lesion_found"] == 1.0
+    assert (tmp_path / "truth" / "metrics.csv").read_text().count("train_selected_in_lesion") == 1
