@@ -174,6 +174,8 @@ class TrainConfig:
             problems.append(f"explore must be a share of M in [0, 1], got {self.explore}")
         if not self.instance_loss >= 0:
             problems.append(f"instance_loss must be >= 0, got {self.instance_loss}")
+        if self.instance_loss > 0 and self.task != "classification":
+            problems.append("instance_loss is for classification with two classes; set it to 0 for survival")
         if not 0 <= self.val_fraction < 1:
             problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS),
