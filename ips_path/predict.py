@@ -23,7 +23,10 @@ as well as this process) on the contract of :mod:`ips_path.jobs`:
 
 Then ``predictions.csv`` is written from the outcomes of this run's slides and, where labels are
 known, ``metrics.json`` (AUC with a bootstrap 95 % interval, balanced accuracy, confusion matrix)
-and ``roc.png``.
+and ``roc.png``. A survival model gives each slide a risk, its risk group (and a survival curve for
+the discrete-time model) instead of class probabilities; ``patients.csv`` holds the mean per
+patient (``case_id``) and, where the manifest has ``time`` and ``event``, ``survival_metrics.json``
+and ``km.png`` measure the patients (:mod:`ips_path.survival.prediction`).
 """
 
 from __future__ import annotations
@@ -98,7 +101,9 @@ class PredictResult:
     """The outcomes of all slides (input order), the metrics (None without labels), the output folder.
 
     An outcome's ``extra`` holds ``label``, and for predicted slides ``predicted``,
-    ``probabilities`` (one per class, in the model's order) and ``n_patches``.
+    ``probabilities`` (one per class, in the model's order) and ``n_patches``; for a survival
+    model also ``risk``, ``risk_group`` (= ``predicted``) and, in discrete time, ``survival``. The
+    metrics of a survival model are those of ``survival_metrics.json`` (None without outcomes).
     """
 
     outcomes: list[SlideOutcome]
@@ -190,10 +195,12 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     own_tiles = tiles_dir is None
     tiles = (folder.own_tiles if own_tiles else Path(tiles_dir)).resolve()
     labels: dict[str, str | None] = {}
+    rows = []
     if manifest is not None:
         from ips_path.manifest import read_manifest
 
-        labels = {r.slide_id: r.label for r in read_manifest(manifest, require_label=False, check_files=False)}
+        rows = read_manifest(manifest, require_label=False, check_files=False)
+        labels = {r.slide_id: r.label for r in rows}
     jobs = [PredictJob(i.slide_id, i.path.resolve(), labels.get(i.slide_id), i.mpp)
             for i in collect_inputs(inputs, manifest)]
     for job in jobs:
@@ -214,8 +221,16 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         outcomes = map_slides(predict_slide, jobs, settings, scheduler=scheduler, resources=gpu,
                               shared_paths=[out_dir, tiles, *(j.slide_path for j in jobs if j.slide_path.exists())],
                               progress=progress, desc="predict", on_lost=_lost)
-        folder.write_predictions_csv(outcomes, classes)
-        metrics = _write_metrics(folder, outcomes, classes)
+        if "survival" in checkpoint:  # a risk per slide and per patient; metrics over patients with outcomes
+            from ips_path.survival.prediction import curve_columns, write_patient_survival
+
+            folder.write_predictions_csv(outcomes, classes, survival_columns=curve_columns(checkpoint))
+            folder.write_metrics(None)
+            metrics = write_patient_survival(folder, [(o.slide_id, o.extra) for o in outcomes if o.ok], rows,
+                                             checkpoint)
+        else:
+            folder.write_predictions_csv(outcomes, classes)
+            metrics = _write_metrics(folder, outcomes, classes)
     return PredictResult(outcomes, metrics, out_dir)
 
 
@@ -297,11 +312,17 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
         prediction = model.predict_slide(chunks)
-    from ips_path.checkpoint import TASK_NAME
+    task = model.tasks[0]
+    if task.kind == "survival":
+        from ips_path.survival.prediction import slide_survival
 
-    probabilities = prediction.probabilities[TASK_NAME].float().cpu().reshape(-1).tolist()
+        result = slide_survival(task, prediction.logits[task.name].cpu(), checkpoint)
+        result.update(predicted=result["risk_group"], probabilities=[])
+    else:
+        probabilities = prediction.probabilities[task.name].float().cpu().reshape(-1).tolist()
+        result = {"predicted": checkpoint["class_names"][int(np.argmax(probabilities))],
+                  "probabilities": [round(p, 6) for p in probabilities]}
     logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
-    classes = checkpoint["class_names"]
     store.write_array(f"scores/{settings.scores_name}", logits,
                       attrs={"model": str(settings.model_path), "model_key": settings.model_key})
     fault_point("predict.store_scores_written")
@@ -314,9 +335,7 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
         fault_point("predict.heatmaps_written")
     outcome = SlideOutcome(job.slide_id, Status.DONE, seconds=round(time.perf_counter() - started, 3),
                            identity=identity, extra={
-                               "label": job.label, "predicted": classes[int(np.argmax(probabilities))],
-                               "probabilities": [round(p, 6) for p in probabilities],
-                               "n_patches": store.n_patches})
+                               "label": job.label, **result, "n_patches": store.n_patches})
     folder.write_outcome(outcome)
     fault_point("predict.slide_recorded")
     return outcome

@@ -7,6 +7,8 @@ the viewer read through it. Layout (:data:`PREDICTION_FILES`)::
     status/<slide_id>.json       per-slide done record (jobs.SlideOutcome): status, identity, probabilities
     predictions.csv              one row per slide of the last run
     metrics.json, roc.png        with labels
+    patients.csv                 survival models: risk (and curve) per patient
+    survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
     scores/<slide_id>_scores.h5  coords + attention_scores (the layout CLAM users know)
     heatmaps/<slide_id>/         pictures of ``ipspath heatmap``
     tiles/                       tile stores made here for slides that had none
@@ -58,6 +60,11 @@ PREDICTION_FILES = {
     "scores/<slide_id>_scores.h5": "coords (N, 2) level-0 x, y and attention_scores (N,)",
     "heatmaps/<slide_id>/": "thumbnail.png, overlay.png, patches.geojson, top_patches.png",
     "tiles/": "tile stores made here for slides that had none",
+    "patients.csv": "survival models: case_id, n_slides, risk, risk_group (survival_to_<t> per time bin), time, "
+                    "event",
+    "survival_metrics.json": "survival models with time/event: C-index (Harrell, Uno) with 95 % CI, time-dependent "
+                             "AUC, integrated Brier score, log-rank p",
+    "km.png": "survival models with time/event: Kaplan-Meier curves of the risk groups",
 }
 
 
@@ -188,6 +195,18 @@ class PredictionFolder:
         return self.root / "roc.png"
 
     @property
+    def patients_csv(self) -> Path:
+        return self.root / "patients.csv"
+
+    @property
+    def survival_metrics_file(self) -> Path:
+        return self.root / "survival_metrics.json"
+
+    @property
+    def km_file(self) -> Path:
+        return self.root / "km.png"
+
+    @property
     def own_tiles(self) -> Path:
         """Where predict tiles slides that have no store elsewhere."""
         return self.root / "tiles"
@@ -228,6 +247,10 @@ class PredictionFolder:
         """``metrics.json``; an empty dict when there is none (no labelled slide)."""
         return _read_json(self.metrics_file)
 
+    def read_survival_metrics(self) -> dict[str, Any]:
+        """``survival_metrics.json``; an empty dict when there is none (no survival model, or no outcomes)."""
+        return _read_json(self.survival_metrics_file)
+
     def write_run(self, info: dict[str, Any]) -> None:
         _write_json(self.run_file, info)
 
@@ -248,29 +271,36 @@ class PredictionFolder:
         """
         for folder in ("status", "scores", "heatmaps"):
             shutil.rmtree(self.root / folder, ignore_errors=True)
-        for path in (self.predictions_csv, self.metrics_file, self.roc_file):
+        for path in (self.predictions_csv, self.metrics_file, self.roc_file, self.patients_csv,
+                     self.survival_metrics_file, self.km_file):
             path.unlink(missing_ok=True)
 
     # -- whole run ---------------------------------------------------------------------------------
 
-    def write_predictions_csv(self, outcomes: Sequence[SlideOutcome], classes: Sequence[str]) -> None:
+    def write_predictions_csv(self, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
+                              survival_columns: Sequence[str] | None = None) -> None:
         """``predictions.csv``: one row per outcome, one ``prob_<class>`` column per class.
+
+        Survival models (``survival_columns`` given, ``classes`` empty): ``predicted`` is the risk
+        group, then ``risk`` and the survival curve columns (``survival_to_<t>``, discrete time).
 
         Raises
         ------
         ValueError
             An outcome's probabilities do not have one value per class (never written half-matching).
         """
-        columns = ["slide_id", "label", "predicted", *(f"{PROB_PREFIX}{c}" for c in classes), "n_patches", "status",
-                   "error"]
+        survival = [] if survival_columns is None else ["risk", *survival_columns]
+        columns = ["slide_id", "label", "predicted", *(f"{PROB_PREFIX}{c}" for c in classes), *survival, "n_patches",
+                   "status", "error"]
         rows = []
         for o in outcomes:
             probabilities = o.extra.get("probabilities") if o.ok else None
             if probabilities is not None and len(probabilities) != len(classes):
                 raise ValueError(f"{o.slide_id}: {len(probabilities)} probabilities for {len(classes)} classes")
+            risk = [o.extra.get("risk", ""), *o.extra.get("survival", [])] if o.ok and survival else []
             rows.append([o.slide_id, o.extra.get("label") or "", o.extra.get("predicted") or "" if o.ok else "",
-                         *(probabilities or [""] * len(classes)), o.extra.get("n_patches", 0) if o.ok else "",
-                         o.status.value, o.error])
+                         *(probabilities or [""] * len(classes)), *(risk or [""] * len(survival)),
+                         o.extra.get("n_patches", 0) if o.ok else "", o.status.value, o.error])
 
         def write(partial: Path) -> None:
             with partial.open("w", newline="", encoding="utf-8") as f:

@@ -85,7 +85,7 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
         title=_esc(title), version=_esc(__version__), created=_esc(datetime.now().strftime("%Y-%m-%d %H:%M")),
         pred_dir_name=_esc(pred_dir.resolve().name), css_href=assets.static_url("report.css"),
         js_src=assets.static_url("report.js"), run_info=_run_info_html(run), summary=_summary_html(rows),
-        metrics=_metrics_html(metrics, pred_dir, assets),
+        metrics=_metrics_html(metrics, pred_dir, assets) + _survival_html(folder, assets),
         sort_options=_options_html([("id", "slide id (A\u2192Z)"), ("wrong", "wrong first"),
                                     ("conf", "confidence (highest first)")]
                                    + [(f"p{i}", f"P({c}) (highest first)") for i, c in enumerate(classes)]),
@@ -173,9 +173,7 @@ def _metrics_html(metrics: dict, pred_dir: Path, assets: _AssetPlacer) -> str:
                ("Balanced accuracy", _number(metrics.get("balanced_accuracy")), ""),
                ("Slides with a label", _esc(metrics.get("n_slides", "n/a")), "")]
     parts = ['<section class="metrics"><h2>Performance</h2><div class="metrics-body"><div class="key-figures">']
-    parts += [f'<div class="figure-box"><div class="figure-name">{_esc(name)}</div>'
-              f'<div class="figure-value">{value}</div><div class="figure-note">{_esc(note)}</div></div>'
-              for name, value, note in figures]
+    parts.append(_figures_html(figures))
     parts.append("</div>")
     parts.append(_confusion_html(metrics.get("classes") or [], metrics.get("confusion_matrix") or []))
     roc = PredictionFolder(pred_dir).roc_file
@@ -183,6 +181,45 @@ def _metrics_html(metrics: dict, pred_dir: Path, assets: _AssetPlacer) -> str:
         url = assets.image_url(roc, "roc.png")
         parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank">'
                      f'<img src="{url}" alt="ROC curve"></a><figcaption>ROC curve</figcaption></figure>')
+    parts.append("</div></section>")
+    return "".join(parts)
+
+
+def _figures_html(figures: list[tuple[str, str, str]]) -> str:
+    """Key figures as boxes: (name, value as HTML, note)."""
+    return "".join(f'<div class="figure-box"><div class="figure-name">{_esc(name)}</div>'
+                   f'<div class="figure-value">{value}</div><div class="figure-note">{_esc(note)}</div></div>'
+                   for name, value, note in figures)
+
+
+def _survival_html(folder: PredictionFolder, assets: _AssetPlacer) -> str:
+    """Survival models with outcomes: the C-indices with their intervals, and the Kaplan-Meier picture."""
+    metrics = folder.read_survival_metrics()
+    if not metrics:
+        return ""
+
+    def interval(name: str) -> str:
+        return f"95 % CI {_number(metrics.get(f'{name}_low'))}{DASH}{_number(metrics.get(f'{name}_high'))}"
+
+    unit = metrics.get("time_unit") or ""
+    figures = [("C-index (Harrell)", _number(metrics.get("c_index")), interval("c_index")),
+               ("C-index (Uno)", _number(metrics.get("uno_c_index")), interval("uno_c_index")),
+               ("Log-rank p (risk groups)", _esc(f"{metrics['log_rank_p']:.2g}") if metrics.get("log_rank_p")
+                is not None else "n/a", "groups cut at the training risks"),
+               ("Patients (events)", _esc(f"{metrics.get('n_patients', 'n/a')} ({metrics.get('n_events', 'n/a')})"),
+                f"{metrics.get('n_slides', 'n/a')} slides")]
+    figures += [(f"AUC at {key.removeprefix('auc_at_')} {unit}".strip(), _number(value), "time-dependent")
+                for key, value in metrics.items() if key.startswith("auc_at_")]
+    if "integrated_brier_score" in metrics:
+        figures.append(("Integrated Brier score", _number(metrics["integrated_brier_score"]), "lower is better"))
+    parts = ['<section class="metrics survival"><h2>Survival</h2><div class="metrics-body"><div class="key-figures">']
+    parts.append(_figures_html(figures))
+    parts.append("</div>")
+    if folder.km_file.is_file():
+        url = assets.image_url(folder.km_file, "km.png")
+        parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank"><img src="{url}" '
+                     'alt="Kaplan-Meier curves of the risk groups"></a><figcaption>Kaplan-Meier curves of the risk '
+                     'groups</figcaption></figure>')
     parts.append("</div></section>")
     return "".join(parts)
 

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -14,6 +15,8 @@ from ips_path.checkpoint import load_checkpoint, load_model
 from ips_path.cli.train_cmd import train_cmd
 from ips_path.config import TrainConfig
 from ips_path.errors import BadInputError
+from ips_path.predict import predict
+from ips_path.report import write_report
 from ips_path.train import train
 
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")
@@ -42,13 +45,21 @@ def _invoke(args):
     return CliRunner().invoke(train_cmd, args, obj={"quiet": True, "debug": False})
 
 
-def test_cli_trains_a_cox_model_and_writes_c_index_and_kaplan_meier(cohort, tmp_path):
+@pytest.fixture(scope="module")
+def cox_run(cohort, tmp_path_factory):
+    """A two-epoch Cox run on the cohort (through the command line): (run folder, its output)."""
     manifest, tiles = cohort
-    run = tmp_path / "run"
-    result = _invoke(["--manifest", str(survival_manifest(manifest, tmp_path / "m.csv")), "--tiles", str(tiles),
+    root = tmp_path_factory.mktemp("cox")
+    run = root / "run"
+    result = _invoke(["--manifest", str(survival_manifest(manifest, root / "m.csv")), "--tiles", str(tiles),
                       "-o", str(run), "--task", "survival", "--epochs", "2", "--time-unit", "weeks", *FAST_OPTIONS])
     assert result.exit_code == 0, result.output
-    assert "best validation c_index" in result.output
+    return run, result.output
+
+
+def test_cli_trains_a_cox_model_and_writes_c_index_and_kaplan_meier(cox_run):
+    run, output = cox_run
+    assert "best validation c_index" in output
 
     with (run / "metrics.csv").open() as f:
         history = list(csv.DictReader(f))
@@ -72,6 +83,49 @@ def test_cli_trains_a_cox_model_and_writes_c_index_and_kaplan_meier(cohort, tmp_
     assert best["survival"]["reference_time"] == [5.0, 9.0, 12.0, 3.0, 20.0]
     model, _ = load_model(run / "best.pt")
     assert model.tasks[0].kind == "survival" and model.tasks[0].is_cox
+
+
+def test_predict_scores_slides_and_patients_and_the_report_shows_c_index_and_kaplan_meier(cox_run, cohort, tmp_path):
+    run, _ = cox_run
+    manifest, tiles = cohort
+    # a new cohort: the same slides as four patients of two slides each, with their own outcomes
+    with manifest.open(newline="") as f:
+        slides = list(csv.DictReader(f))
+    new = tmp_path / "new.csv"
+    with new.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide_id", "slide_path", "case_id", "time", "event"])
+        for i, row in enumerate(slides):
+            patient = i // 2
+            writer.writerow([row["slide_id"], manifest.parent / row["slide_path"], f"patient{patient}",
+                             [4, 10, 6, 30][patient], [1, 1, 0, 1][patient]])
+    out = tmp_path / "pred"
+    result = predict(run, out, manifest=new, tiles_dir=tiles, device="cpu", threads=2, heatmaps=False,
+                     progress=False)
+    assert result.exit_code == 0
+
+    with (out / "predictions.csv").open() as f:
+        predicted = list(csv.DictReader(f))
+    assert len(predicted) == 8 and all(r["status"] == "done" for r in predicted)
+    assert {r["predicted"] for r in predicted} <= {"low risk", "high risk"}
+    cutoff = load_checkpoint(run / "best.pt")["survival"]["risk_cutoffs"][0]
+    assert all((float(r["risk"]) > cutoff) == (r["predicted"] == "high risk") for r in predicted
+               if abs(float(r["risk"]) - cutoff) > 1e-5)  # the CSV rounds; a training slide sits on the median
+    assert not any(c.startswith("prob_") for c in predicted[0])
+
+    with (out / "patients.csv").open() as f:
+        patients = list(csv.DictReader(f))
+    assert [p["case_id"] for p in patients] == [f"patient{i}" for i in range(4)]
+    assert float(patients[0]["risk"]) == pytest.approx(np.mean([float(r["risk"]) for r in predicted[:2]]), abs=1e-5)
+    metrics = json.loads((out / "survival_metrics.json").read_text())
+    assert metrics["n_patients"] == 4 and metrics["n_events"] == 3 and metrics["time_unit"] == "weeks"
+    assert result.metrics["c_index"] == pytest.approx(metrics["c_index"])
+    assert (out / "km.png").is_file() and not (out / "metrics.json").exists()
+    assert (out / "scores" / f"{predicted[0]['slide_id']}_scores.h5").is_file()  # attention of the survival token
+
+    page = write_report(out).read_text()
+    assert "C-index (Harrell)" in page and f"{metrics['c_index']:.3f}" in page
+    assert 'src="km.png"' in page and "Kaplan-Meier curves of the risk groups" in page
 
 
 def test_discrete_time_model_keeps_its_bins_and_measures_a_brier_score(cohort, tmp_path):
