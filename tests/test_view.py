@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -288,6 +289,28 @@ def test_cli_refuses_what_it_cannot_serve(tmp_path, pred, capsys):
     assert exit_info.value.code == 2 and "no tile store" in err and open_cohort(pred).ids[0] in err
 
 
+def test_ipspath_view_on_all_addresses_prints_a_token_and_enforces_it(pred):
+    process = subprocess.Popen([sys.executable, "-m", "ips_path.cli.main", "view", str(pred), "--port", "0",
+                                "--host", "0.0.0.0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        url = line.split(" at ")[1].split()[0]
+        assert "?token=" in url, line
+        port, token = int(url.split(":")[2].split("/")[0]), url.split("?token=")[1]
+        assert len(token) >= 30
+
+        def status(path: str) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("GET", path)
+            return connection.getresponse().status
+
+        assert status("/") == 403 and status("/static/viewer.js") == 403
+        assert status(f"/?token={token}") == 200 and status(f"/static/viewer.js?token={token}") == 200
+    finally:
+        process.send_signal(2)
+        process.wait(timeout=30)
+
+
 def test_ipspath_view_serves_until_interrupted(pred):
     process = subprocess.Popen([sys.executable, "-m", "ips_path.cli.main", "view", str(pred), "--port", "0"],
                                stderr=subprocess.PIPE, text=True)
@@ -428,6 +451,34 @@ def test_browser_draws_slide_and_attention_and_zooms_to_the_top_patch(running, b
     plain = browser.screenshot()
     assert _selection_box(plain) == (x0, y0, x1, y1)
     assert np.abs(plain[y0 + 6:y1 - 6, x0 + 6:x1 - 6].mean(axis=(0, 1)) - VIRIDIS_TOP).max() > 60
+    # the pointer on a neighbour of the top patch tells that patch's rank and attention logit
+    view, _, (x, y) = _top_patch(running.cohort, slide_id)
+    size = view.store.patch_size_level0
+    neighbours = [(dx, dy, np.flatnonzero((view.store.coords == [x + dx * size, y + dy * size]).all(axis=1)))
+                  for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
+    dx, dy, (index,) = next(n for n in neighbours if len(n[2]))
+    side = x1 - x0
+    browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=(x0 + x1) / 2 + dx * side,
+                 y=(y0 + y1) / 2 + dy * side)
+    info = browser.evaluate("document.getElementById('patch-info').textContent")
+    rank = 1 + int((view.scores > view.scores[index]).sum())
+    assert f"rank: {rank} of {view.store.n_patches}" in info, info
+    shown = float(re.search(r"attention logit: ([-+.\de]+)", info).group(1))
+    assert shown == pytest.approx(float(view.scores[index]), rel=2e-3), info
+    # tissue contour and patch grid are drawn only when asked for
+    contour_colour = np.array([27, 110, 243])
+    browser.evaluate("document.getElementById('show-contour').click()")
+    assert _pixels_near(browser.screenshot(), contour_colour) > _pixels_near(plain, contour_colour) + 50
+    browser.open(page + "#opacity=0", until=DRAWN)
+    before = browser.screenshot()
+    browser.evaluate("document.getElementById('show-grid').click()")
+    after = browser.screenshot()
+    darker = (after.sum(axis=2) < before.sum(axis=2) - 60).sum()
+    assert darker > 200, "the grid darkens the patch borders"
+
+
+def _pixels_near(pixels: np.ndarray, colour: np.ndarray, tolerance: int = 40) -> int:
+    return int((np.abs(pixels - colour).sum(axis=2) < tolerance).sum())
 
 
 def _selection_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
