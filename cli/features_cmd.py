@@ -63,7 +63,7 @@ def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretra
                + (f", {counts['refused']} refused" if counts["refused"] else ""))
     for o in outcomes:
         if not o.ok:
-            click.echo(f"  {o.status}: {o.extra['store']}: {o.error}", err=True)
+            click.echo(f"  {o.status}: {o.error}", err=True)  # the error names the store
     return run_exit_code(outcomes)
 
 

@@ -92,8 +92,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a damaged or foreign file
-        reason = (str(exc).strip().splitlines() or [""])[0]  # torch's explanations run over many lines
-        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason})") from None
+        # torch's own explanation runs over many lines and suggests weights_only=False, which would run
+        # whatever code the file holds: name the error only
+        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}); give a best.pt or last.pt "
+                            "that `ipspath train` wrote") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise BadInputError(f"{path}: not an ipspath training checkpoint")
     if int(checkpoint.get("format_version", 0)) > CHECKPOINT_VERSION:

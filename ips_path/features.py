@@ -151,7 +151,7 @@ def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
         extra = {"store": str(path), "n_patches": store.n_patches}
         if store.has_array(array) and not settings.overwrite and \
                 check_identity(store.path / array, store.array_attrs(array).get("identity"), identity,
-                               what="features"):
+                               what="features", instead="give these features another --name"):
             return SlideOutcome(slide_id, Status.REUSED, identity=identity, extra=extra)
         streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device),
                                   lambda: PatchStreamer(chunk_size=settings.chunk_size, threads=settings.threads,

@@ -223,7 +223,8 @@ def read_outcome(path: str | os.PathLike) -> SlideOutcome | None:
 
 
 def check_done_record(path: str | os.PathLike, identity: Mapping[str, Any], *, overwrite: bool = False,
-                      on_change: Literal["refuse", "redo"] = "refuse", what: str = "results") -> SlideOutcome | None:
+                      on_change: Literal["refuse", "redo"] = "refuse", what: str = "results",
+                      instead: str = "choose another output folder") -> SlideOutcome | None:
     """Whether a slide is already done with this run's inputs.
 
     Parameters
@@ -238,6 +239,8 @@ def check_done_record(path: str | os.PathLike, identity: Mapping[str, Any], *, o
         What a record of another identity means: refuse (raise) or redo the slide.
     what : str
         Names the results in the refusal ("predictions", "features").
+    instead : str
+        The other way out the refusal offers besides ``--overwrite``.
 
     Returns
     -------
@@ -255,14 +258,15 @@ def check_done_record(path: str | os.PathLike, identity: Mapping[str, Any], *, o
     recorded = None if overwrite else read_outcome(path)
     if recorded is None or not recorded.ok:
         return None
-    if not check_identity(path, recorded.identity, identity, on_change=on_change, what=what):
+    if not check_identity(path, recorded.identity, identity, on_change=on_change, what=what, instead=instead):
         return None
     recorded.status = Status.REUSED
     return recorded
 
 
 def check_identity(where: str | os.PathLike, recorded: Mapping[str, Any] | None, identity: Mapping[str, Any], *,
-                   on_change: Literal["refuse", "redo"] = "refuse", what: str = "results") -> bool:
+                   on_change: Literal["refuse", "redo"] = "refuse", what: str = "results",
+                   instead: str = "choose another output folder") -> bool:
     """Whether a result recorded with identity ``recorded`` at ``where`` can be reused for ``identity``.
 
     True when they are equal; False (redo) when nothing is recorded (an older layout) or, with
@@ -282,4 +286,4 @@ def check_identity(where: str | os.PathLike, recorded: Mapping[str, Any] | None,
         log.info("%s: made from other inputs (%s); doing it again", where, differs)
         return False
     raise RefusedError(f"{where}: holds {what} made from other inputs (differs in {differs}); "
-                       "pass --overwrite to replace them, or choose another output folder")
+                       f"pass --overwrite to replace them, or {instead}")

@@ -80,7 +80,7 @@ def check_heatmap_options(options: Mapping[str, Any]) -> None:
         if value is None:
             return
         if not isinstance(value, (int, float)) or not (math.isfinite(value) and low <= value <= high):
-            flag = "--" + name.replace("_", "-")
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
             raise BadInputError(f"{flag} {value!r}: must be {what}")
 
     number("thumbnail_size", 16, what="at least 16 px")
@@ -93,6 +93,7 @@ def check_heatmap_options(options: Mapping[str, Any]) -> None:
         raise BadInputError(f"--colormap {options['colormap']!r}: use one of {', '.join(COLORMAPS)}")
 
 
+_FLAGS = {"smooth_sigma_um": "--smooth-um"}  # options whose command-line flag is not their name
 _OPTION_NAMES = ("thumbnail_size", "smooth_sigma_um", "colormap", "alpha", "top_k", "geojson", "tiff_mpp",
                  "threads", "progress")
 
