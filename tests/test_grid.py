@@ -141,3 +141,13 @@ def test_patches_with_stride_equal_to_size_never_overlap(width, height, patch):
     np.fill_diagonal(overlapping, False)
     assert not overlapping.any()
     assert len(coords) == (width // patch) * (height // patch)
+
+
+def test_a_patch_without_tissue_has_fraction_exactly_zero_despite_round_off():
+    # found by hypothesis: a 1-px patch on a mask downsampled 7x, just beside a tissue pixel
+    mask = np.zeros((40, 2), bool)
+    mask[[1, 3, 4], 0] = True
+    geometry = patch_geometry(1.0, (1,), 1.0, 1, 1)
+    coords, fractions = select_patches(mask, 7, (1, 40), geometry, 0.0)
+    truth = _fractions_by_upsampling(mask, 7, coords, 1)
+    assert np.all(truth > 0) and np.all(fractions > 0)
