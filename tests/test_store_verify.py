@@ -179,6 +179,6 @@ def test_predict_refuses_a_swapped_store_in_the_users_tiles(trained_run, cohort,
     slide = manifest.parent / "slide_001.svs"
     assert slide.is_file()
     result = predict(trained_run, tmp_path / "p", inputs=[slide], tiles_dir=copy, heatmaps=False, progress=False)
-    record = result.records[0]
+    record = result.outcomes[0]
     assert record.status == "failed" and record.exit_code == 2
     assert "made for slide 'slide_000', not 'slide_001'" in record.error
