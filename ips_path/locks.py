@@ -14,8 +14,8 @@ is a zombie, belongs to a process started at another time (the pid was reused), 
 was rebooted since. A lock held by a live process, or by any process on another host (whose
 liveness cannot be seen from here), refuses with one line naming the holder and the fix.
 
-Taking over a stale lock happens under an ``flock`` on ``<folder>/.ipspath.lock.guard`` (released
-by the kernel when its holder dies), so two runs that find one stale lock never both take it.
+Taking over a stale lock happens under an ``flock`` on the folder (released by the kernel when its
+holder dies), so two runs that find one stale lock never both take it.
 
 Creating the lock is also the run's first write into its folder: a read-only folder, a full disk
 or a folder that cannot be made is reported there, before any work, as one line naming the path.
@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -196,10 +197,19 @@ def _create(lock: Path, holder: LockHolder) -> bool:
 
 @contextmanager
 def _guard(lock: Path) -> Iterator[None]:
-    """Serialise stale-lock take-overs in one folder (the kernel drops the flock of a dead holder)."""
-    fd = os.open(lock.with_name(LOCK_NAME + ".guard"), os.O_RDWR | os.O_CREAT, 0o644)
+    """Serialise stale-lock take-overs in one folder: an ``flock`` on the folder itself (the kernel
+    drops it when its holder dies; it leaves no file). Take-overs only happen for holders on this
+    host, so where a file system cannot flock a folder, a host-local guard file serves."""
+    fd = os.open(lock.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            guards = Path(tempfile.gettempdir()) / "ipspath-lock-guards"
+            guards.mkdir(exist_ok=True)
+            fd = os.open(guards / hashlib.sha256(str(lock).encode()).hexdigest()[:16], os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -13,16 +13,25 @@ to a Dask distributed cluster (``pip install ipspath[dask]``):
 
 The per-slide functions write their results straight to the shared output folder, atomically,
 and return a small picklable record. A worker that dies mid-slide leaves no half-written output;
-Dask re-runs its task on another worker, and a slide whose workers keep dying is recorded as
-failed (through ``on_lost``) while the others go on.
+its slide is run again (locally: alone, so that a second death names it; on Dask: on another
+worker), and a slide whose workers keep dying is recorded as failed (through ``on_lost``) while
+the others go on. Local workers die with the process that started them, even when it is killed
+with ``kill -9``, so no orphan goes on writing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +43,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 #: Seconds to wait for a scheduler before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5
@@ -96,16 +108,97 @@ def _run(function: Callable[..., R], items: Sequence[T], args: tuple, workers: i
         for index, item in enumerate(items):
             yield index, function(item, *args)
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
-            futures = {pool.submit(function, item, *args): index for index, item in enumerate(items)}
-            for future in as_completed(futures):
-                index = futures[future]
-                try:
-                    yield index, future.result()
-                except Exception as exc:  # a worker process died (killed, out of memory)
-                    if on_lost is None:
-                        raise
-                    yield index, on_lost(items[index], exc)
+        yield from _run_local(function, items, args, workers, retries, on_lost)
+
+
+def _run_local(function: Callable[..., R], items: Sequence[T], args: tuple, workers: int, retries: int,
+               on_lost: Callable[[T, BaseException], R] | None) -> Iterator[tuple[int, R]]:
+    """Local worker processes that die with this process; a slide whose worker dies is retried.
+
+    A worker killed mid-slide (out of memory, kill -9) breaks the whole process pool. The slides
+    it was running (each marks itself started in a scratch folder) are the suspects: one suspect
+    is the culprit; several are rerun one at a time, where a death names its slide. A culprit is
+    rerun alone up to ``retries`` times, then recorded through ``on_lost``; every other slide is
+    simply run again, never failed for another slide's death.
+    """
+    todo, alone = list(range(len(items))), []
+    deaths: Counter[int] = Counter()
+    unexplained = 0
+    with tempfile.TemporaryDirectory(prefix="ipspath-workers-") as scratch:
+        marks = Path(scratch)
+        while todo or alone:
+            batch = [alone.pop(0)] if alone else todo
+            if batch is todo:
+                todo = []
+            broken: BaseException | None = None
+            unfinished = []
+            with ProcessPoolExecutor(max_workers=min(workers, len(batch)), initializer=_die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
+                futures = {pool.submit(_marked, marks, index, function, items[index], *args): index
+                           for index in batch}
+                for future in as_completed(futures):
+                    index = futures[future]
+                    try:
+                        yield index, future.result()
+                    except BrokenProcessPool as exc:  # a worker process died: sorted out below
+                        broken = exc
+                        unfinished.append(index)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a record that cannot be pickled
+                        if on_lost is None:
+                            raise
+                        yield index, on_lost(items[index], exc)
+            if broken is None:
+                continue
+            suspects = [index for index in unfinished if (marks / str(index)).exists()]
+            for index in unfinished:
+                (marks / str(index)).unlink(missing_ok=True)
+            todo = [index for index in unfinished if index not in suspects] + todo
+            if len(suspects) > 1:
+                alone += suspects
+                continue
+            if not suspects:  # died before starting any slide
+                unexplained += 1
+                if unexplained <= retries:
+                    continue
+                suspects, todo, alone = todo + alone, [], []
+            for index in suspects:
+                deaths[index] += 1
+                if deaths[index] <= retries and unexplained <= retries:
+                    log.warning("%s: its worker process died (%s); trying it again alone", items[index], broken)
+                    alone.append(index)
+                elif on_lost is None:
+                    raise broken
+                else:
+                    yield index, on_lost(items[index], broken)
+
+
+def _marked(marks: Path, index: int, function: Callable[..., R], item: T, *args: Any) -> R:
+    """``function(item, *args)`` in a worker, with a mark saying it runs (see :func:`_run_local`)."""
+    mark = marks / str(index)
+    mark.touch()
+    try:
+        return function(item, *args)
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Initializer of a local worker: die at once when the parent process dies, even by kill -9,
+    so no orphan goes on writing. Linux: PR_SET_PDEATHSIG; elsewhere a thread watching the parent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl failed")
+    except (OSError, AttributeError):
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was set up
+        os._exit(1)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _run_dask(function: Callable[..., R], items: Sequence[T], args: tuple, scheduler: str,

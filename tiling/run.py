@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ips_path.errors import BadInputError, IpspathError
+from ips_path.faults import fault_point
 from ips_path.identity import slide_identity
 from ips_path.jobs import error_line
 from ips_path.locks import file_lock, probe_writable
@@ -347,6 +348,7 @@ def tile_slide(
         # one writer per store: a second run leaves this slide alone instead of removing its work
         with file_lock(out_dir / f".{target.name}.lock", str(target)):
             remove_partial_stores(out_dir, item.slide_id)
+            fault_point(f"tile.started:{item.slide_id}")
             _tile_slide(item, out_dir, params, overwrite, result)
     except Exception as exc:  # noqa: BLE001 - one slide must not stop the others
         result.status = "failed"
