@@ -180,8 +180,10 @@ def write_lesion_truth(spec: SlideSpec, store: TileStore) -> np.ndarray:
     -------
     (N,) float32 array, the values written
     """
+    from ips_path.lesion_truth import LESION_TRUTH_ARRAY
+
     fractions = lesion_fractions(spec, store.coords, store.patch_size_level0).astype(np.float32)
-    store.write_array("truth/lesion", fractions, attrs={"source": "ipspath.synth", "seed": spec.seed})
+    store.write_array(LESION_TRUTH_ARRAY, fractions, attrs={"source": "ipspath.synth", "seed": spec.seed})
     return fractions
 
 

@@ -74,6 +74,7 @@ from ips_path.distributed import (
 )
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.faults import fault_point
+from ips_path.lesion_truth import TrainedOnLesions
 from ips_path.loader import Augmentation, PatchStreamer
 from ips_path.manifest import ManifestRow, assign_splits, class_names, read_manifest
 from ips_path.metrics import classification_metrics
@@ -389,7 +390,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     task = model.tasks[0]
     losses: list[float] = []
     n_slides = n_patches = 0
-    truth = _LesionTruth()
+    trained_on_lesions = TrainedOnLesions()
     _reset_peak_memory(procs.device)
     started = time.perf_counter()
     with progress_bar(sum(item.n_patches for item in order), f"epoch {epoch + 1}/{config.epochs}", unit="patch",
@@ -411,7 +412,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                 average_buffers(model, procs.world_size)
             losses.append(loss)
             for item, selected in zip(batch, out["selected"], strict=True):
-                truth.record(item, selected.numpy())
+                trained_on_lesions.record(item.store, selected.numpy())
             n_slides += len(batch)
             n_patches += sum(item.n_patches for item in batch)
             bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
@@ -419,40 +420,9 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     n_slides *= procs.world_size  # every process trains on as many slides
     return {"train_loss": float(np.mean(losses)), "train_slides": n_slides, "train_seconds": seconds,
             "slides_per_s": n_slides / seconds, "patches_per_s": sum_over_processes(n_patches, procs) / seconds,
-            "peak_memory_mb": _peak_memory_mb(procs.device), **truth.summary(procs)}
+            "peak_memory_mb": _peak_memory_mb(procs.device),
+            **trained_on_lesions.summary(lambda n: sum_over_processes(n, procs))}
 
-
-class _LesionTruth:
-    """Where the trained patches lay, for tile stores that know their lesions (array ``truth/lesion``, the
-    lesion fraction of each patch, e.g. from :func:`ips_path.synth.write_lesion_truth`).
-
-    Per epoch: ``train_selected_in_lesion``, the share of the patches trained on of lesion-holding slides
-    that overlap a lesion, and ``train_lesion_found``, the share of those slides whose trained patches
-    include at least one such patch. Absent when no training slide has the truth.
-    """
-
-    ARRAY = "truth/lesion"
-
-    def __init__(self) -> None:
-        self.cache: dict[Path, np.ndarray | None] = {}
-        self.in_lesion = self.selected = self.found = self.slides = 0
-
-    def record(self, item: SlideItem, selected: np.ndarray) -> None:
-        if item.store not in self.cache:
-            store = TileStore.open(item.store)
-            self.cache[item.store] = store.read_array(self.ARRAY) > 0 if store.has_array(self.ARRAY) else None
-        lesion = self.cache[item.store]
-        if lesion is None or not lesion.any():
-            return
-        hits = int(lesion[selected].sum())
-        self.in_lesion, self.selected = self.in_lesion + hits, self.selected + len(selected)
-        self.found, self.slides = self.found + (hits > 0), self.slides + 1
-
-    def summary(self, procs: Processes) -> dict[str, float]:
-        totals = [sum_over_processes(v, procs) for v in (self.in_lesion, self.selected, self.found, self.slides)]
-        if not totals[3]:
-            return {}
-        return {"train_selected_in_lesion": totals[0] / totals[1], "train_lesion_found": totals[2] / totals[3]}
 
 
 def _targets(items: Sequence[SlideItem]) -> torch.Tensor:
