@@ -1,0 +1,201 @@
+"""Find the needle: IPS on generated cohorts whose lesions cover ~1 %, ~0.3 % or ~0.1 % of the tissue.
+
+Each cohort (``ips_path.synth``): slides of 6144 x 4096 px at 1 µm/px, one or two subtle lesions on
+half of them (nuclei 1.4x larger than normal, pleomorphic), 2-4 look-alike clusters of large regular
+nuclei on every slide, a per-slide stain shift. Slides are tiled (``ipspath tile``), the lesion
+truth is written into the tile stores (so training logs how often it trains on lesion patches),
+then each variant is trained with ``ips_path.train.train`` on the train/val slides and scored on
+held-out test slides:
+
+* test AUC (best validation checkpoint),
+* the share of tumour test slides whose most attended patch overlaps a lesion,
+* the share of trained patches that overlapped a lesion, per epoch,
+* wall time and CPU time (user + system) of training and testing; generation and tiling apart.
+
+    python bench/needle_bench.py                                  # every ratio and variant, seeds 0-2
+    python bench/needle_bench.py --ratios 0.1 --variants default explore --seeds 0 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ips_path.checkpoint import load_model
+from ips_path.config import TrainConfig
+from ips_path.loader import PatchStreamer
+from ips_path.metrics import roc_auc
+from ips_path.store import TileStore
+from ips_path.synth import lesion_fractions, write_lesion_truth, write_synthetic_cohort
+from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
+from ips_path.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_result  # noqa: E402
+
+SLIDE_SIZE = (6144, 4096)
+SLIDE_MPP = 1.0
+# Lesion diameters (µm) that give about these object-to-image ratios (lesion area / tissue area) on
+# these slides with 1-2 lesions; the measured ratios are in the results.
+RATIOS = {"1": (170.0, 240.0), "0.3": (90.0, 130.0), "0.1": (40.0, 70.0)}
+TILE_MPP, PATCH_SIZE = 2.0, 64
+BASE = dict(encoder="smallcnn", n_select=16, chunk_size=128, dim=64, heads=4, lr=3e-4, warmup_epochs=1.0,
+            batch_size=4, epochs=8, patience=0, threads=2, device="cpu")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "explore": {"explore": 0.5},
+    "instance": {"instance_loss": 0.5},
+    "large_m": {"n_select": 64},
+    "large_m_explore": {"n_select": 64, "explore": 0.5},
+}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children, s."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def make_cohort(root: Path, ratio: str, n_slides: int, seed: int) -> tuple[Path, Path, list, dict[str, float]]:
+    """Generate, split (half test, a quarter val... by label), tile and write the truth. Returns
+    (manifest, tiles, specs, seconds)."""
+    seconds = {}
+    clock, cpu = time.perf_counter(), cpu_seconds()
+    specs = write_synthetic_cohort(root / "slides", n_slides, size=SLIDE_SIZE, mpp=SLIDE_MPP, downsamples=(1, 4),
+                                   seed=seed, prefix=f"r{ratio.replace('.', '')}s{seed}",
+                                   lesion_diameter_um=RATIOS[ratio], lesions_per_positive=(1, 2),
+                                   lookalikes_per_slide=(2, 4), nucleus_scale=1.4, stain_shift=0.15, workers=2)
+    seconds["generate_wall"], seconds["generate_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
+    manifest = root / "slides" / "manifest.csv"
+    _add_splits(manifest, specs, seed)
+    clock, cpu = time.perf_counter(), cpu_seconds()
+    tiles = root / "tiles"
+    tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=TILE_MPP, patch_size=PATCH_SIZE, qc=False),
+                workers=2, progress=False)
+    for spec in specs:
+        write_lesion_truth(spec, TileStore.open(tiles / f"{spec.path.stem}.zarr"))
+    seconds["tile_wall"], seconds["tile_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
+    return manifest, tiles, specs, seconds
+
+
+def _add_splits(manifest: Path, specs: list, seed: int) -> None:
+    """A third of each label to test, a sixth to validation, the rest to training."""
+    rng = np.random.default_rng([seed, 13])
+    split = {}
+    for label in ("positive", "negative"):
+        ids = [s.path.stem for s in specs if s.label == label]
+        rng.shuffle(ids)
+        n_test, n_val = round(len(ids) / 3), round(len(ids) / 6)
+        split.update({i: "test" for i in ids[:n_test]})
+        split.update({i: "val" for i in ids[n_test:n_test + n_val]})
+        split.update({i: "train" for i in ids[n_test + n_val:]})
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0].keys(), "split"])
+        writer.writeheader()
+        writer.writerows({**row, "split": split[row["slide_id"]]} for row in rows)
+
+
+def run_variant(name: str, manifest: Path, tiles: Path, specs: list, out: Path, epochs: int, seed: int) -> dict:
+    config = TrainConfig(**{**BASE, "epochs": epochs, "seed": seed, **VARIANTS[name]})
+    clock, cpu = time.perf_counter(), cpu_seconds()
+    result = train(manifest, tiles, out, config, progress=False)
+    train_wall, train_cpu = time.perf_counter() - clock, cpu_seconds() - cpu
+    clock, cpu = time.perf_counter(), cpu_seconds()
+    model, _ = load_model(out / ("best.pt" if (out / "best.pt").exists() else "last.pt"))
+    test = _score_test(model, tiles, specs, manifest, config.threads)
+    return {"variant": name, "config": {k: v for k, v in VARIANTS[name].items()}, **test,
+            "best_epoch": result.best_epoch,
+            "train_selected_in_lesion": [round(r.get("train_selected_in_lesion", float("nan")), 4)
+                                         for r in result.history],
+            "train_lesion_found": [round(r.get("train_lesion_found", float("nan")), 3) for r in result.history],
+            "train_loss": [round(r["train_loss"], 4) for r in result.history],
+            "val_auc": [round(r.get("val_auc", float("nan")), 3) for r in result.history],
+            "seconds": {"train_wall": round(train_wall, 1), "train_cpu": round(train_cpu, 1),
+                        "test_wall": round(time.perf_counter() - clock, 1), "test_cpu": round(cpu_seconds() - cpu, 1)}}
+
+
+def _score_test(model: Any, tiles: Path, specs: list, manifest: Path, threads: int) -> dict:
+    with manifest.open(newline="") as f:
+        test_ids = {row["slide_id"] for row in csv.DictReader(f) if row["split"] == "test"}
+    labels, probabilities, hits, lookalike_tops = [], [], [], []
+    with PatchStreamer(chunk_size=model.chunk_size, threads=threads) as streamer, torch.no_grad():
+        for spec in specs:
+            if spec.path.stem not in test_ids:
+                continue
+            store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
+            prediction = model.predict_slide(streamer.stream(store))
+            labels.append(bool(spec.lesions))
+            probabilities.append(float(prediction.probabilities["label"][1]))
+            top = store.coords[int(torch.argmax(prediction.selection.all_logits))][None]
+            if spec.lesions:
+                hits.append(bool(lesion_fractions(spec, top, store.patch_size_level0)[0] > 0))
+            lookalike_tops.append(bool(lesion_fractions(spec, top, store.patch_size_level0, "lookalikes")[0] > 0))
+    return {"test_auc": round(roc_auc(np.array(labels), np.array(probabilities)), 4),
+            "top_patch_in_lesion": round(float(np.mean(hits)), 4),
+            "top_patch_in_lookalike": round(float(np.mean(lookalike_tops)), 4),
+            "n_test": len(labels), "n_test_tumour": len(hits)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", nargs="+", choices=list(RATIOS), default=list(RATIOS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--slides", type=int, default=48, help="slides per cohort (train + val + test)")
+    parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--name", default="needle_bench", help="result file bench/results/NAME.json")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    rows, cohorts = [], []
+    with tempfile.TemporaryDirectory(prefix="needle_bench_") as scratch:
+        work = args.workdir or Path(scratch)
+        for ratio in args.ratios:
+            for seed in args.seeds:
+                root = work / f"ratio{ratio}_seed{seed}"
+                manifest, tiles, specs, seconds = make_cohort(root, ratio, args.slides, seed)
+                measured = [s.lesion_area_fraction() for s in specs if s.lesions]
+                cohorts.append({"ratio_preset_percent": ratio, "seed": seed, "slides": len(specs),
+                                "lesion_area_percent_median": round(100 * float(np.median(measured)), 4),
+                                "lesion_area_percent_range": [round(100 * min(measured), 4),
+                                                              round(100 * max(measured), 4)],
+                                "patches_per_slide_median": float(np.median(
+                                    [TileStore.open(tiles / f"{s.path.stem}.zarr").n_patches for s in specs])),
+                                "seconds": {k: round(v, 1) for k, v in seconds.items()}})
+                print(cohorts[-1], flush=True)
+                for variant in args.variants:
+                    row = run_variant(variant, manifest, tiles, specs, root / "runs" / variant, args.epochs, seed)
+                    rows.append({"ratio_preset_percent": ratio, "seed": seed, **row})
+                    print(row, flush=True)
+    summary = {}
+    for ratio in args.ratios:
+        for variant in args.variants:
+            chosen = [r for r in rows if r["ratio_preset_percent"] == ratio and r["variant"] == variant]
+            summary[f"{ratio}%/{variant}"] = {
+                key: {"median": float(np.median([r[key] for r in chosen])),
+                      "min": float(min(r[key] for r in chosen)), "max": float(max(r[key] for r in chosen))}
+                for key in ("test_auc", "top_patch_in_lesion")} | {
+                "train_wall_s_median": float(np.median([r["seconds"]["train_wall"] for r in chosen])),
+                "train_cpu_s_median": float(np.median([r["seconds"]["train_cpu"] for r in chosen]))}
+    save_result(args.name, {"settings": {"slide_size": SLIDE_SIZE, "slide_mpp": SLIDE_MPP, "tile_mpp": TILE_MPP,
+                                         "patch_size": PATCH_SIZE, "base_config": BASE, "epochs": args.epochs,
+                                         "variants": {v: VARIANTS[v] for v in args.variants},
+                                         "lesion_diameter_um": {r: RATIOS[r] for r in args.ratios},
+                                         "hit": "the most attended patch overlaps a lesion"},
+                            "cohorts": cohorts, "summary": summary, "runs": rows})
+
+
+if __name__ == "__main__":
+    main()
