@@ -14,6 +14,17 @@ held-out test slides:
 
     python bench/needle_bench.py                                  # every ratio and variant, seeds 0-2
     python bench/needle_bench.py --ratios 0.1 --variants default explore --seeds 0 --epochs 6
+    python bench/needle_bench.py --ratios 0.1 --seeds 0 --probe 2.0,64 1.0,64   # can the encoder see it?
+    python bench/needle_bench.py --bags                     # the failure in miniature, seconds
+
+``--bags`` runs IPS on bags of feature vectors (no pixels): 40 patches, 4 bright look-alikes in every
+bag, one lesion patch in positive bags, fresh bags at every step; it compares selection settings
+over seeds in seconds.
+
+``--probe`` answers "does the encoder see the lesion at this resolution and patch size?": a SmallCNN
+trained *with patch labels* (lesion-overlapping patches against look-alike and normal ones) on the
+training slides, scored on the test slides' patches (AUC lesion vs all, lesion vs look-alike). If
+even that fails, no slide-level training can find the lesion at that resolution.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import pickle
 import resource
 import sys
 import tempfile
@@ -67,8 +79,11 @@ def cpu_seconds() -> float:
 
 
 def make_cohort(root: Path, ratio: str, n_slides: int, seed: int) -> tuple[Path, Path, list, dict[str, float]]:
-    """Generate, split (half test, a quarter val... by label), tile and write the truth. Returns
-    (manifest, tiles, specs, seconds)."""
+    """Generate, split (by label: a third test, a sixth validation), tile and write the truth; or reuse
+    what an earlier run left in ``root``. Returns (manifest, tiles, specs, seconds)."""
+    saved = root / "specs.pickle"
+    if saved.exists():
+        return root / "slides" / "manifest.csv", root / "tiles", pickle.loads(saved.read_bytes()), {}
     seconds = {}
     clock, cpu = time.perf_counter(), cpu_seconds()
     specs = write_synthetic_cohort(root / "slides", n_slides, size=SLIDE_SIZE, mpp=SLIDE_MPP, downsamples=(1, 4),
@@ -85,6 +100,7 @@ def make_cohort(root: Path, ratio: str, n_slides: int, seed: int) -> tuple[Path,
     for spec in specs:
         write_lesion_truth(spec, TileStore.open(tiles / f"{spec.path.stem}.zarr"))
     seconds["tile_wall"], seconds["tile_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
+    saved.write_bytes(pickle.dumps(specs))
     return manifest, tiles, specs, seconds
 
 
@@ -148,6 +164,119 @@ def _score_test(model: Any, tiles: Path, specs: list, manifest: Path, threads: i
             "n_test": len(labels), "n_test_tumour": len(hits)}
 
 
+def probe(specs: list, manifest: Path, root: Path, mpp: float, patch_size: int, epochs: int,
+          seed: int) -> dict:
+    """Supervised patch-level probe at ``mpp`` / ``patch_size`` (see the module docstring)."""
+    from ips_path.loader import Augmentation, augment_patches
+    from ips_path.model import build_encoder
+
+    tiles = root / f"probe_tiles_{mpp:g}_{patch_size}"
+    tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=mpp, patch_size=patch_size, qc=False),
+                workers=2, progress=False)
+    with manifest.open(newline="") as f:
+        split = {row["slide_id"]: row["split"] for row in csv.DictReader(f)}
+    rng = np.random.default_rng(seed)
+    sets: dict[str, list] = {"train": [], "test": []}
+    with PatchStreamer(chunk_size=256, threads=2) as streamer:
+        for spec in specs:
+            part = "test" if split[spec.path.stem] == "test" else "train"
+            store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
+            lesion = lesion_fractions(spec, store.coords, store.patch_size_level0) > 0
+            mimic = lesion_fractions(spec, store.coords, store.patch_size_level0, "lookalikes") > 0
+            normal = np.flatnonzero(~lesion & ~mimic)
+            normal = rng.choice(normal, min(len(normal), 8 if part == "train" else 40), replace=False)
+            chosen = np.concatenate([np.flatnonzero(lesion), np.flatnonzero(mimic & ~lesion), normal])
+            kind = np.concatenate([np.full(lesion.sum(), 2), np.full((mimic & ~lesion).sum(), 1),
+                                   np.zeros(len(normal))])
+            if len(chosen):
+                pixels = torch.cat([c.patches for c in streamer.stream(store, indices=chosen)])
+                sets[part].append((pixels, kind))
+    x_train = torch.cat([p for p, _ in sets["train"]])
+    kind_train = np.concatenate([k for _, k in sets["train"]])
+    x_test = torch.cat([p for p, _ in sets["test"]])
+    kind_test = np.concatenate([k for _, k in sets["test"]])
+    y = torch.tensor(kind_train == 2, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(build_encoder("smallcnn", pool="max"), torch.nn.LazyLinear(1))
+    model(x_train[:2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    weight = torch.where(y > 0, (y == 0).sum() / y.sum().clamp(min=1), torch.tensor(1.0))
+    generator = torch.Generator().manual_seed(seed)
+    clock, cpu = time.perf_counter(), cpu_seconds()
+    curve = []
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        for start in range(0, len(order), 64):
+            batch = order[start:start + 64]
+            logits = model(augment_patches(x_train[batch], Augmentation(), generator)).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[batch], weight=weight[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            scores = torch.cat([model(x_test[i:i + 256]).squeeze(1) for i in range(0, len(x_test), 256)]).numpy()
+        not_normal = kind_test != 0
+        curve.append({"lesion_vs_all": round(roc_auc(kind_test == 2, scores), 3),
+                      "lesion_vs_lookalike": round(roc_auc(kind_test[not_normal] == 2, scores[not_normal]), 3)})
+    return {"mpp": mpp, "patch_size": patch_size, "patch_um": mpp * patch_size,
+            "train_patches": {"lesion": int((kind_train == 2).sum()), "lookalike": int((kind_train == 1).sum()),
+                              "normal": int((kind_train == 0).sum())},
+            "test_patches": {"lesion": int((kind_test == 2).sum()), "lookalike": int((kind_test == 1).sum()),
+                             "normal": int((kind_test == 0).sum())},
+            "auc_by_epoch": curve, "seconds": {"wall": round(time.perf_counter() - clock, 1),
+                                               "cpu": round(cpu_seconds() - cpu, 1)}}
+
+
+def _feature_bags(n: int, generator: torch.Generator, dim: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
+    bags, labels = [], []
+    for i in range(n):
+        x = torch.randn(40, dim, generator=generator) * 0.5
+        x[:4, 0] += 3.0  # look-alikes: bright in features 0 and 2
+        x[:4, 2] += 3.0
+        if i % 2:  # the lesion shares feature 2 with them and adds feature 1
+            x[20, 1] += 3.0
+            x[20, 2] += 3.0
+        bags.append(x)
+        labels.append(i % 2)
+    return bags, torch.tensor(labels)
+
+
+def feature_bag_study(seeds: list[int], steps: int = 150) -> list[dict]:
+    """IPS on feature bags with a needle, for several M / explore / instance-loss settings."""
+    from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, train_step
+
+    settings = [dict(n_select=4), dict(n_select=4, explore=0.5), dict(n_select=4, instance_loss=1.0),
+                dict(n_select=12), dict(n_select=12, explore=0.67), dict(n_select=40)]
+    rows = []
+    for seed in seeds:
+        for setting in settings:
+            torch.manual_seed(seed)
+            model = IPSModel(build_encoder("features", in_features=8, out_dim=16), [Task("label", 2)], dim=16,
+                             n_heads=2, n_select=setting["n_select"], chunk_size=8, dropout=0.0, attn_dropout=0.0)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            generator = torch.Generator().manual_seed(seed)
+            found = []
+            for _ in range(steps):
+                bags, labels = _feature_bags(4, generator)
+                out = train_step(model, [[PatchChunk(x[i:i + 8]) for i in range(0, 40, 8)] for x in bags],
+                                 {"label": labels}, optimizer, explore=setting.get("explore", 0.0),
+                                 instance_loss=setting.get("instance_loss", 0.0))
+                found += [20 in s.tolist() for s, y in zip(out["selected"], labels, strict=True) if y]
+            model.n_select = 4  # tested as deployed: greedy top-4
+            bags, labels = _feature_bags(16, torch.Generator().manual_seed(99))
+            predictions = [model.predict_slide([PatchChunk(x[i:i + 8]) for i in range(0, 40, 8)]) for x in bags]
+            tops = [int(p.selection.indices[0]) == 20 for p, y in zip(predictions, labels, strict=True) if y]
+            probabilities = np.array([float(p.probabilities["label"][1]) for p in predictions])
+            rows.append({"seed": seed, **setting, "lesion_trained_first_50_steps": round(float(np.mean(found[:50])), 2),
+                         "lesion_trained_last_50_steps": round(float(np.mean(found[-50:])), 2),
+                         "top_patch_in_lesion": round(float(np.mean(tops)), 3),
+                         "test_auc": round(roc_auc(labels.numpy().astype(bool), probabilities), 3)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", nargs="+", choices=list(RATIOS), default=list(RATIOS))
@@ -157,8 +286,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=BASE["epochs"])
     parser.add_argument("--name", default="needle_bench", help="result file bench/results/NAME.json")
     parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
+    parser.add_argument("--probe", nargs="+", metavar="MPP,PATCH", default=None,
+                        help="instead of training: the supervised patch probe at these resolutions, e.g. 2.0,64")
+    parser.add_argument("--probe-epochs", type=int, default=30)
+    parser.add_argument("--bags", action="store_true", help="only the feature-bag study (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.bags:
+        torch.set_num_threads(1)
+        save_result(args.name if args.name != "needle_bench" else "needle_bags",
+                    {"what": "IPS on feature bags: 40 patches, 4 look-alikes, 1 lesion patch in positive bags; "
+                             "150 steps of 4 fresh bags; tested greedy with M = 4 on 16 other bags",
+                     "runs": feature_bag_study(args.seeds)})
+        return
     rows, cohorts = [], []
     with tempfile.TemporaryDirectory(prefix="needle_bench_") as scratch:
         work = args.workdir or Path(scratch)
@@ -175,12 +315,19 @@ def main() -> None:
                                     [TileStore.open(tiles / f"{s.path.stem}.zarr").n_patches for s in specs])),
                                 "seconds": {k: round(v, 1) for k, v in seconds.items()}})
                 print(cohorts[-1], flush=True)
+                if args.probe:
+                    for setting in args.probe:
+                        mpp, size = setting.split(",")
+                        cohorts[-1].setdefault("probes", []).append(
+                            probe(specs, manifest, root, float(mpp), int(size), args.probe_epochs, seed))
+                        print(cohorts[-1]["probes"][-1], flush=True)
+                    continue
                 for variant in args.variants:
                     row = run_variant(variant, manifest, tiles, specs, root / "runs" / variant, args.epochs, seed)
                     rows.append({"ratio_preset_percent": ratio, "seed": seed, **row})
                     print(row, flush=True)
     summary = {}
-    for ratio in args.ratios:
+    for ratio in args.ratios if rows else ():
         for variant in args.variants:
             chosen = [r for r in rows if r["ratio_preset_percent"] == ratio and r["variant"] == variant]
             summary[f"{ratio}%/{variant}"] = {
