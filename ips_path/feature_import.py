@@ -383,23 +383,16 @@ def _plan(slide_id: str, slide_path: Path, slide_mpp: float | None, h5_path: Pat
     order = np.lexsort((file.coords[:, 0], file.coords[:, 1]))
     path = store_path(tiles_dir, slide_id)
     existing = None
-    if path.exists():
-        try:
-            existing = TileStore.open(path)
-        except BadInputError:
-            existing = None  # an incomplete store is replaced, as `ipspath tile` would
-    if existing is not None:
-        _check_fits(file, order, existing, slide_path)
+    if path.exists():  # it must be whole and belong to this slide (StoreMismatchError otherwise)
+        existing = TileStore.open(path, slide_id=slide_id, slide_path=slide_path)
+        _check_fits(file, order, existing)
     return _Job(slide_id, slide_path, slide_mpp, file, path, existing, order)
 
 
-def _check_fits(file: FeatureFile, order: np.ndarray, store: TileStore, slide_path: Path) -> None:
+def _check_fits(file: FeatureFile, order: np.ndarray, store: TileStore) -> None:
     """BadInputError (one line) unless ``file`` holds the patches of ``store``, at its resolution."""
     where = f"{file.path}: does not fit the tile store {store.path}"
     fix = "import into another --tiles folder, or delete that store to replace it"
-    if store.slide_path.resolve() != Path(slide_path).resolve():
-        raise BadInputError(f"{where}: the store was made from another slide ({store.slide_path}, the manifest says "
-                            f"{slide_path}); {fix}")
     if (store.patch_size_level0 != file.patch_size_level0
             or not math.isclose(store.target_mpp, file.target_mpp, rel_tol=MPP_RTOL)):
         raise BadInputError(f"{where}: another resolution (the file: {file.patch_size_level0} px at level 0, "
@@ -440,8 +433,8 @@ def _import_one(job: _Job, name: str) -> SlideOutcome:
 
         array = f"features/{name}"
         store = job.existing
-        if store is not None and store.has_array(array) and \
-                same_identity(store.array_attrs(array).get("identity"), identity):
+        if store is not None and (not file.n_patches or store.has_array(array) and
+                                  same_identity(store.array_attrs(array).get("identity"), identity)):
             return SlideOutcome(job.slide_id, Status.REUSED, identity=identity, extra=extra)
         created = store is None
         if created:

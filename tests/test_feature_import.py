@@ -177,7 +177,7 @@ def test_a_rerun_skips_and_a_replaced_file_is_imported_again(cohort, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("grid", "another patch grid"),
     ("resolution", "another resolution"),
-    ("slide", "made from another slide"),
+    ("slide", "belongs to another slide file"),
     ("outside", "outside the slide"),
 ])
 def test_files_that_do_not_fit_are_refused_in_one_line_before_anything_is_written(cohort, tmp_path, capsys,
@@ -258,6 +258,23 @@ def test_an_import_refuses_while_another_run_writes_the_stores(cohort, tmp_path)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_slide_without_patches_gets_an_empty_store_and_a_moved_slide_is_still_its_slide(cohort, tmp_path):
+    manifest, grids = cohort
+    folder = _write_trident_folder(tmp_path / "features_uni_v1", grids)
+    empty_id = list(grids)[0]
+    # TRIDENT's file for a slide without tissue patches: features of shape (0,)
+    write_trident(folder, empty_id, np.empty((0, 2), np.int64), np.empty((0,), np.float32), patch_size=32,
+                  level0_magnification=20, target_magnification=5, dimensions=SIZE)
+    tiles = tmp_path / "tiles"
+    results = {r.slide_id: r for r in import_features(folder, manifest, tiles, progress=False)}
+    assert {r.status for r in results.values()} == {"done"}
+    empty = TileStore.open(tiles / f"{empty_id}.zarr")
+    assert empty.n_patches == 0 and not empty.has_array("features/uni_v1")
+    moved = shutil.copytree(manifest.parent, tmp_path / "moved_slides", copy_function=shutil.copy2)
+    results = import_features(folder, moved / manifest.name, tiles, progress=False)
+    assert {r.status for r in results} == {"reused"}
 
 
 def test_non_finite_features_fail_that_slide_and_the_others_go_on(cohort, tmp_path):
