@@ -80,9 +80,10 @@ def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretra
 @click.option("--clam-patches", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="CLAM's patches/ folder (create_patches_fp.py), for the patch size and level its feature files "
                    "do not record.")
+@click.option("--overwrite", is_flag=True, help="Replace features of that name made from other inputs.")
 @click.pass_context
 def import_cmd(ctx: click.Context, folder: Path, manifest: Path, tiles_dir: Path, tool: str, name: str | None,
-               clam_patches: Path | None) -> int:
+               clam_patches: Path | None, overwrite: bool) -> int:
     """Import the patch features TRIDENT, CLAM or STAMP made, one FOLDER/<slide_id>.h5 per manifest slide.
 
     \b
@@ -103,7 +104,7 @@ def import_cmd(ctx: click.Context, folder: Path, manifest: Path, tiles_dir: Path
     from ips_path.jobs import run_exit_code
 
     outcomes = import_features(folder, manifest, tiles_dir, tool=tool, name=name, clam_patches=clam_patches,
-                               progress=not ctx.obj["quiet"])
+                               overwrite=overwrite, progress=not ctx.obj["quiet"])
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "reused", "failed")}
     click.echo(f"import: {counts['done']} imported, {counts['reused']} already there, {counts['failed']} failed")
     for o in outcomes:

@@ -40,7 +40,7 @@ import numpy as np
 
 from ips_path.errors import BadInputError
 from ips_path.identity import same_identity, slide_identity
-from ips_path.jobs import SlideOutcome, Status, run_job
+from ips_path.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.locks import output_lock
 from ips_path.store import TileStore, store_path, tile_store_for_coords
 
@@ -308,11 +308,12 @@ class _Job:
     store: Path
     existing: TileStore | None
     order: np.ndarray  # file row of each store row (stores keep patches sorted row-major)
+    identity: dict[str, Any]  # of the features: moving the file keeps it, editing the file does not
 
 
 def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tiles_dir: str | os.PathLike, *,
                     tool: str = "auto", name: str | None = None, clam_patches: str | os.PathLike | None = None,
-                    progress: bool = True) -> list[SlideOutcome]:
+                    overwrite: bool = False, progress: bool = True) -> list[SlideOutcome]:
     """Import the feature file of every manifest slide into its tile store.
 
     Parameters
@@ -331,6 +332,8 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
         encoder the files name (CLAM files name none: then ``name`` is needed).
     clam_patches : path-like, optional
         CLAM's ``patches/`` folder (patch size and level), for CLAM feature files without them.
+    overwrite : bool
+        Replace features of that name that were made from other inputs (another file, tool, encoder).
     progress : bool
         Show a progress bar over slides.
 
@@ -345,9 +348,10 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
     ------
     BadInputError
         Before anything is written: a bad manifest, a missing or unreadable feature file, files of
-        several encoders or dimensions, no usable name, or a file whose coordinates do not agree with
-        the slide's existing tile store (another grid, another slide, another resolution); another
-        run writing into ``tiles_dir`` (:func:`~ips_path.locks.output_lock`).
+        several encoders or dimensions, no usable name, a file whose coordinates do not agree with
+        the slide's existing tile store (another grid, another slide, another resolution), features
+        of that name made from other inputs (without ``overwrite``; a RefusedError), or another run
+        writing into ``tiles_dir`` (:func:`~ips_path.locks.output_lock`).
     """
     from ips_path.manifest import read_manifest
     from ips_path.progress import progress_bar
@@ -364,6 +368,11 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
         jobs = [_plan(r.slide_id, r.slide_path, r.mpp, folder / f"{r.slide_id}.h5", tiles_dir, tool, clam_patches)
                 for r in rows]
         name = _feature_name(jobs, name)
+        for job in jobs:
+            if job.existing is not None and job.existing.has_array(f"features/{name}") and not overwrite:
+                # raises for features of that name made from other inputs: before anything is written
+                check_identity(job.store / "features" / name, job.existing.array_attrs(f"features/{name}").get(
+                    "identity"), job.identity, what="features", instead="give these features another --name")
         results = []
         with progress_bar(len(jobs), "import", unit="slide", enabled=progress) as bar:
             for job in jobs:
@@ -386,7 +395,8 @@ def _plan(slide_id: str, slide_path: Path, slide_mpp: float | None, h5_path: Pat
     if path.exists():  # it must be whole and belong to this slide (StoreMismatchError otherwise)
         existing = TileStore.open(path, slide_id=slide_id, slide_path=slide_path)
         _check_fits(file, order, existing)
-    return _Job(slide_id, slide_path, slide_mpp, file, path, existing, order)
+    identity = {"tool": file.tool, "encoder": file.encoder, "dim": file.dim, "source": slide_identity(file.path)}
+    return _Job(slide_id, slide_path, slide_mpp, file, path, existing, order, identity)
 
 
 def _check_fits(file: FeatureFile, order: np.ndarray, store: TileStore) -> None:
@@ -423,9 +433,7 @@ def _feature_name(jobs: Sequence[_Job], name: str | None) -> str:
 
 
 def _import_one(job: _Job, name: str) -> SlideOutcome:
-    file = job.file
-    # what the features are: moving the file elsewhere keeps them the same, editing it does not
-    identity = {"tool": file.tool, "encoder": file.encoder, "dim": file.dim, "source": slide_identity(file.path)}
+    file, identity = job.file, job.identity
     extra = {"store": str(job.store), "n_patches": file.n_patches}
 
     def work() -> SlideOutcome:

@@ -15,7 +15,7 @@ from tool_h5 import write_clam, write_stamp, write_trident
 
 from ips_path import feature_import
 from ips_path.cli.main import main
-from ips_path.errors import BadInputError
+from ips_path.errors import BadInputError, RefusedError
 from ips_path.feature_import import import_features
 from ips_path.store import TileStore
 from ips_path.synth import in_lesion, write_synthetic_cohort
@@ -157,7 +157,7 @@ def test_stamp_coordinates_in_microns_land_on_the_level0_grid(cohort, tmp_path):
                                   (features * 2).astype(np.float16))
 
 
-def test_a_rerun_skips_and_a_replaced_file_is_imported_again(cohort, tmp_path):
+def test_a_rerun_reuses_and_a_replaced_file_is_refused_unless_overwritten(cohort, tmp_path):
     manifest, grids = cohort
     folder = _write_trident_folder(tmp_path / "features_uni_v1", grids)
     tiles = tmp_path / "tiles"
@@ -168,7 +168,10 @@ def test_a_rerun_skips_and_a_replaced_file_is_imported_again(cohort, tmp_path):
     slide_id, (coords, features) = next(iter(grids.items()))
     write_trident(folder, slide_id, coords, features + 1, patch_size=32, level0_magnification=20,
                   target_magnification=5, dimensions=SIZE)
-    results = {r.slide_id: r.status for r in import_features(folder, manifest, tiles, progress=False)}
+    with pytest.raises(RefusedError, match="made from other inputs.*--overwrite"):
+        import_features(folder, manifest, tiles, progress=False)
+    results = {r.slide_id: r.status for r in import_features(folder, manifest, tiles, overwrite=True,
+                                                             progress=False)}
     assert results.pop(slide_id) == "done" and set(results.values()) == {"reused"}
     store = TileStore.open(tiles / f"{slide_id}.zarr")
     np.testing.assert_array_equal(_stored(store, "uni_v1", coords, features), (features + 1).astype(np.float16))
