@@ -103,7 +103,8 @@ def _help(text: str, name: str) -> str:
                          "risks.", "risk_groups"))
 @click.option("--explore", type=float,
               help=_help("Share of M drawn at random from the rest of each training slide (0: greedy top-M, "
-                         "the paper). Helps IPS find lesions far smaller than the slide; see the README.", "explore"))
+                         "the paper). May help IPS find lesions far smaller than the slide; see the README.",
+                         "explore"))
 @click.option("--instance-loss", type=float,
               help=_help("Weight of an instance loss on the selection scores: top patches of positive slides "
                          "up, of negative slides down (0: off; two classes only).", "instance_loss"))
