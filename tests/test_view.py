@@ -187,6 +187,18 @@ def test_server_serves_report_viewer_info_and_tiles(running, pred):
     assert running.get(_tile_url(view, "slide", level, 0, 0), method="HEAD")[0] == 200
 
 
+def test_without_a_report_the_first_page_lists_the_slides(pred, tmp_path):
+    bare = tmp_path / "pred"
+    shutil.copytree(pred, bare, ignore=shutil.ignore_patterns("report.html", "report_assets"))
+    server = Running(bare)
+    try:
+        status, _, body = server.get("/")
+        assert status == 200 and body.count(b'href="view/') == len(server.cohort.ids)
+        assert server.get("/report.html")[0] == 404 and server.get("/report_assets/report.js")[0] == 404
+    finally:
+        server.close()
+
+
 def test_concurrent_tile_requests_all_get_their_tile(running):
     view = running.cohort.slide(running.cohort.ids[1])
     geometry = DeepZoomGeometry(*view.slide.dimensions)
