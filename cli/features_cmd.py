@@ -7,23 +7,7 @@ from pathlib import Path
 
 import click
 
-from ips_path.errors import BadInputError
-
-
-def _find_stores(inputs: tuple[str, ...]) -> list[Path]:
-    stores: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.suffix == ".zarr":
-            stores.append(path)
-        elif path.is_dir():
-            found = sorted(p for p in path.glob("*.zarr") if p.is_dir())
-            if not found:
-                raise BadInputError(f"{path}: no tile stores (*.zarr) in this folder; run `ipspath tile` first")
-            stores.extend(found)
-        else:
-            raise BadInputError(f"{path}: not a tile store (.zarr) or a folder of them")
-    return stores
+from ips_path.store import find_stores
 
 
 @click.command("extract")
@@ -55,7 +39,7 @@ def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretra
     from ips_path.features import extract_features
     from ips_path.jobs import run_exit_code
 
-    outcomes = extract_features(_find_stores(tiles), encoder, name=name, pretrained=pretrained, device=device,
+    outcomes = extract_features(find_stores(tiles), encoder, name=name, pretrained=pretrained, device=device,
                                 chunk_size=chunk_size, threads=threads, overwrite=overwrite, scheduler=scheduler,
                                 progress=not ctx.obj["quiet"])
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "reused", "failed", "refused")}

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ips_path.errors import BadInputError
-from ips_path.tiling.grid import mpp_for_magnification
+from ips_path.tiling.grid import patch_resolution, patch_stride
 from ips_path.tiling.run import SUMMARY_NAME, TilingParams, collect_inputs, exit_code, tile_slides
 from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
 
@@ -81,24 +81,12 @@ def tile_cmd(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path, manifes
     1 when some slides failed. Each failure is one line on stderr and a row of
     tiling_summary.csv.
     """
-    if target_mpp is not None and mag is not None:
-        raise BadInputError("give either --mpp or --mag, not both")
-    if stride is not None and overlap is not None:
-        raise BadInputError("give either --stride or --overlap, not both")
-    if overlap is not None:
-        if not 0 <= overlap < patch_size:
-            raise BadInputError(f"--overlap must be between 0 and --patch-size - 1 ({patch_size - 1}), got {overlap}")
-        stride = patch_size - overlap
-    if mag is not None:
-        if mag <= 0:
-            raise BadInputError(f"--mag must be positive, got {mag}")
-        target_mpp = mpp_for_magnification(mag)
     if not inputs and manifest is None:
         raise BadInputError("no slides given: pass slide files, folders or patterns, or --manifest")
     params = TilingParams(
-        target_mpp=0.5 if target_mpp is None else target_mpp,
+        target_mpp=patch_resolution(target_mpp, mag),
         patch_size=patch_size,
-        stride=stride,
+        stride=patch_stride(patch_size, stride, overlap),
         min_tissue=min_tissue,
         tissue=TissueParams(method=tissue_method, keep_holes=keep_holes),
         tissue_mask=tissue_mask,

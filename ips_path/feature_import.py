@@ -28,7 +28,6 @@ The formats, as each tool writes them:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -43,13 +42,13 @@ from ips_path.identity import same_identity, slide_identity
 from ips_path.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.locks import output_lock
 from ips_path.store import TileStore, store_path, tile_store_for_coords
+from ips_path.tiling.grid import same_mpp
 
 __all__ = ["FEATURE_FORMATS", "FeatureFile", "FeatureFormat", "SlideFrame", "import_features", "read_feature_file"]
 
 log = logging.getLogger(__name__)
 
 #: Relative tolerance when comparing the resolution of a feature file with a store's.
-MPP_RTOL = 0.02
 #: Source bytes read per block when copying features (the peak memory of an import).
 BLOCK_BYTES = 16 << 20
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -404,7 +403,7 @@ def _check_fits(file: FeatureFile, order: np.ndarray, store: TileStore) -> None:
     where = f"{file.path}: does not fit the tile store {store.path}"
     fix = "import into another --tiles folder, or delete that store to replace it"
     if (store.patch_size_level0 != file.patch_size_level0
-            or not math.isclose(store.target_mpp, file.target_mpp, rel_tol=MPP_RTOL)):
+            or not same_mpp(store.target_mpp, file.target_mpp)):
         raise BadInputError(f"{where}: another resolution (the file: {file.patch_size_level0} px at level 0, "
                             f"{file.target_mpp:g} µm/px; the store: {store.patch_size_level0} px, "
                             f"{store.target_mpp:g} µm/px); {fix}")

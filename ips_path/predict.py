@@ -59,7 +59,6 @@ __all__ = ["PREDICTION_FILES", "PredictJob", "PredictResult", "PredictSettings",
 
 log = logging.getLogger(__name__)
 
-MPP_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -364,6 +363,7 @@ def _slide_chunks(store: TileStore, settings: PredictSettings, checkpoint: dict[
 
 def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, Any]) -> TileStore:
     """The slide's tile store at the model's resolution, tiling the slide when needed."""
+    from ips_path.tiling.grid import same_mpp
     from ips_path.tiling.run import SlideInput, TilingParams, tile_slide
 
     target_mpp, patch_size = float(tiling["target_mpp"]), int(tiling["patch_size"])
@@ -376,7 +376,7 @@ def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, An
             if not settings.own_tiles:
                 raise
             store = None
-        if store is not None and _close(store.target_mpp, target_mpp) and store.patch_size == patch_size:
+        if store is not None and same_mpp(store.target_mpp, target_mpp) and store.patch_size == patch_size:
             return store
         made = "from another slide file" if store is None else f"at {store.target_mpp:g} µm/px, {store.patch_size} px"
         if not settings.own_tiles:
@@ -391,11 +391,6 @@ def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, An
     if result.status == "failed":
         raise (BadInputError if result.exit_code == 2 else IpspathError)(result.error)
     return TileStore.open(path)
-
-
-def _close(a: float, b: float) -> bool:
-    """Whether two resolutions in µm/px are the same (tile stores made with the same --mpp agree closely)."""
-    return abs(a - b) <= MPP_RTOL * max(abs(a), abs(b))
 
 
 def _load_model(path: Path, key: str, sha256: str, device: str) -> tuple[Any, dict[str, Any]]:

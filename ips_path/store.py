@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "StoreMismatchError",
     "TileStore",
     "export_h5",
+    "find_stores",
     "import_h5",
     "remove_partial_stores",
     "slide_id_from_path",
@@ -80,6 +81,29 @@ def store_path(out_dir: str | os.PathLike, slide_id: str) -> Path:
     BadInputError when ``slide_id`` is not a safe file name: a store is never put outside ``out_dir``.
     """
     return Path(out_dir) / f"{check_slide_id(slide_id)}.zarr"
+
+
+def find_stores(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The tile stores named by ``inputs``: ``.zarr`` folders, and folders of them (sorted).
+
+    Raises
+    ------
+    BadInputError
+        A folder without stores, or an input that is neither.
+    """
+    stores: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.suffix == ".zarr":
+            stores.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.glob("*.zarr") if p.is_dir())
+            if not found:
+                raise BadInputError(f"{path}: no tile stores (*.zarr) in this folder; run `ipspath tile` first")
+            stores.extend(found)
+        else:
+            raise BadInputError(f"{path}: not a tile store (.zarr) or a folder of them")
+    return stores
 
 
 def _node_type(path: Path) -> str | None:

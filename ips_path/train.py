@@ -94,12 +94,12 @@ from ips_path.run_folder import (
 from ips_path.store import TileStore, store_path
 from ips_path.survival.cohort import check_events_in_splits, survival_splits
 from ips_path.survival.training import SurvivalRun
+from ips_path.tiling.grid import same_mpp
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EarlyStopping", "TrainResult", "check_tile_stores", "lr_factor", "train"]
 
-MPP_RTOL = 1e-3  # tile stores made with the same --mpp agree far better than this
 
 
 @dataclass
@@ -568,7 +568,7 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
         raise BadInputError(f"the tile stores in {tiles_dir} were made with different settings ({'; '.join(groups)}); "
                             "give --mpp and --patch-size to choose, and re-tile the other slides")
     mismatched = [f"{slide_id} ({s.target_mpp:g} µm/px, {s.patch_size} px)" for slide_id, s in stores.items()
-                  if not math.isclose(s.target_mpp, mpp, rel_tol=MPP_RTOL) or s.patch_size != size]
+                  if not same_mpp(s.target_mpp, mpp) or s.patch_size != size]
     if mismatched:
         raise BadInputError(
             f"{len(mismatched)} tile store(s) were made at another resolution or patch size than the run's "

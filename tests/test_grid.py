@@ -151,3 +151,33 @@ def test_a_patch_without_tissue_has_fraction_exactly_zero_despite_round_off():
     coords, fractions = select_patches(mask, 7, (1, 40), geometry, 0.0)
     truth = _fractions_by_upsampling(mask, 7, coords, 1)
     assert np.all(truth > 0) and np.all(fractions > 0)
+
+
+def test_patch_resolution_and_stride_options_are_converted_in_the_library():
+    from ips_path.errors import BadInputError
+    from ips_path.tiling.grid import patch_resolution, patch_stride
+
+    assert patch_resolution() == 0.5 and patch_resolution(mpp=1.0) == 1.0 and patch_resolution(mag=40) == 0.25
+    assert patch_stride(256) is None and patch_stride(256, stride=128) == 128 and patch_stride(256, overlap=64) == 192
+    for bad in (dict(mpp=1.0, mag=20), dict(mag=0), dict(mag=float("nan")), dict(mag=float("inf"))):
+        with pytest.raises(BadInputError, match="--m"):
+            patch_resolution(**bad)
+    for bad in (dict(stride=1, overlap=1), dict(overlap=256), dict(overlap=-1)):
+        with pytest.raises(BadInputError, match="--stride|--overlap"):
+            patch_stride(256, **bad)
+
+
+def test_one_mpp_tolerance_decides_every_comparison():
+    from ips_path.tiling.grid import MPP_TOLERANCE, same_mpp
+
+    assert MPP_TOLERANCE == 0.02
+    assert same_mpp(0.5, 0.505) and same_mpp(0.5, 0.51) and not same_mpp(0.5, 0.52)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_non_finite_or_non_positive_mpp_is_refused_before_any_work(tmp_path, value):
+    from ips_path.errors import BadInputError
+    from ips_path.tiling.run import TilingParams
+
+    with pytest.raises(BadInputError, match="--mpp must be a positive"):
+        TilingParams(target_mpp=float(value))

@@ -7,21 +7,65 @@ resolution, the ``*_level0`` sizes in level-0 pixels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from ips_path.errors import BadInputError
+
 MPP_TOLERANCE = 0.02
-"""Relative slack when comparing resolutions: a level at 0.51 µm/px serves a 0.5 µm/px target."""
+"""Relative slack when comparing resolutions, the one used everywhere: a level at 0.51 µm/px serves
+a 0.5 µm/px target, and a store tiled at 0.5 µm/px serves a model of 0.505 µm/px."""
+
+
+def same_mpp(a: float, b: float) -> bool:
+    """Whether two resolutions in µm/px are the same within :data:`MPP_TOLERANCE`."""
+    return abs(a - b) <= MPP_TOLERANCE * max(abs(a), abs(b))
 
 
 def mpp_for_magnification(magnification: float) -> float:
     """Resolution for an objective magnification, µm/px: 10 µm/px at 1x, so 20x -> 0.5."""
-    if magnification <= 0:
-        raise ValueError(f"magnification must be positive, got {magnification}")
+    if not (math.isfinite(magnification) and magnification > 0):
+        raise ValueError(f"magnification must be a positive number, got {magnification}")
     return 10.0 / magnification
+
+
+def patch_resolution(mpp: float | None = None, mag: float | None = None, default: float = 0.5) -> float:
+    """The patch resolution in µm/px from ``--mpp`` or ``--mag`` (at most one), else ``default``.
+
+    Raises
+    ------
+    BadInputError
+        Both given, or a magnification that is not a positive number.
+    """
+    if mpp is not None and mag is not None:
+        raise BadInputError("give either --mpp or --mag, not both")
+    if mag is None:
+        return default if mpp is None else mpp
+    if not (math.isfinite(mag) and mag > 0):
+        raise BadInputError(f"--mag must be a positive magnification (20 = 0.5 µm/px), got {mag}")
+    return mpp_for_magnification(mag)
+
+
+def patch_stride(patch_size: int, stride: int | None = None, overlap: int | None = None) -> int | None:
+    """The step between patches in px at the patch resolution, from ``--stride`` or ``--overlap``
+    (at most one; stride = patch size - overlap); None = no overlap.
+
+    Raises
+    ------
+    BadInputError
+        Both given, or an overlap outside 0 .. patch_size - 1.
+    """
+    if stride is not None and overlap is not None:
+        raise BadInputError("give either --stride or --overlap, not both")
+    if overlap is None:
+        return stride
+    if not 0 <= overlap < patch_size:
+        raise BadInputError(f"--overlap must be between 0 and --patch-size - 1 ({patch_size - 1}), got {overlap}")
+    return patch_size - overlap
 
 
 def read_level_for_mpp(

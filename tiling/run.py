@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import glob
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -112,7 +113,7 @@ class TilingParams:
     h5: bool = False
 
     def __post_init__(self) -> None:
-        if not self.target_mpp > 0:
+        if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
             raise BadInputError(f"--mpp must be a positive µm/px, got {self.target_mpp}")
         if self.patch_size < 1:
             raise BadInputError(f"--patch-size must be at least 1 px, got {self.patch_size}")
