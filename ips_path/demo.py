@@ -24,6 +24,8 @@ import numpy as np
 
 from ips_path.config import TrainConfig
 
+__all__ = ["DemoResult", "DemoSettings", "run_demo"]
+
 log = logging.getLogger(__name__)
 
 

@@ -4,6 +4,8 @@ The CLI turns an :class:`IpspathError` into one line on stderr and its ``exit_co
 (2 for bad input, 1 for other failures); a traceback is shown only with ``--debug``.
 """
 
+__all__ = ["BadInputError", "IpspathError", "RefusedError"]
+
 
 class IpspathError(Exception):
     """A failure the user can understand from its message alone."""

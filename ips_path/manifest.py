@@ -22,6 +22,11 @@ from pathlib import Path
 from ips_path.errors import BadInputError
 from ips_path.names import slide_id_problem
 
+__all__ = [
+    "MAX_LISTED", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SPLITS", "ManifestRow", "assign_splits",
+    "class_names", "read_manifest",
+]
+
 REQUIRED_COLUMNS = ("slide_id", "slide_path", "label")
 OPTIONAL_COLUMNS = ("split", "case_id", "mpp", "time", "event")
 SPLITS = ("train", "val", "test")

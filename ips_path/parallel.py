@@ -39,6 +39,8 @@ from typing import Any, TypeVar
 from ips_path.errors import BadInputError
 from ips_path.progress import progress_bar
 
+__all__ = ["CONNECT_TIMEOUT_S", "check_workers_see", "dask_client", "map_slides", "process_object", "visible_gpus"]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from ips_path.atomic import write_atomically
 
+__all__ = ["plot_roc", "plot_training_curves"]
+
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
     """Draw losses (left) and validation metrics (right) per epoch and write them to ``path``, atomically.

@@ -7,6 +7,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+__all__ = ["progress_bar"]
+
 
 def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, **kw: Any) -> tqdm:
     """A tqdm bar that is silent when ``enabled`` is false or stderr is not a terminal."""

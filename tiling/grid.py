@@ -16,6 +16,12 @@ import numpy as np
 
 from ips_path.errors import BadInputError
 
+__all__ = [
+    "MPP_TOLERANCE", "PatchGeometry", "grid_coords", "mpp_for_magnification", "patch_geometry",
+    "patch_resolution", "patch_stride", "read_level_for_mpp", "same_mpp", "select_patches",
+    "summed_area_table", "tissue_fraction",
+]
+
 MPP_TOLERANCE = 0.02
 """Relative slack when comparing resolutions, the one used everywhere: a level at 0.51 µm/px serves
 a 0.5 µm/px target, and a store tiled at 0.5 µm/px serves a model of 0.505 µm/px."""

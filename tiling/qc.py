@@ -17,6 +17,11 @@ import numpy as np
 
 from ips_path.atomic import write_atomically
 
+__all__ = [
+    "CONTOUR_RGB", "GRID_RGB", "QC_LONG_SIDE", "SUMMARY_COLUMNS", "qc_picture", "write_qc_png",
+    "write_summary_csv",
+]
+
 QC_LONG_SIDE = 1024
 """Approximate long side of a QC picture, px (whole factors of the detection image)."""
 CONTOUR_RGB = (0, 170, 0)

@@ -61,6 +61,11 @@ from ips_path.tiling.tissue import (
     tissue_mask_for_slide,
 )
 
+__all__ = [
+    "STATUSES", "SUMMARY_NAME", "SlideInput", "TileResult", "TilingParams", "collect_inputs", "exit_code",
+    "tile_attrs", "tile_slide", "tile_slides",
+]
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("tiled", "skipped", "no-tissue", "failed")

@@ -24,6 +24,12 @@ import numpy as np
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.tiling.grid import MPP_TOLERANCE, read_level_for_mpp
 
+__all__ = [
+    "MASK_FILE_SUFFIXES", "TISSUE_METHODS", "TissueMask", "TissueParams", "binary_closing", "binary_median",
+    "detect_tissue", "fill_small_holes", "load_tissue_mask", "otsu_threshold", "rasterize_geojson",
+    "read_low_resolution", "remove_small_objects", "saturation", "tissue_mask_for_slide",
+]
+
 if TYPE_CHECKING:
     from ips_path.slide import Slide
 
