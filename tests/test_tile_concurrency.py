@@ -82,3 +82,15 @@ def test_leftovers_of_a_run_killed_midway_are_cleaned_by_the_next_run(slides, tm
     done = subprocess.run([*TILE, slide_a, "-o", out], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert TileStore.open(out / "A.zarr", slide_id="A", slide_path=slide_a).n_patches > 0
+
+
+def test_tile_outcomes_follow_the_job_contract():
+    from ips_path.jobs import Status
+    from ips_path.tiling.run import TileResult, exit_code
+
+    done, reused = TileResult("a", "a.svs", "tiled", n_patches=3), TileResult("b", "b.svs", "skipped")
+    empty, bad = TileResult("c", "c.svs", "no-tissue"), TileResult("d", "d.svs", "failed", error="x", exit_code=2)
+    assert [r.as_outcome().status for r in (done, reused, empty, bad)] == [Status.DONE, Status.REUSED, Status.DONE,
+                                                                         Status.FAILED]
+    assert done.as_outcome().extra["n_patches"] == 3 and empty.as_outcome().extra["tile_status"] == "no-tissue"
+    assert exit_code([done, reused, empty]) == 0 and exit_code([bad]) == 2 and exit_code([done, bad]) == 1

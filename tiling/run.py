@@ -33,7 +33,7 @@ import numpy as np
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.faults import fault_point
 from ips_path.identity import slide_identity
-from ips_path.jobs import error_line
+from ips_path.jobs import SlideOutcome, Status, error_line, run_exit_code
 from ips_path.locks import file_lock, probe_writable
 from ips_path.names import slide_id_problem
 from ips_path.store import (
@@ -163,6 +163,16 @@ class TileResult:
     seconds: float = 0.0
     error: str = ""
     exit_code: int = 0
+
+    def as_outcome(self) -> SlideOutcome:
+        """The slide's outcome in the per-slide job contract (:mod:`ips_path.jobs`): tiled and
+        no-tissue are done, skipped is reused; ``extra`` holds the tiling figures."""
+        status = {"tiled": Status.DONE, "no-tissue": Status.DONE, "skipped": Status.REUSED}.get(self.status,
+                                                                                               Status.FAILED)
+        extra = {k: v for k, v in self.as_row().items() if k not in ("slide_id", "status", "error", "exit_code",
+                                                                      "seconds")}
+        return SlideOutcome(self.slide_id, status, error=self.error, exit_code=self.exit_code,
+                            seconds=round(self.seconds, 3), extra={**extra, "tile_status": self.status})
 
     def as_row(self) -> dict[str, Any]:
         """The row of ``tiling_summary.csv``."""
@@ -514,10 +524,6 @@ def _lost(item: SlideInput, exc: BaseException) -> TileResult:
 
 
 def exit_code(results: Sequence[TileResult]) -> int:
-    """0 when no slide failed; 2 when every slide failed on bad input; 1 otherwise."""
-    failed = [r for r in results if r.status == "failed"]
-    if not failed:
-        return 0
-    if len(failed) == len(results) and all(r.exit_code == 2 for r in failed):
-        return 2
-    return 1
+    """The run's exit code by the one rule of :func:`ips_path.jobs.run_exit_code`: 0 when no slide
+    failed; 2 when every slide failed on bad input; 1 otherwise."""
+    return run_exit_code(r.as_outcome() for r in results)
