@@ -49,12 +49,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def save_result(name: str, result: dict[str, Any]) -> Path:
-    """Add :func:`machine_info` as ``"machine"``, print the JSON, write ``bench/results/<name>.json``."""
+def save_result(name: str, result: dict[str, Any], quiet: bool = False) -> Path:
+    """Add :func:`machine_info` as ``"machine"``, print the JSON (unless ``quiet``), write
+    ``bench/results/<name>.json`` (atomically: a benchmark stopped while writing keeps the last file)."""
     payload = {**result, "machine": machine_info()}
     text = json.dumps(payload, indent=2, default=str)
-    print(text)
+    if not quiet:
+        print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(text + "\n")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text + "\n")
+    os.replace(partial, path)
     return path
