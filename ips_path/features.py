@@ -41,18 +41,26 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def embed_store(encoder: torch.nn.Module, store: TileStore, streamer: PatchStreamer) -> np.ndarray:
-    """Embeddings of every patch of ``store``: float16 ``(N, encoder.out_dim)``, in store order."""
-    out = np.empty((store.n_patches, encoder.out_dim), dtype=np.float16)
-    # a foundation-model preset runs in the precision it was made for (autocast, on a GPU)
-    dtype = getattr(torch, getattr(getattr(encoder, "preset", None), "dtype", "float32"))
+    """Embeddings of every patch of ``store``: float16 ``(N, encoder.out_dim)``, in store order.
+
+    On a GPU the encoder runs under autocast, in its preset's precision (foundation models) or bf16 (as
+    training and prediction run), and each chunk's embeddings are copied without waiting into pinned
+    host memory: the host synchronises once per slide, not once per chunk.
+    """
+    cuda = streamer.device.type == "cuda"
+    out = torch.empty((store.n_patches, encoder.out_dim), dtype=torch.float16, pin_memory=cuda)
+    preset_dtype = getattr(getattr(encoder, "preset", None), "dtype", None)
+    dtype = getattr(torch, preset_dtype) if preset_dtype else torch.bfloat16
     start = 0
     for chunk in streamer.stream(store):
         device = chunk.patches.device.type
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
             emb = encoder(chunk.patches)
-        out[start:start + len(emb)] = emb.float().cpu().numpy()
+        out[start:start + len(emb)].copy_(emb.to(torch.float16), non_blocking=cuda)
         start += len(emb)
-    return out
+    if cuda:
+        torch.cuda.synchronize(streamer.device)
+    return out.numpy()
 
 
 @dataclass(frozen=True)
