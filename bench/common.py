@@ -14,7 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# IPSPATH_BENCH_RESULTS redirects the result files (tests run benchmarks without touching bench/results).
+RESULTS_DIR = Path(os.environ.get("IPSPATH_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 _PACKAGES = ("torch", "numpy", "ipspath", "openslide-python", "openslide-bin", "tiffslide", "zarr", "timm")
 
