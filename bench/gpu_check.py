@@ -55,6 +55,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def sizes(smoke: bool) -> dict[str, Any]:
     if smoke:
         return {"slide_px": 2560, "encoder": "smallcnn", "chunk": 8, "n_select": 8, "cohort": 4,
                 "cohort_px": (1024, 768), "score_slide_px": 1536, "score_repeats": 1,
-                "memory_n": [1_000, 3_000], "memory_batch": 2, "memory_mi": 500,
+                "memory_n": [1_000, 2_000], "memory_batch": 2, "memory_mi": 200,
                 "memory_m": [4, 8], "memory_m_batch": 1, "memory_patch": 64, "memory_chunk": 8,
                 "mnist": {"n_train": 8, "n_test": 4, "steps": 2, "batch_size": 4}}
     return {"slide_px": 8192, "encoder": "resnet18", "chunk": 64, "n_select": 16, "cohort": 8,
@@ -494,27 +495,29 @@ def run_step(name: str, device: str, smoke: bool, work: Path, limit_s: float) ->
     command = [sys.executable, __file__, "--step", name, "--device", device, "--work", str(work)]
     command += ["--smoke"] if smoke else []
     started = time.perf_counter()
+    # Its own process group: a step stopped at its limit takes the processes it started (memory_bench's
+    # children, ipspath commands) with it.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=limit_s, check=False)
-        stdout, stderr, timed_out = completed.stdout, completed.stderr, False
-    except subprocess.TimeoutExpired as exc:
-        stdout, stderr, timed_out = _text(exc.stdout), _text(exc.stderr), True
+        stdout, stderr = process.communicate(timeout=limit_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        timed_out = True
     record: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 1), "limit_s": limit_s}
     lines = stdout.strip().splitlines()
     partials = [json.loads(line[len(PARTIAL):]) for line in lines if line.startswith(PARTIAL)]
     if timed_out:
         record.update(status="timed out", measured_so_far=partials[-1] if partials else None)
-    elif completed.returncode != 0 or not lines or lines[-1].startswith(PARTIAL):
+    elif process.returncode != 0 or not lines or lines[-1].startswith(PARTIAL):
         record.update(status="error", measured_so_far=partials[-1] if partials else None,
                       error=stderr.strip().splitlines()[-6:])
     else:
         result = json.loads(lines[-1])
         record.update(status="passed" if result.pop("ok") else "failed", result=result)
     return record
-
-
-def _text(output: bytes | str | None) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 def main(argv: list[str] | None = None) -> int:
