@@ -1,6 +1,6 @@
 """Foundation-model presets on a GPU: frozen features/s, and peak memory of an IPS step fine-tuning the last K blocks.
 
-- ``features``: patches/s of the preset's encoder (no grad, its preferred dtype under autocast) on
+- ``features``: patches/s of the preset's encoder (no grad, its preferred dtype or ``--dtype`` under autocast) on
   uint8 256 px patches already on the device (resized to the preset's input on the device, as
   ``ipspath features`` does), batch ``--batch``; median of ``--repeats`` timed passes.
 - ``ips_step``: peak GPU memory (``max_memory_allocated``) and seconds of one IPS training step,
@@ -14,7 +14,7 @@ presets; ``--preset resnet50_trunc --device cpu`` runs the feature part anywhere
 
 Usage::
 
-    python -m bench.foundation_bench --preset uni_v1 [--batch 256] [--m 16 64 256] [--train-blocks 4]
+    python -m bench.foundation_bench --preset uni_v1 --dtype bfloat16 [--batch 256] [--m 16 64 256] [--train-blocks 4]
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def features_per_second(name: str, device: torch.device, batch: int, repeats: int) -> dict:
+def features_per_second(name: str, device: torch.device, batch: int, repeats: int, dtype_name: str | None) -> dict:
     encoder = build_preset(name).to(device).eval()
-    dtype = getattr(torch, ENCODER_PRESETS[name].dtype)
+    dtype = getattr(torch, dtype_name or ENCODER_PRESETS[name].dtype)
     patches = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     amp = dict(device_type=device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
     times = []
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="uni_v1", choices=sorted(ENCODER_PRESETS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="Autocast dtype of the features pass (default: the preset's).")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--m", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--slides", type=int, default=4)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     result = {"benchmark": "foundation_bench",
-              "features": features_per_second(args.preset, device, args.batch, args.repeats)}
+              "features": features_per_second(args.preset, device, args.batch, args.repeats, args.dtype)}
     if ENCODER_PRESETS[args.preset].blocks:
         result["ips_step"] = [ips_step_memory(args.preset, device, m, args.slides, args.patches, args.train_blocks)
                               for m in args.m]
