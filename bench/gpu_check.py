@@ -86,7 +86,7 @@ def sizes(smoke: bool) -> dict[str, Any]:
                 "memory_m": [4, 8], "memory_m_batch": 1, "memory_patch": 64, "memory_chunk": 8,
                 "mnist": {"n_train": 8, "n_test": 4, "steps": 2, "batch_size": 4}}
     return {"slide_px": 8192, "encoder": "resnet18", "chunk": 64, "n_select": 16, "cohort": 8,
-            "cohort_px": (3072, 2048), "score_slide_px": 32768, "score_repeats": 3,
+            "cohort_px": (3072, 2048), "score_slide_px": 40960, "score_repeats": 5,
             "memory_n": [10_000, 100_000, 250_000], "memory_batch": 16, "memory_mi": 5000,
             "memory_m": [16, 64, 256], "memory_m_batch": 16, "memory_patch": 256, "memory_chunk": 64,
             "mnist": {"n_train": 5000, "n_test": 1000, "steps": 60, "tests": 200}}

@@ -20,14 +20,15 @@ from ips_path.store import find_stores
 @click.option("--name", help="Name of the cached array features/<name> (default: the encoder name).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto (cuda if available).")
 @click.option("--chunk-size", default=128, show_default=True, help="Patches per forward pass.")
-@click.option("--threads", default=4, show_default=True, help="Threads reading tiles from the slide files.")
+@click.option("--threads", type=int, default=None,
+              help="Threads reading tiles from the slide files. Default: the CPU cores this process may use.")
 @click.option("--overwrite", is_flag=True, help="Recompute cached features, and replace features of this name made by "
                                               "another encoder or other weights (otherwise refused).")
 @click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786), or local:N, to embed "
                                                      "slides on a cluster (GPU workers: --resources GPU=1).")
 @click.pass_context
 def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretrained: str | None, name: str | None,
-                 device: str, chunk_size: int, threads: int, overwrite: bool, scheduler: str | None) -> int:
+                 device: str, chunk_size: int, threads: int | None, overwrite: bool, scheduler: str | None) -> int:
     """Embed every patch of the tile stores TILES (stores or folders of them) once with a frozen encoder
     (what `ipspath features TILES...` runs).
 

@@ -19,7 +19,8 @@ import click
               help="Folder of tile stores from `ipspath tile`; slides without a store are tiled into it. "
                    "Default: OUT/tiles.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto (cuda if available).")
-@click.option("--threads", default=4, show_default=True, help="Threads reading tiles from each slide file.")
+@click.option("--threads", type=int, default=None,
+              help="Threads reading tiles from each slide file. Default: the CPU cores this process may use.")
 @click.option("--chunk-size", type=int, help="Patches scored at a time (default: the model's chunk size).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto",
               show_default=True, help="Slide reader.")
@@ -35,7 +36,8 @@ import click
                                   "(GPU workers need --resources GPU=1). Default: this process.")
 @click.pass_context
 def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifest: str | None, out_dir: str,
-                tiles_dir: str | None, device: str, threads: int, chunk_size: int | None, backend: str, heatmaps: bool,
+                tiles_dir: str | None, device: str, threads: int | None, chunk_size: int | None, backend: str,
+                heatmaps: bool,
                 thumbnail_size: int, top_k: int, tiff_mpp: float | None, overwrite: bool, scheduler: str | None) -> int:
     """Predict every slide in SLIDES (files, folders, glob patterns) and/or --manifest with a trained model.
 

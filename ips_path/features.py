@@ -73,13 +73,13 @@ class FeatureSettings:
     identity: dict[str, Any]
     device: str = "cpu"
     chunk_size: int = 64
-    threads: int = 4
+    threads: int | None = None  # None: the CPU cores of the process that reads
     overwrite: bool = False
 
 
 def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, name: str | None = None,
                      pretrained: str | os.PathLike | None = None, device: str = "cpu", chunk_size: int = 64,
-                     threads: int = 4, overwrite: bool = False, scheduler: str | None = None,
+                     threads: int | None = None, overwrite: bool = False, scheduler: str | None = None,
                      progress: bool = True) -> list[SlideOutcome]:
     """Embed the patches of every tile store with a frozen encoder and cache them in the store.
 
@@ -98,7 +98,8 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     device : str
         Where the encoder runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     chunk_size, threads : int
-        Patches per forward pass; reader threads (both >= 1).
+        Patches per forward pass; reader threads (both >= 1; threads default: the CPU cores each
+        process that reads may use).
     overwrite : bool
         Recompute features that are already cached, and replace features of that name made by
         another encoder or other weights (refused without it).
@@ -122,7 +123,7 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     from ips_path.distributed import resolve_device
 
     for option, value in (("--chunk-size", chunk_size), ("--threads", threads)):
-        if not isinstance(value, int) or value < 1:
+        if (value is not None or option == "--chunk-size") and (not isinstance(value, int) or value < 1):
             raise BadInputError(f"{option} {value!r}: must be at least 1")
     name = name or encoder_name.replace(":", "_")
     if not name or "/" in name or "\0" in name or name in (".", ".."):

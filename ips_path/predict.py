@@ -87,7 +87,7 @@ class PredictSettings:
     tiles_dir: Path
     own_tiles: bool
     device: str = "cpu"
-    threads: int = 4
+    threads: int | None = None  # None: the CPU cores of the process that reads
     chunk_size: int | None = None
     backend: str = "auto"
     heatmaps: bool = True
@@ -135,7 +135,7 @@ def run_name(checkpoint: Path) -> str:
 
 def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (),
             manifest: str | os.PathLike | None = None, tiles_dir: str | os.PathLike | None = None,
-            device: str = "cpu", threads: int = 4, chunk_size: int | None = None, backend: str = "auto",
+            device: str = "cpu", threads: int | None = None, chunk_size: int | None = None, backend: str = "auto",
             heatmaps: bool = True, heatmap_options: dict[str, Any] | None = None, scheduler: str | None = None,
             overwrite: bool = False, progress: bool = True) -> PredictResult:
     """Predict every slide of ``inputs`` and/or ``manifest`` with a trained model.
@@ -156,8 +156,9 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         ``<out_dir>/tiles``.
     device : str
         ``auto``, ``cpu``, ``cuda``, ``cuda:1``.
-    threads, chunk_size : int
-        Reader threads (>= 1); patches per chunk (default: the model's chunk size).
+    threads, chunk_size : int, optional
+        Reader threads (>= 1; default: the CPU cores of each process that reads); patches per chunk
+        (default: the model's chunk size).
     backend : str
         Slide backend.
     heatmaps : bool
@@ -233,8 +234,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     return PredictResult(outcomes, metrics, out_dir)
 
 
-def _check_options(threads: int, chunk_size: int | None, heatmap_options: dict[str, Any] | None) -> None:
-    if not isinstance(threads, int) or threads < 1:
+def _check_options(threads: int | None, chunk_size: int | None, heatmap_options: dict[str, Any] | None) -> None:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise BadInputError(f"--threads {threads!r}: must be at least 1 reader thread")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise BadInputError(f"--chunk-size {chunk_size!r}: must be at least 1 patch")

@@ -286,3 +286,10 @@ def test_each_tile_is_decoded_once_by_all_threads_together(tmp_path):
         for i, (x, y) in enumerate(coords):
             expected = slide.read_region((int(x), int(y)), 0, (256, 256))
             assert np.array_equal(patches[i].permute(1, 2, 0).numpy(), expected)
+
+
+def test_reader_threads_default_to_the_cores_this_process_may_use():
+    import os
+
+    with PatchStreamer() as streamer:
+        assert streamer.threads == len(os.sched_getaffinity(0))
