@@ -69,6 +69,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "instance": {"instance_loss": 0.5},
     "large_m": {"n_select": 64},
     "large_m_explore": {"n_select": 64, "explore": 0.5},
+    "all_patches": {"n_select": 512},  # M >= N: every patch of these slides is trained on
 }
 
 
@@ -277,6 +278,29 @@ def feature_bag_study(seeds: list[int], steps: int = 150) -> list[dict]:
     return rows
 
 
+def _save(name: str, args: argparse.Namespace, cohorts: list, rows: list) -> None:
+    """Write what has been measured so far (called after every run, so an interrupted sweep keeps its runs)."""
+    summary = {}
+    for ratio in args.ratios:
+        for variant in args.variants:
+            chosen = [r for r in rows if r["ratio_preset_percent"] == ratio and r["variant"] == variant]
+            if not chosen:
+                continue
+            summary[f"{ratio}%/{variant}"] = {
+                key: {"median": float(np.median([r[key] for r in chosen])),
+                      "min": float(min(r[key] for r in chosen)), "max": float(max(r[key] for r in chosen))}
+                for key in ("test_auc", "top_patch_in_lesion")} | {
+                "seeds": [r["seed"] for r in chosen],
+                "train_wall_s_median": float(np.median([r["seconds"]["train_wall"] for r in chosen])),
+                "train_cpu_s_median": float(np.median([r["seconds"]["train_cpu"] for r in chosen]))}
+    save_result(name, {"settings": {"slide_size": SLIDE_SIZE, "slide_mpp": SLIDE_MPP, "tile_mpp": TILE_MPP,
+                                    "patch_size": PATCH_SIZE, "base_config": BASE, "epochs": args.epochs,
+                                    "variants": {v: VARIANTS[v] for v in args.variants},
+                                    "lesion_diameter_um": {r: RATIOS[r] for r in args.ratios},
+                                    "hit": "the most attended patch overlaps a lesion"},
+                       "cohorts": cohorts, "summary": summary, "runs": rows})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", nargs="+", choices=list(RATIOS), default=list(RATIOS))
@@ -321,27 +345,12 @@ def main() -> None:
                         cohorts[-1].setdefault("probes", []).append(
                             probe(specs, manifest, root, float(mpp), int(size), args.probe_epochs, seed))
                         print(cohorts[-1]["probes"][-1], flush=True)
+                    _save(args.name, args, cohorts, rows)
                     continue
                 for variant in args.variants:
                     row = run_variant(variant, manifest, tiles, specs, root / "runs" / variant, args.epochs, seed)
                     rows.append({"ratio_preset_percent": ratio, "seed": seed, **row})
-                    print(row, flush=True)
-    summary = {}
-    for ratio in args.ratios if rows else ():
-        for variant in args.variants:
-            chosen = [r for r in rows if r["ratio_preset_percent"] == ratio and r["variant"] == variant]
-            summary[f"{ratio}%/{variant}"] = {
-                key: {"median": float(np.median([r[key] for r in chosen])),
-                      "min": float(min(r[key] for r in chosen)), "max": float(max(r[key] for r in chosen))}
-                for key in ("test_auc", "top_patch_in_lesion")} | {
-                "train_wall_s_median": float(np.median([r["seconds"]["train_wall"] for r in chosen])),
-                "train_cpu_s_median": float(np.median([r["seconds"]["train_cpu"] for r in chosen]))}
-    save_result(args.name, {"settings": {"slide_size": SLIDE_SIZE, "slide_mpp": SLIDE_MPP, "tile_mpp": TILE_MPP,
-                                         "patch_size": PATCH_SIZE, "base_config": BASE, "epochs": args.epochs,
-                                         "variants": {v: VARIANTS[v] for v in args.variants},
-                                         "lesion_diameter_um": {r: RATIOS[r] for r in args.ratios},
-                                         "hit": "the most attended patch overlaps a lesion"},
-                            "cohorts": cohorts, "summary": summary, "runs": rows})
+                    _save(args.name, args, cohorts, rows)
 
 
 if __name__ == "__main__":
