@@ -12,10 +12,15 @@ A run reads a manifest and the tile stores of its slides and writes to its folde
     last.pt       the state at the end of the last finished epoch (and at the start of a run)
     best.pt       the state at the epoch with the best validation ``monitor``
 
+Survival runs (``task: survival``; :mod:`ips_path.survival.training`) log ``val_c_index`` instead of
+the classification metrics, add ``time`` and ``event`` to splits.csv, and end with
+``survival_metrics.json`` and ``km_val.png`` (Kaplan-Meier curves of the validation risk groups).
+
 Choices, in the order the code meets them:
 
 * Task: one task ``"label"``, a softmax over the sorted class names, also for two classes (so every
-  class has a probability and a recall; the binary AUC is that of the second class's probability).
+  class has a probability and a recall; the binary AUC is that of the second class's probability);
+  or one survival task (a Cox risk, or discrete-time hazards), splits stratified by event and time.
 * Splits: the manifest's ``split`` column where given; other slides are split by patient, stratified
   by label, with ``seed`` and ``val_fraction``. Test slides are not touched.
 * Optimiser: AdamW (weight decay on weights of rank >= 2), learning rate per step: linear warm-up

@@ -11,11 +11,9 @@ the Kaplan-Meier curves of their risk groups.
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ from ips_path.config import TrainConfig
 from ips_path.manifest import ManifestRow
 from ips_path.model import Task
 from ips_path.predictions import PredictionFolder
+from ips_path.run_folder import write_csv
 from ips_path.survival.groups import GROUP_NAMES, assign_groups
 from ips_path.survival.training import SurvivalRun, finite_json
 
@@ -103,7 +102,7 @@ def write_patient_survival(folder: PredictionFolder, scored: Sequence[tuple[str,
         time, event = outcome[case_id]
         record.update({"time": "" if time is None else f"{time:g}", "event": "" if event is None else event})
         records.append(record)
-    _write_csv(folder.patients_csv, records)
+    write_csv(folder.patients_csv, records)
 
     known = [r for r in records if r["time"] != "" and r["event"] != ""]
     if len(known) < 2:
@@ -121,14 +120,3 @@ def write_patient_survival(folder: PredictionFolder, scored: Sequence[tuple[str,
     write_atomically(folder.survival_metrics_file, lambda partial: partial.write_text(text, encoding="utf-8"))
     return metrics
 
-
-def _write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    columns = list(dict.fromkeys(k for r in records for k in r)) or ["case_id"]
-
-    def write(partial: Path) -> None:
-        with partial.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(records)
-
-    write_atomically(path, write)
