@@ -45,6 +45,8 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     Writes to OUT:
       predictions.csv            one row per slide: predicted class, one probability per class
       metrics.json, roc.png      with labels: AUC (bootstrap 95% CI), balanced accuracy, confusion matrix
+      patients.csv               survival models: risk (and curve) per patient (case_id)
+      survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
       scores/<id>_scores.h5      attention logit of every patch (coords + attention_scores)
       heatmaps/<id>/             overlay.png, patches.geojson (QuPath), top_patches.png
       status/<id>.json           per-slide record: status, what made it (slide file, store, model)
@@ -69,7 +71,12 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     for outcome in result.outcomes:
         if not outcome.ok:
             click.echo(f"  {outcome.status.value}: {outcome.slide_id}: {outcome.error}", err=True)
-    if result.metrics:
+    if result.metrics and "c_index" in result.metrics:  # a survival model, patients with time and event
+        m = result.metrics
+        click.echo(f"C-index {_number(m['c_index'])} (95% CI {_number(m['c_index_low'])}-{_number(m['c_index_high'])})"
+                   f", Uno {_number(m['uno_c_index'])} on {m['n_patients']} patients; Kaplan-Meier: "
+                   f"{result.out_dir / 'km.png'}")
+    elif result.metrics:
         m = result.metrics
         low, high = m["auc_ci95"]
         click.echo(f"AUC {_number(m['auc'])} (95% CI {_number(low)}-{_number(high)}), balanced accuracy "

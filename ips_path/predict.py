@@ -200,7 +200,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         from ips_path.manifest import read_manifest
 
         rows = read_manifest(manifest, require_label=False, check_files=False)
-        labels = {r.slide_id: r.label for r in rows}
+        # a survival model predicts a risk group, not a class: a label column is not its truth
+        labels = {} if "survival" in checkpoint else {r.slide_id: r.label for r in rows}
     jobs = [PredictJob(i.slide_id, i.path.resolve(), labels.get(i.slide_id), i.mpp)
             for i in collect_inputs(inputs, manifest)]
     for job in jobs:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from ips_path.checkpoint import load_checkpoint, load_model
+from ips_path.cli.predict_cmd import predict_cmd
 from ips_path.cli.train_cmd import train_cmd
 from ips_path.config import TrainConfig
 from ips_path.errors import BadInputError
@@ -122,6 +123,12 @@ def test_predict_scores_slides_and_patients_and_the_report_shows_c_index_and_kap
     assert result.metrics["c_index"] == pytest.approx(metrics["c_index"])
     assert (out / "km.png").is_file() and not (out / "metrics.json").exists()
     assert (out / "scores" / f"{predicted[0]['slide_id']}_scores.h5").is_file()  # attention of the survival token
+
+    again = CliRunner().invoke(predict_cmd, ["--model", str(run), "--manifest", str(new), "--tiles", str(tiles), "-o",
+                                             str(out), "--no-heatmaps", "--device", "cpu"],
+                               obj={"quiet": True, "debug": False})
+    assert again.exit_code == 0, again.output
+    assert f"C-index {metrics['c_index']:.3f}" in again.output and "on 4 patients" in again.output
 
     page = write_report(out).read_text()
     assert "C-index (Harrell)" in page and f"{metrics['c_index']:.3f}" in page
