@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_result  # noqa: E402
+from common import RESULTS_DIR, save_result  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "numpy", "openslide-python", "openslide-bin", "tiffslide", "tifffile", "imagecodecs", "zarr",
@@ -327,7 +327,7 @@ def step_memory_features(device: str, smoke: bool, work: Path) -> dict[str, Any]
     result = memory_bench.bench_n(device, 2, ["features", "features_checkpointed"], False,
                                   grid={"features": cut, "features_checkpointed": cut}, name=name,
                                   timeout_s=120)
-    figures: dict[str, Any] = {"file": f"bench/results/{name}.json"}
+    figures: dict[str, Any] = {"file": str(RESULTS_DIR / f"{name}.json")}
     for setting, summary in result["settings"].items():
         runs = summary["runs"]
         figures[setting] = {"peak_mb": [r.get("peak_mb") for r in runs],
@@ -351,7 +351,7 @@ def step_memory_pixels(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     result = memory_bench.bench_m(device, 2, grid={"m": s["memory_m"], "batch_size": s["memory_m_batch"],
                                                    "grad_chunk_size": s["memory_m"][0]}, name=name, timeout_s=120)
     growth = result["checkpointed_peak_growth_pct"]
-    return {"file": f"bench/results/{name}.json",
+    return {"file": str(RESULTS_DIR / f"{name}.json"),
             "checkpointed_peak_mb": [r["peak_mb"] for r in result["checkpointed"]],
             "plain_peak_mb": [r["peak_mb"] for r in result["plain"]], "skipped": result["skipped"],
             "checkpointed_peak_growth_pct": growth, "plain_peak_growth_pct": result["plain_peak_growth_pct"],
