@@ -8,6 +8,7 @@ repeated with ``ipspath train --config <run>/config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -153,37 +154,49 @@ class TrainConfig:
     instance_k: int = 2
 
     def __post_init__(self) -> None:
-        problems = []
         if self.task == "survival" and self.monitor == "auc":
             object.__setattr__(self, "monitor", "c_index")  # the default monitor, in survival terms
+        problems = []
+        for name in ("lr", "weight_decay", "warmup_epochs", "grad_clip", "val_fraction", "mpp", "explore",
+                     "instance_loss"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                problems.append(f"{_option(name)} must be a finite number, got {value}")
+        finite = not problems
         for name in ("n_select", "chunk_size", "dim", "heads", "epochs", "batch_size", "threads", "instance_k"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("grad_chunk_size", "patch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1 (or unset), got {value}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
+                problems.append(f"{_option(name)} must be >= 1 (or unset), got {value}")
+        if finite and not self.lr > 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "warmup_epochs", "grad_clip", "patience"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.mpp is not None and not self.mpp > 0:
-            problems.append(f"mpp must be a positive µm/px, got {self.mpp}")
-        if not 0 <= self.explore <= 1:
-            problems.append(f"explore must be a share of M in [0, 1], got {self.explore}")
-        if not self.instance_loss >= 0:
-            problems.append(f"instance_loss must be >= 0, got {self.instance_loss}")
+            if finite and getattr(self, name) < 0:
+                problems.append(f"{_option(name)} must be >= 0, got {getattr(self, name)}")
+        if finite and self.mpp is not None and not self.mpp > 0:
+            problems.append(f"--mpp must be a positive µm/px, got {self.mpp}")
+        if finite and not 0 <= self.explore <= 1:
+            problems.append(f"--explore must be a share of M in [0, 1], got {self.explore}")
+        if finite and not self.instance_loss >= 0:
+            problems.append(f"--instance-loss must be >= 0, got {self.instance_loss}")
         if self.instance_loss > 0 and self.task != "classification":
-            problems.append("instance_loss is for classification with two classes; set it to 0 for survival")
-        if not 0 <= self.val_fraction < 1:
-            problems.append(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            problems.append("--instance-loss is for classification with two classes; set it to 0 for survival")
+        if finite and not 0 <= self.val_fraction < 1:
+            problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed < 2**63:
+            problems.append(f"--seed must be in [0, 2**63), got {self.seed}")
+        if self.dim >= 1 and self.heads >= 1 and self.dim % self.heads:
+            problems.append(f"--heads ({self.heads}) must divide --dim ({self.dim})")
+        if self.pos_encoding == "2d" and self.dim % 4:
+            problems.append(f"--pos-encoding 2d needs --dim divisible by 4, got {self.dim}")
         for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS),
                               ("task", TASKS), ("survival_loss", SURVIVAL_LOSSES)):
             if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                problems.append(f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.train_blocks is not None and (self.train_blocks < 0 or self.features is not None):
-            problems.append(f"train_blocks must be >= 0 and needs pixels (no features), got {self.train_blocks}")
+            problems.append(f"--train-blocks must be >= 0 and needs pixels (no features), got {self.train_blocks}")
         if self.task == "survival" and self.monitor == "balanced_accuracy":
             problems.append("monitor balanced_accuracy does not exist for survival; use c_index or loss")
         if self.task == "classification" and self.monitor == "c_index":
@@ -191,11 +204,11 @@ class TrainConfig:
         if self.task == "survival" and self.class_weights:
             problems.append("class_weights is for classification; survival tasks have no classes")
         if self.time_bins < 2:
-            problems.append(f"time_bins must be >= 2, got {self.time_bins}")
+            problems.append(f"--time-bins must be >= 2, got {self.time_bins}")
         if self.risk_groups not in (2, 3):
-            problems.append(f"risk_groups must be 2 (median split) or 3 (tertiles), got {self.risk_groups}")
+            problems.append(f"--risk-groups must be 2 (median split) or 3 (tertiles), got {self.risk_groups}")
         if self.checkpoint_grads and self.grad_chunk_size is None:
-            problems.append("checkpoint_grads needs grad_chunk_size (patches per checkpointed piece)")
+            problems.append("--checkpoint-grads needs --grad-chunk-size (patches per checkpointed piece)")
         if problems:
             raise BadInputError("bad training configuration: " + "; ".join(problems))
 
@@ -228,6 +241,11 @@ class TrainConfig:
         if problems:
             raise BadInputError(f"{source}: {'; '.join(problems)}; known keys: {', '.join(known)}")
         return cls(**clean)
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of a setting (``warmup_epochs`` -> ``--warmup-epochs``)."""
+    return "--" + name.replace("_", "-")
 
 
 def _field_type(field: dataclasses.Field) -> tuple[type, bool]:

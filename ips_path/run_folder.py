@@ -112,6 +112,10 @@ def start_or_resume(out_dir: Path, config: TrainConfig, resume: bool) -> RunStar
     last = out_dir / "last.pt"
     if not resume:
         present = [name for name in CHECKPOINTS if (out_dir / name).exists()]
+        if present == ["last.pt"] and _untrained(last):
+            log.info("%s: last.pt holds no trained epoch (the run stopped in its first epoch); starting afresh",
+                     out_dir)
+            return None
         if present:
             raise BadInputError(f"{out_dir} already holds a run ({', '.join(present)}); continue it with --resume, "
                                 "or give another output folder")
@@ -125,6 +129,15 @@ def start_or_resume(out_dir: Path, config: TrainConfig, resume: bool) -> RunStar
                  "writes); continuing from it", out_dir, best["epoch"], checkpoint["epoch"])
         return RunStart(best, "best.pt", int(best["epoch"]))
     return RunStart(checkpoint, "last.pt", None if best is None else int(best["epoch"]))
+
+
+def _untrained(path: Path) -> bool:
+    """Whether a last.pt holds the state of a run before its first epoch finished (nothing to lose)."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except BadInputError:
+        return False
+    return checkpoint["epoch"] == 0 and not checkpoint["history"]
 
 
 def _read_best(path: Path, last: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -52,7 +52,6 @@ import math
 import os
 import resource
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -96,14 +95,13 @@ from ips_path.run_folder import (
     write_csv,
     write_epoch_records,
 )
-from ips_path.store import TileStore, store_path
 from ips_path.survival.cohort import check_events_in_splits, survival_splits
 from ips_path.survival.training import SurvivalRun
-from ips_path.tiling.grid import same_mpp
+from ips_path.train_slides import SlideItem, check_tile_stores, slide_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EarlyStopping", "TrainResult", "check_tile_stores", "lr_factor", "train"]
+__all__ = ["EarlyStopping", "TrainResult", "lr_factor", "train"]
 
 
 
@@ -133,18 +131,6 @@ class TrainResult:
     status: str
     history: list[dict[str, float]]
     model: IPSModel
-
-
-@dataclass(frozen=True)
-class SlideItem:
-    """A slide of the run: where its patches are and its class index (or survival target)."""
-
-    slide_id: str
-    store: Path
-    label: int
-    n_patches: int
-    slide_mpp: float | None = None
-    target: tuple[float, float, float] | None = None  # survival: time, event, time bin
 
 
 @dataclass
@@ -195,7 +181,8 @@ class EarlyStopping:
 # -- the run ---------------------------------------------------------------------------------------
 
 def train(manifest: str | os.PathLike, tiles_dir: str | os.PathLike, out_dir: str | os.PathLike,
-          config: TrainConfig = TrainConfig(), *, resume: bool = False, progress: bool = True) -> TrainResult:
+          config: TrainConfig = TrainConfig(), *, resume: bool = False, progress: bool = True,
+          splits: Mapping[str, str] | None = None) -> TrainResult:
     """Train an IPS classifier on the slides of a manifest; see the module docstring for what it writes.
 
     Parameters
@@ -213,6 +200,9 @@ def train(manifest: str | os.PathLike, tiles_dir: str | os.PathLike, out_dir: st
         Continue the run in ``out_dir`` from ``last.pt``.
     progress : bool
         Show a progress bar (on a terminal, on rank 0).
+    splits : mapping, optional
+        slide_id -> train/val/test for every slide of the manifest (a cross-validation fold); default:
+        the manifest's split column, else a seeded patient-level split.
 
     Raises
     ------
@@ -230,14 +220,14 @@ def train(manifest: str | os.PathLike, tiles_dir: str | os.PathLike, out_dir: st
         joined = dist.is_available() and dist.is_initialized()  # a caller's process group is left to the caller
         procs = init_processes(config.device)
         try:
-            return _run(Path(manifest), Path(tiles_dir), out_dir, config, start, procs, progress)
+            return _run(Path(manifest), Path(tiles_dir), out_dir, config, start, procs, progress, splits)
         finally:
             if procs.distributed and not joined:
                 dist.destroy_process_group()
 
 
 def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, start: RunStart | None,
-         procs: Processes, progress: bool) -> TrainResult:
+         procs: Processes, progress: bool, given_splits: Mapping[str, str] | None) -> TrainResult:
     checkpoint = None if start is None else start.checkpoint
     # 1. Determinism: one seed for model initialisation on every process; the data order follows
     #    (seed, epoch), augmentation the per-process generator saved in checkpoints. The CPU kernels
@@ -253,7 +243,9 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     if not survival_task and len(classes) < 2:
         raise BadInputError(f"{manifest}: training needs at least two classes in the label column, "
                             f"found {classes}")
-    if survival_task:
+    if given_splits is not None:
+        splits = {r.slide_id: given_splits[r.slide_id] for r in rows}
+    elif survival_task:
         splits = survival_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
         check_events_in_splits(rows, splits, manifest)
     else:
@@ -336,6 +328,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
                 row.update(_validate(model, val_items, val_streamer, config, classes, procs, autocast_dtype,
                                      survival))
             row["elapsed_seconds"] = time.perf_counter() - run_started
+            _refuse_non_finite(model, row, saved_epoch)
             history.append(row)
             improved = bool(val_items) and stopping.update(row[f"val_{config.monitor}"], row["val_loss"], epoch + 1)
             if epoch + 1 == config.epochs:
@@ -401,7 +394,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     with progress_bar(sum(item.n_patches for item in order), f"epoch {epoch + 1}/{config.epochs}", unit="patch",
                       enabled=progress and procs.is_main) as bar:
         for step, batch in enumerate(batches):
-            slides = [_counted(_slide_chunks(streamer, item, config.features), bar) for item in batch]
+            slides = [_counted(slide_chunks(streamer, item, config.features), bar) for item in batch]
             targets = {task.name: _targets(batch)}
             out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
                              grad_clip=config.grad_clip or None, class_weights=class_weights,
@@ -409,9 +402,8 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                              instance_k=config.instance_k)
             loss = mean_over_processes(out["loss"], procs)
             if not math.isfinite(loss):
-                raise IpspathError(
-                    f"the training loss is {loss} at epoch {epoch + 1}, step {step + 1}: training diverged; "
-                    "the last good state is in last.pt. Lower --lr, keep --grad-clip, or check the slides")
+                raise IpspathError(f"the training loss is {loss} at epoch {epoch + 1}, step {step + 1}: training "
+                                   f"diverged; {_after_divergence(epoch)}")
             scheduler.step()
             if procs.distributed:
                 average_buffers(model, procs.world_size)
@@ -437,13 +429,22 @@ def _targets(items: Sequence[SlideItem]) -> torch.Tensor:
     return torch.tensor([item.label for item in items], dtype=torch.long)
 
 
-def _slide_chunks(streamer: PatchStreamer, item: SlideItem, features: str | None) -> Iterator[PatchChunk]:
-    """The patches of one slide (or their cached features), opened when first asked for."""
-    store = TileStore.open(item.store)
-    if features is not None:
-        yield from streamer.stream_features(store, features)
-    else:
-        yield from streamer.stream(store, slide_mpp=item.slide_mpp)
+def _after_divergence(saved_epoch: int) -> str:
+    """What a user can do after a run diverged, given the last epoch saved in last.pt."""
+    if saved_epoch == 0:
+        return ("nothing was trained, so the run folder may be reused: rerun with a lower --lr (and --grad-clip), "
+                "or check the slides")
+    return (f"last.pt keeps the good state of epoch {saved_epoch} (best.pt the best so far); train again with a "
+            "lower --lr (and --grad-clip) into another folder, or check the slides")
+
+
+def _refuse_non_finite(model: IPSModel, row: Mapping[str, float], saved_epoch: int) -> None:
+    """Stop before an epoch whose weights or validation loss are not finite is written to a checkpoint."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad or not math.isfinite(row.get("val_loss", 0.0)):
+        what = f"weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else "validation loss"
+        raise IpspathError(f"the {what} became NaN or infinite in epoch {int(row['epoch'])}: training diverged; "
+                           f"{_after_divergence(saved_epoch)}")
 
 
 def _counted(chunks: Iterable[PatchChunk], bar: Any) -> Iterator[PatchChunk]:
@@ -476,7 +477,7 @@ def _predict_logits(model: IPSModel, items: Sequence[SlideItem], streamer: Patch
     mine = []
     for index in range(procs.rank, len(items), procs.world_size):
         with amp:
-            prediction = model.predict_slide(_slide_chunks(streamer, items[index], config.features))
+            prediction = model.predict_slide(slide_chunks(streamer, items[index], config.features))
         mine.append((index, prediction.logits[name].float().cpu().tolist()))
     gathered = [mine]
     if procs.distributed:
@@ -515,98 +516,6 @@ def _finish_survival(survival: SurvivalRun, model: IPSModel, train_items: Sequen
         log.info("validation C-index %.3f (95 %% CI %.3f-%.3f), Uno %.3f; log-rank p %.2g between the risk groups "
                  "(%s)", validation["c_index"], validation["c_index_low"], validation["c_index_high"],
                  validation["uno_c_index"], validation["log_rank_p"], out_dir / "km_val.png")
-
-
-# -- slides and tile stores -------------------------------------------------------------------------
-
-def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Path, config: TrainConfig,
-                      classes: Sequence[str]) -> tuple[dict[str, SlideItem], dict[str, Any], int | None]:
-    """Open the tile store of every slide and check that they fit the run, all problems at once.
-
-    Returns
-    -------
-    items : dict
-        slide_id -> SlideItem, for slides with at least one patch (the others are skipped with a warning).
-    tiling : dict
-        ``target_mpp`` (µm/px) and ``patch_size`` (px) of the stores, as the run records them.
-    in_features : int or None
-        Dimension of the cached features in features mode.
-
-    Raises
-    ------
-    BadInputError
-        Listing every slide without a usable store or whose tiled slide file is gone (with the
-        ``ipspath tile`` command that makes them),
-        stores made at another mpp/patch size than asked or disagreeing among themselves, and, in
-        features mode, stores without the features (with the ``ipspath features`` command).
-    """
-    missing, broken, stores = [], [], {}
-    for row in rows:
-        path = store_path(tiles_dir, row.slide_id)
-        if not path.exists():
-            missing.append(row.slide_id)
-            continue
-        try:
-            store = TileStore.open(path, slide_id=row.slide_id, slide_path=row.slide_path)
-        except BadInputError as exc:
-            broken.append(str(exc))
-            continue
-        if config.features is None and not store.slide_path.exists():  # the loader reads the tiled file
-            broken.append(f"{path}: its slide file {store.slide_path} is gone (moved since tiling?)")
-            continue
-        stores[row.slide_id] = store
-    geometries = Counter((s.target_mpp, s.patch_size) for s in stores.values())
-    # The run's mpp and patch size: as asked, else the stores' when they all agree on it.
-    mpps, sizes = {m for m, _ in geometries}, {p for _, p in geometries}
-    mpp = config.mpp or (mpps.pop() if len(mpps) == 1 else None)
-    size = config.patch_size or (sizes.pop() if len(sizes) == 1 else None)
-    if missing or broken:
-        listing = "".join(f"\n  {m}" for m in broken)
-        if missing:
-            listing += f"\n  no tile store in {tiles_dir} for {len(missing)} slide(s): {', '.join(missing)}"
-        raise BadInputError(
-            f"{len(missing) + len(broken)} slide(s) of {manifest} have no usable tile store:{listing}\n"
-            f"make them with: ipspath tile --manifest {manifest} -o {tiles_dir} --mpp {mpp or 0.5:g} "
-            f"--patch-size {size or 256}")
-    if mpp is None or size is None:
-        groups = [f"{m:g} µm/px and {p} px: {n} slide(s)" for (m, p), n in sorted(geometries.items())]
-        raise BadInputError(f"the tile stores in {tiles_dir} were made with different settings ({'; '.join(groups)}); "
-                            "give --mpp and --patch-size to choose, and re-tile the other slides")
-    mismatched = [f"{slide_id} ({s.target_mpp:g} µm/px, {s.patch_size} px)" for slide_id, s in stores.items()
-                  if not same_mpp(s.target_mpp, mpp) or s.patch_size != size]
-    if mismatched:
-        raise BadInputError(
-            f"{len(mismatched)} tile store(s) were made at another resolution or patch size than the run's "
-            f"{mpp:g} µm/px and {size} px: {', '.join(mismatched)}; re-tile them with `ipspath tile --manifest "
-            f"{manifest} -o {tiles_dir} --mpp {mpp:g} --patch-size {size} --overwrite`, or train at the stores' "
-            "settings")
-
-    in_features = _check_features(stores, tiles_dir, config.features) if config.features else None
-    empty = sorted(slide_id for slide_id, s in stores.items() if s.n_patches == 0)
-    if empty:
-        log.warning("%d slide(s) have no patches (no tissue found) and are left out: %s", len(empty),
-                    ", ".join(empty))
-    index = {name: i for i, name in enumerate(classes)}
-    items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index.get(r.label, -1),
-                                   stores[r.slide_id].n_patches, r.mpp)
-             for r in rows if stores[r.slide_id].n_patches > 0}
-    return items, {"target_mpp": float(mpp), "patch_size": int(size)}, in_features
-
-
-def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str) -> int:
-    array = f"features/{name}"
-    missing = sorted(slide_id for slide_id, s in stores.items() if s.n_patches and not s.has_array(array))
-    if missing:
-        encoder = name if name in ("resnet18", "resnet34", "resnet50", "smallcnn") else "ENCODER"
-        raise BadInputError(
-            f"{len(missing)} tile store(s) have no cached features {array!r}: {', '.join(missing)}; "
-            f"make them with: ipspath features {tiles_dir} --encoder {encoder} --name {name}")
-    dims = {slide_id: int(s.open_array(array).shape[1]) for slide_id, s in stores.items() if s.n_patches}
-    if len(set(dims.values())) > 1:
-        listing = ", ".join(f"{k} ({v})" for k, v in sorted(dims.items()))
-        raise BadInputError(f"cached features {array!r} differ in dimension between slides: {listing}; "
-                            f"recompute them with `ipspath features {tiles_dir} --name {name} --overwrite`")
-    return next(iter(dims.values()))
 
 
 def _warn_about_missing_classes(train_items: Sequence[SlideItem], val_items: Sequence[SlideItem],

@@ -207,9 +207,9 @@ def test_an_ips_step_fine_tunes_only_the_last_blocks_with_checkpointed_pieces():
 
 
 def test_train_blocks_needs_a_vit_preset_and_pixels(resnet50_weights):
-    with pytest.raises(BadInputError, match="train_blocks"):
+    with pytest.raises(BadInputError, match="--train-blocks"):
         TrainConfig(train_blocks=-1)
-    with pytest.raises(BadInputError, match="train_blocks"):
+    with pytest.raises(BadInputError, match="--train-blocks"):
         TrainConfig(train_blocks=2, features="uni_v1")
     with pytest.raises(BadInputError, match="needs a ViT preset"):
         build_model(TrainConfig(encoder="resnet18", train_blocks=2), 2)
