@@ -31,6 +31,11 @@ def _help(text: str, name: str) -> str:
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from last.pt (an interrupted epoch is redone), exactly as if it had "
                    "not stopped. Only --device and --threads may change.")
+@click.option("--folds", type=click.IntRange(min=2),
+              help="K-fold cross-validation by patient, stratified by label: one run per fold in --out/fold_<i> "
+                   "(the fold validates, the others train), splits.csv with each slide's fold, cv_summary.json and "
+                   "a table of AUC, balanced accuracy and AUPRC per fold and mean +- sd. Slides whose manifest "
+                   "split is test stay out of every fold. --resume continues fold by fold.")
 @click.option("--encoder", help=_help("Patch encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>. smallcnn "
                                       "suits a CPU; on a GPU use a ResNet, ideally with --pretrained.", "encoder"))
 @click.option("--pretrained", type=click.Path(dir_okay=False),
@@ -112,7 +117,7 @@ def _help(text: str, name: str) -> str:
                                                    "instance_k"))
 @click.pass_context
 def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path, config_file: Path | None,
-              resume: bool, **options: Any) -> int:
+              resume: bool, folds: int | None, **options: Any) -> int:
     """Train a slide classifier with Iterative Patch Selection on the tile stores of a manifest's slides.
 
     \b
@@ -145,6 +150,14 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
     if config_file is None and resume and (out_dir / "config.yaml").is_file():
         config_file = out_dir / "config.yaml"
     config = resolve_config(config_file, options)
+    if folds is not None:
+        from ips_path.cross_validation import train_cross_validated
+
+        cv = train_cross_validated(manifest, tiles_dir, out_dir, config, folds, resume=resume,
+                                   progress=not ctx.obj["quiet"])
+        shown = ", ".join(f"{name} {s['mean']:.3f} +- {s['sd']:.3f}" for name, s in cv.summary.items())
+        click.echo(f"train: {folds}-fold cross-validation done; validation {shown} ({out_dir / 'cv_summary.json'})")
+        return 0
     result = train(manifest, tiles_dir, out_dir, config, resume=resume, progress=not ctx.obj["quiet"])
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
         best = (f"best validation {config.monitor} {result.best_metric:.4f} at epoch {result.best_epoch} "

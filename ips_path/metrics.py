@@ -9,10 +9,12 @@ so a small validation set still gives the metrics it can.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["auc_confidence_interval", "balanced_accuracy", "classification_metrics", "confusion_matrix", "macro_auc",
+__all__ = ["auc_confidence_interval", "average_precision", "balanced_accuracy", "bootstrap_intervals", "calibration",
+           "classification_metrics", "confusion_matrix", "macro_auc", "macro_auprc", "patient_level",
            "per_class_recall", "roc_auc", "roc_curve"]
 
 
@@ -122,8 +124,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     Returns
     -------
     dict
-        ``auc`` (see :func:`macro_auc`), ``balanced_accuracy``, ``accuracy`` and ``recall_<class name>``
-        for every class.
+        ``auc`` (see :func:`macro_auc`), ``auprc`` (see :func:`macro_auprc`), ``balanced_accuracy``,
+        ``accuracy`` and ``recall_<class name>`` for every class.
     """
     labels = np.asarray(labels).ravel()
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, len(class_names))
@@ -131,6 +133,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     recall = per_class_recall(labels, predictions, len(class_names))
     out = {
         "auc": macro_auc(labels, probabilities),
+        "auprc": macro_auprc(labels, probabilities),
         "balanced_accuracy": balanced_accuracy(labels, predictions, len(class_names)),
         "accuracy": float((predictions == labels).mean()) if labels.size else float("nan"),
     }
@@ -189,3 +192,124 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int
     matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(matrix, (np.asarray(labels).ravel(), np.asarray(predictions).ravel()), 1)
     return matrix
+
+
+def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the precision-recall curve as average precision: ``sum_n (R_n - R_{n-1}) P_n``.
+
+    The same step-wise definition as scikit-learn's ``average_precision_score`` (no interpolation),
+    with thresholds at every distinct score.
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN without a positive.
+    """
+    is_positive = np.asarray(is_positive).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos = int(is_positive.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_truth = scores[order], is_positive[order]
+    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    true_pos = np.cumsum(sorted_truth)[last_of_run]
+    predicted_pos = np.flatnonzero(last_of_run) + 1
+    precision = true_pos / predicted_pos
+    recall_steps = np.diff(np.r_[0, true_pos]) / n_pos
+    return float(np.sum(recall_steps * precision))
+
+
+def macro_auprc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """AUPRC (average precision) over K classes: of class 1 for two, else the one-vs-rest macro mean."""
+    labels = np.asarray(labels).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, -1)
+    if probabilities.shape[1] == 2:
+        return average_precision(labels == 1, probabilities[:, 1])
+    values = [average_precision(labels == k, probabilities[:, k]) for k in range(probabilities.shape[1])]
+    defined = [v for v in values if not np.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
+def calibration(labels: np.ndarray, probabilities: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error and the reliability diagram of the top-class confidence.
+
+    Slides are binned by the probability of their predicted class into ``n_bins`` equal-width bins
+    of [0, 1]; ECE is the slide-weighted mean of ``|accuracy - mean confidence|`` over the bins.
+
+    Returns
+    -------
+    dict
+        ``ece`` (NaN without slides) and ``bins``: per non-empty bin ``lower``, ``upper``,
+        ``confidence`` (mean), ``accuracy`` and ``count``.
+    """
+    labels = np.asarray(labels).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, -1)
+    if not labels.size:
+        return {"ece": float("nan"), "bins": []}
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    index = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        members = index == b
+        if not members.any():
+            continue
+        acc, conf, count = float(correct[members].mean()), float(confidence[members].mean()), int(members.sum())
+        ece += count / labels.size * abs(acc - conf)
+        bins.append({"lower": b / n_bins, "upper": (b + 1) / n_bins, "confidence": conf, "accuracy": acc,
+                     "count": count})
+    return {"ece": float(ece), "bins": bins}
+
+
+def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, *, n_bootstrap: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of AUC, AUPRC and balanced accuracy, resampling slides (or patients).
+
+    Resamples on which a metric is undefined (a class missing) are left out of that metric's interval.
+
+    Returns
+    -------
+    dict
+        ``auc``, ``auprc``, ``balanced_accuracy`` -> (low, high); (NaN, NaN) when undefined.
+    """
+    labels = np.asarray(labels).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, -1)
+    n_classes = probabilities.shape[1]
+    metrics = {"auc": macro_auc, "auprc": macro_auprc,
+               "balanced_accuracy": lambda y, p: balanced_accuracy(y, p.argmax(axis=1), n_classes)}
+    out = {name: (float("nan"), float("nan")) for name in metrics}
+    if not labels.size:
+        return out
+    draws = np.random.default_rng(seed).integers(0, labels.size, size=(n_bootstrap, labels.size))
+    tail = (1 - level) / 2 * 100
+    for name, metric in metrics.items():
+        if np.isnan(metric(labels, probabilities)):
+            continue
+        values = np.array([metric(labels[d], probabilities[d]) for d in draws])
+        values = values[~np.isnan(values)]
+        if values.size:
+            out[name] = (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+    return out
+
+
+def patient_level(case_ids: Sequence[str], labels: np.ndarray,
+                  probabilities: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Slide predictions pooled per patient: the mean of each patient's slide probabilities.
+
+    Returns
+    -------
+    case_ids : list of str
+        Sorted.
+    labels : (n_patients,) int array
+        The label of each patient's first slide (slides of one patient share it in a manifest).
+    probabilities : (n_patients, K) float array
+    """
+    labels = np.asarray(labels).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, -1)
+    members: dict[str, list[int]] = {}
+    for i, case_id in enumerate(case_ids):
+        members.setdefault(case_id, []).append(i)
+    patients = sorted(members)
+    pooled = np.array([probabilities[members[p]].mean(axis=0) for p in patients]).reshape(len(patients), -1)
+    return patients, np.array([labels[members[p][0]] for p in patients], dtype=labels.dtype), pooled
