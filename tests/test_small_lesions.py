@@ -89,8 +89,8 @@ def test_the_instance_loss_needs_two_classes():
 
 @pytest.mark.parametrize(("values", "message"), [
     (dict(explore=1.5), "explore"), (dict(explore=float("nan")), "explore"),
-    (dict(instance_loss=-1.0), "instance_loss"), (dict(instance_loss=float("nan")), "instance_loss"),
-    (dict(instance_k=0), "instance_k"),
+    (dict(instance_loss=-1.0), "--instance-loss"), (dict(instance_loss=float("nan")), "--instance-loss"),
+    (dict(instance_k=0), "--instance-k"),
 ])
 def test_bad_small_lesion_options_are_refused(values, message):
     with pytest.raises(BadInputError, match=message):
