@@ -44,7 +44,7 @@ from pathlib import Path
 from ips_path.errors import BadInputError
 
 __all__ = ["LOCK_NAME", "LockHolder", "OutputLockedError", "file_lock", "output_lock", "probe_writable", "read_lock",
-           "writer_alive", "writer_tag"]
+           "remove_stale_lock", "writer_alive", "writer_tag"]
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,20 @@ def writer_alive(tag: str) -> bool:
     if host != _host_hash(socket.gethostname()) or not pid.isdigit():
         return True
     return _pid_alive(int(pid)) and _process_start(int(pid)) is not None
+
+
+def remove_stale_lock(lock: str | os.PathLike) -> bool:
+    """Remove the lock file ``lock`` when its holder is certainly gone (see the module docstring);
+    True when it was removed. A live holder's lock, or an unreadable one, is left alone."""
+    lock = Path(lock)
+    if not lock.is_file():
+        return False
+    with _guard(lock):
+        holder = read_lock(lock.parent, lock.name)
+        if holder is None or _stale_reason(holder) is None:
+            return False
+        lock.unlink(missing_ok=True)
+    return True
 
 
 @contextmanager

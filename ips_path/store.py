@@ -40,6 +40,7 @@ from ips_path.atomic import partial_path, remove_dead_partials
 from ips_path.errors import BadInputError
 from ips_path.faults import fault_point
 from ips_path.identity import slide_identity
+from ips_path.locks import file_lock, remove_stale_lock
 from ips_path.names import check_slide_id
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "import_h5",
     "remove_partial_stores",
     "slide_id_from_path",
+    "store_claim",
     "store_path",
     "tile_store_for_coords",
     "write_tile_store",
@@ -104,6 +106,15 @@ def find_stores(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             raise BadInputError(f"{path}: not a tile store (.zarr) or a folder of them")
     return stores
+
+
+def store_claim(path: str | os.PathLike, wait_s: float = 120.0) -> Any:
+    """A context manager holding the store's writer claim, ``.<name>.zarr.lock`` beside it: one
+    process writes a store at a time (tile replacing it, features or scores added to it). Waits up
+    to ``wait_s`` seconds for another writer; re-entrant within a process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(path.parent / f".{path.name}.lock", str(path), wait_s=wait_s)
 
 
 def _node_type(path: Path) -> str | None:
@@ -298,13 +309,19 @@ class TileStore:
 
         ``fill`` receives the new, empty ``zarr.Array`` of ``shape`` and ``dtype`` (chunks of about
         4 MiB along the first axis) and writes it by slices, so an array larger than memory can be
-        written; if ``fill`` raises, nothing is left behind and the old array stays.
+        written; if ``fill`` raises, nothing is left behind and the old array stays. Holds the
+        store's writer claim (:func:`store_claim`) meanwhile.
         """
-        import zarr
-
         _check_array_name(name)
         if name in CORE_ARRAYS:
             raise ValueError(f"{name!r} is written by `ipspath tile` only")
+        with store_claim(self.path):
+            self._write_array_claimed(name, shape, dtype, fill, attrs)
+
+    def _write_array_claimed(self, name: str, shape: tuple[int, ...], dtype: Any, fill: Callable[[Any], None],
+                             attrs: dict[str, Any] | None) -> None:
+        import zarr
+
         target = self.path / name
         remove_dead_partials(self.path)  # what killed writers of other arrays left
         if target.parent.is_dir():
@@ -493,7 +510,6 @@ def write_tile_store(
     TileStore
         The store, open.
     """
-    import zarr
 
     path = Path(path)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
@@ -521,7 +537,15 @@ def write_tile_store(
     }
     full_attrs.pop("complete", None)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with store_claim(path):
+        _write_store_claimed(path, coords, tissue_fraction, mask, mask_mpp, mask_downsample, full_attrs)
+    return TileStore(path, {**full_attrs, "complete": True}, coords, tissue_fraction)
+
+
+def _write_store_claimed(path: Path, coords: np.ndarray, tissue_fraction: np.ndarray, mask: np.ndarray,
+                         mask_mpp: float, mask_downsample: float, full_attrs: dict[str, Any]) -> None:
+    import zarr
+
     partial = partial_path(path)
     try:
         group = zarr.open_group(partial, mode="w", zarr_format=3)
@@ -535,14 +559,16 @@ def write_tile_store(
         _replace_dir(partial, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return TileStore(path, {**full_attrs, "complete": True}, coords, tissue_fraction)
 
 
 def remove_partial_stores(out_dir: str | os.PathLike, slide_id: str | None = None) -> list[Path]:
     """Delete what killed writers of ``slide_id``'s store (default: of every store) left in
     ``out_dir``: hidden temporary folders, and the ``-old`` copy of a store being replaced. What
-    live writers are writing is left alone (see :func:`ips_path.atomic.remove_dead_partials`)."""
-    return remove_dead_partials(out_dir, None if slide_id is None else f"{slide_id}.zarr")
+    live writers are writing is left alone (see :func:`ips_path.atomic.remove_dead_partials`), and
+    so are the claims of live writers; claims of dead ones are removed."""
+    name = "*" if slide_id is None else slide_id
+    stale_claims = [claim for claim in Path(out_dir).glob(f".{name}.zarr.lock") if remove_stale_lock(claim)]
+    return remove_dead_partials(out_dir, None if slide_id is None else f"{slide_id}.zarr") + stale_claims
 
 
 def export_h5(store: TileStore, h5_path: str | os.PathLike) -> None:

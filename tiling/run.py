@@ -42,6 +42,7 @@ from ips_path.store import (
     export_h5,
     remove_partial_stores,
     slide_id_from_path,
+    store_claim,
     store_path,
     write_tile_store,
 )
@@ -362,7 +363,7 @@ def tile_slide(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # one writer per store: a second run leaves this slide alone instead of removing its work
-        with file_lock(out_dir / f".{target.name}.lock", str(target)):
+        with store_claim(target, wait_s=0):
             remove_partial_stores(out_dir, item.slide_id)
             fault_point(f"tile.started:{item.slide_id}")
             _tile_slide(item, out_dir, params, overwrite, result)
