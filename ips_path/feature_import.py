@@ -41,7 +41,8 @@ from ips_path.errors import BadInputError
 from ips_path.identity import same_identity, slide_identity
 from ips_path.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.locks import output_lock
-from ips_path.store import TileStore, store_path, tile_store_for_coords
+from ips_path.store import TileStore, store_path
+from ips_path.store_exchange import tile_store_for_coords
 from ips_path.tiling.grid import same_mpp
 
 __all__ = ["FEATURE_FORMATS", "FeatureFile", "FeatureFormat", "SlideFrame", "import_features", "read_feature_file"]

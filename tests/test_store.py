@@ -19,13 +19,12 @@ import zarr
 from ips_path.errors import BadInputError
 from ips_path.store import (
     TileStore,
-    export_h5,
-    import_h5,
     remove_partial_stores,
     slide_id_from_path,
     store_path,
     write_tile_store,
 )
+from ips_path.store_exchange import export_h5, import_h5
 from ips_path.synth import write_synthetic_slide
 
 ATTRS = {

@@ -39,13 +39,13 @@ from ips_path.names import slide_id_problem
 from ips_path.store import (
     StoreMismatchError,
     TileStore,
-    export_h5,
     remove_partial_stores,
     slide_id_from_path,
     store_claim,
     store_path,
     write_tile_store,
 )
+from ips_path.store_exchange import export_h5
 from ips_path.tiling.grid import (
     MPP_TOLERANCE,
     PatchGeometry,
