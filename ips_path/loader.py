@@ -44,6 +44,17 @@ from ips_path.model.chunks import PatchChunk
 from ips_path.slide import Slide, rgb_on_white
 from ips_path.store import TileStore
 
+__all__ = [
+    "Augmentation",
+    "PatchStreamer",
+    "TiffTileReader",
+    "augment_patches",
+    "available_cores",
+    "grid_positions",
+    "open_for_reading",
+    "resize_patches",
+]
+
 
 @dataclass(frozen=True)
 class Augmentation:

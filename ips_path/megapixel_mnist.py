@@ -39,6 +39,18 @@ from ips_path.errors import BadInputError
 from ips_path.model.chunks import PatchChunk
 from ips_path.model.tasks import Task
 
+__all__ = [
+    "DEFAULT_N_IMAGES",
+    "DIGIT_SIZE",
+    "MEGAPIXEL_MNIST_TASKS",
+    "N_CLASSES",
+    "DigitLayout",
+    "MegapixelMNIST",
+    "digit_targets",
+    "load_digits",
+    "patch_chunks",
+]
+
 DIGIT_SIZE = 28
 N_CLASSES = 10
 N_TARGET_DIGITS = 3

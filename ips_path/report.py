@@ -29,6 +29,8 @@ from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError
 from ips_path.predictions import PredictionFolder, SlidePrediction
 
+__all__ = ["write_report"]
+
 ASSETS_DIR_NAME = "report_assets"
 DASH = "\u2013"
 

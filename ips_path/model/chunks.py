@@ -9,6 +9,8 @@ import torch
 
 from ..errors import BadInputError
 
+__all__ = ["PatchChunk", "rechunk"]
+
 
 @dataclass
 class PatchChunk:

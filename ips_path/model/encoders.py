@@ -18,6 +18,20 @@ from torch import nn
 
 from ..errors import BadInputError
 
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BasicBlock",
+    "Bottleneck",
+    "FeatureProjector",
+    "PixelEncoder",
+    "PixelNormalizer",
+    "ResNet",
+    "SmallCNN",
+    "build_encoder",
+    "load_weights",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["grid_encoding", "sinusoidal_encoding"]
+
 
 def sinusoidal_encoding(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
     """Transformer sine/cosine encoding of integer positions.

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+__all__ = ["SCORES", "Candidates", "Selection", "finish", "scores_of", "top_positions"]
+
 SCORES = ("logit", "paper")
 
 

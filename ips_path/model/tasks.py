@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ..errors import BadInputError
 from ..survival.losses import cox_partial_nll, discrete_risk, discrete_survival, discrete_time_nll
 
+__all__ = ["SURVIVAL_TARGET_COLUMNS", "TASK_KINDS", "Task", "compute_loss", "task_losses"]
+
 TASK_KINDS = ("multiclass", "binary", "multilabel", "survival")
 SURVIVAL_TARGET_COLUMNS = ("time", "event", "bin")
 
