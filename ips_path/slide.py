@@ -34,7 +34,7 @@ import tiffslide
 
 from ips_path.errors import BadInputError, IpspathError
 
-__all__ = ["BACKENDS", "WSI_EXTENSIONS", "Slide", "rgb_on_white"]
+__all__ = ["BACKENDS", "READ_BLOCK", "WSI_EXTENSIONS", "Slide", "read_low_resolution", "rgb_on_white"]
 
 log = logging.getLogger(__name__)
 
@@ -426,3 +426,145 @@ def _int_pair(pair: Any) -> tuple[int, int]:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# -- block-wise low-resolution reads -------------------------------------------------------------
+
+READ_BLOCK = 2048  # level pixels per side of one read_region call of a low-resolution read
+
+
+def read_low_resolution(
+    slide: Slide,
+    downsample: tuple[float, float],
+    origin: tuple[float, float] = (0.0, 0.0),
+    size: tuple[int, int] | None = None,
+    *,
+    resampling: str = "bilinear",
+    level_tolerance: float = 0.05,
+    read_block: int = READ_BLOCK,
+    compose_block: int | None = None,
+    threads: int = 1,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """A region of the slide at a low resolution, read block by block from the best pyramid level.
+
+    The one low-resolution reader of the package: tissue masks, QC pictures, heatmap
+    thumbnails, overlay TIFFs and viewer tiles all read through it. It picks the coarsest
+    level at most ``level_tolerance`` coarser than ``downsample``, cuts the result into blocks
+    of at most ``read_block`` level pixels a side, reads them with ``threads`` threads (slide
+    libraries release the GIL) and, when blocks cannot be decoded, raises one error naming the
+    first and counting the others.
+
+    Parameters
+    ----------
+    slide : Slide
+    downsample : (float, float)
+        Wanted level-0 px per result px along x and y.
+    origin : (float, float)
+        Level-0 (x, y) of the result's top-left corner, px (``"bilinear"`` only).
+    size : (int, int), optional
+        (width, height) of the result, px (``"bilinear"`` only; required there).
+    resampling : {"bilinear", "box"}
+        ``"bilinear"``: each block is resampled (bilinear, antialiased) onto the exact grid
+        asked for; for pictures. ``"box"``: the whole slide, the level shrunk by the whole
+        factor nearest to the wanted downsample with box averaging (the returned downsample is
+        then the level's times that factor); for tissue detection, where no pixel may mix
+        with the white outside the slide.
+    level_tolerance : float
+        A level up to this fraction coarser than wanted is still read (0.05 = 5 %).
+    read_block : int
+        Level pixels per side of one read, at most.
+    compose_block : int, optional
+        Result pixels per side of a block composed at once, when smaller than what
+        ``read_block`` allows (keeps thumbnails independent of the pyramid).
+    threads : int
+        Blocks read in parallel.
+
+    Returns
+    -------
+    image : (h, w, 3) uint8 array
+        White outside the slide.
+    downsample : (float, float)
+        Level-0 px per result px along x and y.
+
+    Raises
+    ------
+    BadInputError
+        When image data cannot be decoded; names the file, the first failing region
+        (level-0 x, y and level) and how many more failed.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from ips_path.tiling.grid import read_level_for_mpp
+
+    if resampling not in ("bilinear", "box"):
+        raise ValueError(f"resampling must be 'bilinear' or 'box', got {resampling!r}")
+    downsample_x, downsample_y = (float(v) for v in downsample)
+    level = read_level_for_mpp(1.0, slide.level_downsamples, min(downsample_x, downsample_y), level_tolerance)
+    level_downsample = float(slide.level_downsamples[level])
+    if resampling == "box":
+        if size is not None or tuple(origin) != (0.0, 0.0):
+            raise ValueError("box resampling reads the whole slide: give neither origin nor size")
+        factor = max(1, round(min(downsample_x, downsample_y) / level_downsample))
+        level_width, level_height = slide.level_dimensions[level]
+        width, height = -(-level_width // factor), -(-level_height // factor)
+        downsample_x = downsample_y = level_downsample * factor
+        scale_x = scale_y = float(factor)
+        step_x = step_y = max(1, read_block // factor)
+    else:
+        if size is None:
+            raise ValueError("bilinear resampling needs the size of the result")
+        width, height = (int(v) for v in size)
+        scale_x, scale_y = downsample_x / level_downsample, downsample_y / level_downsample  # level px per px
+        step_x, step_y = max(1, int(read_block // scale_x)), max(1, int(read_block // scale_y))
+    image = np.empty((height, width, 3), dtype=np.uint8)
+
+    def read_piece(piece: tuple[tuple[int, int, int], tuple[int, int, int]]) -> str | None:
+        (block_left, left, piece_w), (block_top, top, piece_h) = piece
+        out_x, out_y = block_left + left, block_top + top
+        try:
+            if resampling == "box":
+                read_x, read_y = out_x * factor, out_y * factor
+                read_w = min(piece_w * factor, level_width - read_x)  # never past the level: no white mixed in
+                read_h = min(piece_h * factor, level_height - read_y)
+                region = slide.read_region((round(read_x * level_downsample), round(read_y * level_downsample)),
+                                           level, (read_w, read_h))
+                if factor > 1:
+                    region = np.asarray(Image.fromarray(region).reduce(factor))
+            else:
+                # the piece in (fractional) level pixels, and the whole-pixel region that holds it
+                x0 = (origin[0] + block_left * downsample_x + left * downsample_x) / level_downsample
+                y0 = (origin[1] + block_top * downsample_y + top * downsample_y) / level_downsample
+                x1, y1 = x0 + piece_w * scale_x, y0 + piece_h * scale_y
+                read_x, read_y = math.floor(x0), math.floor(y0)
+                read_w, read_h = max(1, math.ceil(x1) - read_x), max(1, math.ceil(y1) - read_y)
+                region = slide.read_region((round(read_x * level_downsample), round(read_y * level_downsample)),
+                                           level, (read_w, read_h))
+                if region.shape[:2] != (piece_h, piece_w) or (x0, y0) != (read_x, read_y):
+                    region = np.asarray(Image.fromarray(region).resize(
+                        (piece_w, piece_h), Image.Resampling.BILINEAR,
+                        box=(x0 - read_x, y0 - read_y, x1 - read_x, y1 - read_y)))
+        except IpspathError as exc:  # names the file and the level-0 (x, y) of the region
+            return str(exc)
+        image[out_y:out_y + piece_h, out_x:out_x + piece_w] = region
+        return None
+
+    pieces = [(x, y) for y in _cuts(height, compose_block or height, step_y)
+              for x in _cuts(width, compose_block or width, step_x)]
+    if threads > 1 and len(pieces) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            failures = [failure for failure in pool.map(read_piece, pieces) if failure]
+    else:
+        failures = [failure for failure in map(read_piece, pieces) if failure]
+    if failures:
+        more = f" (and {len(failures) - 1} more unreadable regions)" if len(failures) > 1 else ""
+        raise BadInputError(f"{failures[0]}{more}; the file is damaged: re-export or re-scan it")
+    return image, (downsample_x, downsample_y)
+
+
+def _cuts(length: int, block: int, step: int) -> list[tuple[int, int, int]]:
+    """(block start, offset in the block, width) of the pieces covering ``length`` px: blocks of
+    ``block`` px, each cut into pieces of at most ``step`` px."""
+    return [(start, offset, min(step, block - offset, length - start - offset))
+            for start in range(0, length, block) for offset in range(0, min(block, length - start), step)]

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from ips_path.errors import BadInputError, IpspathError
-from ips_path.slide import BACKENDS, WSI_EXTENSIONS, Slide
+from ips_path.slide import BACKENDS, WSI_EXTENSIONS, Slide, read_low_resolution
 from ips_path.synth import write_synthetic_slide
 
 # The table of ../shared/data/README.md: size, level count, mpp (None: unknown), backends that open it.
@@ -281,3 +281,33 @@ def test_describe_is_json_with_the_agreed_keys(small_svs):
 def test_wsi_extensions_are_lower_case_suffixes():
     assert {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".dcm", ".scn", ".bif"} <= WSI_EXTENSIONS
     assert all(ext.startswith(".") and ext == ext.lower() for ext in WSI_EXTENSIONS)
+
+
+def test_every_low_resolution_picture_reports_a_damaged_block_in_the_same_one_line(bad_dir):
+    from ips_path.heatmap import read_downsampled, slide_thumbnail
+    from ips_path.tiling.tissue import read_low_resolution as tissue_image
+
+    path = bad_dir / "unreadable.svs"
+    users = {
+        "tissue mask": lambda slide: tissue_image(slide, 8.0, threads=2),
+        "heatmap thumbnail": lambda slide: slide_thumbnail(slide, 8, threads=2),
+        "viewer tile": lambda slide: read_downsampled(slide, (0, 0), (16, 16), (1.0, 1.0)),
+    }
+    messages = {}
+    with Slide(path, slide_mpp=0.5) as slide:
+        for user, read in users.items():
+            with pytest.raises(BadInputError) as caught:
+                read(slide)
+            messages[user] = str(caught.value)
+    assert set(messages.values()) == {f"{path}: cannot read region at level-0 (0, 0), level 0: Bogus marker length; "
+                                      "the file is damaged: re-export or re-scan it"}, messages
+
+
+@pytest.mark.parametrize("resampling", ["bilinear", "box"])
+def test_a_low_resolution_read_names_the_first_damaged_block_and_counts_the_rest(bad_dir, resampling):
+    path = bad_dir / "unreadable.svs"  # 16 x 16 px: 4 x 4 blocks of 4 px, all damaged
+    size = (16, 16) if resampling == "bilinear" else None
+    with Slide(path, slide_mpp=0.5) as slide, pytest.raises(BadInputError) as caught:
+        read_low_resolution(slide, (1.0, 1.0), size=size, resampling=resampling, read_block=4, threads=3)
+    assert str(caught.value).startswith(f"{path}: cannot read region at level-0 (0, 0), level 0: ")
+    assert str(caught.value).endswith(" (and 15 more unreadable regions); the file is damaged: re-export or re-scan it")

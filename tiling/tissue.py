@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ips_path.errors import BadInputError, IpspathError
-from ips_path.tiling.grid import MPP_TOLERANCE, read_level_for_mpp
+from ips_path.errors import BadInputError
+from ips_path.tiling.grid import MPP_TOLERANCE
 
 __all__ = [
     "MASK_FILE_SUFFIXES", "TISSUE_METHODS", "TissueMask", "TissueParams", "binary_closing", "binary_median",
@@ -290,9 +289,10 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams = TissuePara
 def read_low_resolution(slide: Slide, mpp: float, threads: int | None = None) -> tuple[np.ndarray, float]:
     """The whole slide as one RGB image at about ``mpp`` µm/px, with bounded memory.
 
-    Reads the coarsest pyramid level that is at least as fine as ``mpp`` (within 2 %), block by
-    block (at most 2048 px a side), and shrinks each block by a whole factor with box
-    averaging. Blocks are read by ``threads`` threads (slide libraries release the GIL).
+    Reads the coarsest pyramid level that is at least as fine as ``mpp`` (within 2 %) through
+    :func:`ips_path.slide.read_low_resolution`, block by block (at most 2048 px a side), and
+    shrinks each block by a whole factor with box averaging, never mixing in the white outside
+    the slide. Blocks are read by ``threads`` threads (slide libraries release the GIL).
 
     Parameters
     ----------
@@ -315,41 +315,13 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int | None = None) ->
     BadInputError
         When image data cannot be decoded; names every failing region (level-0 x, y).
     """
-    from PIL import Image
+    from ips_path.slide import read_low_resolution as read_blockwise
 
     level0_mpp = float(np.mean(slide.require_mpp()))
-    level = read_level_for_mpp(level0_mpp, slide.level_downsamples, mpp)
-    level_downsample = float(slide.level_downsamples[level])
-    factor = max(1, round(mpp / (level0_mpp * level_downsample)))
-    width, height = slide.level_dimensions[level]
-    out_w, out_h = -(-width // factor), -(-height // factor)
-    block = max(1, _READ_BLOCK // factor) * factor  # a whole number of output pixels
-    image = np.empty((out_h, out_w, 3), np.uint8)
-    origins = [(x, y) for y in range(0, height, block) for x in range(0, width, block)]
-
-    def read_block(origin: tuple[int, int]) -> str | None:
-        x, y = origin
-        size = (min(block, width - x), min(block, height - y))
-        location = (round(x * level_downsample), round(y * level_downsample))
-        try:
-            region = slide.read_region(location, level, size)
-        except IpspathError as exc:  # names the file and the level-0 (x, y) of the region
-            return str(exc)
-        if factor > 1:
-            region = np.asarray(Image.fromarray(region).reduce(factor))
-        image[y // factor : y // factor + region.shape[0], x // factor : x // factor + region.shape[1]] = region
-        return None
-
-    threads = threads or min(4, os.cpu_count() or 1)
-    if threads > 1 and len(origins) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            failures = [f for f in pool.map(read_block, origins) if f]
-    else:
-        failures = [f for f in map(read_block, origins) if f]
-    if failures:
-        more = f" (and {len(failures) - 1} more unreadable regions)" if len(failures) > 1 else ""
-        raise BadInputError(f"{failures[0]}{more}; the file is damaged: re-export or re-scan it")
-    return image, level_downsample * factor
+    wanted = mpp / level0_mpp
+    image, (downsample, _) = read_blockwise(slide, (wanted, wanted), resampling="box", level_tolerance=MPP_TOLERANCE,
+                                            read_block=_READ_BLOCK, threads=threads or min(4, os.cpu_count() or 1))
+    return image, downsample
 
 
 def tissue_mask_for_slide(
