@@ -10,7 +10,8 @@ import click
 @click.command("predict")
 @click.argument("slides", nargs=-1, type=click.Path())
 @click.option("--model", "model", required=True, type=click.Path(exists=True),
-              help="Training run folder (uses its best.pt) or a checkpoint .pt file.")
+              help="Training run folder (uses its best.pt), a cross-validated run folder (`train --folds K`: "
+                   "the mean of its fold models) or a checkpoint .pt file.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
               help="CSV with slide_id, slide_path and optional label, mpp (labels give metrics).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),

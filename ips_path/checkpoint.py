@@ -29,7 +29,7 @@ from ips_path.model.foundation import ENCODER_PRESETS, require_preset_weights
 from ips_path.survival.training import SurvivalRun, survival_task
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASK_NAME", "CheckpointIdentity", "RunState", "build_model",
-           "checkpoint_identity", "load_checkpoint", "load_model"]
+           "checkpoint_identity", "load_checkpoint", "load_model", "models_identity"]
 
 TASK_NAME = "label"
 CHECKPOINT_FORMAT = "ipspath.checkpoint"
@@ -223,3 +223,28 @@ def checkpoint_identity(path: str | os.PathLike) -> CheckpointIdentity:
             _identities[cache_key] = identity
             return identity
     raise IpspathError(f"{path}: the checkpoint kept changing while it was read; wait for training to finish")
+
+
+def models_identity(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """The identity of the model that predicts: one checkpoint, or the ensemble of a cross-validation's folds.
+
+    One checkpoint: ``sha256``, ``config``, ``class_names``, ``tiling`` (as :func:`checkpoint_identity`).
+    Several (the folds, in order): ``folds`` (``fold_<i>`` -> its ``sha256`` and ``config``) with the
+    shared ``class_names`` and ``tiling``, so that changing any one fold model changes the identity.
+
+    Raises
+    ------
+    BadInputError
+        A checkpoint cannot be read, or the folds disagree on class names or tiling.
+    """
+    found = [checkpoint_identity(p) for p in paths]
+    first = found[0]
+    if len(found) == 1:
+        return {"sha256": first.sha256, "config": first.config, "class_names": list(first.class_names),
+                "tiling": first.tiling}
+    for other in found[1:]:
+        if other.class_names != first.class_names or other.tiling != first.tiling:
+            raise BadInputError(f"{other.path}: its classes or tiling differ from {first.path}'s; the folds of one "
+                                "cross-validation must be trained on the same manifest and tiles")
+    return {"folds": {f"fold_{i}": {"sha256": f.sha256, "config": f.config} for i, f in enumerate(found)},
+            "class_names": list(first.class_names), "tiling": first.tiling}

@@ -55,7 +55,7 @@ from ips_path.predictions import PREDICTION_FILES, PredictionFolder
 from ips_path.store import StoreMismatchError, TileStore, store_path
 
 __all__ = ["PREDICTION_FILES", "PredictJob", "PredictResult", "PredictSettings", "predict", "predict_slide",
-           "resolve_checkpoint", "run_name"]
+           "resolve_checkpoint", "resolve_checkpoints", "run_name"]
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,14 @@ class PredictJob:
 class PredictSettings:
     """What every slide of a run shares (sent to each worker).
 
-    ``model_identity`` is what the checkpoint is (digest, configuration, classes, tiling);
-    ``model_key`` names it, and ``scores_name`` is the array ``scores/<scores_name>`` it writes.
+    ``checkpoints`` are the model's checkpoint files with their SHA-256 (one, or one per fold of a
+    cross-validated run, whose probabilities and attention logits are averaged); ``model_identity``
+    is what they are (:func:`~ips_path.checkpoint.models_identity`); ``model_key`` names it, and
+    ``scores_name`` is the array ``scores/<scores_name>`` it writes.
     """
 
     model_path: Path
+    checkpoints: tuple[tuple[Path, str], ...]
     model_identity: dict[str, Any]
     model_key: str
     scores_name: str
@@ -126,6 +129,27 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
     if not path.is_file():
         raise BadInputError(f"{path}: model not found; give a training run folder or a checkpoint .pt file")
     return path
+
+
+def resolve_checkpoints(model: str | os.PathLike) -> list[Path]:
+    """The checkpoint files of ``model``: one per fold (``fold_<i>/best.pt``) of a cross-validated run
+    folder (``ipspath train --folds K``), else the one of :func:`resolve_checkpoint`.
+
+    Raises
+    ------
+    BadInputError
+        A fold of a cross-validated run has no checkpoint (the cross-validation did not finish).
+    """
+    path = Path(model)
+    folds = sorted((p for p in path.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:])) if path.is_dir() else []
+    if not folds or not (path / "splits.csv").is_file():
+        return [resolve_checkpoint(path)]
+    missing = [f.name for f in folds if not (f / "best.pt").is_file() and not (f / "last.pt").is_file()]
+    if missing:
+        raise BadInputError(f"{path}: fold(s) {', '.join(missing)} have no checkpoint; finish the cross-validation "
+                            f"with `ipspath train ... -o {path} --folds {len(folds)} --resume`")
+    return [resolve_checkpoint(f) for f in folds]
 
 
 def run_name(checkpoint: Path) -> str:
@@ -186,8 +210,9 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     _check_options(threads, chunk_size, heatmap_options if heatmaps else None)
     if scheduler is None or device == "auto":  # Dask workers check the device they are given themselves
         device = str(resolve_device(device))
-    checkpoint_path = resolve_checkpoint(model).resolve()
-    identity, checkpoint = _model_identity(checkpoint_path, device if scheduler is None else "cpu")
+    checkpoint_paths = [p.resolve() for p in resolve_checkpoints(model)]
+    checkpoint_path = checkpoint_paths[0] if len(checkpoint_paths) == 1 else Path(model).resolve()
+    identity, checkpoint, checkpoints = _model_identity(checkpoint_paths, device if scheduler is None else "cpu")
     classes = list(checkpoint["class_names"])
     key = identity_key(identity)
     out_dir = Path(out_dir).resolve()
@@ -206,9 +231,9 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
             for i in collect_inputs(inputs, manifest)]
     for job in jobs:
         folder.status_file(job.slide_id)  # an unsafe id is refused before any work
-    settings = PredictSettings(checkpoint_path, identity, key, f"{run_name(checkpoint_path)}-{key}", out_dir, tiles,
-                               own_tiles, device, threads, chunk_size, backend, heatmaps, dict(heatmap_options or {}),
-                               overwrite)
+    settings = PredictSettings(checkpoint_path, checkpoints, identity, key, f"{run_name(checkpoint_path)}-{key}",
+                               out_dir, tiles, own_tiles, device, threads, chunk_size, backend, heatmaps,
+                               dict(heatmap_options or {}), overwrite)
     with output_lock(out_dir):
         _claim_folder(folder, settings, overwrite)
         folder.make_folders()
@@ -230,7 +255,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
             metrics = write_patient_survival(folder, [(o.slide_id, o.extra) for o in outcomes if o.ok], rows,
                                              checkpoint)
         else:
-            folder.write_predictions_csv(outcomes, classes)
+            folder.write_predictions_csv(outcomes, classes, n_folds=len(checkpoints) if len(checkpoints) > 1 else 0)
             metrics = _write_metrics(folder, outcomes, classes)
     return PredictResult(outcomes, metrics, out_dir)
 
@@ -246,19 +271,23 @@ def _check_options(threads: int | None, chunk_size: int | None, heatmap_options:
         check_heatmap_options(heatmap_options)
 
 
-def _model_identity(path: Path, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The identity of a checkpoint (digest, configuration, classes, tiling) and the checkpoint.
+def _model_identity(paths: Sequence[Path], device: str
+                    ) -> tuple[dict[str, Any], dict[str, Any], tuple[tuple[Path, str], ...]]:
+    """The identity of the model (one checkpoint or the folds of a cross-validation), the first
+    checkpoint, and each checkpoint file with its digest.
 
-    Builds its model (kept for this process's slides), so a checkpoint whose weights do not fit
+    Builds every model (kept for this process's slides), so a checkpoint whose weights do not fit
     its configuration or class names is refused here, before any slide.
     """
-    from ips_path.checkpoint import checkpoint_identity
+    from ips_path.checkpoint import checkpoint_identity, models_identity
 
-    found = checkpoint_identity(path)
-    identity = {"sha256": found.sha256, "config": found.config, "class_names": list(found.class_names),
-                "tiling": found.tiling}
-    _, checkpoint = _load_model(path, identity_key(identity), found.sha256, device)
-    return identity, checkpoint
+    identity = models_identity(paths)
+    checkpoints = tuple((p, checkpoint_identity(p).sha256) for p in paths)
+    loaded = [_load_model(p, sha256, device)[1] for p, sha256 in checkpoints]
+    if len(loaded) > 1 and "survival" in loaded[0]:
+        raise BadInputError(f"{paths[0].parent.parent}: an ensemble of survival models is not supported; give one "
+                            "fold's run folder")
+    return identity, loaded[0], checkpoints
 
 
 def _claim_folder(folder: PredictionFolder, settings: PredictSettings, overwrite: bool) -> None:
@@ -294,8 +323,8 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
     status_file = folder.status_file(job.slide_id)
     if not job.slide_path.is_file():
         raise BadInputError(f"{job.slide_path}: no such file; check the path (or the manifest's slide_path)")
-    model, checkpoint = _load_model(settings.model_path, settings.model_key, settings.model_identity["sha256"],
-                                    settings.device)
+    models = [_load_model(path, sha256, settings.device) for path, sha256 in settings.checkpoints]
+    checkpoint = models[0][1]
     store = _tile_store(job, settings, checkpoint["tiling"])
     features = checkpoint["config"].get("features")
     # The slide's size and content, not its mtime: a copy of the same file is the same slide.
@@ -311,19 +340,30 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
     chunks = _slide_chunks(store, settings, checkpoint, job)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if settings.device.startswith("cuda")
                 else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
-        prediction = model.predict_slide(chunks)
-    task = model.tasks[0]
+    task = models[0][0].tasks[0]
     if task.kind == "survival":
         from ips_path.survival.prediction import slide_survival
 
+        with torch.inference_mode(), autocast:
+            prediction = models[0][0].predict_slide(chunks)
         result = slide_survival(task, prediction.logits[task.name].cpu(), checkpoint)
         result.update(predicted=result["risk_group"], probabilities=[])
+        logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
     else:
-        probabilities = prediction.probabilities[task.name].float().cpu().reshape(-1).tolist()
+        fold_probabilities, fold_logits = [], []
+        for i, (model, _) in enumerate(models):  # the folds of an ensemble, each over the whole slide
+            chunks = chunks if i == 0 else _slide_chunks(store, settings, checkpoint, job)
+            with torch.inference_mode(), autocast:
+                prediction = model.predict_slide(chunks)
+            fold_probabilities.append(prediction.probabilities[task.name].float().cpu().reshape(-1).numpy())
+            fold_logits.append(prediction.selection.all_logits.float().cpu().numpy())
+        probabilities = np.mean(fold_probabilities, axis=0).tolist()
+        # the ensemble's attention: the mean of the folds' attention logits
+        logits = np.mean(fold_logits, axis=0).astype(np.float32)
         result = {"predicted": checkpoint["class_names"][int(np.argmax(probabilities))],
                   "probabilities": [round(p, 6) for p in probabilities]}
-    logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
+        if len(models) > 1:
+            result["fold_probabilities"] = [[round(float(p), 6) for p in fold] for fold in fold_probabilities]
     store.write_array(f"scores/{settings.scores_name}", logits,
                       attrs={"model": str(settings.model_path), "model_key": settings.model_key})
     fault_point("predict.store_scores_written")
@@ -395,8 +435,8 @@ def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, An
     return TileStore.open(path)
 
 
-def _load_model(path: Path, key: str, sha256: str, device: str) -> tuple[Any, dict[str, Any]]:
-    """This process's model of the checkpoint with identity ``key`` (cached by identity, never by path).
+def _load_model(path: Path, sha256: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """This process's model of the checkpoint with digest ``sha256`` (cached by content, never by path).
 
     Raises
     ------
@@ -419,7 +459,7 @@ def _load_model(path: Path, key: str, sha256: str, device: str) -> tuple[Any, di
                                "finished writing it")
         return loaded
 
-    return process_object("model", (key, device), build)
+    return process_object("model", (sha256, device), build)
 
 
 def _streamer(settings: PredictSettings, checkpoint: dict[str, Any]) -> Any:

@@ -52,7 +52,8 @@ STATUSES = tuple(s.value for s in Status)
 
 #: What ``ipspath predict`` writes into its output folder.
 PREDICTION_FILES = {
-    "predictions.csv": "slide_id, label, predicted, prob_<class> per class, n_patches, status, error",
+    "predictions.csv": "slide_id, label, predicted, prob_<class> per class (a cross-validated model: the mean of "
+                       "its folds, then fold<i>_prob_<class> per fold), n_patches, status, error",
     "run.json": "model path and identity, score array name, classes, tiles folder, target_mpp, patch_size",
     "metrics.json": "with labels: auc, auc_ci95, balanced_accuracy, confusion_matrix (rows: true class)",
     "roc.png": "with labels: ROC curve",
@@ -278,8 +279,11 @@ class PredictionFolder:
     # -- whole run ---------------------------------------------------------------------------------
 
     def write_predictions_csv(self, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
-                              survival_columns: Sequence[str] | None = None) -> None:
+                              survival_columns: Sequence[str] | None = None, n_folds: int = 0) -> None:
         """``predictions.csv``: one row per outcome, one ``prob_<class>`` column per class.
+
+        An ensemble of ``n_folds`` fold models (cross-validation) also gets each fold's probabilities,
+        ``fold<i>_prob_<class>``, after the ensemble's (their mean).
 
         Survival models (``survival_columns`` given, ``classes`` empty): ``predicted`` is the risk
         group, then ``risk`` and the survival curve columns (``survival_to_<t>``, discrete time).
@@ -290,16 +294,20 @@ class PredictionFolder:
             An outcome's probabilities do not have one value per class (never written half-matching).
         """
         survival = [] if survival_columns is None else ["risk", *survival_columns]
-        columns = ["slide_id", "label", "predicted", *(f"{PROB_PREFIX}{c}" for c in classes), *survival, "n_patches",
-                   "status", "error"]
+        fold_columns = [f"fold{i}_{PROB_PREFIX}{c}" for i in range(n_folds) for c in classes]
+        columns = ["slide_id", "label", "predicted", *(f"{PROB_PREFIX}{c}" for c in classes), *fold_columns,
+                   *survival, "n_patches", "status", "error"]
         rows = []
         for o in outcomes:
             probabilities = o.extra.get("probabilities") if o.ok else None
             if probabilities is not None and len(probabilities) != len(classes):
                 raise ValueError(f"{o.slide_id}: {len(probabilities)} probabilities for {len(classes)} classes")
+            folds = [p for fold in o.extra.get("fold_probabilities") or [] for p in fold] if o.ok and n_folds else []
+            if len(folds) != len(fold_columns):
+                folds = [""] * len(fold_columns)  # a slide predicted before the ensemble's record had folds
             risk = [o.extra.get("risk", ""), *o.extra.get("survival", [])] if o.ok and survival else []
             rows.append([o.slide_id, o.extra.get("label") or "", o.extra.get("predicted") or "" if o.ok else "",
-                         *(probabilities or [""] * len(classes)), *(risk or [""] * len(survival)),
+                         *(probabilities or [""] * len(classes)), *folds, *(risk or [""] * len(survival)),
                          o.extra.get("n_patches", 0) if o.ok else "", o.status.value, o.error])
 
         def write(partial: Path) -> None:
