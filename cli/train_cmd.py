@@ -34,7 +34,8 @@ def _help(text: str, name: str) -> str:
 @click.option("--folds", type=click.IntRange(min=2),
               help="K-fold cross-validation by patient, stratified by label: one run per fold in --out/fold_<i> "
                    "(the fold validates, the others train), splits.csv with each slide's fold, cv_summary.json and "
-                   "a table of AUC, balanced accuracy and AUPRC per fold and mean +- sd. Slides whose manifest "
+                   "a table of AUC, balanced accuracy and AUPRC per fold and mean +- sd (survival: folds "
+                   "stratified by event and follow-up, Harrell's and Uno's C-index). Slides whose manifest "
                    "split is test stay out of every fold. --resume continues fold by fold.")
 @click.option("--encoder", help=_help("Patch encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>. smallcnn "
                                       "suits a CPU; on a GPU use a ResNet, ideally with --pretrained.", "encoder"))

@@ -2,13 +2,18 @@
 
 A cross-validated run folder holds::
 
-    splits.csv       slide_id, case_id, label, fold (0..K-1, or "test" for the fixed external test split)
+    splits.csv       slide_id, case_id, label (survival: time, event), fold (0..K-1, or "test" for the
+                     fixed external test split)
     fold_0/ ...      one ordinary training run per fold: the fold validates, the other folds train
     cv_summary.json  per fold and mean +- sd (over the folds) of the validation AUC, balanced accuracy
-                     and AUPRC at each fold's best epoch
+                     and AUPRC at each fold's best epoch; for survival, Harrell's and Uno's C-index of
+                     the fold's best weights (its ``survival_metrics.json``)
 
 Folds are drawn once (seeded) and kept: a patient (``case_id``) is never in two folds, and each label
-is spread evenly over the folds. Slides whose manifest ``split`` is ``test`` stay out of every fold.
+is spread evenly over the folds; a survival cohort is stratified instead by event status and early/late
+follow-up (:func:`~ips_path.survival.survival_strata`), and a fold whose patients hold no event (as
+validation, or as the rest for training) is refused before any training. Slides whose manifest
+``split`` is ``test`` stay out of every fold.
 Each fold is a resumable run of its own, so an interrupted cross-validation continues fold by fold
 with ``--resume``; a finished fold is not trained again.
 """
@@ -36,14 +41,16 @@ from ips_path.errors import BadInputError
 from ips_path.locks import output_lock
 from ips_path.manifest import ManifestRow, read_manifest
 from ips_path.run_folder import write_csv
+from ips_path.survival.sampling import survival_strata
 from ips_path.train import train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CV_METRICS", "CrossValidationResult", "assign_folds", "fold_splits", "format_cv_table", "summarise_folds",
-           "train_cross_validated"]
+__all__ = ["CV_METRICS", "CrossValidationResult", "SURVIVAL_CV_METRICS", "assign_folds", "fold_splits",
+           "format_cv_table", "summarise_folds", "survival_folds", "train_cross_validated"]
 
 CV_METRICS = ("auc", "balanced_accuracy", "auprc")
+SURVIVAL_CV_METRICS = ("c_index", "uno_c_index")
 TEST = "test"
 
 
@@ -55,7 +62,8 @@ class CrossValidationResult:
     ----------
     run_dir : Path
     folds : list of dict
-        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of :data:`CV_METRICS`, ``status``.
+        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of :data:`CV_METRICS` (survival:
+        :data:`SURVIVAL_CV_METRICS`), ``status``.
     summary : dict
         ``mean`` and ``sd`` (sample standard deviation over the folds) of each metric.
     """
@@ -65,12 +73,15 @@ class CrossValidationResult:
     summary: dict[str, dict[str, float]]
 
 
-def assign_folds(rows: Sequence[ManifestRow], k: int, seed: int = 0) -> dict[str, int | str]:
+def assign_folds(rows: Sequence[ManifestRow], k: int, seed: int = 0,
+                 strata: Mapping[str, str] | None = None) -> dict[str, int | str]:
     """Patient-level folds stratified by label: slide_id -> fold index, or ``"test"``.
 
     Patients (``case_id``) are grouped by the label of their first slide, shuffled with ``seed`` within
     each label, and dealt out round-robin; the deal continues from label to label, so fold sizes differ
-    by at most one patient. Slides with manifest split ``test`` get ``"test"``.
+    by at most one patient. Slides with manifest split ``test`` get ``"test"``. ``strata`` (case_id ->
+    stratum, e.g. :func:`~ips_path.survival.survival_strata`) replaces the label as what each fold
+    keeps in proportion.
 
     Raises
     ------
@@ -87,7 +98,7 @@ def assign_folds(rows: Sequence[ManifestRow], k: int, seed: int = 0) -> dict[str
         raise BadInputError(f"--folds {k} needs at least {k} patients outside the test split, found {len(cases)}")
     by_label: dict[str, list[str]] = defaultdict(list)
     for case_id, case_rows in cases.items():
-        by_label[str(case_rows[0].label)].append(case_id)
+        by_label[strata[case_id] if strata is not None else str(case_rows[0].label)].append(case_id)
     rng = random.Random(seed)
     fold_of_case: dict[str, int] = {}
     dealt = 0
@@ -98,6 +109,36 @@ def assign_folds(rows: Sequence[ManifestRow], k: int, seed: int = 0) -> dict[str
             fold_of_case[case_id] = dealt % k
             dealt += 1
     return {r.slide_id: TEST if r.split == TEST else fold_of_case[r.case_id] for r in rows}
+
+
+def survival_folds(rows: Sequence[ManifestRow], k: int, manifest: str | os.PathLike, seed: int = 0
+                   ) -> dict[str, int | str]:
+    """Patient-level folds of a survival cohort, stratified by event status and early/late follow-up.
+
+    Parameters
+    ----------
+    rows : sequence of ManifestRow
+        With ``time`` and ``event`` (``read_manifest(..., require_survival=True)``).
+    k : int
+        Number of folds.
+    manifest : path-like
+        Named in messages.
+
+    Raises
+    ------
+    BadInputError
+        As :func:`assign_folds`; a fold without a patient with an event, naming the fold and the fix.
+    """
+    time = {r.case_id: float(r.time) for r in rows if r.split != TEST and r.time is not None}
+    event = {r.case_id: int(r.event) for r in rows if r.split != TEST and r.event is not None}
+    folds = assign_folds(rows, k, seed=seed, strata=survival_strata(time, event))
+    events_per_fold = np.bincount([folds[r.slide_id] for r in rows if r.split != TEST and r.event], minlength=k)
+    empty = [str(fold) for fold in range(k) if events_per_fold[fold] == 0]
+    if empty:  # a fold with an event validates; with every fold holding one, every fold's training set does too
+        raise BadInputError(f"{manifest}: --folds {k} leaves fold(s) {', '.join(empty)} without any patient with an "
+                            f"event (event = 1): their C-index is undefined; use at most {sum(event.values())} "
+                            "folds (the patients with events outside the test split)")
+    return folds
 
 
 def fold_splits(folds: Mapping[str, int | str], fold: int) -> dict[str, str]:
@@ -131,16 +172,17 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
     Raises
     ------
     BadInputError
-        As :func:`~ips_path.train.train`; a survival task; a resume whose manifest no longer gives the
+        As :func:`~ips_path.train.train`; a survival fold without events; a resume whose manifest no longer gives the
         saved folds; a fresh run into a folder that holds one.
     """
     out_dir = Path(out_dir)
-    if config.task != "classification":
-        raise BadInputError("--folds supports classification tasks only; train a survival task without --folds")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInputError("--folds runs one process; start it without torchrun (each fold may use one GPU)")
-    rows = read_manifest(manifest, require_label=True, check_files=False)
-    assigned = assign_folds(rows, folds, seed=config.seed)
+    survival = config.task == "survival"
+    metrics = SURVIVAL_CV_METRICS if survival else CV_METRICS
+    rows = read_manifest(manifest, require_label=not survival, check_files=False, require_survival=survival)
+    assigned = (survival_folds(rows, folds, manifest, seed=config.seed) if survival
+                else assign_folds(rows, folds, seed=config.seed))
     with output_lock(out_dir):
         splits_path = out_dir / "splits.csv"
         if splits_path.is_file():
@@ -150,25 +192,29 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
             saved = _read_folds(splits_path)
             if saved != assigned:
                 changed = sorted(set(saved) ^ set(assigned)) or sorted(s for s in saved if saved[s] != assigned.get(s))
-                raise BadInputError(f"the manifest's slides, labels or patients changed since the cross-validation "
-                                    f"started ({', '.join(changed[:6])}); resume with the manifest it started with "
-                                    f"({splits_path}), or start a new run in another folder")
+                raise BadInputError(f"the manifest's slides, labels, outcomes or patients changed since the "
+                                    f"cross-validation started ({', '.join(changed[:6])}); resume with the manifest "
+                                    f"it started with ({splits_path}), or start a new run in another folder")
         elif resume:
             raise BadInputError(f"{out_dir}: no splits.csv of a cross-validation to resume; start it without --resume")
         else:
             save_config(config, out_dir / "config.yaml")
-            write_csv(splits_path, [{"slide_id": r.slide_id, "case_id": r.case_id, "label": r.label,
+            outcome = (lambda r: {"time": r.time, "event": r.event}) if survival else (lambda r: {"label": r.label})
+            write_csv(splits_path, [{"slide_id": r.slide_id, "case_id": r.case_id, **outcome(r),
                                      "fold": assigned[r.slide_id]} for r in rows])
         results = []
         for fold in range(folds):
             fold_dir = out_dir / f"fold_{fold}"
             log.info("fold %d of %d (%s)", fold + 1, folds, fold_dir)
-            result = train(manifest, tiles_dir, fold_dir, config, resume=(fold_dir / "last.pt").is_file(),
-                           progress=progress, splits=fold_splits(assigned, fold))
-            results.append(_fold_row(fold, fold_dir, result.status))
-        summary = summarise_folds(results)
-        _write_summary(out_dir / "cv_summary.json", folds, results, summary, config)
-    log.info("cross-validation over %d folds:\n%s", folds, format_cv_table(results, summary))
+            status = _measured_survival_fold(fold_dir) if survival else None
+            if status is None:  # a finished survival fold is not measured again (a finished run would be)
+                status = train(manifest, tiles_dir, fold_dir, config, resume=(fold_dir / "last.pt").is_file(),
+                               progress=progress, splits=fold_splits(assigned, fold)).status
+            fold_row = _survival_fold_row if survival else _fold_row
+            results.append(fold_row(fold, fold_dir, status))
+        summary = summarise_folds(results, metrics)
+        _write_summary(out_dir / "cv_summary.json", folds, results, summary, config, metrics)
+    log.info("cross-validation over %d folds:\n%s", folds, format_cv_table(results, summary, metrics))
     return CrossValidationResult(out_dir, results, summary)
 
 
@@ -186,10 +232,37 @@ def _fold_row(fold: int, fold_dir: Path, status: str) -> dict[str, Any]:
     return row
 
 
-def summarise_folds(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation over the folds of each metric (NaN folds left out)."""
+def _measured_survival_fold(fold_dir: Path) -> str | None:
+    """The status of a survival fold that finished training and its final measurement, else None.
+
+    The measurement writes ``survival_metrics.json``, then the risk cut points into ``best.pt`` and last
+    into ``last.pt``: cut points in ``last.pt`` mean all of it is there.
+    """
+    last = fold_dir / "last.pt"
+    if not last.is_file() or not (fold_dir / "survival_metrics.json").is_file():
+        return None
+    checkpoint = load_checkpoint(last)
+    measured = (checkpoint.get("survival") or {}).get("risk_cutoffs") is not None
+    return str(checkpoint["status"]) if measured and checkpoint["status"] != "running" else None
+
+
+def _survival_fold_row(fold: int, fold_dir: Path, status: str) -> dict[str, Any]:
+    """Harrell's and Uno's C-index of a fold's validation patients with its best weights."""
+    row: dict[str, Any] = {"fold": fold, "status": status, "best_epoch": None}
+    best, measured = fold_dir / "best.pt", fold_dir / "survival_metrics.json"
+    if best.is_file():
+        row["best_epoch"] = int(load_checkpoint(best)["epoch"])
+    validation = json.loads(measured.read_text(encoding="utf-8")).get("validation", {}) if measured.is_file() else {}
+    row.update({f"val_{m}": float("nan") if validation.get(m) is None else float(validation[m])
+                for m in SURVIVAL_CV_METRICS})
+    return row
+
+
+def summarise_folds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = CV_METRICS
+                    ) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation over the folds of each of ``metrics`` (NaN folds left out)."""
     summary = {}
-    for metric in CV_METRICS:
+    for metric in metrics:
         values = np.array([r[f"val_{metric}"] for r in rows], dtype=np.float64)
         values = values[~np.isnan(values)]
         summary[metric] = {"mean": float(values.mean()) if values.size else float("nan"),
@@ -198,24 +271,25 @@ def summarise_folds(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, fl
     return summary
 
 
-def format_cv_table(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, float]]) -> str:
+def format_cv_table(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, float]],
+                    metrics: Sequence[str] = CV_METRICS) -> str:
     """The per-fold table and the mean +- sd line, as the log shows them."""
-    header = f"{'fold':>6}  {'best epoch':>10}  " + "  ".join(f"{m:>17}" for m in CV_METRICS)
+    header = f"{'fold':>6}  {'best epoch':>10}  " + "  ".join(f"{m:>17}" for m in metrics)
     lines = [header]
     for r in rows:
         epoch = "-" if r["best_epoch"] is None else str(r["best_epoch"])
-        lines.append(f"{r['fold']:>6}  {epoch:>10}  " + "  ".join(f"{r[f'val_{m}']:>17.3f}" for m in CV_METRICS))
+        lines.append(f"{r['fold']:>6}  {epoch:>10}  " + "  ".join(f"{r[f'val_{m}']:>17.3f}" for m in metrics))
     lines.append(f"{'mean':>6}  {'':>10}  " + "  ".join(
-        f"{summary[m]['mean']:>8.3f} +- {summary[m]['sd']:<5.3f}" for m in CV_METRICS))
+        f"{summary[m]['mean']:>8.3f} +- {summary[m]['sd']:<5.3f}" for m in metrics))
     return "\n".join(lines)
 
 
 def _write_summary(path: Path, k: int, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
-                   config: TrainConfig) -> None:
+                   config: TrainConfig, metrics: Sequence[str]) -> None:
     def clean(value: Any) -> Any:
         return None if isinstance(value, float) and math.isnan(value) else value
 
-    document = {"folds": k, "metrics": list(CV_METRICS),
+    document = {"folds": k, "metrics": list(metrics),
                 "per_fold": [{key: clean(v) for key, v in r.items()} for r in rows],
                 "summary": {m: {key: clean(v) for key, v in s.items()} for m, s in summary.items()},
                 "config": config.as_dict()}
