@@ -16,7 +16,8 @@ as well as this process) on the contract of :mod:`ips_path.jobs`:
 3. stream its patches through the model (:meth:`IPSModel.predict_slide`): class probabilities
    and the attention logit of every patch;
 4. write the logits into the store (``scores/<run>-<model key>``: two models never share an
-   array, whatever their folders are called), into ``scores/<slide_id>_scores.h5`` and, unless
+   array, whatever their folders are called; a multi-task model also each task's logits,
+   ``task_scores/<run>-<model key>``), into ``scores/<slide_id>_scores.h5`` and, unless
    turned off, the heatmaps (``heatmaps/<slide_id>/``);
 5. write the done record ``status/<slide_id>.json`` last, so a killed run resumes where it
    stopped and predicts every slide exactly once.
@@ -349,14 +350,16 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
         result = slide_survival(task, prediction.logits[task.name].cpu(), checkpoint)
         result.update(predicted=result["risk_group"], probabilities=[])
         logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
+        fold_tasks = [prediction.selection.task_logits]
     else:
-        fold_probabilities, fold_logits = [], []
+        fold_probabilities, fold_logits, fold_tasks = [], [], []
         for i, (model, _) in enumerate(models):  # the folds of an ensemble, each over the whole slide
             chunks = chunks if i == 0 else _slide_chunks(store, settings, checkpoint, job)
             with torch.inference_mode(), autocast:
                 prediction = model.predict_slide(chunks)
             fold_probabilities.append(prediction.probabilities[task.name].float().cpu().reshape(-1).numpy())
             fold_logits.append(prediction.selection.all_logits.float().cpu().numpy())
+            fold_tasks.append(prediction.selection.task_logits)
         probabilities = np.mean(fold_probabilities, axis=0).tolist()
         # the ensemble's attention: the mean of the folds' attention logits
         logits = np.mean(fold_logits, axis=0).astype(np.float32)
@@ -364,10 +367,19 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
                   "probabilities": [round(p, 6) for p in probabilities]}
         if len(models) > 1:
             result["fold_probabilities"] = [[round(float(p), 6) for p in fold] for fold in fold_probabilities]
+    tasks = None  # several tasks: each task token's attention too (the folds' mean), for the viewer's task chooser
+    if fold_tasks[0] is not None:
+        from ips_path.heatmap import TASK_SCORES_GROUP
+
+        tasks = ([t.name for t in models[0][0].tasks], np.mean([t.numpy() for t in fold_tasks], axis=0)
+                 .astype(np.float32))
+        store.write_array(f"{TASK_SCORES_GROUP}/{settings.scores_name}", tasks[1],
+                          attrs={"model": str(settings.model_path), "model_key": settings.model_key,
+                                 "tasks": tasks[0]})
     store.write_array(f"scores/{settings.scores_name}", logits,
                       attrs={"model": str(settings.model_path), "model_key": settings.model_key})
     fault_point("predict.store_scores_written")
-    _write_scores_h5(folder.scores_file(job.slide_id), store, logits, settings)
+    _write_scores_h5(folder.scores_file(job.slide_id), store, logits, tasks, settings)
     fault_point("predict.scores_h5_written")
     if settings.heatmaps:
         from ips_path.heatmap import render_slide_heatmaps
@@ -478,7 +490,8 @@ def _lost(job: PredictJob, exc: BaseException) -> SlideOutcome:
 
 # -- files --------------------------------------------------------------------------------------
 
-def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, settings: PredictSettings) -> None:
+def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, tasks: tuple[list[str], np.ndarray] | None,
+                     settings: PredictSettings) -> None:
     import h5py
 
     def write(partial: Path) -> None:
@@ -487,6 +500,8 @@ def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, settings:
             coords.attrs.update({"patch_size": store.patch_size_level0, "patch_level": 0,
                                  "target_mpp": store.target_mpp})
             f.create_dataset("attention_scores", data=logits)
+            if tasks is not None:
+                f.create_dataset("task_attention_scores", data=tasks[1]).attrs["tasks"] = tasks[0]
             f.attrs.update({"run": settings.scores_name, "model_key": settings.model_key,
                             "patch_size_level0": store.patch_size_level0, "slide_path": str(store.slide_path)})
 

@@ -9,7 +9,8 @@ the viewer read through it. Layout (:data:`PREDICTION_FILES`)::
     metrics.json, roc.png        with labels
     patients.csv                 survival models: risk (and curve) per patient
     survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
-    scores/<slide_id>_scores.h5  coords + attention_scores (the layout CLAM users know)
+    scores/<slide_id>_scores.h5  coords + attention_scores (the layout CLAM users know); multi-task
+                                 models also task_attention_scores (T, N), task names in its attrs
     heatmaps/<slide_id>/         pictures of ``ipspath heatmap``
     tiles/                       tile stores made here for slides that had none
 
@@ -58,7 +59,8 @@ PREDICTION_FILES = {
     "metrics.json": "with labels: auc, auc_ci95, balanced_accuracy, confusion_matrix (rows: true class)",
     "roc.png": "with labels: ROC curve",
     "status/<slide_id>.json": "per-slide done record: status, identity of slide, store and model, probabilities",
-    "scores/<slide_id>_scores.h5": "coords (N, 2) level-0 x, y and attention_scores (N,)",
+    "scores/<slide_id>_scores.h5": "coords (N, 2) level-0 x, y and attention_scores (N,); multi-task models also "
+                                   "task_attention_scores (T, N) with attrs tasks",
     "heatmaps/<slide_id>/": "thumbnail.png, overlay.png, patches.geojson, top_patches.png",
     "tiles/": "tile stores made here for slides that had none",
     "patients.csv": "survival models: case_id, n_slides, risk, risk_group (survival_to_<t> per time bin), time, "

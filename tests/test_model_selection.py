@@ -305,3 +305,24 @@ def test_paper_score_under_bf16_autocast_ranks_by_float32_logits_not_by_stream_o
         selection = model.select_top_patches(split(x, [50]))
     assert sorted(selection.indices.tolist()) == list(range(190, 200))
     assert selection.indices.tolist() == list(range(199, 189, -1))  # best first
+
+
+def test_each_task_gets_its_own_attention_logits_whose_mean_is_the_selection_score():
+    model = make_model(n_heads=2, n_select=4, chunk_size=7, pos_encoding="1d", sharpness=5.0, seed=3)
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(3))
+
+    selection = model.select_top_patches(split(x, [7, 5]))
+
+    assert selection.task_logits.shape == (2, 30)
+    with torch.no_grad():  # what the attention itself computes, per query token, averaged over heads
+        positions = model.encoding_positions(torch.arange(30), None)
+        reference = model.aggregator.attention_logits(model.embed(x)[None], positions[None])[0].mean(1)
+    torch.testing.assert_close(selection.task_logits, reference.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(selection.task_logits.mean(0), selection.all_logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(selection.task_logits[0], selection.task_logits[1])
+
+
+def test_a_single_task_model_keeps_no_separate_task_logits():
+    torch.manual_seed(0)
+    model = IPSModel(RowwiseEncoder(16), [Task("a", 3)], dim=16, n_heads=2, n_select=4, chunk_size=7)
+    assert model.select_top_patches(split(torch.randn(12, 16), [7])).task_logits is None

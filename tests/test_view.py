@@ -518,3 +518,59 @@ def test_browser_needs_the_token_and_report_links_to_the_viewer(pred, browser):
         server.close()
     browser.open((pred / "report.html").as_uri(), until="document.getElementById('shown-count').textContent")
     assert browser.evaluate("document.querySelectorAll('a.viewer-link').length") == 0  # offline: no links
+
+
+@pytest.fixture(scope="module")
+def two_task_pred(pred, tmp_path_factory) -> Path:
+    """The prediction folder as a two-task run would leave it: each store also holds ``task_scores/<run>``
+    (task "tumour" = the run's attention, task "margin" = its reverse), on copies of the stores."""
+    from ips_path.heatmap import TASK_SCORES_GROUP
+    from ips_path.predictions import PredictionFolder
+    from ips_path.store import TileStore
+
+    root = tmp_path_factory.mktemp("two_tasks")
+    out = root / "pred"
+    shutil.copytree(pred, out)
+    folder = PredictionFolder(out)
+    info = folder.read_run()
+    shutil.copytree(info["tiles"], root / "tiles")
+    folder.write_run({**info, "tiles": str(root / "tiles")})
+    for path in (root / "tiles").glob("*.zarr"):
+        store = TileStore.open(path)
+        scores = store.read_array(f"scores/{info['run']}")
+        store.write_array(f"{TASK_SCORES_GROUP}/{info['run']}", np.stack([scores, -scores]),
+                          attrs={"tasks": ["tumour", "margin"]})
+    return out
+
+
+def test_a_multi_task_run_shows_each_tasks_attention(two_task_pred, pred):
+    one_task = Running(pred)
+    running = Running(two_task_pred)
+    try:
+        slide_id = running.cohort.ids[0]
+        _, _, body = one_task.get(f"/api/slide/{quote(slide_id)}")
+        assert json.loads(body)["tasks"] == []  # one task: no chooser
+        status, _, body = running.get(f"/api/slide/{quote(slide_id)}")
+        info = json.loads(body)
+        assert status == 200 and [t["name"] for t in info["tasks"]] == ["tumour", "margin"]
+        view = running.cohort.slide(slide_id)
+        top_first, top_second = (int(np.argmax(t["scores"])) for t in info["tasks"])
+        assert top_first != top_second and top_second == int(np.argmin(view.scores))
+        geometry = DeepZoomGeometry(*view.slide.dimensions)
+        level = geometry.max_level - 2
+        tiles = []
+        for task in info["tasks"]:
+            status, _, tile = running.get(_tile_url(view, task["layer"], level, 0, 0))
+            assert status == 200
+            tiles.append(np.asarray(Image.open(io.BytesIO(tile))).astype(int))
+        # the same patches, coloured in reverse: the top patch of one task is the bottom of the other
+        opaque = tiles[0][..., 3] == 255
+        assert opaque.any() and (tiles[1][..., 3] == tiles[0][..., 3]).all()
+        assert np.abs(tiles[0][opaque][:, :3] - tiles[1][opaque][:, :3]).mean() > 30
+        mean_layer = np.asarray(Image.open(io.BytesIO(running.get(_tile_url(view, "attention", level, 0, 0))[2])))
+        assert (mean_layer == tiles[0]).all()  # task "tumour" holds the run's attention itself
+        for bad in ("attention-2", "attention-x", "attention-", "attentionx"):
+            assert running.get(_tile_url(view, bad, level, 0, 0))[0] == 404
+    finally:
+        running.close()
+        one_task.close()

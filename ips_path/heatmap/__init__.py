@@ -41,7 +41,15 @@ from ips_path.heatmap.drawing import (
     top_patch_gallery,
 )
 from ips_path.heatmap.grid import ScoreGrid, percentile_ranks, pixel_centres, sample_grid, score_grid, smooth_grid
-from ips_path.heatmap.jobs import HeatmapJob, jobs_from_predictions, jobs_from_tiles, load_scores, render_heatmaps
+from ips_path.heatmap.jobs import (
+    TASK_SCORES_GROUP,
+    HeatmapJob,
+    jobs_from_predictions,
+    jobs_from_tiles,
+    load_scores,
+    load_task_scores,
+    render_heatmaps,
+)
 from ips_path.heatmap.lowres import read_downsampled, slide_thumbnail
 from ips_path.heatmap.render import (
     HEATMAP_FILES,
@@ -55,6 +63,7 @@ from ips_path.heatmap.writers import save_png, write_overlay_tiff, write_patches
 __all__ = [
     "COLORMAPS",
     "HEATMAP_FILES",
+    "TASK_SCORES_GROUP",
     "Gallery",
     "HeatmapJob",
     "ScoreGrid",
@@ -66,6 +75,7 @@ __all__ = [
     "jobs_from_predictions",
     "jobs_from_tiles",
     "load_scores",
+    "load_task_scores",
     "open_store_slide",
     "overlay_picture",
     "percentile_ranks",

@@ -17,7 +17,12 @@ from ips_path.jobs import SlideOutcome, Status, run_job
 from ips_path.progress import progress_bar
 from ips_path.store import TileStore, slide_id_from_path
 
-__all__ = ["HeatmapJob", "jobs_from_predictions", "jobs_from_tiles", "load_scores", "render_heatmaps"]
+__all__ = ["TASK_SCORES_GROUP", "HeatmapJob", "jobs_from_predictions", "jobs_from_tiles", "load_scores",
+           "load_task_scores", "render_heatmaps"]
+
+#: Store group of the per-task attention logits of multi-task runs: ``task_scores/<run>``, (T, N) float32
+#: with the task names in the attribute ``tasks``; ``scores/<run>`` holds their mean.
+TASK_SCORES_GROUP = "task_scores"
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,27 @@ def load_scores(store: TileStore, run: str) -> np.ndarray:
         raise BadInputError(f"{store.path}: no attention scores {name!r} (score runs in the store: {runs}); "
                             f"score the slide first with `ipspath predict`, or pick a run with --run")
     return check_scores(store, store.read_array(name))
+
+
+def load_task_scores(store: TileStore, run: str) -> tuple[list[str], np.ndarray] | None:
+    """The task names and ``(T, N)`` attention logits of each task of a multi-task run, checked.
+
+    None when the run has one task (or was predicted before per-task scores were kept).
+
+    Raises
+    ------
+    BadInputError
+        They do not match the store's patches or the task names.
+    """
+    name = f"{TASK_SCORES_GROUP}/{run}"
+    if not store.has_array(name):
+        return None
+    tasks = [str(t) for t in store.array_attrs(name).get("tasks", [])]
+    scores = np.asarray(store.read_array(name), dtype=np.float32)
+    if scores.ndim != 2 or len(tasks) != scores.shape[0]:
+        raise BadInputError(f"{store.path}: {name} has shape {scores.shape} for tasks {tasks}; run `ipspath predict` "
+                            "again")
+    return tasks, np.stack([check_scores(store, row) for row in scores])
 
 
 def jobs_from_tiles(tiles: str | os.PathLike, run: str | None, out_dir: str | os.PathLike,

@@ -162,6 +162,27 @@ class CrossAttentionAggregator(nn.Module):
             w = (self.k_proj.weight.float().t() @ q_sum) * (self.scale / (len(self.tasks) * self.n_heads))
             return _pairwise_sum(x * w)
 
+    def task_attention_logits(self, emb: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention logit of each patch for each task's query token, averaged over heads.
+
+        Folded like :meth:`mean_attention_logits` (float32, elementwise, independent of the batch);
+        the mean over tasks is that method's score.
+
+        Parameters
+        ----------
+        emb : Tensor
+            ``(N, D)`` patch embeddings.
+
+        Returns
+        -------
+        Tensor
+            ``(T, N)`` float32, T = number of tasks.
+        """
+        with torch.autocast(emb.device.type, enabled=False):
+            x = self.add_positions(emb.float(), positions)
+            w = (self.q_proj(self.queries.float()) @ self.k_proj.weight.float()) * (self.scale / self.n_heads)
+            return _pairwise_sum(x[None] * w[:, None, :])
+
     def forward_features(self, emb: torch.Tensor, positions: torch.Tensor | None = None,
                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch embeddings ``(B, N, D)`` -> task tokens ``(B, T, D)`` and attention ``(B, T, H, N)``.

@@ -171,6 +171,7 @@ class IPSModel(nn.Module):
         buffer_scores = torch.empty(0)
         drawn = _RandomDraw(self.n_select) if n_random else None
         all_logits: list[torch.Tensor] = []
+        task_logits: list[torch.Tensor] = []  # per task, for the viewer: only with several tasks
         n_seen = 0
         for chunk in rechunk(chunks, self.chunk_size):
             # The short last chunk of a slide is padded to I (see _candidates), so every batch of the slide
@@ -178,6 +179,9 @@ class IPSModel(nn.Module):
             incoming = self._candidates(chunk, n_seen, device, pad_to=self.chunk_size if n_seen else None)
             n_seen += len(chunk)
             all_logits.append(incoming.logit_scores)
+            if len(self.tasks) > 1:
+                task_logits.append(self.aggregator.task_attention_logits(
+                    incoming.embeddings, self.encoding_positions(incoming.indices, incoming.positions)).cpu())
             if drawn is not None:
                 drawn.offer(incoming)
             if n_greedy == 0:  # everything drawn: the greedy buffer stays empty
@@ -193,6 +197,8 @@ class IPSModel(nn.Module):
         if drawn is not None:
             buffer, buffer_scores = drawn.join(buffer, buffer_scores, n_random, self.score)
         selection = finish(buffer, buffer_scores, all_logits)
+        if task_logits:
+            selection.task_logits = torch.cat(task_logits, dim=1)
         if not torch.isfinite(selection.all_logits).all():
             raise IpspathError("attention scores are NaN or infinite: the model has diverged or the patches hold "
                                "NaN; lower the learning rate or check the inputs")

@@ -31,6 +31,9 @@ class Selection:
         heads and query tokens, before softmax; what attention heatmaps show.
     embeddings : Tensor
         ``(M, D)`` float32 eval-mode embeddings of the selected patches (without positional encoding).
+    task_logits : Tensor or None
+        ``(T, N)`` float32 on the CPU: each task's attention logit of every patch, averaged over heads;
+        only for models with more than one task (with one, it is ``all_logits``).
     """
 
     indices: torch.Tensor
@@ -39,6 +42,7 @@ class Selection:
     positions: torch.Tensor | None
     all_logits: torch.Tensor
     embeddings: torch.Tensor
+    task_logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.indices.shape[0]

@@ -7,7 +7,7 @@ name a file of its own: slide files are the ones the tile stores were made from,
 files are the report page and the pictures it references inside the folder.
 
 Per slide, the heavier state (the open slide, scores, their percentile ranks on the patch grid,
-the tissue contour) is built on first use and kept (:meth:`Cohort.slide`).
+per task too for a multi-task run, the tissue contour) is built on first use and kept (:meth:`Cohort.slide`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ips_path.heatmap import (
     ScoreGrid,
     jobs_from_predictions,
     load_scores,
+    load_task_scores,
     open_store_slide,
     percentile_ranks,
     score_grid,
@@ -63,6 +64,12 @@ class SlideView:
         Attention logit of each patch.
     grid : ScoreGrid
         The percentile rank (0-1) of each patch's logit on the patch grid.
+    tasks : list of str
+        A multi-task run's task names (empty with one task: ``scores`` is its attention).
+    task_scores : (T, N) float32 array or None
+        Each task's attention logit of each patch (the mean over tasks is ``scores``).
+    task_grids : list of ScoreGrid
+        Their percentile ranks on the patch grid, one per task.
     version : str
         Short digest of the slide file's identity and the scores: part of every tile URL, so a
         browser never shows tiles cached from another slide or run under the same id.
@@ -75,6 +82,9 @@ class SlideView:
     scores: np.ndarray
     grid: ScoreGrid
     version: str
+    tasks: list[str] = field(default_factory=list)
+    task_scores: np.ndarray | None = None
+    task_grids: list[ScoreGrid] = field(default_factory=list)
     _contours: list[list[float]] | None = field(default=None, repr=False)
 
     def contours(self) -> list[list[float]]:
@@ -152,12 +162,19 @@ class Cohort:
     def _open(self, slide_id: str) -> SlideView:
         store = TileStore.open(self._stores[slide_id])
         scores = load_scores(store, self.run)
-        grid = score_grid(store.coords, percentile_ranks(scores), store.stride_level0, store.patch_size_level0)
+        tasks, task_scores = load_task_scores(store, self.run) or ([], None)
+
+        def grid_of(values: np.ndarray) -> ScoreGrid:
+            return score_grid(store.coords, percentile_ranks(values), store.stride_level0, store.patch_size_level0)
+
         slide = open_store_slide(store)
         stat = slide.path.stat()
         digest = hashlib.sha256(f"{slide.path}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
         digest.update(np.ascontiguousarray(scores).tobytes())
-        return SlideView(slide_id, self._rows[slide_id], store, slide, scores, grid, digest.hexdigest()[:12])
+        if task_scores is not None:
+            digest.update(np.ascontiguousarray(task_scores).tobytes())
+        return SlideView(slide_id, self._rows[slide_id], store, slide, scores, grid_of(scores), digest.hexdigest()[:12],
+                         tasks, task_scores, [grid_of(row) for row in task_scores] if task_scores is not None else [])
 
     def report_files(self) -> dict[str, Path]:
         """The report page and the files it references inside the folder, by URL path.

@@ -8,6 +8,7 @@ Routes (GET and HEAD only)::
     /api/slide/<slide_id>               what the page needs: geometry, prediction, patches, contours (JSON)
     /tiles/<slide_id>/<version>/slide/<level>/<col>_<row>.jpeg
     /tiles/<slide_id>/<version>/attention/<level>/<col>_<row>.png
+    /tiles/<slide_id>/<version>/attention-<task>/<level>/<col>_<row>.png   task number <task> of a multi-task run
     /static/<asset>                     the viewer's script, style and OpenSeadragon, shipped in the package
 
 Every name in a URL is looked up in what :func:`~ips_path.view.cohort.open_cohort` recorded or
@@ -42,8 +43,10 @@ from string import Template
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+import numpy as np
+
 from ips_path.errors import BadInputError, IpspathError
-from ips_path.heatmap import COLORMAPS, colormap_lut
+from ips_path.heatmap import COLORMAPS, ScoreGrid, colormap_lut
 from ips_path.view.cohort import REPORT_NAME, Cohort, SlideView
 from ips_path.view.tiles import EMPTY_TILE_PNG, DeepZoomGeometry, TileCache, TileNotFound, attention_tile, slide_tile
 
@@ -70,7 +73,6 @@ _SECURITY_HEADERS = {
 # Marks a report page served by the viewer: report.js then shows the cards' viewer links.
 _REPORT_MARK = '<meta name="ipspath-viewer" content="view/">'
 _TOP_K = 16
-_TILE_EXTENSIONS = {"slide": ".jpeg", "attention": ".png"}
 _MAX_QUERY_FIELDS = 8
 _COLOUR_BAR_STOPS = 11
 
@@ -156,7 +158,10 @@ class ViewerApp:
             "top_k": _TOP_K,
             "patches": {"size": store.patch_size_level0, "stride": store.stride_level0,
                         "coords": store.coords.reshape(-1).tolist(),
-                        "scores": [float(f"{v:.6g}") for v in view.scores.tolist()]},
+                        "scores": _rounded(view.scores)},
+            # a multi-task run: each task's scores, shown by the layer attention-<number>
+            "tasks": [{"name": name, "layer": f"attention-{number}", "scores": _rounded(view.task_scores[number])}
+                      for number, name in enumerate(view.tasks)],
             "contours": view.contours(),
         }
 
@@ -170,11 +175,12 @@ class ViewerApp:
         geometry = DeepZoomGeometry(*view.slide.dimensions)
         key = (slide_id, version, layer, self.colormap, level_number, col, row)
         content_type = _CONTENT_TYPES[".jpeg" if layer == "slide" else ".png"]
+        grid = None if layer == "slide" else _layer_grid(view, layer)
         found, tile = self.cache.get(key)
         if not found:
             try:
-                tile = (slide_tile(view.slide, geometry, level_number, col, row) if layer == "slide" else
-                        attention_tile(view.grid, geometry, level_number, col, row, self.lut))
+                tile = (slide_tile(view.slide, geometry, level_number, col, row) if grid is None else
+                        attention_tile(grid, geometry, level_number, col, row, self.lut))
             except TileNotFound as exc:
                 raise _HttpError(HTTPStatus.NOT_FOUND, str(exc)) from None
             self.cache.put(key, tile)
@@ -206,6 +212,25 @@ class ViewerApp:
             if TOKEN_COOKIE in cookies:
                 candidates.append(cookies[TOKEN_COOKIE].value)
         return any(hmac.compare_digest(c.encode(), self.token.encode()) for c in candidates if c)
+
+
+def _tile_extension(layer: str) -> str:
+    """``.jpeg`` for slide tiles, ``.png`` for attention layers; ``/`` (which no file name ends with) otherwise."""
+    return ".jpeg" if layer == "slide" else ".png" if layer.startswith("attention") else "/"
+
+
+def _rounded(scores: np.ndarray) -> list[float]:
+    return [float(f"{v:.6g}") for v in scores.tolist()]
+
+
+def _layer_grid(view: SlideView, layer: str) -> ScoreGrid:
+    """The score grid of an attention layer: ``attention`` (the mean) or ``attention-<task number>``."""
+    if layer == "attention":
+        return view.grid
+    number = layer.removeprefix("attention-")
+    if number != layer and number.isdigit() and int(number) < len(view.task_grids):
+        return view.task_grids[int(number)]
+    raise _HttpError(HTTPStatus.NOT_FOUND, "no such layer")
 
 
 def _small_int(text: str) -> int:
@@ -315,8 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
                        cookie=cookie)
         elif head == "api" and len(names) == 3 and names[1] == "slide":
             self._send(HTTPStatus.OK, app.slide_info(names[2]), _CONTENT_TYPES[".json"], cache="no-cache")
-        elif head == "tiles" and len(names) == 6 and names[5].endswith(_TILE_EXTENSIONS.get(names[3], "/")):
-            position = names[5][:-len(_TILE_EXTENSIONS[names[3]])]
+        elif head == "tiles" and len(names) == 6 and names[5].endswith(_tile_extension(names[3])):
+            position = names[5][:-len(_tile_extension(names[3]))]
             self._send_tile(*app.tile(names[1], names[2], names[3], names[4], position))
         elif head == "static" and "/".join(names[1:]) in app.assets:
             name = "/".join(names[1:])
