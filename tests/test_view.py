@@ -574,3 +574,31 @@ def test_a_multi_task_run_shows_each_tasks_attention(two_task_pred, pred):
     finally:
         running.close()
         one_task.close()
+
+
+def test_browser_task_chooser_switches_attention_layer_and_top_list(two_task_pred, running, browser):
+    slide_id = running.cohort.ids[0]
+    browser.open(f"{running.url}/view/{quote(slide_id, safe='')}", until=DRAWN)
+    assert browser.evaluate("document.getElementById('task-chooser').hidden") is True  # one task: no chooser
+    multi = Running(two_task_pred)
+    try:
+        view = multi.cohort.slide(slide_id)
+        browser.open(f"{multi.url}/view/{quote(slide_id, safe='')}#opacity=100", until=DRAWN)
+        first_top = "Number(document.querySelector('#top-list li').dataset.index)"
+        assert browser.evaluate("document.getElementById('task-chooser').hidden") is False
+        assert browser.evaluate("Array.from(document.getElementById('task').options).map((o) => o.text)") == [
+            "all tasks (mean)", "tumour", "margin"]
+        assert browser.evaluate(first_top) == int(np.argmax(view.scores))
+        before = browser.screenshot()
+        browser.evaluate("const s = document.getElementById('task'); s.value = 'attention-1';"
+                         "s.dispatchEvent(new Event('change'))")
+        deadline = time.monotonic() + 60
+        while not browser.evaluate(f"document.body.dataset.task === 'attention-1' && {DRAWN}"):
+            assert time.monotonic() < deadline, "the margin task's layer never drew"
+            time.sleep(0.2)
+        assert browser.evaluate(first_top) == int(np.argmax(view.task_scores[1]))
+        assert browser.evaluate(first_top) != int(np.argmax(view.scores))
+        after = browser.screenshot()
+        assert np.abs(after[100:700, 100:850].astype(int) - before[100:700, 100:850]).mean() > 5
+    finally:
+        multi.close()

@@ -3,8 +3,11 @@
 // browser sets their opacity), and a canvas on top for the tissue contour, the patch grid and the
 // patch under the pointer. Everything comes from this server; nothing is fetched elsewhere.
 // The address may carry #opacity=0-100&top=RANK (zoom to the patch of that rank).
+// A multi-task run gets a task chooser in the header: it switches the attention layer, the
+// top-k list and the hover values to that task's query token (default: the mean over tasks).
 // For tests and scripts, <body> gets data-* fields: ready, slide-tiles, attention-tiles,
-// failed-tiles and zoomed-rank; window.ipspathViewer is the OpenSeadragon viewer.
+// failed-tiles, zoomed-rank and task (the attention layer shown); window.ipspathViewer is the
+// OpenSeadragon viewer.
 (function () {
   "use strict";
 
@@ -85,11 +88,14 @@
     for (let i = 0; i < n; i++) {
       cell.set(Math.floor((p.coords[2 * i + 1] - oy) / p.stride) * cols + Math.floor((p.coords[2 * i] - ox) / p.stride), i);
     }
-    const order = Array.from(p.scores.keys()).sort((a, b) => p.scores[b] - p.scores[a] || a - b);
-    const rank = new Int32Array(n);
-    order.forEach((index, position) => { rank[index] = position + 1; });
     return {
-      n, size: p.size, stride: p.stride, coords: p.coords, scores: p.scores, order, rank,
+      n, size: p.size, stride: p.stride, coords: p.coords,
+      use(scores) { // rank the patches by these scores (one task's, or the mean)
+        this.scores = scores;
+        this.order = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a] || a - b);
+        this.rank = new Int32Array(n);
+        this.order.forEach((index, position) => { this.rank[index] = position + 1; });
+      },
       at(x, y) { // the patch whose grid cell holds (x, y) and which covers it, or -1
         const col = Math.floor((x - ox) / p.stride);
         const row = Math.floor((y - oy) / p.stride);
@@ -104,6 +110,8 @@
   function start(info) {
     header(info);
     const patches = patchIndex(info);
+    patches.use(info.patches.scores);
+    let layer = "attention";
     const base = "/tiles/" + encodeURIComponent(info.slide_id) + "/" + info.version + "/";
     let opacity = hash.has("opacity") ? Math.min(Math.max(parseFloat(hash.get("opacity")) || 0, 0), 100) : 50;
     let hovered = -1, selected = -1;
@@ -139,9 +147,33 @@
       return viewer.world.getItemCount() > 1 ? viewer.world.getItemAt(1) : null;
     }
 
-    viewer.addHandler("open", () => {
+    function addOverlay() {
       // preload: tiles load at opacity 0 too, so the slider shows them at once
-      viewer.addTiledImage({ tileSource: source("attention", ".png"), index: 1, opacity: opacity / 100, preload: true });
+      const shown = $("show-overlay").checked ? opacity / 100 : 0;
+      viewer.addTiledImage({ tileSource: source(layer, ".png"), index: 1, opacity: shown, preload: true });
+      body.dataset.task = layer;
+    }
+
+    if (info.tasks.length > 1) {
+      const select = $("task");
+      select.append(new Option("all tasks (mean)", "attention"));
+      for (const task of info.tasks) select.append(new Option(task.name, task.layer));
+      $("task-chooser").hidden = false;
+      select.addEventListener("change", () => {
+        layer = select.value;
+        const task = info.tasks.find((t) => t.layer === layer);
+        patches.use(task ? task.scores : info.patches.scores);
+        const old = overlayItem();
+        if (old) viewer.world.removeItem(old);
+        addOverlay();
+        fillTopList();
+        showPatch(hovered >= 0 ? hovered : selected);
+        draw();
+      });
+    }
+
+    viewer.addHandler("open", () => {
+      addOverlay();
       const top = parseInt(hash.get("top") || "0", 10);
       if (top >= 1 && top <= patches.n) {
         zoomTo(patches.order[top - 1], true);
