@@ -17,6 +17,7 @@ from ips_path.config import TrainConfig
 from ips_path.cross_validation import survival_folds, train_cross_validated
 from ips_path.errors import BadInputError
 from ips_path.manifest import ManifestRow
+from ips_path.predict import predict
 
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")
 
@@ -114,3 +115,8 @@ def test_survival_cross_validation_reports_c_indices_per_fold_and_resumes(cohort
     assert {name: (run / "fold_0" / name).stat().st_mtime_ns for name in kept} == kept
     assert again.folds[1]["val_c_index"] == pytest.approx(summary["per_fold"][1]["val_c_index"])
     assert not math.isnan(again.summary["c_index"]["mean"])
+
+    # The fold models do not make one survival model: predicting with the run is refused before any slide.
+    with pytest.raises(BadInputError, match="an ensemble of survival models is not supported; give one fold's run"):
+        predict(run, tmp_path / "pred", manifest=survival_csv, tiles_dir=tiles, progress=False)
+    assert not (tmp_path / "pred" / "predictions.csv").exists()
