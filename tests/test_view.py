@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -549,7 +550,10 @@ def test_a_multi_task_run_shows_each_tasks_attention(two_task_pred, pred):
     try:
         slide_id = running.cohort.ids[0]
         _, _, body = one_task.get(f"/api/slide/{quote(slide_id)}")
-        assert json.loads(body)["tasks"] == []  # one task: no chooser
+        assert json.loads(body)["tasks"] == []  # one task: no chooser, and predict kept no per-task copy
+        assert one_task.cohort.slide(slide_id).store.array_names("task_scores") == []
+        with h5py.File(pred / "scores" / f"{slide_id}_scores.h5") as f:
+            assert "attention_scores" in f and "task_attention_scores" not in f
         status, _, body = running.get(f"/api/slide/{quote(slide_id)}")
         info = json.loads(body)
         assert status == 200 and [t["name"] for t in info["tasks"]] == ["tumour", "margin"]
