@@ -45,7 +45,8 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     \b
     Writes to OUT:
       predictions.csv            one row per slide: predicted class, one probability per class
-      metrics.json, roc.png      with labels: AUC (bootstrap 95% CI), balanced accuracy, confusion matrix
+      metrics.json, roc.png      with labels: AUC, AUPRC, balanced accuracy (bootstrap 95% CIs),
+      reliability.png            calibration error, confusion matrix; with case_id also per patient
       patients.csv               survival models: risk (and curve) per patient (case_id)
       survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
       scores/<id>_scores.h5      attention logit of every patch (coords + attention_scores)
@@ -80,8 +81,13 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     elif result.metrics:
         m = result.metrics
         low, high = m["auc_ci95"]
-        click.echo(f"AUC {_number(m['auc'])} (95% CI {_number(low)}-{_number(high)}), balanced accuracy "
-                   f"{_number(m['balanced_accuracy'])} on {m['n_slides']} labelled slides")
+        click.echo(f"AUC {_number(m['auc'])} (95% CI {_number(low)}-{_number(high)}), AUPRC {_number(m['auprc'])}, "
+                   f"balanced accuracy {_number(m['balanced_accuracy'])}, calibration error {_number(m['ece'])} on "
+                   f"{m['n_slides']} labelled slides")
+        if "patients" in m:
+            p = m["patients"]
+            click.echo(f"patients: AUC {_number(p['auc'])}, AUPRC {_number(p['auprc'])}, balanced accuracy "
+                       f"{_number(p['balanced_accuracy'])} on {p['n_patients']} patients")
     click.echo(f"review: ipspath report {result.out_dir}")
     return result.exit_code
 

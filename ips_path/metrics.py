@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = ["auc_confidence_interval", "average_precision", "balanced_accuracy", "bootstrap_intervals", "calibration",
            "classification_metrics", "confusion_matrix", "macro_auc", "macro_auprc", "patient_level",
-           "per_class_recall", "roc_auc", "roc_curve"]
+           "per_class_recall", "prediction_metrics", "roc_auc", "roc_curve"]
 
 
 def roc_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
@@ -313,3 +313,55 @@ def patient_level(case_ids: Sequence[str], labels: np.ndarray,
     patients = sorted(members)
     pooled = np.array([probabilities[members[p]].mean(axis=0) for p in patients]).reshape(len(patients), -1)
     return patients, np.array([labels[members[p][0]] for p in patients], dtype=labels.dtype), pooled
+
+
+def prediction_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
+                       case_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """What ``metrics.json`` of ``ipspath predict`` holds (JSON-safe: undefined values are None).
+
+    Parameters
+    ----------
+    labels : (n,) class indices
+    probabilities : (n, K) class probabilities
+    class_names : K names
+    case_ids : n patient ids, optional
+        Also the same metrics over patients (:func:`patient_level`: the mean of a patient's slides),
+        under ``patients``.
+
+    Returns
+    -------
+    dict
+        ``n_slides``, ``classes``, ``auc``, ``auprc``, ``balanced_accuracy`` each with its bootstrap
+        95 % interval (``<name>_ci95``: low, high), ``accuracy``, ``ece`` (expected calibration error,
+        10 bins) with ``calibration_bins`` (the reliability diagram), ``confusion_matrix`` (rows:
+        true class); with ``case_ids`` also ``patients`` (the same, ``n_patients`` for ``n_slides``).
+    """
+    out = _scored(labels, probabilities, class_names)
+    if case_ids is not None:
+        _, patient_labels, pooled = patient_level(case_ids, labels, probabilities)
+        patients = _scored(patient_labels, pooled, class_names)
+        patients["n_patients"] = patients.pop("n_slides")
+        del patients["classes"]
+        out["patients"] = patients
+    return out
+
+
+def _scored(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    labels = np.asarray(labels).ravel()
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, len(class_names))
+    found = classification_metrics(labels, probabilities, class_names)
+    intervals = bootstrap_intervals(labels, probabilities)
+    reliability = calibration(labels, probabilities)
+    out: dict[str, Any] = {"n_slides": int(labels.size), "classes": list(class_names)}
+    for name in ("auc", "auprc", "balanced_accuracy"):
+        out[name] = _finite(found[name])
+        out[f"{name}_ci95"] = [_finite(v) for v in intervals[name]]
+    out.update(accuracy=_finite(found["accuracy"]), ece=_finite(reliability["ece"]),
+               calibration_bins=[{k: _finite(v) if isinstance(v, float) else v for k, v in b.items()}
+                                 for b in reliability["bins"]],
+               confusion_matrix=confusion_matrix(labels, probabilities.argmax(axis=1), len(class_names)).tolist())
+    return out
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(float(value), 6)

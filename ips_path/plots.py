@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ips_path.atomic import write_atomically
 
-__all__ = ["plot_roc", "plot_training_curves"]
+__all__ = ["plot_reliability", "plot_roc", "plot_training_curves"]
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
@@ -87,6 +87,39 @@ def plot_roc(labels: Sequence[int], probabilities: Sequence[Sequence[float]], cl
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize="small")
+    _save(fig, Path(path))
+
+
+def plot_reliability(bins: Sequence[Mapping[str, float]], path: str | os.PathLike, ece: float | None = None) -> None:
+    """Draw the reliability diagram (accuracy against mean confidence of each non-empty bin) to ``path``.
+
+    Parameters
+    ----------
+    bins : bins of :func:`~ips_path.metrics.calibration` (``lower``, ``upper``, ``confidence``,
+        ``accuracy``, ``count``)
+    path : path-like
+        Output PNG (written atomically).
+    ece : float, optional
+        Expected calibration error, shown in the title.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1, label="perfect calibration")
+    if bins:
+        ax.bar([b["lower"] for b in bins], [b["accuracy"] for b in bins], width=[b["upper"] - b["lower"] for b in bins],
+               align="edge", alpha=0.6, edgecolor="black", label="accuracy")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", color="C3",
+                label="mean confidence")
+        for b in bins:
+            ax.annotate(str(b["count"]), ((b["lower"] + b["upper"]) / 2, b["accuracy"]), ha="center", va="bottom",
+                        fontsize="x-small")
+    title = "Reliability" + (f": ECE {ece:.3f}" if ece is not None else "")
+    ax.set(xlabel="confidence (probability of the predicted class)", ylabel="accuracy", title=title,
+           xlim=(0, 1), ylim=(0, 1.05), aspect="equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
     _save(fig, Path(path))
 
 

@@ -23,8 +23,9 @@ as well as this process) on the contract of :mod:`ips_path.jobs`:
    stopped and predicts every slide exactly once.
 
 Then ``predictions.csv`` is written from the outcomes of this run's slides and, where labels are
-known, ``metrics.json`` (AUC with a bootstrap 95 % interval, balanced accuracy, confusion matrix)
-and ``roc.png``. A survival model gives each slide a risk, its risk group (and a survival curve for
+known, ``metrics.json`` (AUC, AUPRC and balanced accuracy with bootstrap 95 % intervals, expected
+calibration error, confusion matrix; with the manifest's ``case_id`` also over patients), ``roc.png``
+and ``reliability.png``. A survival model gives each slide a risk, its risk group (and a survival curve for
 the discrete-time model) instead of class probabilities; ``patients.csv`` holds the mean per
 patient (``case_id``) and, where the manifest has ``time`` and ``event``, ``survival_metrics.json``
 and ``km.png`` measure the patients (:mod:`ips_path.survival.prediction`).
@@ -257,7 +258,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
                                              checkpoint)
         else:
             folder.write_predictions_csv(outcomes, classes, n_folds=len(checkpoints) if len(checkpoints) > 1 else 0)
-            metrics = _write_metrics(folder, outcomes, classes)
+            metrics = _write_metrics(folder, outcomes, classes, {r.slide_id: r.case_id for r in rows})
     return PredictResult(outcomes, metrics, out_dir)
 
 
@@ -508,10 +509,12 @@ def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, tasks: tu
     write_atomically(path, write)
 
 
-def _write_metrics(folder: PredictionFolder, outcomes: Sequence[SlideOutcome],
-                   classes: Sequence[str]) -> dict[str, Any] | None:
-    """metrics.json and roc.png over the predicted slides whose label is one of the model's classes."""
-    from ips_path.metrics import auc_confidence_interval, balanced_accuracy, confusion_matrix, macro_auc
+def _write_metrics(folder: PredictionFolder, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
+                   case_ids: dict[str, str]) -> dict[str, Any] | None:
+    """metrics.json, roc.png and reliability.png over the predicted slides whose label is one of the
+    model's classes; also over patients when the manifest names them (``case_ids``: slide_id -> case_id)."""
+    from ips_path.metrics import prediction_metrics
+    from ips_path.plots import plot_reliability, plot_roc
 
     scored = [o for o in outcomes if o.ok and o.extra.get("label") in classes]
     unknown = sorted({o.extra["label"] for o in outcomes if o.extra.get("label") and o.extra["label"] not in classes})
@@ -523,21 +526,10 @@ def _write_metrics(folder: PredictionFolder, outcomes: Sequence[SlideOutcome],
         return None
     labels = np.array([classes.index(o.extra["label"]) for o in scored])
     probabilities = np.array([o.extra["probabilities"] for o in scored], dtype=np.float64)
-    predictions = probabilities.argmax(axis=1)
-    low, high = auc_confidence_interval(labels, probabilities)
-    metrics = {
-        "n_slides": len(scored), "classes": list(classes), "auc": _finite(macro_auc(labels, probabilities)),
-        "auc_ci95": [_finite(low), _finite(high)],
-        "balanced_accuracy": _finite(balanced_accuracy(labels, predictions, len(classes))),
-        "accuracy": float((predictions == labels).mean()),
-        "confusion_matrix": confusion_matrix(labels, predictions, len(classes)).tolist(),
-    }
+    cases = [case_ids.get(o.slide_id, o.slide_id) for o in scored]
+    metrics = prediction_metrics(labels, probabilities, classes,
+                                 cases if any(c != o.slide_id for c, o in zip(cases, scored, strict=True)) else None)
     folder.write_metrics(metrics)
-    from ips_path.plots import plot_roc
-
     plot_roc(labels, probabilities, classes, folder.roc_file, auc=metrics["auc"], ci=metrics["auc_ci95"])
+    plot_reliability(metrics["calibration_bins"], folder.reliability_file, ece=metrics["ece"])
     return metrics
-
-
-def _finite(value: float) -> float | None:
-    return None if value is None or not np.isfinite(value) else round(float(value), 6)

@@ -6,7 +6,7 @@ the viewer read through it. Layout (:data:`PREDICTION_FILES`)::
     run.json                     the model (path and identity), classes, tiles folder, score array name
     status/<slide_id>.json       per-slide done record (jobs.SlideOutcome): status, identity, probabilities
     predictions.csv              one row per slide of the last run
-    metrics.json, roc.png        with labels
+    metrics.json, roc.png, reliability.png  with labels
     patients.csv                 survival models: risk (and curve) per patient
     survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
     scores/<slide_id>_scores.h5  coords + attention_scores (the layout CLAM users know); multi-task
@@ -56,8 +56,11 @@ PREDICTION_FILES = {
     "predictions.csv": "slide_id, label, predicted, prob_<class> per class (a cross-validated model: the mean of "
                        "its folds, then fold<i>_prob_<class> per fold), n_patches, status, error",
     "run.json": "model path and identity, score array name, classes, tiles folder, target_mpp, patch_size",
-    "metrics.json": "with labels: auc, auc_ci95, balanced_accuracy, confusion_matrix (rows: true class)",
+    "metrics.json": "with labels: auc, auprc, balanced_accuracy with <name>_ci95 (bootstrap), accuracy, ece with "
+                    "calibration_bins, confusion_matrix (rows: true class); with case_ids also patients (the same "
+                    "over patients)",
     "roc.png": "with labels: ROC curve",
+    "reliability.png": "with labels: reliability diagram (accuracy against confidence) and expected calibration error",
     "status/<slide_id>.json": "per-slide done record: status, identity of slide, store and model, probabilities",
     "scores/<slide_id>_scores.h5": "coords (N, 2) level-0 x, y and attention_scores (N,); multi-task models also "
                                    "task_attention_scores (T, N) with attrs tasks",
@@ -198,6 +201,10 @@ class PredictionFolder:
         return self.root / "roc.png"
 
     @property
+    def reliability_file(self) -> Path:
+        return self.root / "reliability.png"
+
+    @property
     def patients_csv(self) -> Path:
         return self.root / "patients.csv"
 
@@ -274,7 +281,7 @@ class PredictionFolder:
         """
         for folder in ("status", "scores", "heatmaps"):
             shutil.rmtree(self.root / folder, ignore_errors=True)
-        for path in (self.predictions_csv, self.metrics_file, self.roc_file, self.patients_csv,
+        for path in (self.predictions_csv, self.metrics_file, self.roc_file, self.reliability_file, self.patients_csv,
                      self.survival_metrics_file, self.km_file):
             path.unlink(missing_ok=True)
 
@@ -325,10 +332,10 @@ class PredictionFolder:
         return read_predictions(self.predictions_csv)
 
     def write_metrics(self, metrics: dict[str, Any] | None) -> None:
-        """``metrics.json``; without metrics (no labelled slide) an older one is removed with ``roc.png``."""
+        """``metrics.json``; without metrics (no labelled slide) an older one is removed with its pictures."""
         if metrics is None:
-            self.metrics_file.unlink(missing_ok=True)
-            self.roc_file.unlink(missing_ok=True)
+            for path in (self.metrics_file, self.roc_file, self.reliability_file):
+                path.unlink(missing_ok=True)
             return
         _write_json(self.metrics_file, metrics)
 

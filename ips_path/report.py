@@ -169,22 +169,37 @@ def _summary_html(rows: list[SlidePrediction]) -> str:
 def _metrics_html(metrics: dict, pred_dir: Path, assets: _AssetPlacer) -> str:
     if not metrics:
         return ""
-    ci = metrics.get("auc_ci95") or [None, None]
-    figures = [("AUC", _number(metrics.get("auc")),
-                f"95 % CI {_number(ci[0])}{DASH}{_number(ci[1])}" if len(ci) == 2 else ""),
-               ("Balanced accuracy", _number(metrics.get("balanced_accuracy")), ""),
-               ("Slides with a label", _esc(metrics.get("n_slides", "n/a")), "")]
     parts = ['<section class="metrics"><h2>Performance</h2><div class="metrics-body"><div class="key-figures">']
-    parts.append(_figures_html(figures))
+    parts.append(_figures_html(_key_figures(metrics, "slides", "n_slides")))
+    patients = metrics.get("patients")
+    if isinstance(patients, dict):  # the manifest named patients: the same figures over them, beside
+        parts.append(_figures_html(_key_figures(patients, "patients", "n_patients")))
     parts.append("</div>")
     parts.append(_confusion_html(metrics.get("classes") or [], metrics.get("confusion_matrix") or []))
-    roc = PredictionFolder(pred_dir).roc_file
-    if roc.is_file():
-        url = assets.image_url(roc, "roc.png")
-        parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank">'
-                     f'<img src="{url}" alt="ROC curve"></a><figcaption>ROC curve</figcaption></figure>')
+    folder = PredictionFolder(pred_dir)
+    for path, what in ((folder.roc_file, "ROC curve"), (folder.reliability_file, "Reliability diagram")):
+        if path.is_file():
+            url = assets.image_url(path, path.name)
+            parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank">'
+                         f'<img src="{url}" alt="{what}"></a><figcaption>{what}</figcaption></figure>')
     parts.append("</div></section>")
     return "".join(parts)
+
+
+def _key_figures(metrics: dict, unit: str, count: str) -> list[tuple[str, str, str]]:
+    """AUC, AUPRC, balanced accuracy (each with its 95 % interval), calibration error and the count,
+    named per ``unit`` (slides or patients)."""
+    def interval(name: str) -> str:
+        ci = metrics.get(f"{name}_ci95") or []
+        return f"95 % CI {_number(ci[0])}{DASH}{_number(ci[1])}" if len(ci) == 2 else ""
+
+    figures = [(f"{name} ({unit})", _number(metrics.get(key)), interval(key))
+               for name, key in (("AUC", "auc"), ("AUPRC", "auprc"), ("Balanced accuracy", "balanced_accuracy"))
+               if key in metrics]
+    if "ece" in metrics:
+        figures.append((f"Calibration error ({unit})", _number(metrics["ece"]), "expected calibration error, 10 bins"))
+    figures.append((f"{unit.capitalize()} with a label", _esc(metrics.get(count, "n/a")), ""))
+    return figures
 
 
 def _figures_html(figures: list[tuple[str, str, str]]) -> str:
