@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["auc_confidence_interval", "average_precision", "balanced_accuracy", "bootstrap_intervals", "calibration",
+__all__ = ["average_precision", "balanced_accuracy", "bootstrap_intervals", "calibration",
            "classification_metrics", "confusion_matrix", "macro_auc", "macro_auprc", "patient_level",
            "per_class_recall", "prediction_metrics", "roc_auc", "roc_curve"]
 
@@ -162,29 +162,6 @@ def roc_curve(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, 
     true_pos = np.cumsum(sorted_truth)[last_of_run]
     false_pos = np.cumsum(~sorted_truth)[last_of_run]
     return np.r_[0.0, false_pos / n_neg], np.r_[0.0, true_pos / n_pos]
-
-
-def auc_confidence_interval(labels: np.ndarray, probabilities: np.ndarray, *, n_bootstrap: int = 2000,
-                            level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of :func:`macro_auc`, resampling slides with replacement.
-
-    Resamples that lack a class the AUC needs are drawn again (they are NaN and skipped).
-
-    Returns
-    -------
-    (low, high) : floats
-        NaN, NaN when the AUC itself is undefined.
-    """
-    labels = np.asarray(labels).ravel()
-    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(labels.size, -1)
-    if np.isnan(macro_auc(labels, probabilities)):
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, labels.size, size=(n_bootstrap, labels.size))
-    aucs = np.array([macro_auc(labels[d], probabilities[d]) for d in draws])
-    aucs = aucs[~np.isnan(aucs)]
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:

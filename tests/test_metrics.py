@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ips_path.metrics import (
-    auc_confidence_interval,
     balanced_accuracy,
+    bootstrap_intervals,
     classification_metrics,
     confusion_matrix,
     macro_auc,
@@ -115,11 +115,11 @@ def test_auc_interval_contains_the_auc_and_narrows_with_more_slides():
         return labels, np.stack([1 - p1, p1], 1)
 
     small, large = cohort(30), cohort(600)
-    lo_s, hi_s = auc_confidence_interval(*small)
-    lo_l, hi_l = auc_confidence_interval(*large)
+    lo_s, hi_s = bootstrap_intervals(*small)["auc"]
+    lo_l, hi_l = bootstrap_intervals(*large)["auc"]
     assert lo_s <= macro_auc(*small) <= hi_s and lo_l <= macro_auc(*large) <= hi_l
     assert hi_l - lo_l < (hi_s - lo_s) / 2
-    assert np.isnan(auc_confidence_interval(np.array([1, 1]), np.array([[0.2, 0.8], [0.1, 0.9]]))[0])
+    assert np.isnan(bootstrap_intervals(np.array([1, 1]), np.array([[0.2, 0.8], [0.1, 0.9]]))["auc"][0])
 
 
 def test_confusion_matrix_rows_are_truth():
