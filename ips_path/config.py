@@ -17,6 +17,7 @@ from typing import Any
 
 from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError
+from ips_path.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 
 __all__ = ["MONITORS", "RUNTIME_FIELDS", "TrainConfig", "load_config", "resolve_config", "save_config"]
 
@@ -92,7 +93,14 @@ class TrainConfig:
         Patch resolution (µm/px) and size (px) the run asks of the tile stores; None: the stores'
         (they must agree).
     task : {"classification", "survival"}
-        Classify the manifest's ``label``, or learn a risk score from its ``time`` and ``event``.
+        Classify the manifest's ``label`` (or ``label_columns``), or learn a risk score from its ``time``
+        and ``event``.
+    label_columns : str
+        Comma-separated manifest columns to classify, each one task (its own query token and head, a
+        softmax over the column's sorted values); default the one ``label`` column. With several
+        columns the loss is the sum of the tasks' losses, a slide whose cell is empty for a task counts
+        for nothing in that task's loss, and ``best.pt`` follows the mean of the tasks' validation
+        ``monitor`` (see :mod:`ips_path.label_tasks`).
     survival_loss : {"cox", "nll"}
         Survival only: Cox partial likelihood over each batch (one risk output; batches always hold an
         event), or the discrete-time negative log-likelihood over ``time_bins`` bins (a survival curve).
@@ -145,6 +153,7 @@ class TrainConfig:
     mpp: float | None = None
     patch_size: int | None = None
     task: str = "classification"
+    label_columns: str = "label"
     survival_loss: str = "cox"
     time_bins: int = 4
     time_unit: str = "months"
@@ -207,10 +216,16 @@ class TrainConfig:
             problems.append(f"--time-bins must be >= 2, got {self.time_bins}")
         if self.risk_groups not in (2, 3):
             problems.append(f"--risk-groups must be 2 (median split) or 3 (tertiles), got {self.risk_groups}")
+        problems += _label_column_problems(self)
         if self.checkpoint_grads and self.grad_chunk_size is None:
             problems.append("--checkpoint-grads needs --grad-chunk-size (patches per checkpointed piece)")
         if problems:
             raise BadInputError("bad training configuration: " + "; ".join(problems))
+
+    @property
+    def label_column_names(self) -> tuple[str, ...]:
+        """The manifest columns a classification run learns, one task each (``label_columns`` split at commas)."""
+        return tuple(name.strip() for name in self.label_columns.split(","))
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (YAML- and checkpoint-safe: str, int, float, bool, None)."""
@@ -233,6 +248,8 @@ class TrainConfig:
                 problems.append(f"unknown key {raw_key!r}")
                 continue
             kind, optional = _field_type(known[key])
+            if key == "label_columns" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                value = ",".join(value)  # a YAML list of columns
             try:
                 clean[key] = _coerce(value, kind, optional)
             except TypeError:
@@ -241,6 +258,28 @@ class TrainConfig:
         if problems:
             raise BadInputError(f"{source}: {'; '.join(problems)}; known keys: {', '.join(known)}")
         return cls(**clean)
+
+
+def _label_column_problems(config: TrainConfig) -> list[str]:
+    """What is wrong with ``label_columns`` on its own (whether the manifest has them is checked on reading it)."""
+    names = config.label_column_names
+    reserved = [n for n in names if n in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) and n != "label"]
+    problems = []
+    if not all(names):
+        problems.append(f"--label-columns {config.label_columns!r} has an empty name; give column names separated "
+                        "by commas, e.g. grade,her2")
+    elif len(set(names)) < len(names):
+        problems.append(f"--label-columns {config.label_columns!r} names a column twice")
+    elif reserved:
+        problems.append(f"--label-columns cannot learn the manifest's {', '.join(reserved)} column(s)")
+    elif any("." in n or "=" in n for n in names):
+        problems.append(f"--label-columns {config.label_columns!r}: column names with '.' or '=' cannot name a task; "
+                        "rename the column")
+    if names != ("label",) and config.task != "classification":
+        problems.append("--label-columns is for classification; survival learns the time and event columns")
+    if len(names) > 1 and config.instance_loss > 0:
+        problems.append("--instance-loss needs one label column with two classes; set it to 0 with several columns")
+    return problems
 
 
 def _option(name: str) -> str:

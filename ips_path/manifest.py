@@ -1,9 +1,10 @@
 """The cohort manifest: one CSV row per slide (format in ``data_manifests/README.md``).
 
 Required columns: ``slide_id``, ``slide_path`` (absolute, or relative to the manifest's folder),
-``label``. Optional: ``split`` (train/val/test), ``case_id`` (the patient: splits never cut a
-patient), ``mpp`` (level-0 µm/px, overrides the slide's metadata); for survival tasks ``time``
-(follow-up, any unit) and ``event`` (1 = event observed at ``time``, 0 = censored then).
+``label`` (or the columns a run names, ``--label-columns``). Optional: ``split`` (train/val/test),
+``case_id`` (the patient: splits never cut a patient), ``mpp`` (level-0 µm/px, overrides the slide's
+metadata); for survival tasks ``time`` (follow-up, any unit) and ``event`` (1 = event observed at
+``time``, 0 = censored then).
 
 Validation collects every problem before raising, so a user fixes the file in one pass.
 """
@@ -45,7 +46,8 @@ class ManifestRow:
     slide_path : Path
         Absolute path of the slide file.
     label : str or None
-        Class name; None only when labels are not required (prediction).
+        Class name (the first label column's value; the ``label`` column unless others are named); None
+        only when labels are not required (prediction) or, with several label columns, the cell is empty.
     split : str or None
         ``"train"``, ``"val"``, ``"test"`` or None when the manifest has no split.
     case_id : str
@@ -58,6 +60,9 @@ class ManifestRow:
         Follow-up time (survival), in the manifest's unit; None when not given.
     event : int or None
         1 = the event was observed at ``time``, 0 = censored at ``time``; None when not given.
+    labels : tuple of (str or None)
+        The value of each label column asked for (``read_manifest(label_columns=...)``), None where
+        empty; ``(label,)`` by default.
     """
 
     slide_id: str
@@ -69,10 +74,11 @@ class ManifestRow:
     line: int
     time: float | None = None
     event: int | None = None
+    labels: tuple[str | None, ...] = ()
 
 
 def read_manifest(path: str | Path, *, require_label: bool = True, check_files: bool = True,
-                  require_survival: bool = False) -> list[ManifestRow]:
+                  require_survival: bool = False, label_columns: Sequence[str] = ("label",)) -> list[ManifestRow]:
     """Read and validate a manifest CSV.
 
     Parameters
@@ -86,6 +92,10 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
     require_survival : bool
         Whether every row needs a ``time`` (a number >= 0) and an ``event`` (0 or 1), consistent
         across the slides of a patient (survival training). Without it, values given are still checked.
+    label_columns : sequence of str
+        The columns holding labels (one task each), ``label`` by default. With ``require_label`` they
+        must all exist; one column must be filled in every row, several in at least one each (an
+        empty cell leaves the slide out of that task only). Without it, absent columns read as empty.
 
     Returns
     -------
@@ -104,13 +114,13 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
         raise BadInputError(f"{path}: manifest not found")
     header, records = _read_csv(path)
     columns = [c.strip() for c in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns and not (c == "label" and not require_label)]
-    if require_survival:
-        missing += [c for c in ("time", "event") if c not in columns]
+    label_columns = tuple(label_columns)
+    required = [c for c in REQUIRED_COLUMNS if c != "label"] + (list(label_columns) if require_label else [])
+    required += ["time", "event"] if require_survival else []
+    missing = [c for c in required if c not in columns]
     if missing:
-        required = [c for c in REQUIRED_COLUMNS if c != "label" or require_label]
-        required += ["time", "event"] if require_survival else []
-        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(required)}")
+        has = f"; the file has {', '.join(columns)}" if label_columns != ("label",) else ""
+        raise BadInputError(f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(required)}{has}")
 
     problems: list[str] = []
     raw = []
@@ -126,7 +136,7 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
     duplicates: dict[str, list[int]] = defaultdict(list)
     for rec, line in raw:
         slide_id, slide_path = rec.get("slide_id", ""), rec.get("slide_path", "")
-        label = rec.get("label") or None
+        labels = tuple(rec.get(c) or None for c in label_columns)
         split = (rec.get("split") or "").lower() or None
         bad = len(problems)
         unsafe = slide_id_problem(slide_id)
@@ -147,8 +157,11 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
             problems.append(f"line {line}: empty slide_path")
         elif check_files and not resolved.exists():
             problems.append(f"line {line}: slide file not found: {resolved}")
-        if require_label and label is None:
-            problems.append(f"line {line}: empty label for slide {slide_id!r}")
+        if require_label and len(labels) == 1 and labels[0] is None:
+            problems.append(f"line {line}: empty {label_columns[0]} for slide {slide_id!r}")
+        elif require_label and not any(labels):
+            problems.append(f"line {line}: slide {slide_id!r} has no value in any label column "
+                            f"({', '.join(label_columns)}); fill one in or remove the row")
         if split is not None and split not in SPLITS:
             problems.append(f"line {line}: unknown split {rec.get('split')!r}; use one of {', '.join(SPLITS)}")
         mpp = None
@@ -161,8 +174,8 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
                 problems.append(f"line {line}: mpp {rec['mpp']!r} is not a positive number (µm/px)")
         time, event = _survival_values(rec, line, slide_id, require_survival, problems)
         if len(problems) == bad:
-            rows.append(ManifestRow(slide_id, resolved.resolve() if slide_path else resolved, label, split,
-                                    rec.get("case_id") or slide_id, mpp, line, time, event))
+            rows.append(ManifestRow(slide_id, resolved.resolve() if slide_path else resolved, labels[0], split,
+                                    rec.get("case_id") or slide_id, mpp, line, time, event, labels))
 
     splits_of_case: dict[str, set[str]] = defaultdict(set)
     for row in rows:

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from ..errors import BadInputError
 from ..survival.losses import cox_partial_nll, discrete_risk, discrete_survival, discrete_time_nll
 
-__all__ = ["SURVIVAL_TARGET_COLUMNS", "TASK_KINDS", "Task", "compute_loss", "task_losses"]
+__all__ = ["MISSING_TARGET", "SURVIVAL_TARGET_COLUMNS", "TASK_KINDS", "Task", "compute_loss", "task_losses"]
 
 TASK_KINDS = ("multiclass", "binary", "multilabel", "survival")
+#: Target of a multiclass or binary task for a slide without a label for it: left out of the task's loss.
+MISSING_TARGET = -1
 SURVIVAL_TARGET_COLUMNS = ("time", "event", "bin")
 
 
@@ -91,7 +93,9 @@ class Task:
             ``(B, n_classes)``; binary ``(B,)``.
         target : Tensor
             multiclass ``(B,)`` class indices; binary ``(B,)`` 0/1; multilabel ``(B, n_classes)`` 0/1;
-            survival ``(B, 3)``: time, event 0/1, time bin (unused by Cox).
+            survival ``(B, 3)``: time, event 0/1, time bin (unused by Cox). A multiclass or binary
+            target :data:`MISSING_TARGET` leaves its slide out (the mean is over the other slides; with
+            none left the loss is 0, still part of the graph).
         class_weight : Tensor, optional
             ``(n_classes,)``. multiclass: cross-entropy class weights; binary: weight of the negative and
             positive class (weighted mean, as cross-entropy does); multilabel: ``pos_weight`` of each label.
@@ -109,6 +113,12 @@ class Task:
             if class_weight.shape != (self.n_classes,):
                 raise BadInputError(f"task {self.name!r}: class weights need {self.n_classes} values, "
                                     f"got shape {tuple(class_weight.shape)}")
+        if self.kind != "multilabel":
+            known = target != MISSING_TARGET
+            if not bool(known.all()):
+                if not bool(known.any()):
+                    return logits.sum() * 0.0
+                logits, target = logits[known], target[known]
         if self.kind == "multiclass":
             return F.cross_entropy(logits, target.long(), weight=class_weight)
         if self.kind == "multilabel":
