@@ -23,6 +23,7 @@ from ips_path.config import TrainConfig
 from ips_path.distributed import Processes, rng_state
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.identity import file_digest, identity_key
+from ips_path.label_tasks import LabelTasks
 from ips_path.loader import PatchStreamer
 from ips_path.model import IPSModel, Task, build_encoder
 from ips_path.model.foundation import ENCODER_PRESETS, require_preset_weights
@@ -31,7 +32,7 @@ from ips_path.survival.training import SurvivalRun, survival_task
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASK_NAME", "CheckpointIdentity", "RunState", "build_model",
            "checkpoint_identity", "load_checkpoint", "load_model", "models_identity"]
 
-TASK_NAME = "label"
+TASK_NAME = "label"  # the task of the default label column
 CHECKPOINT_FORMAT = "ipspath.checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -40,16 +41,17 @@ class _Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
-def build_model(config: TrainConfig, n_classes: int, in_features: int | None = None, *,
+def build_model(config: TrainConfig, n_classes: int | Sequence[int], in_features: int | None = None, *,
                 load_pretrained: bool = True) -> IPSModel:
-    """The IPS model a configuration describes: one multiclass task ``"label"`` over ``n_classes``, or
-    for ``task: survival`` one survival task (:func:`~ips_path.survival.training.survival_task`;
-    ``n_classes`` is then unused).
+    """The IPS model a configuration describes: one multiclass task per label column (``"label"`` by
+    default) over its classes, or for ``task: survival`` one survival task
+    (:func:`~ips_path.survival.training.survival_task`; ``n_classes`` is then unused).
 
     Parameters
     ----------
     config : TrainConfig
-    n_classes : int
+    n_classes : int or sequence of int
+        Classes of the one label column, or of each of ``config.label_column_names`` in order.
     in_features : int, optional
         Dimension of the cached features (``config.features`` runs).
     load_pretrained : bool
@@ -65,8 +67,14 @@ def build_model(config: TrainConfig, n_classes: int, in_features: int | None = N
             require_preset_weights(config.encoder, config.pretrained)
         blocks = {} if config.train_blocks is None else {"train_blocks": config.train_blocks}
         encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None, **blocks)
-    task = survival_task(config) if config.task == "survival" else Task(TASK_NAME, n_classes, "multiclass")
-    return IPSModel(encoder, [task], dim=config.dim, n_heads=config.heads,
+    if config.task == "survival":
+        tasks = [survival_task(config)]
+    else:
+        counts, names = [n_classes] if isinstance(n_classes, int) else list(n_classes), config.label_column_names
+        if len(counts) != len(names):
+            raise BadInputError(f"{len(counts)} class count(s) for the {len(names)} label column(s) {', '.join(names)}")
+        tasks = [Task(name, n, "multiclass") for name, n in zip(names, counts, strict=True)]
+    return IPSModel(encoder, tasks, dim=config.dim, n_heads=config.heads,
                     n_select=config.n_select, chunk_size=config.chunk_size, score=config.score,
                     pos_encoding=None if config.pos_encoding == "none" else config.pos_encoding,
                     grad_chunk_size=config.grad_chunk_size, checkpoint=config.checkpoint_grads)
@@ -77,7 +85,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``status``, ``config`` (dict),
     ``class_names``, ``tiling`` (``target_mpp``, ``patch_size``), ``in_features``, ``early_stopping``,
-    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``; survival runs also
+    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``; runs of several label
+    columns also ``task_classes`` (task -> class names; ``class_names`` is then the flat
+    ``<task>=<class>`` list, see :mod:`ips_path.label_tasks`); survival runs also
     ``survival`` (:meth:`~ips_path.survival.training.SurvivalRun.state`: loss, time unit, bin edges,
     the training outcomes, risk-group cut points).
 
@@ -111,7 +121,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     checkpoint = load_checkpoint(path)
     config = TrainConfig.from_dict(checkpoint["config"], source=str(path))
-    model = build_model(config, len(checkpoint["class_names"]), checkpoint["in_features"], load_pretrained=False)
+    label_tasks = LabelTasks.from_checkpoint(checkpoint)
+    n_classes = [len(c) for c in label_tasks.classes] if label_tasks else len(checkpoint["class_names"])
+    model = build_model(config, n_classes, checkpoint["in_features"], load_pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), checkpoint
 
@@ -133,6 +145,7 @@ class RunState:
     streamer: PatchStreamer
     procs: Processes
     survival: SurvivalRun | None = None
+    label_tasks: LabelTasks | None = None  # several label columns
 
     def save(self, name: str, *, epoch: int, status: str) -> None:
         """Write ``<out_dir>/<name>`` atomically (rank 0; the others only hand over their RNG states)."""
@@ -153,6 +166,8 @@ class RunState:
         }
         if self.survival is not None:
             checkpoint["survival"] = self.survival.state()
+        if self.label_tasks is not None and self.label_tasks.several:
+            checkpoint["task_classes"] = self.label_tasks.state()
         write_atomically(self.out_dir / name, lambda partial: torch.save(checkpoint, partial))
 
 
@@ -169,6 +184,7 @@ class CheckpointIdentity:
     config : dict
         Its resolved training configuration.
     class_names : tuple of str
+        With several label columns the flat ``<task>=<class>`` names, which give every task's classes.
     tiling : dict
         ``target_mpp`` (µm/px) and ``patch_size`` (px) of the tile stores it was trained on.
     """

@@ -2,16 +2,18 @@
 
 A cross-validated run folder holds::
 
-    splits.csv       slide_id, case_id, label (survival: time, event), fold (0..K-1, or "test" for the
-                     fixed external test split)
+    splits.csv       slide_id, case_id, label (each label column; survival: time, event), fold
+                     (0..K-1, or "test" for the fixed external test split)
     fold_0/ ...      one ordinary training run per fold: the fold validates, the other folds train
     cv_summary.json  per fold and mean +- sd (over the folds) of the validation AUC, balanced accuracy
-                     and AUPRC at each fold's best epoch; for survival, Harrell's and Uno's C-index of
-                     the fold's best weights (its ``survival_metrics.json``)
+                     and AUPRC at each fold's best epoch (several label columns: their mean over the
+                     tasks; each fold's metrics.csv has each task's); for survival, Harrell's and
+                     Uno's C-index of the fold's best weights (its ``survival_metrics.json``)
 
 Folds are drawn once (seeded) and kept: a patient (``case_id``) is never in two folds, and each label
-is spread evenly over the folds; a survival cohort is stratified instead by event status and early/late
-follow-up (:func:`~ips_path.survival.survival_strata`), and a fold whose patients hold no event (as
+(several label columns: each class of the first column) is spread evenly over the folds; a survival
+cohort is stratified instead by event status and early/late follow-up
+(:func:`~ips_path.survival.survival_strata`), and a fold whose patients hold no event (as
 validation, or as the rest for training) is refused before any training. Slides whose manifest
 ``split`` is ``test`` stay out of every fold.
 Each fold is a resumable run of its own, so an interrupted cross-validation continues fold by fold
@@ -180,7 +182,9 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
         raise BadInputError("--folds runs one process; start it without torchrun (each fold may use one GPU)")
     survival = config.task == "survival"
     metrics = SURVIVAL_CV_METRICS if survival else CV_METRICS
-    rows = read_manifest(manifest, require_label=not survival, check_files=False, require_survival=survival)
+    columns = ("label",) if survival else config.label_column_names
+    rows = read_manifest(manifest, require_label=not survival, check_files=False, require_survival=survival,
+                         label_columns=columns)
     assigned = (survival_folds(rows, folds, manifest, seed=config.seed) if survival
                 else assign_folds(rows, folds, seed=config.seed))
     with output_lock(out_dir):
@@ -199,7 +203,8 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
             raise BadInputError(f"{out_dir}: no splits.csv of a cross-validation to resume; start it without --resume")
         else:
             save_config(config, out_dir / "config.yaml")
-            outcome = (lambda r: {"time": r.time, "event": r.event}) if survival else (lambda r: {"label": r.label})
+            outcome = ((lambda r: {"time": r.time, "event": r.event}) if survival else
+                       (lambda r: dict(zip(columns, r.labels, strict=True))))
             write_csv(splits_path, [{"slide_id": r.slide_id, "case_id": r.case_id, **outcome(r),
                                      "fold": assigned[r.slide_id]} for r in rows])
         results = []

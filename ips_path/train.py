@@ -20,7 +20,9 @@ Choices, in the order the code meets them:
 
 * Task: one task ``"label"``, a softmax over the sorted class names, also for two classes (so every
   class has a probability and a recall; the binary AUC is that of the second class's probability);
-  or one survival task (a Cox risk, or discrete-time hazards), splits stratified by event and time.
+  with ``label_columns`` one such task per column (:mod:`ips_path.label_tasks`: summed losses,
+  per-task validation metrics, ``best.pt`` on their mean); or one survival task (a Cox risk, or
+  discrete-time hazards), splits stratified by event and time.
 * Splits: the manifest's ``split`` column where given; other slides are split by patient, stratified
   by label, with ``seed`` and ``val_fraction``. Test slides are not touched.
 * Optimiser: AdamW (weight decay on weights of rank >= 2), learning rate per step: linear warm-up
@@ -63,7 +65,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ips_path.atomic import write_atomically
-from ips_path.checkpoint import TASK_NAME, RunState, build_model, load_checkpoint
+from ips_path.checkpoint import RunState, build_model, load_checkpoint
 from ips_path.config import TrainConfig, save_config
 from ips_path.distributed import (
     GradientPhaseDDP,
@@ -78,9 +80,11 @@ from ips_path.distributed import (
 )
 from ips_path.errors import BadInputError, IpspathError
 from ips_path.faults import fault_point
+from ips_path.label_tasks import LabelTasks, batch_targets, validation_metrics
+from ips_path.label_tasks import class_weights as task_class_weights
 from ips_path.lesion_truth import TrainedOnLesions
 from ips_path.loader import Augmentation, PatchStreamer
-from ips_path.manifest import ManifestRow, assign_splits, class_names, read_manifest
+from ips_path.manifest import ManifestRow, assign_splits, read_manifest
 from ips_path.metrics import classification_metrics
 from ips_path.model import IPSModel, PatchChunk, train_step
 from ips_path.progress import progress_bar
@@ -237,12 +241,12 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
 
     # 2. Slides: classes (or survival outcomes), splits, tile stores (or cached features).
     survival_task = config.task == "survival"
+    label_columns = ("label",) if survival_task else config.label_column_names
     rows = read_manifest(manifest, require_label=not survival_task, check_files=False,
-                         require_survival=survival_task)
-    classes = [] if survival_task else class_names(rows)
-    if not survival_task and len(classes) < 2:
-        raise BadInputError(f"{manifest}: training needs at least two classes in the label column, "
-                            f"found {classes}")
+                         require_survival=survival_task, label_columns=label_columns)
+    label_tasks = None if survival_task else LabelTasks.from_rows(rows, label_columns, manifest)
+    several = label_tasks is not None and label_tasks.several
+    classes = [] if label_tasks is None else label_tasks.class_names
     if given_splits is not None:
         splits = {r.slide_id: given_splits[r.slide_id] for r in rows}
     elif survival_task:
@@ -259,21 +263,25 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
         survival = SurvivalRun.from_rows(config, [r for r in used if splits[r.slide_id] == "train" and
                                                   r.slide_id in items])
         items = {r.slide_id: replace(items[r.slide_id], target=survival.target(r)) for r in used if r.slide_id in items}
+    if several:  # a class index per task, MISSING_TARGET where the slide's cell is empty
+        items = {r.slide_id: replace(items[r.slide_id], task_labels=label_tasks.targets(r.labels))
+                 for r in used if r.slide_id in items}
     train_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "train" and r.slide_id in items]
     val_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "val" and r.slide_id in items]
     if not train_items:
         raise BadInputError(f"{manifest}: no training slides (all are in val/test, or have no patches)")
     if len(train_items) < procs.world_size:
         raise BadInputError(f"{len(train_items)} training slides cannot keep {procs.world_size} processes busy")
-    if not survival_task:
+    if not survival_task and not several:
         _warn_about_missing_classes(train_items, val_items, classes)
     if procs.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
-        _write_splits(rows, splits, out_dir / "splits.csv")
+        _write_splits(rows, splits, out_dir / "splits.csv", label_columns)
 
     # 3. Model, optimiser, learning-rate schedule.
-    model = build_model(config, len(classes), in_features, load_pretrained=checkpoint is None).to(procs.device)
+    n_classes = [len(c) for c in label_tasks.classes] if several else len(classes)
+    model = build_model(config, n_classes, in_features, load_pretrained=checkpoint is None).to(procs.device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -281,7 +289,8 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     steps_per_epoch = math.ceil(len(train_items) // procs.world_size / config.batch_size)
     warmup_steps, total_steps = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-    class_weights = _class_weights(train_items, len(classes), procs.device) if config.class_weights else None
+    class_weights = (task_class_weights([i.task_labels if several else (i.label,) for i in train_items], model.tasks,
+                                        procs.device) if config.class_weights else None)
     autocast_dtype = torch.bfloat16 if procs.device.type == "cuda" else None
 
     augmentation = Augmentation() if config.augment and config.features is None else None
@@ -307,7 +316,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
         step_model = GradientPhaseDDP(model)
 
     state = RunState(out_dir, config, classes, tiling, in_features, model, optimizer, scheduler, stopping,
-                     history, train_streamer, procs, survival=survival)
+                     history, train_streamer, procs, survival=survival, label_tasks=label_tasks)
     if start is None:
         state.save("last.pt", epoch=0, status=status)  # so that an interrupted first epoch can resume
         fault_point("train.started")
@@ -326,7 +335,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
                                     epoch, procs, class_weights, autocast_dtype, progress, survival))
             if val_items:
                 row.update(_validate(model, val_items, val_streamer, config, classes, procs, autocast_dtype,
-                                     survival))
+                                     survival, label_tasks))
             row["elapsed_seconds"] = time.perf_counter() - run_started
             _refuse_non_finite(model, row, saved_epoch)
             history.append(row)
@@ -385,7 +394,6 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                    survival.batches(range(len(order)), events, config.batch_size, epoch, config.seed + procs.rank)]
     else:
         batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    task = model.tasks[0]
     losses: list[float] = []
     n_slides = n_patches = 0
     trained_on_lesions = TrainedOnLesions()
@@ -395,7 +403,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                       enabled=progress and procs.is_main) as bar:
         for step, batch in enumerate(batches):
             slides = [_counted(slide_chunks(streamer, item, config.features), bar) for item in batch]
-            targets = {task.name: _targets(batch)}
+            targets = _batch_targets(model, batch)
             out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
                              grad_clip=config.grad_clip or None, class_weights=class_weights,
                              explore=config.explore, instance_loss=config.instance_loss,
@@ -420,6 +428,13 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             "peak_memory_mb": _peak_memory_mb(procs.device),
             **trained_on_lesions.summary(lambda n: sum_over_processes(n, procs))}
 
+
+
+def _batch_targets(model: IPSModel, items: Sequence[SlideItem]) -> dict[str, torch.Tensor]:
+    """Task name -> the targets of a batch (several label columns: a class index per task)."""
+    if items and items[0].task_labels:
+        return batch_targets(model.tasks, [item.task_labels for item in items])
+    return {model.tasks[0].name: _targets(items)}
 
 
 def _targets(items: Sequence[SlideItem]) -> torch.Tensor:
@@ -457,10 +472,13 @@ def _counted(chunks: Iterable[PatchChunk], bar: Any) -> Iterator[PatchChunk]:
 
 def _validate(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig,
               classes: Sequence[str], procs: Processes, autocast_dtype: torch.dtype | None,
-              survival: SurvivalRun | None = None) -> dict[str, float]:
+              survival: SurvivalRun | None = None, label_tasks: LabelTasks | None = None) -> dict[str, float]:
     """Predict every validation slide (without augmentation), gather the predictions, compute the metrics."""
-    logits = _predict_logits(model, items, streamer, config, procs, autocast_dtype)
+    all_logits = _predict_logits(model, items, streamer, config, procs, autocast_dtype)
+    if label_tasks is not None and label_tasks.several:
+        return validation_metrics(label_tasks, model.tasks, all_logits, [item.task_labels for item in items])
     task = model.tasks[0]
+    logits = all_logits[task.name]
     if survival is not None:
         return survival.validation_metrics(task, logits, _targets(items))
     labels = _targets(items)
@@ -469,22 +487,24 @@ def _validate(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStream
 
 
 def _predict_logits(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig,
-                    procs: Processes, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """The logits of every slide of ``items`` (``(n, n_outputs)``, float32, CPU), each process predicting a share."""
+                    procs: Processes, autocast_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Task name -> the logits of every slide of ``items`` (``(n, n_outputs)``, float32, CPU), each process
+    predicting a share."""
     amp = (torch.autocast(procs.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    name = model.tasks[0].name
+    names = [task.name for task in model.tasks]
     mine = []
     for index in range(procs.rank, len(items), procs.world_size):
         with amp:
             prediction = model.predict_slide(slide_chunks(streamer, items[index], config.features))
-        mine.append((index, prediction.logits[name].float().cpu().tolist()))
+        mine.append((index, [prediction.logits[name].float().cpu().tolist() for name in names]))
     gathered = [mine]
     if procs.distributed:
         gathered = [None] * procs.world_size
         dist.all_gather_object(gathered, mine)
     logits_by_index = dict(pair for part in gathered for pair in part)
-    return torch.tensor([logits_by_index[i] for i in range(len(items))], dtype=torch.float32)
+    return {name: torch.tensor([logits_by_index[i][t] for i in range(len(items))], dtype=torch.float32)
+            for t, name in enumerate(names)}
 
 
 def _finish_survival(survival: SurvivalRun, model: IPSModel, train_items: Sequence[SlideItem],
@@ -497,9 +517,11 @@ def _finish_survival(survival: SurvivalRun, model: IPSModel, train_items: Sequen
     final_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best.is_file():
         model.load_state_dict(load_checkpoint(best)["model"])
+    name = model.tasks[0].name
     try:
-        train_logits = _predict_logits(model, train_items, streamer, config, procs, autocast_dtype)
-        val_logits = _predict_logits(model, val_items, streamer, config, procs, autocast_dtype) if val_items else None
+        train_logits = _predict_logits(model, train_items, streamer, config, procs, autocast_dtype)[name]
+        val_logits = (_predict_logits(model, val_items, streamer, config, procs, autocast_dtype)[name] if val_items
+                      else None)
     finally:
         model.load_state_dict(final_weights)
     if not procs.is_main:
@@ -526,17 +548,13 @@ def _warn_about_missing_classes(train_items: Sequence[SlideItem], val_items: Seq
             log.warning("no %s slide of class(es) %s", what, ", ".join(absent))
 
 
-def _class_weights(items: Sequence[SlideItem], n_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """``n / (K * n_k)`` per class k over the training slides (0 for a class without slides)."""
-    counts = np.bincount([item.label for item in items], minlength=n_classes).astype(np.float64)
-    weights = np.divide(len(items), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
-    return {TASK_NAME: torch.tensor(weights, dtype=torch.float32, device=device)}
-
-
-def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path) -> None:
+def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path,
+                  label_columns: Sequence[str]) -> None:
+    """splits.csv: every slide's label (in each label column), survival outcome where given, and split."""
     outcome = any(r.time is not None for r in rows)
-    write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, "label": r.label, "split": splits[r.slide_id],
-                      **({"time": r.time, "event": r.event} if outcome else {})} for r in rows])
+    write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, **dict(zip(label_columns, r.labels, strict=True)),
+                      "split": splits[r.slide_id], **({"time": r.time, "event": r.event} if outcome else {})}
+                     for r in rows])
 
 
 def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) -> None:
@@ -546,8 +564,11 @@ def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) 
     if "val_c_index" in row:
         text += f"  val loss {row['val_loss']:.4f}  C-index {row['val_c_index']:.3f}"
     elif "val_loss" in row:
-        text += (f"  val loss {row['val_loss']:.4f}  AUC {row['val_auc']:.3f}  "
+        names = config.label_column_names
+        text += (f"  val loss {row['val_loss']:.4f}  {'mean ' if len(names) > 1 else ''}AUC {row['val_auc']:.3f}  "
                  f"balanced acc {row['val_balanced_accuracy']:.3f}")
+        if len(names) > 1:
+            text += "  (AUC " + ", ".join(f"{n} {row[f'val_{n}_auc']:.3f}" for n in names) + ")"
     if "train_selected_in_lesion" in row:
         text += (f"  trained patches in lesions {100 * row['train_selected_in_lesion']:.1f} % "
                  f"(found on {100 * row['train_lesion_found']:.0f} % of lesion slides)")

@@ -28,7 +28,8 @@ __all__ = ["SlideItem", "check_tile_stores", "slide_chunks"]
 
 @dataclass(frozen=True)
 class SlideItem:
-    """A slide of the run: where its patches are and its class index (or survival target)."""
+    """A slide of the run: where its patches are and its class index (or survival target, or with several
+    label columns a class index per task, ``MISSING_TARGET`` where the slide has no label for it)."""
 
     slide_id: str
     store: Path
@@ -36,6 +37,7 @@ class SlideItem:
     n_patches: int
     slide_mpp: float | None = None
     target: tuple[float, float, float] | None = None  # survival: time, event, time bin
+    task_labels: tuple[int, ...] = ()
 
 
 def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Path, config: TrainConfig,
