@@ -23,12 +23,15 @@ as well as this process) on the contract of :mod:`ips_path.jobs`:
    stopped and predicts every slide exactly once.
 
 Then ``predictions.csv`` is written from the outcomes of this run's slides and, where labels are
-known, ``metrics.json`` (AUC, AUPRC and balanced accuracy with bootstrap 95 % intervals, expected
-calibration error, confusion matrix; with the manifest's ``case_id`` also over patients), ``roc.png``
-and ``reliability.png``. A survival model gives each slide a risk, its risk group (and a survival curve for
-the discrete-time model) instead of class probabilities; ``patients.csv`` holds the mean per
-patient (``case_id``) and, where the manifest has ``time`` and ``event``, ``survival_metrics.json``
-and ``km.png`` measure the patients (:mod:`ips_path.survival.prediction`).
+known (in the label columns the model was trained on), ``metrics.json`` (AUC, AUPRC and balanced
+accuracy with bootstrap 95 % intervals, expected calibration error, confusion matrix; with the
+manifest's ``case_id`` also over patients), ``roc.png`` and ``reliability.png``. A survival model
+gives each slide a risk, its risk group (and a survival curve for the discrete-time model) instead
+of class probabilities; ``patients.csv`` holds the mean per patient (``case_id``) and, where the
+manifest has ``time`` and ``event``, ``survival_metrics.json`` and ``km.png`` measure the patients
+(:mod:`ips_path.survival.prediction`). A model of several label columns (:mod:`ips_path.label_tasks`)
+gives every task's probabilities and predicted class, and ``metrics.json`` holds each task's metrics
+under ``tasks`` (with ``roc_<task>.png``, ``reliability_<task>.png``) and their mean.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ips_path.errors import BadInputError, IpspathError, RefusedError
 from ips_path.faults import fault_point
 from ips_path.identity import file_digest, identity_differences, identity_key, slide_identity
 from ips_path.jobs import SlideOutcome, Status, check_done_record, run_exit_code, run_job
+from ips_path.label_tasks import LabelTasks, joined_classes
 from ips_path.parallel import map_slides, process_object
 from ips_path.predictions import PREDICTION_FILES, PredictionFolder
 from ips_path.store import StoreMismatchError, TileStore, store_path
@@ -71,6 +75,12 @@ class PredictJob:
     slide_path: Path
     label: str | None = None
     mpp: float | None = None
+    task_labels: tuple[tuple[str, str | None], ...] = ()  # several label columns: (task, label) each
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """What the slide's outcome records of its truth, whatever becomes of it."""
+        return {"label": self.label, **({"task_labels": dict(self.task_labels)} if self.task_labels else {})}
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,8 @@ class PredictResult:
     """The outcomes of all slides (input order), the metrics (None without labels), the output folder.
 
     An outcome's ``extra`` holds ``label``, and for predicted slides ``predicted``,
-    ``probabilities`` (one per class, in the model's order) and ``n_patches``; for a survival
+    ``probabilities`` (one per class, in the model's order) and ``n_patches``; for a model of several
+    label columns also ``task_labels`` and ``task_predicted`` (task -> class); for a survival
     model also ``risk``, ``risk_group`` (= ``predicted``) and, in discrete time, ``survival``. The
     metrics of a survival model are those of ``survival_metrics.json`` (None without outcomes).
     """
@@ -216,20 +227,28 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     checkpoint_path = checkpoint_paths[0] if len(checkpoint_paths) == 1 else Path(model).resolve()
     identity, checkpoint, checkpoints = _model_identity(checkpoint_paths, device if scheduler is None else "cpu")
     classes = list(checkpoint["class_names"])
+    label_tasks = LabelTasks.from_checkpoint(checkpoint)
     key = identity_key(identity)
     out_dir = Path(out_dir).resolve()
     folder = PredictionFolder(out_dir)
     own_tiles = tiles_dir is None
     tiles = (folder.own_tiles if own_tiles else Path(tiles_dir)).resolve()
     labels: dict[str, str | None] = {}
+    task_labels: dict[str, tuple[tuple[str, str | None], ...]] = {}
     rows = []
     if manifest is not None:
+        from ips_path.config import TrainConfig
         from ips_path.manifest import read_manifest
 
-        rows = read_manifest(manifest, require_label=False, check_files=False)
+        columns = TrainConfig.from_dict(checkpoint["config"], source=str(checkpoint_path)).label_column_names
+        rows = read_manifest(manifest, require_label=False, check_files=False,
+                             label_columns=columns if "survival" not in checkpoint else ("label",))
         # a survival model predicts a risk group, not a class: a label column is not its truth
         labels = {} if "survival" in checkpoint else {r.slide_id: r.label for r in rows}
-    jobs = [PredictJob(i.slide_id, i.path.resolve(), labels.get(i.slide_id), i.mpp)
+        if label_tasks is not None:
+            task_labels = {r.slide_id: tuple(zip(columns, r.labels, strict=True)) for r in rows}
+            labels = {slide_id: joined_classes(dict(pairs)) for slide_id, pairs in task_labels.items()}
+    jobs = [PredictJob(i.slide_id, i.path.resolve(), labels.get(i.slide_id), i.mpp, task_labels.get(i.slide_id, ()))
             for i in collect_inputs(inputs, manifest)]
     for job in jobs:
         folder.status_file(job.slide_id)  # an unsafe id is refused before any work
@@ -257,8 +276,9 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
             metrics = write_patient_survival(folder, [(o.slide_id, o.extra) for o in outcomes if o.ok], rows,
                                              checkpoint)
         else:
-            folder.write_predictions_csv(outcomes, classes, n_folds=len(checkpoints) if len(checkpoints) > 1 else 0)
-            metrics = _write_metrics(folder, outcomes, classes, {r.slide_id: r.case_id for r in rows})
+            folder.write_predictions_csv(outcomes, classes, n_folds=len(checkpoints) if len(checkpoints) > 1 else 0,
+                                         tasks=label_tasks.names if label_tasks else ())
+            metrics = _write_metrics(folder, outcomes, classes, {r.slide_id: r.case_id for r in rows}, label_tasks)
     return PredictResult(outcomes, metrics, out_dir)
 
 
@@ -310,8 +330,7 @@ def _claim_folder(folder: PredictionFolder, settings: PredictSettings, overwrite
 def predict_slide(job: PredictJob, settings: PredictSettings) -> SlideOutcome:
     """Predict one slide and write its outputs; never raises for a problem of the slide."""
     folder = PredictionFolder(settings.out_dir)
-    outcome = run_job(job.slide_id, job.slide_path, lambda: _predict_slide(job, settings, folder),
-                      extra={"label": job.label})
+    outcome = run_job(job.slide_id, job.slide_path, lambda: _predict_slide(job, settings, folder), extra=job.extra)
     if outcome.status is Status.FAILED:
         with contextlib.suppress(OSError, IpspathError):  # the outcome still reaches the CSV
             folder.write_outcome(outcome)
@@ -334,7 +353,7 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
     identity = {"slide": slide, "store": _store_identity(store, features), "model": settings.model_key}
     reused = check_done_record(status_file, identity, overwrite=settings.overwrite, what="predictions")
     if reused is not None:
-        reused.extra["label"] = job.label  # the manifest may have gained labels since
+        reused.extra.update(job.extra)  # the manifest may have gained labels since
         return reused
     if store.n_patches == 0:
         raise BadInputError(f"{job.slide_path}: no tissue patches to predict from (its tile store {store.path} "
@@ -358,7 +377,8 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
             chunks = chunks if i == 0 else _slide_chunks(store, settings, checkpoint, job)
             with torch.inference_mode(), autocast:
                 prediction = model.predict_slide(chunks)
-            fold_probabilities.append(prediction.probabilities[task.name].float().cpu().reshape(-1).numpy())
+            fold_probabilities.append(np.concatenate([prediction.probabilities[t.name].float().cpu().reshape(-1).numpy()
+                                                      for t in model.tasks]))  # several tasks: one after another
             fold_logits.append(prediction.selection.all_logits.float().cpu().numpy())
             fold_tasks.append(prediction.selection.task_logits)
         probabilities = np.mean(fold_probabilities, axis=0).tolist()
@@ -366,6 +386,10 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
         logits = np.mean(fold_logits, axis=0).astype(np.float32)
         result = {"predicted": checkpoint["class_names"][int(np.argmax(probabilities))],
                   "probabilities": [round(p, 6) for p in probabilities]}
+        label_tasks = LabelTasks.from_checkpoint(checkpoint)
+        if label_tasks is not None:
+            result["task_predicted"] = label_tasks.predicted(probabilities)
+            result["predicted"] = joined_classes(result["task_predicted"])
         if len(models) > 1:
             result["fold_probabilities"] = [[round(float(p), 6) for p in fold] for fold in fold_probabilities]
     tasks = None  # several tasks: each task token's attention too (the folds' mean), for the viewer's task chooser
@@ -388,8 +412,7 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
         render_slide_heatmaps(store, logits, folder.heatmap_dir(job.slide_id), **settings.heatmap_options)
         fault_point("predict.heatmaps_written")
     outcome = SlideOutcome(job.slide_id, Status.DONE, seconds=round(time.perf_counter() - started, 3),
-                           identity=identity, extra={
-                               "label": job.label, **result, "n_patches": store.n_patches})
+                           identity=identity, extra={**job.extra, **result, "n_patches": store.n_patches})
     folder.write_outcome(outcome)
     fault_point("predict.slide_recorded")
     return outcome
@@ -485,7 +508,7 @@ def _streamer(settings: PredictSettings, checkpoint: dict[str, Any]) -> Any:
 
 
 def _lost(job: PredictJob, exc: BaseException) -> SlideOutcome:
-    return SlideOutcome(job.slide_id, Status.FAILED, exit_code=1, extra={"label": job.label},
+    return SlideOutcome(job.slide_id, Status.FAILED, exit_code=1, extra=job.extra,
                         error=f"{job.slide_path}: the worker predicting it died ({type(exc).__name__}: {exc})")
 
 
@@ -510,26 +533,57 @@ def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, tasks: tu
 
 
 def _write_metrics(folder: PredictionFolder, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
-                   case_ids: dict[str, str]) -> dict[str, Any] | None:
+                   case_ids: dict[str, str], label_tasks: LabelTasks | None = None) -> dict[str, Any] | None:
     """metrics.json, roc.png and reliability.png over the predicted slides whose label is one of the
-    model's classes; also over patients when the manifest names them (``case_ids``: slide_id -> case_id)."""
+    model's classes; also over patients when the manifest names them (``case_ids``: slide_id -> case_id).
+    Several label columns: each task's metrics over the slides labelled for it, under ``tasks`` (with
+    ``roc_<task>.png`` and ``reliability_<task>.png``), and ``mean`` over the tasks."""
+    done = [o for o in outcomes if o.ok]
+    if label_tasks is None:
+        metrics = _measure([(o.slide_id, o.extra.get("label"), o.extra["probabilities"]) for o in done], classes,
+                           case_ids, folder.roc_file, folder.reliability_file)
+    else:
+        per_task = {}
+        for name, task_classes in zip(label_tasks.names, label_tasks.classes, strict=True):
+            slides = [(o.slide_id, (o.extra.get("task_labels") or {}).get(name),
+                       label_tasks.split(o.extra["probabilities"])[name]) for o in done]
+            found = _measure(slides, task_classes, case_ids, folder.task_roc_file(name),
+                             folder.task_reliability_file(name), name)
+            if found is not None:
+                per_task[name] = found
+        metrics = {"tasks": per_task, "mean": _mean_over_tasks(per_task)} if per_task else None
+    folder.write_metrics(metrics)
+    return metrics
+
+
+def _measure(slides: Sequence[tuple[str, str | None, Sequence[float]]], classes: Sequence[str],
+             case_ids: dict[str, str], roc: Path, reliability: Path, task: str | None = None) -> dict[str, Any] | None:
+    """The metrics of (slide_id, label, probabilities) over the slides with a label among ``classes``, with
+    their ROC and reliability pictures; None when no slide has one."""
     from ips_path.metrics import prediction_metrics
     from ips_path.plots import plot_reliability, plot_roc
 
-    scored = [o for o in outcomes if o.ok and o.extra.get("label") in classes]
-    unknown = sorted({o.extra["label"] for o in outcomes if o.extra.get("label") and o.extra["label"] not in classes})
+    scored = [s for s in slides if s[1] in classes]
+    unknown = sorted({s[1] for s in slides if s[1] and s[1] not in classes})
     if unknown:
-        log.warning("labels %s are not classes of the model (%s); those slides are left out of the metrics",
-                    ", ".join(unknown), ", ".join(classes))
+        log.warning("labels %s%s are not classes of the model (%s); those slides are left out of the metrics",
+                    ", ".join(unknown), f" of {task}" if task else "", ", ".join(classes))
     if not scored:
-        folder.write_metrics(None)
         return None
-    labels = np.array([classes.index(o.extra["label"]) for o in scored])
-    probabilities = np.array([o.extra["probabilities"] for o in scored], dtype=np.float64)
-    cases = [case_ids.get(o.slide_id, o.slide_id) for o in scored]
+    labels = np.array([classes.index(label) for _, label, _ in scored])
+    probabilities = np.array([p for _, _, p in scored], dtype=np.float64)
+    cases = [case_ids.get(slide_id, slide_id) for slide_id, _, _ in scored]
     metrics = prediction_metrics(labels, probabilities, classes,
-                                 cases if any(c != o.slide_id for c, o in zip(cases, scored, strict=True)) else None)
-    folder.write_metrics(metrics)
-    plot_roc(labels, probabilities, classes, folder.roc_file, auc=metrics["auc"], ci=metrics["auc_ci95"])
-    plot_reliability(metrics["calibration_bins"], folder.reliability_file, ece=metrics["ece"])
+                                 cases if any(c != s[0] for c, s in zip(cases, scored, strict=True)) else None)
+    plot_roc(labels, probabilities, classes, roc, auc=metrics["auc"], ci=metrics["auc_ci95"])
+    plot_reliability(metrics["calibration_bins"], reliability, ece=metrics["ece"])
     return metrics
+
+
+def _mean_over_tasks(per_task: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """AUC, AUPRC, balanced accuracy, accuracy and ECE: the mean over the tasks where each is defined."""
+    means = {}
+    for name in ("auc", "auprc", "balanced_accuracy", "accuracy", "ece"):
+        values = [m[name] for m in per_task.values() if m.get(name) is not None]
+        means[name] = round(float(np.mean(values)), 6) if values else None
+    return means

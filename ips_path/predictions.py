@@ -6,7 +6,8 @@ the viewer read through it. Layout (:data:`PREDICTION_FILES`)::
     run.json                     the model (path and identity), classes, tiles folder, score array name
     status/<slide_id>.json       per-slide done record (jobs.SlideOutcome): status, identity, probabilities
     predictions.csv              one row per slide of the last run
-    metrics.json, roc.png, reliability.png  with labels
+    metrics.json, roc.png, reliability.png  with labels (several label columns: roc_<task>.png,
+                                 reliability_<task>.png)
     patients.csv                 survival models: risk (and curve) per patient
     survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
     scores/<slide_id>_scores.h5  coords + attention_scores (the layout CLAM users know); multi-task
@@ -54,12 +55,14 @@ STATUSES = tuple(s.value for s in Status)
 #: What ``ipspath predict`` writes into its output folder.
 PREDICTION_FILES = {
     "predictions.csv": "slide_id, label, predicted, prob_<class> per class (a cross-validated model: the mean of "
-                       "its folds, then fold<i>_prob_<class> per fold), n_patches, status, error",
+                       "its folds, then fold<i>_prob_<class> per fold), n_patches, status, error; a model of several "
+                       "label columns: label_<task> and predicted_<task> per task after predicted, "
+                       "prob_<task>=<class>, and label/predicted as task=class pairs joined by '; '",
     "run.json": "model path and identity, score array name, classes, tiles folder, target_mpp, patch_size",
     "metrics.json": "with labels: auc, auprc, balanced_accuracy with <name>_ci95 (bootstrap), accuracy, ece with "
                     "calibration_bins, confusion_matrix (rows: true class); with case_ids also patients (the same "
-                    "over patients)",
-    "roc.png": "with labels: ROC curve",
+                    "over patients); several label columns: tasks (task -> the same) and mean (over the tasks)",
+    "roc.png": "with labels: ROC curve (several label columns: roc_<task>.png per task)",
     "reliability.png": "with labels: reliability diagram (accuracy against confidence) and expected calibration error",
     "status/<slide_id>.json": "per-slide done record: status, identity of slide, store and model, probabilities",
     "scores/<slide_id>_scores.h5": "coords (N, 2) level-0 x, y and attention_scores (N,); multi-task models also "
@@ -221,6 +224,17 @@ class PredictionFolder:
         """Where predict tiles slides that have no store elsewhere."""
         return self.root / "tiles"
 
+    def task_roc_file(self, task: str) -> Path:
+        """ROC curve of one task of a model of several label columns."""
+        return self._inside(".", f"roc_{task}", ".png")
+
+    def task_reliability_file(self, task: str) -> Path:
+        """Reliability diagram of one task of a model of several label columns."""
+        return self._inside(".", f"reliability_{task}", ".png")
+
+    def _task_pictures(self) -> list[Path]:
+        return [*self.root.glob("roc_*.png"), *self.root.glob("reliability_*.png")]
+
     def _inside(self, folder: str, slide_id: str, suffix: str = "") -> Path:
         """``root/folder/<slide_id><suffix>``, refused for an id that is not a plain file name (``..``, ``/``, NUL)."""
         if not slide_id or "\0" in slide_id or "/" in slide_id or os.sep in slide_id or slide_id in (".", ".."):
@@ -282,14 +296,18 @@ class PredictionFolder:
         for folder in ("status", "scores", "heatmaps"):
             shutil.rmtree(self.root / folder, ignore_errors=True)
         for path in (self.predictions_csv, self.metrics_file, self.roc_file, self.reliability_file, self.patients_csv,
-                     self.survival_metrics_file, self.km_file):
+                     self.survival_metrics_file, self.km_file, *self._task_pictures()):
             path.unlink(missing_ok=True)
 
     # -- whole run ---------------------------------------------------------------------------------
 
     def write_predictions_csv(self, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
-                              survival_columns: Sequence[str] | None = None, n_folds: int = 0) -> None:
+                              survival_columns: Sequence[str] | None = None, n_folds: int = 0,
+                              tasks: Sequence[str] = ()) -> None:
         """``predictions.csv``: one row per outcome, one ``prob_<class>`` column per class.
+
+        A model of several label columns (``tasks``, its task names) also gets ``label_<task>`` and
+        ``predicted_<task>`` of each task after ``predicted`` (its ``classes`` are ``<task>=<class>``).
 
         An ensemble of ``n_folds`` fold models (cross-validation) also gets each fold's probabilities,
         ``fold<i>_prob_<class>``, after the ensemble's (their mean).
@@ -304,8 +322,9 @@ class PredictionFolder:
         """
         survival = [] if survival_columns is None else ["risk", *survival_columns]
         fold_columns = [f"fold{i}_{PROB_PREFIX}{c}" for i in range(n_folds) for c in classes]
-        columns = ["slide_id", "label", "predicted", *(f"{PROB_PREFIX}{c}" for c in classes), *fold_columns,
-                   *survival, "n_patches", "status", "error"]
+        task_columns = [f"{what}_{task}" for task in tasks for what in ("label", "predicted")]
+        columns = ["slide_id", "label", "predicted", *task_columns, *(f"{PROB_PREFIX}{c}" for c in classes),
+                   *fold_columns, *survival, "n_patches", "status", "error"]
         rows = []
         for o in outcomes:
             probabilities = o.extra.get("probabilities") if o.ok else None
@@ -315,8 +334,11 @@ class PredictionFolder:
             if len(folds) != len(fold_columns):
                 folds = [""] * len(fold_columns)  # a slide predicted before the ensemble's record had folds
             risk = [o.extra.get("risk", ""), *o.extra.get("survival", [])] if o.ok and survival else []
+            task_labels, task_predicted = o.extra.get("task_labels") or {}, o.extra.get("task_predicted") or {}
+            per_task = [(task_labels.get(t) or "", task_predicted.get(t) or "" if o.ok else "") for t in tasks]
             rows.append([o.slide_id, o.extra.get("label") or "", o.extra.get("predicted") or "" if o.ok else "",
-                         *(probabilities or [""] * len(classes)), *folds, *(risk or [""] * len(survival)),
+                         *(value for pair in per_task for value in pair), *(probabilities or [""] * len(classes)),
+                         *folds, *(risk or [""] * len(survival)),
                          o.extra.get("n_patches", 0) if o.ok else "", o.status.value, o.error])
 
         def write(partial: Path) -> None:
@@ -334,7 +356,7 @@ class PredictionFolder:
     def write_metrics(self, metrics: dict[str, Any] | None) -> None:
         """``metrics.json``; without metrics (no labelled slide) an older one is removed with its pictures."""
         if metrics is None:
-            for path in (self.metrics_file, self.roc_file, self.reliability_file):
+            for path in (self.metrics_file, self.roc_file, self.reliability_file, *self._task_pictures()):
                 path.unlink(missing_ok=True)
             return
         _write_json(self.metrics_file, metrics)

@@ -167,17 +167,26 @@ def _summary_html(rows: list[SlidePrediction]) -> str:
 
 
 def _metrics_html(metrics: dict, pred_dir: Path, assets: _AssetPlacer) -> str:
+    """The performance section; a model of several label columns gets one per task (``metrics["tasks"]``)."""
     if not metrics:
         return ""
-    parts = ['<section class="metrics"><h2>Performance</h2><div class="metrics-body"><div class="key-figures">']
+    folder = PredictionFolder(pred_dir)
+    if isinstance(metrics.get("tasks"), dict):
+        return "".join(_performance_html(f"Performance: {task}", found, assets, folder.task_roc_file(task),
+                                         folder.task_reliability_file(task))
+                       for task, found in metrics["tasks"].items() if isinstance(found, dict))
+    return _performance_html("Performance", metrics, assets, folder.roc_file, folder.reliability_file)
+
+
+def _performance_html(title: str, metrics: dict, assets: _AssetPlacer, roc: Path, reliability: Path) -> str:
+    parts = [f'<section class="metrics"><h2>{_esc(title)}</h2><div class="metrics-body"><div class="key-figures">']
     parts.append(_figures_html(_key_figures(metrics, "slides", "n_slides")))
     patients = metrics.get("patients")
     if isinstance(patients, dict):  # the manifest named patients: the same figures over them, beside
         parts.append(_figures_html(_key_figures(patients, "patients", "n_patients")))
     parts.append("</div>")
     parts.append(_confusion_html(metrics.get("classes") or [], metrics.get("confusion_matrix") or []))
-    folder = PredictionFolder(pred_dir)
-    for path, what in ((folder.roc_file, "ROC curve"), (folder.reliability_file, "Reliability diagram")):
+    for path, what in ((roc, "ROC curve"), (reliability, "Reliability diagram")):
         if path.is_file():
             url = assets.image_url(path, path.name)
             parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank">'
