@@ -96,6 +96,12 @@ def _help(text: str, name: str) -> str:
 @click.option("--task", type=click.Choice(["classification", "survival"]),
               help=_help("classification of the label column, or survival: a risk score learnt from the time and "
                          "event columns (1 = event, 0 = censored).", "task"))
+@click.option("--label-columns", metavar="COLUMNS",
+              help=_help("Manifest columns to classify, comma-separated (e.g. grade,her2): one task each, with its own "
+                         "query token and head over the column's sorted values. A slide with an empty cell counts for "
+                         "nothing in that task's loss; the loss is the sum over the tasks; metrics are logged per task "
+                         "and best.pt follows their mean --monitor; splits are stratified by the first column.",
+                         "label_columns"))
 @click.option("--survival-loss", type=click.Choice(["cox", "nll"]),
               help=_help("Survival: cox = Cox partial likelihood over each batch (every batch holds an event); nll = "
                          "discrete-time likelihood over --time-bins bins (also predicts a survival curve).",
@@ -129,6 +135,11 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
     best.pt (best validation --monitor) is what `ipspath predict` uses.
 
     \b
+    Several label columns (--label-columns grade,her2): one task per column; metrics.csv gets
+    val_<task>_auc etc. per task and val_auc etc. as their mean; predict writes each task's
+    predicted class and probabilities (prob_<task>=<class>) and metrics per task.
+
+    \b
     Survival (--task survival): the manifest needs time and event columns instead of label; the
     model learns a risk score (Cox, or a discrete-time survival curve with --survival-loss nll),
     splits keep events and follow-up balanced, each epoch logs the validation C-index, and the run
@@ -143,6 +154,7 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
     Example (CPU, minutes):
       ipspath tile --manifest m.csv -o tiles --mpp 2 --patch-size 64
       ipspath train --manifest m.csv --tiles tiles -o run --epochs 10
+      ipspath train --manifest m.csv --tiles tiles -o run --label-columns grade,her2
       ipspath train --manifest m.csv --tiles tiles -o run --task survival --time-unit months
     """
     from ips_path.config import resolve_config
