@@ -13,7 +13,8 @@ import click
               help="Training run folder (uses its best.pt), a cross-validated run folder (`train --folds K`: "
                    "the mean of its fold models) or a checkpoint .pt file.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
-              help="CSV with slide_id, slide_path and optional label, mpp (labels give metrics).")
+              help="CSV with slide_id, slide_path and optional label (the model's label columns), mpp (labels "
+                   "give metrics).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder; running again resumes (finished slides are skipped).")
 @click.option("--tiles", "tiles_dir", type=click.Path(file_okay=False),
@@ -45,8 +46,10 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     \b
     Writes to OUT:
       predictions.csv            one row per slide: predicted class, one probability per class
+                                 (several label columns: predicted_<task>, prob_<task>=<class>)
       metrics.json, roc.png      with labels: AUC, AUPRC, balanced accuracy (bootstrap 95% CIs),
       reliability.png            calibration error, confusion matrix; with case_id also per patient
+                                 (several label columns: per task, roc_<task>.png ...)
       patients.csv               survival models: risk (and curve) per patient (case_id)
       survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
       scores/<id>_scores.h5      attention logit of every patch (coords + attention_scores)
@@ -78,16 +81,17 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
         click.echo(f"C-index {_number(m['c_index'])} (95% CI {_number(m['c_index_low'])}-{_number(m['c_index_high'])})"
                    f", Uno {_number(m['uno_c_index'])} on {m['n_patients']} patients; Kaplan-Meier: "
                    f"{result.out_dir / 'km.png'}")
-    elif result.metrics:
-        m = result.metrics
-        low, high = m["auc_ci95"]
-        click.echo(f"AUC {_number(m['auc'])} (95% CI {_number(low)}-{_number(high)}), AUPRC {_number(m['auprc'])}, "
-                   f"balanced accuracy {_number(m['balanced_accuracy'])}, calibration error {_number(m['ece'])} on "
-                   f"{m['n_slides']} labelled slides")
-        if "patients" in m:
-            p = m["patients"]
-            click.echo(f"patients: AUC {_number(p['auc'])}, AUPRC {_number(p['auprc'])}, balanced accuracy "
-                       f"{_number(p['balanced_accuracy'])} on {p['n_patients']} patients")
+    elif result.metrics:  # one task, or under "tasks" each task of a model of several label columns
+        for task, m in (result.metrics.get("tasks") or {"": result.metrics}).items():
+            low, high = m["auc_ci95"]
+            click.echo(f"{f'{task}: ' if task else ''}AUC {_number(m['auc'])} (95% CI {_number(low)}-{_number(high)}), "
+                       f"AUPRC {_number(m['auprc'])}, balanced accuracy {_number(m['balanced_accuracy'])}, "
+                       f"calibration error {_number(m['ece'])} on {m['n_slides']} labelled slides")
+            if "patients" in m:
+                p = m["patients"]
+                click.echo(f"{f'{task} ' if task else ''}patients: AUC {_number(p['auc'])}, "
+                           f"AUPRC {_number(p['auprc'])}, balanced accuracy {_number(p['balanced_accuracy'])} "
+                           f"on {p['n_patients']} patients")
     click.echo(f"review: ipspath report {result.out_dir}")
     return result.exit_code
 

@@ -272,9 +272,9 @@ def _label_column_problems(config: TrainConfig) -> list[str]:
         problems.append(f"--label-columns {config.label_columns!r} names a column twice")
     elif reserved:
         problems.append(f"--label-columns cannot learn the manifest's {', '.join(reserved)} column(s)")
-    elif any("." in n or "=" in n for n in names):
-        problems.append(f"--label-columns {config.label_columns!r}: column names with '.' or '=' cannot name a task; "
-                        "rename the column")
+    elif any(c in n for n in names for c in ".=/\\"):
+        problems.append(f"--label-columns {config.label_columns!r}: a column name with '.', '=', '/' or '\\' cannot "
+                        "name a task; rename the column")
     if names != ("label",) and config.task != "classification":
         problems.append("--label-columns is for classification; survival learns the time and event columns")
     if len(names) > 1 and config.instance_loss > 0:

@@ -94,11 +94,16 @@ def test_a_two_task_checkpoint_rebuilds_its_tasks_and_its_identity_names_them(tw
     assert identity.config["label_columns"] == "lesion,site"
 
 
-def test_a_two_task_model_predicts_each_tasks_class_probabilities_and_metrics(two_tasks, tmp_path):
+def test_a_two_task_model_predicts_each_tasks_class_probabilities_and_metrics(two_tasks, tmp_path, capsys):
     manifest, tiles, run, _ = two_tasks
     out = tmp_path / "pred"
-    result = predict(run, out, manifest=manifest, tiles_dir=tiles, heatmaps=False, progress=False)
-    assert result.exit_code == 0
+    with pytest.raises(SystemExit) as done:
+        main(["-q", "predict", "--model", str(run), "--manifest", str(manifest), "--tiles", str(tiles), "-o", str(out),
+              "--device", "cpu", "--no-heatmaps"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "lesion: AUC" in printed and "on 8 labelled slides" in printed
+    assert "site: AUC" in printed and "on 7 labelled slides" in printed
     rows = {r["slide_id"]: r for r in _csv(out / "predictions.csv")}
     truth = {r["slide_id"]: r for r in _csv(manifest)}
     header = list(next(iter(rows.values())))
@@ -224,6 +229,7 @@ def test_a_slide_with_no_value_in_any_label_column_is_refused_with_its_line(coho
     ("lesion,lesion", "names a column twice"),
     ("lesion,case_id", "cannot learn the manifest's case_id"),
     ("lesion,a.b", "cannot name a task"),
+    ("lesion,a/b", "cannot name a task"),
 ])
 def test_bad_label_column_lists_are_refused_as_options(columns, message):
     with pytest.raises(BadInputError, match=message):
