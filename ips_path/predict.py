@@ -261,7 +261,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         tiles.mkdir(parents=True, exist_ok=True)
         folder.write_run({
             "model": str(checkpoint_path), "model_key": key, "model_identity": identity, "run": settings.scores_name,
-            "classes": classes, "tiles": str(tiles), "target_mpp": checkpoint["tiling"]["target_mpp"],
+            "classes": classes, **({"tasks": label_tasks.state()} if label_tasks else {}), "tiles": str(tiles),
+            "target_mpp": checkpoint["tiling"]["target_mpp"],
             "patch_size": checkpoint["tiling"]["patch_size"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ipspath_version": __version__})
         gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None

@@ -58,7 +58,8 @@ PREDICTION_FILES = {
                        "its folds, then fold<i>_prob_<class> per fold), n_patches, status, error; a model of several "
                        "label columns: label_<task> and predicted_<task> per task after predicted, "
                        "prob_<task>=<class>, and label/predicted as task=class pairs joined by '; '",
-    "run.json": "model path and identity, score array name, classes, tiles folder, target_mpp, patch_size",
+    "run.json": "model path and identity, score array name, classes (several label columns: also tasks, task -> "
+                "classes), tiles folder, target_mpp, patch_size",
     "metrics.json": "with labels: auc, auprc, balanced_accuracy with <name>_ci95 (bootstrap), accuracy, ece with "
                     "calibration_bins, confusion_matrix (rows: true class); with case_ids also patients (the same "
                     "over patients); several label columns: tasks (task -> the same) and mean (over the tasks)",

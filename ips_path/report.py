@@ -82,6 +82,10 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
     assets = _AssetPlacer(pred_dir, out_path.parent)
     done = [r for r in rows if r.ok]
     labels = classes + sorted({r.label for r in done if r.label} - set(classes))
+    predicted = classes
+    if run.get("tasks"):  # several label columns: a slide's label and prediction name a class of every task
+        labels = sorted({r.label for r in done if r.label})
+        predicted = sorted({r.predicted for r in done if r.predicted})
     page = Template(resources.files("ips_path").joinpath("report_template.html").read_text(encoding="utf-8"))
     text = page.substitute(
         title=_esc(title), version=_esc(__version__), created=_esc(datetime.now().strftime("%Y-%m-%d %H:%M")),
@@ -91,7 +95,7 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
         sort_options=_options_html([("id", "slide id (A\u2192Z)"), ("wrong", "wrong first"),
                                     ("conf", "confidence (highest first)")]
                                    + [(f"p{i}", f"P({c}) (highest first)") for i, c in enumerate(classes)]),
-        pred_options=_options_html([(c, c) for c in classes]), label_options=_options_html([(c, c) for c in labels]),
+        pred_options=_options_html([(c, c) for c in predicted]), label_options=_options_html([(c, c) for c in labels]),
         cards="\n".join(_card_html(order, row, classes, pred_dir, assets)
                         for order, row in sorted(enumerate(rows), key=lambda item: item[1].slide_id)
                         if row.ok) or '<p class="empty">No slide was predicted.</p>',

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import http.client
 import json
+import shutil
 import threading
 
 import h5py
@@ -48,9 +49,11 @@ def _two_task_manifest(manifest, path, sites=SITES):
 
 @pytest.fixture(scope="module")
 def two_tasks(cohort, tmp_path_factory):
-    """(manifest, tiles, run folder, TrainResult) of a two-task run on the cohort."""
-    manifest, tiles = cohort
+    """(manifest, tiles, run folder, TrainResult) of a two-task run on the cohort; the tiles are a copy, as
+    predictions write their scores into the stores."""
+    manifest, shared_tiles = cohort
     root = tmp_path_factory.mktemp("two_tasks")
+    tiles = shutil.copytree(shared_tiles, root / "tiles")
     two = _two_task_manifest(manifest, root / "manifest.csv")
     result = train(two, tiles, root / "run", TrainConfig(label_columns="lesion,site", **FAST), progress=False)
     return two, tiles, root / "run", result
@@ -137,10 +140,15 @@ def test_a_two_task_model_predicts_each_tasks_class_probabilities_and_metrics(tw
         assert list(f["task_attention_scores"].attrs["tasks"]) == ["lesion", "site"]
         assert f["task_attention_scores"].shape == (2, f["attention_scores"].shape[0])
 
+    assert json.loads((out / "run.json").read_text())["tasks"] == {"lesion": ["negative", "positive"],
+                                                                   "site": ["A", "B"]}
     page = write_report(out).read_text(encoding="utf-8")
     for task in ("lesion", "site"):
         assert f"Performance: {task}" in page
         assert f"roc_{task}.png" in page
+    # the report's filter offers the predictions the slides have (one class of every task)
+    for value in {r["predicted"] for r in rows.values()}:
+        assert f'<option value="{value}">' in page
 
     # the viewer offers each task's attention, from the task tokens of the real two-task model
     cohort = open_cohort(out)
