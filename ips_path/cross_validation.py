@@ -7,8 +7,8 @@ A cross-validated run folder holds::
     fold_0/ ...      one ordinary training run per fold: the fold validates, the other folds train
     cv_summary.json  per fold and mean +- sd (over the folds) of the validation AUC, balanced accuracy
                      and AUPRC at each fold's best epoch (several label columns: their mean over the
-                     tasks; each fold's metrics.csv has each task's); for survival, Harrell's and
-                     Uno's C-index of the fold's best weights (its ``survival_metrics.json``)
+                     tasks, then each task's as <task>_auc ...); for survival, Harrell's and Uno's
+                     C-index of the fold's best weights (its ``survival_metrics.json``)
 
 Folds are drawn once (seeded) and kept: a patient (``case_id``) is never in two folds, and each label
 (several label columns: each class of the first column) is spread evenly over the folds; a survival
@@ -64,8 +64,8 @@ class CrossValidationResult:
     ----------
     run_dir : Path
     folds : list of dict
-        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of :data:`CV_METRICS` (survival:
-        :data:`SURVIVAL_CV_METRICS`), ``status``.
+        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of :data:`CV_METRICS` (several label
+        columns: also ``val_<task>_<metric>``; survival: :data:`SURVIVAL_CV_METRICS`), ``status``.
     summary : dict
         ``mean`` and ``sd`` (sample standard deviation over the folds) of each metric.
     """
@@ -181,8 +181,10 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInputError("--folds runs one process; start it without torchrun (each fold may use one GPU)")
     survival = config.task == "survival"
-    metrics = SURVIVAL_CV_METRICS if survival else CV_METRICS
     columns = ("label",) if survival else config.label_column_names
+    metrics = SURVIVAL_CV_METRICS if survival else CV_METRICS
+    if len(columns) > 1:  # several label columns: the mean over the tasks, then each task's
+        metrics += tuple(f"{column}_{m}" for column in columns for m in CV_METRICS)
     rows = read_manifest(manifest, require_label=not survival, check_files=False, require_survival=survival,
                          label_columns=columns)
     assigned = (survival_folds(rows, folds, manifest, seed=config.seed) if survival
@@ -215,25 +217,25 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
             if status is None:  # a finished survival fold is not measured again (a finished run would be)
                 status = train(manifest, tiles_dir, fold_dir, config, resume=(fold_dir / "last.pt").is_file(),
                                progress=progress, splits=fold_splits(assigned, fold)).status
-            fold_row = _survival_fold_row if survival else _fold_row
-            results.append(fold_row(fold, fold_dir, status))
+            results.append(_survival_fold_row(fold, fold_dir, status) if survival
+                           else _fold_row(fold, fold_dir, status, metrics))
         summary = summarise_folds(results, metrics)
         _write_summary(out_dir / "cv_summary.json", folds, results, summary, config, metrics)
     log.info("cross-validation over %d folds:\n%s", folds, format_cv_table(results, summary, metrics))
     return CrossValidationResult(out_dir, results, summary)
 
 
-def _fold_row(fold: int, fold_dir: Path, status: str) -> dict[str, Any]:
-    """The validation metrics of a fold at its best epoch (from best.pt's history)."""
+def _fold_row(fold: int, fold_dir: Path, status: str, metrics: Sequence[str] = CV_METRICS) -> dict[str, Any]:
+    """The validation ``metrics`` of a fold at its best epoch (from best.pt's history)."""
     best = fold_dir / "best.pt"
     row: dict[str, Any] = {"fold": fold, "status": status, "best_epoch": None}
-    row.update({f"val_{m}": float("nan") for m in CV_METRICS})
+    row.update({f"val_{m}": float("nan") for m in metrics})
     if best.is_file():
         checkpoint = load_checkpoint(best)
         epoch = int(checkpoint["epoch"])
         history = {int(h["epoch"]): h for h in checkpoint["history"]}
         row["best_epoch"] = epoch
-        row.update({f"val_{m}": float(history[epoch].get(f"val_{m}", float("nan"))) for m in CV_METRICS})
+        row.update({f"val_{m}": float(history[epoch].get(f"val_{m}", float("nan"))) for m in metrics})
     return row
 
 

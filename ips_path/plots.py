@@ -19,7 +19,8 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
     ----------
     history : sequence of dict
         One row per epoch, as in ``metrics.csv``: ``epoch``, ``train_loss`` and, when there is a
-        validation set, ``val_loss``, ``val_auc``, ``val_balanced_accuracy``, ``val_recall_<class>``.
+        validation set, ``val_loss``, ``val_auc``, ``val_balanced_accuracy``, ``val_recall_<class>``
+        (several label columns: also ``val_<task>_auc``).
         Missing or NaN values leave gaps.
     path : path-like
         Output PNG.
@@ -36,7 +37,8 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.
     loss_ax.set(xlabel="epoch", ylabel="loss (survival likelihood)" if survival else "loss (cross-entropy)",
                 title="Loss")
     metric_keys = ["val_auc", "val_balanced_accuracy", "val_c_index"] + sorted(
-        {k for row in history for k in row if k.startswith("val_recall_")})
+        {k for row in history for k in row if k.startswith("val_recall_")
+         or (k.startswith("val_") and k.endswith("_auc") and k != "val_auc")})  # several tasks: each one's AUC
     for key in metric_keys:
         _plot(metric_ax, epochs, history, key, key.removeprefix("val_").replace("_", " "),
               linestyle="-" if key in ("val_auc", "val_balanced_accuracy", "val_c_index") else ":")

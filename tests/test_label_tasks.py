@@ -17,7 +17,7 @@ import torch
 import ips_path.train as train_module
 from ips_path.checkpoint import checkpoint_identity, load_checkpoint, load_model
 from ips_path.cli.main import main
-from ips_path.config import TrainConfig
+from ips_path.config import TrainConfig, resolve_config
 from ips_path.cross_validation import train_cross_validated
 from ips_path.errors import BadInputError
 from ips_path.label_tasks import LabelTasks, validation_metrics
@@ -244,6 +244,12 @@ def test_bad_label_column_lists_are_refused_as_options(columns, message):
         TrainConfig(label_columns=columns)
 
 
+def test_label_columns_read_from_a_yaml_list(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("label_columns: [grade, her2]\nepochs: 3\n")
+    assert resolve_config(path).label_column_names == ("grade", "her2")
+
+
 def test_several_label_columns_refuse_survival_and_the_instance_loss():
     with pytest.raises(BadInputError, match="--label-columns is for classification"):
         TrainConfig(label_columns="a,b", task="survival")
@@ -302,6 +308,12 @@ def test_a_two_task_cross_validation_stratifies_on_the_first_column_and_its_ense
     config = TrainConfig(label_columns="lesion,site", **{**FAST, "epochs": 1})
     cv = train_cross_validated(manifest, tiles, tmp_path / "cv", config, 2, progress=False)
     assert [row["fold"] for row in cv.folds] == [0, 1]
+    summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    assert summary["metrics"][:3] == ["auc", "balanced_accuracy", "auprc"]
+    assert {"lesion_auc", "site_auc", "lesion_balanced_accuracy"} <= set(summary["metrics"])
+    for row in cv.folds:
+        per_task = [row[f"val_{t}_auc"] for t in ("lesion", "site")]
+        assert row["val_auc"] == pytest.approx(np.nanmean(per_task), nan_ok=True)
     splits = _csv(tmp_path / "cv" / "splits.csv")
     assert list(splits[0]) == ["slide_id", "case_id", "lesion", "site", "fold"]
     for fold in ("0", "1"):  # the lesion column, stratified: two slides of each class per fold
