@@ -9,7 +9,7 @@ has. With several columns:
   and metrics (its target is :data:`~ips_path.model.tasks.MISSING_TARGET`); a row empty in every label
   column is refused by :func:`~ips_path.manifest.read_manifest`.
 * The training loss is the sum of the tasks' losses, each the mean over the batch's slides labelled
-  for it.
+  for it; ``metrics.csv`` logs each task's as ``train_<task>_loss`` beside ``train_loss``.
 * Validation logs, per task, ``val_<task>_<metric>`` (loss, AUC, AUPRC, balanced accuracy, accuracy,
   recall per class) and, over the tasks, ``val_loss`` (their sum) and ``val_auc``, ``val_auprc``,
   ``val_balanced_accuracy``, ``val_accuracy`` (their mean over the tasks where the metric is defined).

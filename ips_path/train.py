@@ -395,6 +395,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
     else:
         batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     losses: list[float] = []
+    per_task: dict[str, list[float]] = {t.name: [] for t in model.tasks} if len(model.tasks) > 1 else {}
     n_slides = n_patches = 0
     trained_on_lesions = TrainedOnLesions()
     _reset_peak_memory(procs.device)
@@ -416,6 +417,8 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             if procs.distributed:
                 average_buffers(model, procs.world_size)
             losses.append(loss)
+            for name, values in per_task.items():  # several label columns: each task's share of the loss
+                values.append(mean_over_processes(out["losses"][name], procs))
             for item, selected in zip(batch, out["selected"], strict=True):
                 trained_on_lesions.record(item.store, selected.numpy())
             n_slides += len(batch)
@@ -423,7 +426,8 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
     seconds = time.perf_counter() - started
     n_slides *= procs.world_size  # every process trains on as many slides
-    return {"train_loss": float(np.mean(losses)), "train_slides": n_slides, "train_seconds": seconds,
+    return {"train_loss": float(np.mean(losses)), **{f"train_{n}_loss": float(np.mean(v)) for n, v in per_task.items()},
+            "train_slides": n_slides, "train_seconds": seconds,
             "slides_per_s": n_slides / seconds, "patches_per_s": sum_over_processes(n_patches, procs) / seconds,
             "peak_memory_mb": _peak_memory_mb(procs.device),
             **trained_on_lesions.summary(lambda n: sum_over_processes(n, procs))}

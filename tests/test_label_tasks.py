@@ -78,6 +78,8 @@ def test_two_label_columns_train_two_tasks_logged_per_task_and_by_their_mean(two
         expected = np.nanmean(per_task) if not np.isnan(per_task).all() else float("nan")
         assert float(row["val_auc"]) == pytest.approx(expected, nan_ok=True)
         assert float(row["val_loss"]) == pytest.approx(sum(float(row[f"val_{t}_loss"]) for t in ("lesion", "site")))
+        assert float(row["train_loss"]) == pytest.approx(sum(float(row[f"train_{t}_loss"]) for t in ("lesion", "site")),
+                                                         rel=1e-5)
     splits = _csv(run / "splits.csv")
     assert {"lesion", "site"} <= set(splits[0]) and "label" not in splits[0]
     assert [r["site"] for r in splits] == SITES
@@ -286,7 +288,7 @@ def test_a_single_label_run_keeps_its_one_task_and_plain_class_names(trained_run
     model, _ = load_model(trained_run / "best.pt")
     assert [(t.name, t.n_classes) for t in model.tasks] == [("label", 2)]
     header = list(_csv(trained_run / "metrics.csv")[0])
-    assert "val_auc" in header and not any(k.startswith("val_label_") for k in header)
+    assert "val_auc" in header and not any(k.startswith(("val_label_", "train_label_")) for k in header)
 
 
 def test_one_other_label_column_trains_one_task_named_after_it(two_tasks, tmp_path):
