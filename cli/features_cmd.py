@@ -22,13 +22,16 @@ from ips_path.store import find_stores
 @click.option("--chunk-size", default=128, show_default=True, help="Patches per forward pass.")
 @click.option("--threads", type=int, default=None,
               help="Threads reading tiles from the slide files. Default: the CPU cores this process may use.")
+@click.option("--stain-norm", is_flag=True, help="Bring each slide's staining to one reference (per-slide "
+                                                "normalisation in optical density) before the encoder.")
 @click.option("--overwrite", is_flag=True, help="Recompute cached features, and replace features of this name made by "
                                               "another encoder or other weights (otherwise refused).")
 @click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786), or local:N, to embed "
                                                      "slides on a cluster (GPU workers: --resources GPU=1).")
 @click.pass_context
 def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretrained: str | None, name: str | None,
-                 device: str, chunk_size: int, threads: int | None, overwrite: bool, scheduler: str | None) -> int:
+                 device: str, chunk_size: int, threads: int | None, stain_norm: bool, overwrite: bool,
+                 scheduler: str | None) -> int:
     """Embed every patch of the tile stores TILES (stores or folders of them) once with a frozen encoder
     (what `ipspath features TILES...` runs).
 
@@ -42,7 +45,7 @@ def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretra
 
     outcomes = extract_features(find_stores(tiles), encoder, name=name, pretrained=pretrained, device=device,
                                 chunk_size=chunk_size, threads=threads, overwrite=overwrite, scheduler=scheduler,
-                                progress=not ctx.obj["quiet"])
+                                progress=not ctx.obj["quiet"], stain_norm=stain_norm)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "reused", "failed", "refused")}
     click.echo(f"features: {counts['done']} extracted, {counts['reused']} already there, {counts['failed']} failed"
                + (f", {counts['refused']} refused" if counts["refused"] else ""))

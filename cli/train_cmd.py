@@ -76,6 +76,10 @@ def _help(text: str, name: str) -> str:
                          "means c_index there).", "monitor"))
 @click.option("--augment/--no-augment", default=None,
               help=_help("Random flips, 90° rotations and colour jitter of training patches.", "augment"))
+@click.option("--stain-norm/--no-stain-norm", default=None,
+              help=_help("Bring each slide's staining to one reference (per-slide normalisation in optical "
+                         "density) before the encoder; prediction does the same. For slides whose staining "
+                         "varies (labs, stainers, days).", "stain_norm"))
 @click.option("--threads", type=int, help=_help("Threads reading patches from the slide files.", "threads"))
 @click.option("--device", help=_help("cpu, cuda, cuda:N, or auto (cuda when available; bf16 autocast on CUDA).",
                                      "device"))

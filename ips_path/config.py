@@ -77,6 +77,10 @@ class TrainConfig:
         is refused.
     augment : bool
         Random flips, 90° rotations and colour jitter of training patches.
+    stain_norm : bool
+        Bring each slide's staining to one reference before the encoder (:mod:`ips_path.stain`), in
+        training and, from the saved configuration, in prediction. For cohorts whose staining varies
+        between slides (labs, stainers, days).
     threads : int
         Threads reading patches from the slide files.
     device : str
@@ -144,6 +148,7 @@ class TrainConfig:
     patience: int = 10
     monitor: str = "auc"
     augment: bool = True
+    stain_norm: bool = False
     threads: int = 4
     device: str = "auto"
     seed: int = 0

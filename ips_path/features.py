@@ -75,12 +75,13 @@ class FeatureSettings:
     chunk_size: int = 64
     threads: int | None = None  # None: the CPU cores of the process that reads
     overwrite: bool = False
+    stain_norm: bool = False
 
 
 def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, name: str | None = None,
                      pretrained: str | os.PathLike | None = None, device: str = "cpu", chunk_size: int = 64,
                      threads: int | None = None, overwrite: bool = False, scheduler: str | None = None,
-                     progress: bool = True) -> list[SlideOutcome]:
+                     progress: bool = True, stain_norm: bool = False) -> list[SlideOutcome]:
     """Embed the patches of every tile store with a frozen encoder and cache them in the store.
 
     Parameters
@@ -108,6 +109,9 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         the resource ``GPU=1``. Default: this process, one store after the other.
     progress : bool
         Show a progress bar over stores.
+    stain_norm : bool
+        Bring each slide's staining to one reference before the encoder (:mod:`ips_path.stain`); part
+        of the features' identity.
 
     Returns
     -------
@@ -134,9 +138,12 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     weights = None if pretrained is None else Path(pretrained).resolve()
     if weights is not None and not weights.is_file():
         raise BadInputError(f"{pretrained}: weights file not found; give the local file of the encoder's weights")
-    settings = FeatureSettings(encoder_name, name, None if weights is None else str(weights),
-                               {"encoder": encoder_name, "weights_sha256": None if weights is None else
-                                file_digest(weights)}, device, chunk_size, threads, overwrite)
+    identity: dict[str, Any] = {"encoder": encoder_name,
+                                "weights_sha256": None if weights is None else file_digest(weights)}
+    if stain_norm:  # only then: features made before the option existed keep their identity
+        identity["stain_norm"] = True
+    settings = FeatureSettings(encoder_name, name, None if weights is None else str(weights), identity, device,
+                               chunk_size, threads, overwrite, stain_norm)
     if pretrained is None:
         log.warning("no --pretrained weights: %s keeps its random (seeded) initialisation; such features are "
                     "only good for trying the pipeline", encoder_name)
@@ -162,9 +169,10 @@ def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
                 check_identity(store.path / array, store.array_attrs(array).get("identity"), identity,
                                what="features", instead="give these features another --name"):
             return SlideOutcome(slide_id, Status.REUSED, identity=identity, extra=extra)
-        streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device),
+        streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device,
+                                               settings.stain_norm),
                                   lambda: PatchStreamer(chunk_size=settings.chunk_size, threads=settings.threads,
-                                                        device=settings.device))
+                                                        device=settings.device, stain_norm=settings.stain_norm))
         store.write_array(array, embed_store(encoder, store, streamer), attrs={**identity, "identity": identity})
         return SlideOutcome(slide_id, Status.DONE, identity=identity, extra=extra)
 

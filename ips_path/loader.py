@@ -17,6 +17,10 @@ waits for the running ones before the slide is closed: openslide frees its handl
 Every chunk is a :class:`~ips_path.model.chunks.PatchChunk` of ``uint8`` patches ``(n, 3, P, P)``
 with the patches' grid positions; its tensors are the consumer's to keep.
 
+With ``stain_norm``, each slide's patches are brought to one reference staining
+(:mod:`ips_path.stain`) on the device, before augmentation: the slide's statistic is measured once per
+streamer from an evenly spaced sample of its patches.
+
 With ``backend="auto"`` patches of tiled TIFF slides (SVS, generic pyramidal TIFF) are decoded
 straight from the file's tiles (:class:`TiffTileReader`), which is several times faster per
 patch than going through openslide, whose premultiplied-ARGB to RGB conversion costs more than
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from ips_path.errors import IpspathError
 from ips_path.model.chunks import PatchChunk
 from ips_path.slide import Slide, rgb_on_white
+from ips_path.stain import SAMPLE_PATCHES, apply_lut, normalization_lut, slide_stain_od
 from ips_path.store import TileStore
 
 __all__ = [
@@ -185,11 +190,14 @@ class PatchStreamer:
     in_flight : int
         Chunks read at once ahead of the consumer (>= 1). Two keep every reader busy across the
         boundary between chunks; on CUDA the ring holds ``in_flight + 1`` pinned buffers.
+    stain_norm : bool
+        Bring every slide's staining to :data:`ips_path.stain.REFERENCE_OD` (per-slide normalisation in
+        optical density) before augmentation.
     """
 
     def __init__(self, *, chunk_size: int = 64, threads: int | None = None, device: str | torch.device = "cpu",
                  augmentation: Augmentation | None = None, seed: int = 0, backend: str = "auto",
-                 in_flight: int = 2):
+                 in_flight: int = 2, stain_norm: bool = False):
         threads = available_cores() if threads is None else threads
         if chunk_size < 1 or threads < 1 or in_flight < 1:
             raise ValueError("chunk_size, threads and in_flight must be >= 1")
@@ -199,6 +207,8 @@ class PatchStreamer:
         self.device = torch.device(device)
         self.augmentation = augmentation
         self.backend = backend
+        self.stain_norm = stain_norm
+        self._stain_luts: dict[str, torch.Tensor] = {}  # store path -> (3, 256) table on the device
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ipspath-read")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -232,9 +242,10 @@ class PatchStreamer:
         if own_slide:
             slide = open_for_reading(store, self.backend, slide_mpp)
         try:
+            lut = self._stain_lut(store, slide) if self.stain_norm else None
             # _stream_pixels has waited for every read of the slide when it ends, however it ends.
             yield from self._stream_pixels(slide, coords, positions, store.read_level, store.read_size,
-                                           store.patch_size)
+                                           store.patch_size, lut)
         finally:
             if own_slide:
                 slide.close()
@@ -260,8 +271,20 @@ class PatchStreamer:
 
     # -- the pipeline --------------------------------------------------------------------------
 
+    def _stain_lut(self, store: TileStore, slide: Slide | TiffTileReader) -> torch.Tensor:
+        """The slide's stain-normalisation table, measured on an evenly spaced sample of its patches."""
+        key = str(Path(store.path).resolve())
+        if key not in self._stain_luts:
+            n = min(SAMPLE_PATCHES, store.n_patches)
+            sample = store.coords[np.linspace(0, store.n_patches - 1, n).round().astype(np.int64)]
+            pixels = np.empty((n, store.read_size, store.read_size, 3), dtype=np.uint8)
+            _read_patches(slide, sample, 0, n, 0, store.read_level, store.read_size, pixels, threading.Event())
+            lut = normalization_lut(slide_stain_od(pixels))
+            self._stain_luts[key] = torch.from_numpy(lut).to(self.device)
+        return self._stain_luts[key]
+
     def _stream_pixels(self, slide: Slide | TiffTileReader, coords: np.ndarray, positions: torch.Tensor, level: int,
-                       read_size: int, patch_size: int) -> Iterator[PatchChunk]:
+                       read_size: int, patch_size: int, lut: torch.Tensor | None = None) -> Iterator[PatchChunk]:
         n_chunks = math.ceil(len(coords) / self.chunk_size)
         if n_chunks == 0:
             return
@@ -280,6 +303,8 @@ class PatchStreamer:
                     pending.append(self._submit(slide, coords, k + self.in_flight, level, read_size, stop))
                 start = k * self.chunk_size
                 patches = resize_patches(patches.permute(0, 3, 1, 2), patch_size)
+                if lut is not None:
+                    patches = apply_lut(patches, lut)
                 if self.augmentation is not None:
                     patches = augment_patches(patches, self.augmentation, self.generator)
                 yield PatchChunk(patches, positions[start:start + len(host)].to(self.device, non_blocking=True))

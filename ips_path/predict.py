@@ -503,9 +503,11 @@ def _streamer(settings: PredictSettings, checkpoint: dict[str, Any]) -> Any:
     from ips_path.loader import PatchStreamer
 
     chunk_size = settings.chunk_size or int(checkpoint["config"]["chunk_size"])
-    return process_object("streamer", (chunk_size, settings.threads, settings.device, settings.backend),
+    stain_norm = bool(checkpoint["config"].get("stain_norm", False))  # as the model was trained
+    return process_object("streamer", (chunk_size, settings.threads, settings.device, settings.backend, stain_norm),
                           lambda: PatchStreamer(chunk_size=chunk_size, threads=settings.threads,
-                                                device=settings.device, backend=settings.backend))
+                                                device=settings.device, backend=settings.backend,
+                                                stain_norm=stain_norm))
 
 
 def _lost(job: PredictJob, exc: BaseException) -> SlideOutcome:

@@ -295,8 +295,10 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
 
     augmentation = Augmentation() if config.augment and config.features is None else None
     train_streamer = PatchStreamer(chunk_size=config.chunk_size, threads=config.threads, device=procs.device,
-                                   augmentation=augmentation, seed=config.seed + procs.rank)
-    val_streamer = PatchStreamer(chunk_size=config.chunk_size, threads=config.threads, device=procs.device)
+                                   augmentation=augmentation, seed=config.seed + procs.rank,
+                                   stain_norm=config.stain_norm)
+    val_streamer = PatchStreamer(chunk_size=config.chunk_size, threads=config.threads, device=procs.device,
+                                 stain_norm=config.stain_norm)
 
     # 4. Fresh start or resume.
     stopping = EarlyStopping(config.monitor, config.patience)

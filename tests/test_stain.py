@@ -1,0 +1,122 @@
+"""Per-slide stain normalisation: slides stained differently read alike; training, prediction and the
+feature cache carry the choice."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from ips_path.checkpoint import load_model
+from ips_path.cli.main import cli
+from ips_path.features import extract_features
+from ips_path.loader import PatchStreamer
+from ips_path.stain import REFERENCE_OD, normalization_lut, optical_density, slide_stain_od
+from ips_path.store import TileStore, write_tile_store
+from ips_path.synth import write_synthetic_slide
+
+
+def _slide_store(tmp_path, name: str, stain_shift: float, seed: int = 5) -> TileStore:
+    """The same tissue (``seed``), stained as ``stain_shift`` draws it, tiled on a 64 px grid at 1 µm/px."""
+    slide = tmp_path / f"{name}.svs"
+    write_synthetic_slide(slide, 768, 512, mpp=1.0, downsamples=(1, 4), seed=seed, tissue=1, lesions=1,
+                          lesion_diameter_um=(60.0, 90.0), nucleus_scale=1.4, stain_shift=stain_shift)
+    xs, ys = np.arange(0, 768 - 63, 64), np.arange(0, 512 - 63, 64)
+    coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    return write_tile_store(tmp_path / "tiles" / f"{name}.zarr", coords, np.ones(len(coords), np.float32),
+                            np.ones((4, 4), np.uint8), 8.0,
+                            {"slide_path": str(slide), "level0_mpp": [1.0, 1.0], "target_mpp": 1.0,
+                             "patch_size": 64, "patch_size_level0": 64, "stride_level0": 64, "read_level": 0,
+                             "read_size": 64})
+
+
+def _patches(store: TileStore, stain_norm: bool) -> torch.Tensor:
+    with PatchStreamer(chunk_size=32, threads=2, stain_norm=stain_norm) as streamer:
+        return torch.cat([c.patches for c in streamer.stream(store)])
+
+
+def _tissue_od(patches: torch.Tensor) -> np.ndarray:
+    return slide_stain_od(patches.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.fixture(scope="module")
+def two_stainings(tmp_path_factory) -> tuple[TileStore, TileStore]:
+    """One tissue, stained twice: as drawn by stain shift 0 and (another lab) by stain shift 0.4."""
+    root = tmp_path_factory.mktemp("stain")
+    return _slide_store(root, "plain", 0.0), _slide_store(root, "shifted", 0.4)
+
+
+def test_one_tissue_stained_differently_reads_alike_after_normalisation(two_stainings):
+    plain, shifted = two_stainings
+    raw = (_patches(plain, False).float() - _patches(shifted, False).float()).abs().mean()
+    normalised = (_patches(plain, True).float() - _patches(shifted, True).float()).abs().mean()
+    ratio = _tissue_od(_patches(shifted, False)) / _tissue_od(_patches(plain, False))
+    assert np.abs(np.log(ratio)).max() > 0.3, "the two stainings should differ before normalisation"
+    assert normalised < raw / 3
+    for store in two_stainings:  # and both now carry the reference staining
+        np.testing.assert_allclose(_tissue_od(_patches(store, True)), REFERENCE_OD, rtol=0.1)
+
+
+def test_normalisation_keeps_what_is_darker_within_a_slide(two_stainings):
+    _, shifted = two_stainings
+    raw, normalised = _patches(shifted, False), _patches(shifted, True)
+    raw_order = np.argsort(optical_density(raw.permute(0, 2, 3, 1).numpy()).mean(axis=(1, 2, 3)))
+    new_order = np.argsort(optical_density(normalised.permute(0, 2, 3, 1).numpy()).mean(axis=(1, 2, 3)))
+    # a per-channel monotone map: the darkest and the palest patches stay where they were
+    assert set(raw_order[-5:]) & set(new_order[-5:]) and set(raw_order[:5]) & set(new_order[:5])
+
+
+def test_the_table_of_a_reference_slide_changes_nothing_and_glass_stays_glass():
+    lut = normalization_lut(np.asarray(REFERENCE_OD))
+    assert np.abs(lut.astype(int) - np.arange(256)[None]).max() <= 1
+    darker = normalization_lut(np.asarray(REFERENCE_OD) * 2)  # a slide that took twice the stain
+    assert (darker[:, 250:] == np.arange(250, 256)).all()  # brighter than glass: unchanged
+    assert (darker[:, 100:240].astype(int) > np.arange(100, 240)).all()  # stained pixels get paler
+
+
+def test_only_the_sampled_patches_decide_and_a_subset_stream_is_normalised_as_the_whole(two_stainings):
+    _, shifted = two_stainings
+    whole = _patches(shifted, True)
+    with PatchStreamer(chunk_size=8, threads=1, stain_norm=True) as streamer:
+        part = torch.cat([c.patches for c in streamer.stream(shifted, indices=[3, 1, 7])])
+    assert torch.equal(part, whole[[3, 1, 7]])
+
+
+def test_training_saves_the_choice_and_prediction_normalises_as_trained(cohort, tmp_path):
+    manifest, tiles = cohort
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--manifest", str(manifest), "--tiles", str(tiles), "-o", str(run),
+                                      "--epochs", "1", "--n-select", "8", "--chunk-size", "32", "--dim", "32",
+                                      "--heads", "2", "--threads", "2", "--device", "cpu", "--stain-norm"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["stain_norm"] is True
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(cli, ["predict", "--model", str(run), "--tiles", str(tiles), "--manifest",
+                                      str(manifest), "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with (out / "predictions.csv").open() as f:
+        row = next(csv.DictReader(f))
+    model, checkpoint = load_model(run / "best.pt" if (run / "best.pt").exists() else run / "last.pt")
+    positive = f"prob_{checkpoint['class_names'][-1]}"
+    store = TileStore.open(tiles / f"{row['slide_id']}.zarr")
+    expected = {}
+    for stain_norm in (True, False):
+        with PatchStreamer(chunk_size=32, threads=2, stain_norm=stain_norm) as streamer, torch.no_grad():
+            prediction = model.predict_slide(streamer.stream(store))
+        expected[stain_norm] = float(prediction.probabilities["label"][-1])
+    assert float(row[positive]) == pytest.approx(expected[True], abs=1e-4)
+    assert expected[True] != pytest.approx(expected[False], abs=1e-6)  # the normalisation mattered
+
+
+def test_features_with_stain_norm_are_another_identity_refused_under_the_same_name(two_stainings):
+    _, shifted = two_stainings
+    first = extract_features([shifted.path], "smallcnn", name="cnn", progress=False, stain_norm=True)
+    assert first[0].status == "done" and first[0].identity["stain_norm"] is True
+    again = extract_features([shifted.path], "smallcnn", name="cnn", progress=False, stain_norm=True)
+    assert again[0].status == "reused"
+    plain = extract_features([shifted.path], "smallcnn", name="cnn", progress=False)
+    assert plain[0].status == "refused" and "stain_norm" in plain[0].error and "--overwrite" in plain[0].error
