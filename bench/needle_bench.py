@@ -16,10 +16,16 @@ held-out test slides:
     python bench/needle_bench.py --ratios 0.1 --variants default explore --seeds 0 --epochs 6
     python bench/needle_bench.py --ratios 0.1 --seeds 0 --probe 2.0,64 1.0,64   # can the encoder see it?
     python bench/needle_bench.py --bags                     # the failure in miniature, seconds
+    python bench/needle_bench.py --ratios 0.1 --slides 64 --contrast 1.0,64  # what stain normalisation shows
 
 ``--bags`` runs IPS on bags of feature vectors (no pixels): 40 patches, 4 bright look-alikes in every
 bag, one lesion patch in positive bags, fresh bags at every step; it compares selection settings
 over seeds in seconds.
+
+``--contrast`` asks whether the pixels single the lesion out once stain is normalised, with no model at
+all: per patch, the 99th percentile of each channel's optical density (the darkest nuclei), read raw and
+through ``PatchStreamer(stain_norm=True)``; AUC of lesion against look-alike patches, and per slide the
+AUC of the maximum over its patches and the share of tumour slides whose darkest patch is in a lesion.
 
 ``--probe`` answers "does the encoder see the lesion at this resolution and patch size?": a SmallCNN
 trained *with patch labels* (lesion-overlapping patches against look-alike and normal ones) on the
@@ -230,6 +236,44 @@ def probe(specs: list, manifest: Path, root: Path, mpp: float, patch_size: int, 
                                                "cpu": round(cpu_seconds() - cpu, 1)}}
 
 
+def contrast(specs: list, manifest: Path, root: Path, mpp: float, patch_size: int) -> dict:
+    """Darkest-nuclei statistic per patch, raw and stain-normalised (see the module docstring)."""
+    from ips_path.stain import optical_density
+
+    tiles = root / f"probe_tiles_{mpp:g}_{patch_size}"
+    tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=mpp, patch_size=patch_size, qc=False),
+                workers=2, progress=False)
+    clock = time.perf_counter()
+    out: dict[str, Any] = {"mpp": mpp, "patch_size": patch_size}
+    for stain_norm in (False, True):
+        patch_stat, patch_kind, slide_max, slide_label, hits = [], [], [], [], []
+        with PatchStreamer(chunk_size=256, threads=2, stain_norm=stain_norm) as streamer:
+            for spec in specs:
+                store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
+                pixels = torch.cat([c.patches for c in streamer.stream(store)]).permute(0, 2, 3, 1).numpy()
+                density = optical_density(pixels).reshape(len(pixels), -1, 3)
+                stat = np.quantile(density, 0.99, axis=1)  # (n, 3)
+                lesion = lesion_fractions(spec, store.coords, store.patch_size_level0)
+                mimic = lesion_fractions(spec, store.coords, store.patch_size_level0, "lookalikes")
+                kind = np.where(lesion > 0.25, 2, np.where((mimic > 0.25) & (lesion == 0), 1, 0))
+                patch_stat.append(stat[kind > 0])
+                patch_kind.append(kind[kind > 0])
+                slide_max.append(stat.max(axis=0))
+                slide_label.append(bool(spec.lesions))
+                if spec.lesions:
+                    hits.append(lesion[stat.argmax(axis=0)] > 0)
+        stats, kinds = np.concatenate(patch_stat), np.concatenate(patch_kind)
+        maxima, labels = np.array(slide_max), np.array(slide_label)
+        out["normalised" if stain_norm else "raw"] = {
+            channel: {"patch_auc_lesion_vs_lookalike": round(roc_auc(kinds == 2, stats[:, c]), 3),
+                      "slide_auc_of_max": round(roc_auc(labels, maxima[:, c]), 3),
+                      "darkest_patch_in_lesion": round(float(np.mean([h[c] for h in hits])), 3)}
+            for c, channel in enumerate(("red", "green", "blue"))}
+    out["patches"] = {"lesion": int((kinds == 2).sum()), "lookalike": int((kinds == 1).sum())}
+    out["seconds"] = round(time.perf_counter() - clock, 1)
+    return out
+
+
 def _feature_bags(n: int, generator: torch.Generator, dim: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
     bags, labels = [], []
     for i in range(n):
@@ -313,6 +357,8 @@ def main() -> None:
     parser.add_argument("--probe", nargs="+", metavar="MPP,PATCH", default=None,
                         help="instead of training: the supervised patch probe at these resolutions, e.g. 2.0,64")
     parser.add_argument("--probe-epochs", type=int, default=30)
+    parser.add_argument("--contrast", nargs="+", metavar="MPP,PATCH", default=None,
+                        help="instead of training: the darkest-nuclei statistic raw and stain-normalised, e.g. 1.0,64")
     parser.add_argument("--bags", action="store_true", help="only the feature-bag study (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -339,6 +385,14 @@ def main() -> None:
                                     [TileStore.open(tiles / f"{s.path.stem}.zarr").n_patches for s in specs])),
                                 "seconds": {k: round(v, 1) for k, v in seconds.items()}})
                 print(cohorts[-1], flush=True)
+                if args.contrast:
+                    for setting in args.contrast:
+                        mpp, size = setting.split(",")
+                        cohorts[-1].setdefault("contrast", []).append(
+                            contrast(specs, manifest, root, float(mpp), int(size)))
+                        print(cohorts[-1]["contrast"][-1], flush=True)
+                    _save(args.name, args, cohorts, rows)
+                    continue
                 if args.probe:
                     for setting in args.probe:
                         mpp, size = setting.split(",")
