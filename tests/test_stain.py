@@ -4,6 +4,7 @@ feature cache carry the choice."""
 from __future__ import annotations
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -87,7 +88,8 @@ def test_only_the_sampled_patches_decide_and_a_subset_stream_is_normalised_as_th
 
 
 def test_training_saves_the_choice_and_prediction_normalises_as_trained(cohort, tmp_path):
-    manifest, tiles = cohort
+    manifest, shared_tiles = cohort
+    tiles = shutil.copytree(shared_tiles, tmp_path / "tiles")  # predict writes scores into the stores
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--manifest", str(manifest), "--tiles", str(tiles), "-o", str(run),
                                       "--epochs", "1", "--n-select", "8", "--chunk-size", "32", "--dim", "32",
