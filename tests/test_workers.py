@@ -80,7 +80,10 @@ def test_a_worker_dying_on_one_slide_fails_that_slide_only(slides, tmp_path):
     assert done.returncode == 1, done.stderr
     with (out / "tiling_summary.csv").open() as f:
         status = {row["slide_id"]: row["status"] for row in csv.DictReader(f)}
-    assert status == {"A": "tiled", "B": "tiled", "C": "failed", "D": "tiled"}
+    assert status.pop("C") == "failed"
+    # A slide that finished in the pool C's death broke has its result lost with the pool; it is run again
+    # and then finds its own complete store ("skipped"). Either way it is done, never failed.
+    assert sorted(status) == ["A", "B", "D"] and set(status.values()) <= {"tiled", "skipped"}
     assert "C.svs: the worker tiling it died" in done.stderr
     for name in "ABD":
         assert TileStore.open(out / f"{name}.zarr").n_patches > 0
