@@ -76,6 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "large_m": {"n_select": 64},
     "large_m_explore": {"n_select": 64, "explore": 0.5},
     "all_patches": {"n_select": 512},  # M >= N: every patch of these slides is trained on
+    "stain_norm": {"stain_norm": True},
 }
 
 
@@ -85,29 +86,33 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def make_cohort(root: Path, ratio: str, n_slides: int, seed: int) -> tuple[Path, Path, list, dict[str, float]]:
-    """Generate, split (by label: a third test, a sixth validation), tile and write the truth; or reuse
-    what an earlier run left in ``root``. Returns (manifest, tiles, specs, seconds)."""
+def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[float, int] = (TILE_MPP, PATCH_SIZE)
+                ) -> tuple[Path, Path, list, dict[str, float]]:
+    """Generate and split the cohort (by label: a third test, a sixth validation), or reuse what an earlier
+    run left in ``root``; tile it at ``tile`` (µm/px, patch px) and write the truth into the stores.
+    Returns (manifest, tiles, specs, seconds)."""
     saved = root / "specs.pickle"
-    if saved.exists():
-        return root / "slides" / "manifest.csv", root / "tiles", pickle.loads(saved.read_bytes()), {}
-    seconds = {}
-    clock, cpu = time.perf_counter(), cpu_seconds()
-    specs = write_synthetic_cohort(root / "slides", n_slides, size=SLIDE_SIZE, mpp=SLIDE_MPP, downsamples=(1, 4),
-                                   seed=seed, prefix=f"r{ratio.replace('.', '')}s{seed}",
-                                   lesion_diameter_um=RATIOS[ratio], lesions_per_positive=(1, 2),
-                                   lookalikes_per_slide=(2, 4), nucleus_scale=1.4, stain_shift=0.15, workers=2)
-    seconds["generate_wall"], seconds["generate_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
     manifest = root / "slides" / "manifest.csv"
-    _add_splits(manifest, specs, seed)
-    clock, cpu = time.perf_counter(), cpu_seconds()
-    tiles = root / "tiles"
-    tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=TILE_MPP, patch_size=PATCH_SIZE, qc=False),
-                workers=2, progress=False)
-    for spec in specs:
-        write_lesion_truth(spec, TileStore.open(tiles / f"{spec.path.stem}.zarr"))
-    seconds["tile_wall"], seconds["tile_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
-    saved.write_bytes(pickle.dumps(specs))
+    seconds = {}
+    if saved.exists():
+        specs = pickle.loads(saved.read_bytes())
+    else:
+        clock, cpu = time.perf_counter(), cpu_seconds()
+        specs = write_synthetic_cohort(root / "slides", n_slides, size=SLIDE_SIZE, mpp=SLIDE_MPP, downsamples=(1, 4),
+                                       seed=seed, prefix=f"r{ratio.replace('.', '')}s{seed}",
+                                       lesion_diameter_um=RATIOS[ratio], lesions_per_positive=(1, 2),
+                                       lookalikes_per_slide=(2, 4), nucleus_scale=1.4, stain_shift=0.15, workers=2)
+        seconds["generate_wall"], seconds["generate_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
+        _add_splits(manifest, specs, seed)
+        saved.write_bytes(pickle.dumps(specs))
+    tiles = root / ("tiles" if tile == (TILE_MPP, PATCH_SIZE) else f"tiles_{tile[0]:g}_{tile[1]}")
+    if not (tiles / "tiling_summary.csv").exists():
+        clock, cpu = time.perf_counter(), cpu_seconds()
+        tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=tile[0], patch_size=tile[1], qc=False),
+                    workers=2, progress=False)
+        for spec in specs:
+            write_lesion_truth(spec, TileStore.open(tiles / f"{spec.path.stem}.zarr"))
+        seconds["tile_wall"], seconds["tile_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
     return manifest, tiles, specs, seconds
 
 
@@ -337,8 +342,8 @@ def _save(name: str, args: argparse.Namespace, cohorts: list, rows: list) -> Non
                 "seeds": [r["seed"] for r in chosen],
                 "train_wall_s_median": float(np.median([r["seconds"]["train_wall"] for r in chosen])),
                 "train_cpu_s_median": float(np.median([r["seconds"]["train_cpu"] for r in chosen]))}
-    save_result(name, {"settings": {"slide_size": SLIDE_SIZE, "slide_mpp": SLIDE_MPP, "tile_mpp": TILE_MPP,
-                                    "patch_size": PATCH_SIZE, "base_config": BASE, "epochs": args.epochs,
+    save_result(name, {"settings": {"slide_size": SLIDE_SIZE, "slide_mpp": SLIDE_MPP, "tile_mpp": args.tile[0],
+                                    "patch_size": args.tile[1], "base_config": BASE, "epochs": args.epochs,
                                     "variants": {v: VARIANTS[v] for v in args.variants},
                                     "lesion_diameter_um": {r: RATIOS[r] for r in args.ratios},
                                     "hit": "the most attended patch overlaps a lesion"},
@@ -352,6 +357,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--slides", type=int, default=48, help="slides per cohort (train + val + test)")
     parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--tile", type=lambda v: (float(v.split(",")[0]), int(v.split(",")[1])),
+                        default=(TILE_MPP, PATCH_SIZE), metavar="MPP,PATCH",
+                        help=f"training resolution and patch size (default {TILE_MPP:g},{PATCH_SIZE})")
     parser.add_argument("--name", default="needle_bench", help="result file bench/results/NAME.json")
     parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
     parser.add_argument("--probe", nargs="+", metavar="MPP,PATCH", default=None,
@@ -375,7 +383,7 @@ def main() -> None:
         for ratio in args.ratios:
             for seed in args.seeds:
                 root = work / f"ratio{ratio}_seed{seed}"
-                manifest, tiles, specs, seconds = make_cohort(root, ratio, args.slides, seed)
+                manifest, tiles, specs, seconds = make_cohort(root, ratio, args.slides, seed, args.tile)
                 measured = [s.lesion_area_fraction() for s in specs if s.lesions]
                 cohorts.append({"ratio_preset_percent": ratio, "seed": seed, "slides": len(specs),
                                 "lesion_area_percent_median": round(100 * float(np.median(measured)), 4),
