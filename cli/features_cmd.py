@@ -13,8 +13,9 @@ from ips_path.store import find_stores
 @click.command("extract")
 @click.argument("tiles", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--encoder", default="resnet50", show_default=True,
-              help="Frozen encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>, or a foundation-model "
-                   "preset (see `ipspath features --help`; presets need --pretrained).")
+              help="Frozen encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>, stain_density (optical-density "
+                   "quantiles per channel, no weights; with --stain-norm), or a foundation-model preset (see "
+                   "`ipspath features --help`; presets need --pretrained).")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
               help="Local weights file of the encoder (torchvision/timm state dict). Nothing is downloaded.")
 @click.option("--name", help="Name of the cached array features/<name> (default: the encoder name).")

@@ -144,7 +144,7 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         identity["stain_norm"] = True
     settings = FeatureSettings(encoder_name, name, None if weights is None else str(weights), identity, device,
                                chunk_size, threads, overwrite, stain_norm)
-    if pretrained is None:
+    if pretrained is None and encoder_name != "stain_density":  # the one encoder without weights
         log.warning("no --pretrained weights: %s keeps its random (seeded) initialisation; such features are "
                     "only good for trying the pipeline", encoder_name)
     _encoder(settings)  # a bad encoder name or weights file fails here, once, before any slide

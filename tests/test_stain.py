@@ -18,21 +18,27 @@ from ips_path.features import extract_features
 from ips_path.loader import PatchStreamer
 from ips_path.stain import REFERENCE_OD, normalization_lut, optical_density, slide_stain_od
 from ips_path.store import TileStore, write_tile_store
-from ips_path.synth import write_synthetic_slide
+from ips_path.synth import SlideSpec, write_synthetic_slide
 
 
-def _slide_store(tmp_path, name: str, stain_shift: float, seed: int = 5) -> TileStore:
-    """The same tissue (``seed``), stained as ``stain_shift`` draws it, tiled on a 64 px grid at 1 µm/px."""
+def _tiled(tmp_path, name: str, width: int = 768, height: int = 512, **slide_options) -> tuple[SlideSpec, TileStore]:
+    """A generated slide at 1 µm/px and its tile store on a 64 px grid (every patch, glass included)."""
     slide = tmp_path / f"{name}.svs"
-    write_synthetic_slide(slide, 768, 512, mpp=1.0, downsamples=(1, 4), seed=seed, tissue=1, lesions=1,
-                          lesion_diameter_um=(60.0, 90.0), nucleus_scale=1.4, stain_shift=stain_shift)
-    xs, ys = np.arange(0, 768 - 63, 64), np.arange(0, 512 - 63, 64)
+    spec = write_synthetic_slide(slide, width, height, mpp=1.0, downsamples=(1, 4), tissue=1, lesions=1,
+                                 nucleus_scale=1.4, **slide_options)
+    xs, ys = np.arange(0, width - 63, 64), np.arange(0, height - 63, 64)
     coords = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
-    return write_tile_store(tmp_path / "tiles" / f"{name}.zarr", coords, np.ones(len(coords), np.float32),
-                            np.ones((4, 4), np.uint8), 8.0,
-                            {"slide_path": str(slide), "level0_mpp": [1.0, 1.0], "target_mpp": 1.0,
-                             "patch_size": 64, "patch_size_level0": 64, "stride_level0": 64, "read_level": 0,
-                             "read_size": 64})
+    store = write_tile_store(tmp_path / "tiles" / f"{name}.zarr", coords, np.ones(len(coords), np.float32),
+                             np.ones((4, 4), np.uint8), 8.0,
+                             {"slide_path": str(slide), "level0_mpp": [1.0, 1.0], "target_mpp": 1.0,
+                              "patch_size": 64, "patch_size_level0": 64, "stride_level0": 64, "read_level": 0,
+                              "read_size": 64})
+    return spec, store
+
+
+def _slide_store(tmp_path, name: str, stain_shift: float) -> TileStore:
+    """The same tissue (seed 5), stained as ``stain_shift`` draws it."""
+    return _tiled(tmp_path, name, seed=5, lesion_diameter_um=(60.0, 90.0), stain_shift=stain_shift)[1]
 
 
 def _patches(store: TileStore, stain_norm: bool) -> torch.Tensor:
@@ -122,3 +128,30 @@ def test_features_with_stain_norm_are_another_identity_refused_under_the_same_na
     assert again[0].status == "reused"
     plain = extract_features([shifted.path], "smallcnn", name="cnn", progress=False)
     assert plain[0].status == "refused" and "stain_norm" in plain[0].error and "--overwrite" in plain[0].error
+
+
+def test_stain_density_finds_the_lesion_of_a_stain_shifted_slide_by_its_darkest_nuclei(tmp_path):
+    from ips_path.features import embed_store
+    from ips_path.model import build_encoder
+    from ips_path.synth import lesion_fractions
+
+    spec, store = _tiled(tmp_path, "lesion", 1024, 768, seed=9, lesion_diameter_um=(50.0, 60.0), stain_shift=0.3)
+    encoder = build_encoder("stain_density")
+    assert encoder.out_dim == 9
+    with PatchStreamer(chunk_size=64, threads=2, stain_norm=True) as streamer:
+        density = embed_store(encoder, store, streamer).astype(np.float32)
+    green_p99 = density[:, 5]
+    in_lesion = lesion_fractions(spec, store.coords, store.patch_size_level0) > 0
+    assert in_lesion.any() and in_lesion[int(np.argmax(green_p99))]
+    # the median of a patch with tissue is above that of glass
+    assert density[:, 4].max() > 0.1 and density[:, 4].min() < 0.05
+
+
+def test_stain_density_is_refused_for_patches_that_are_not_rgb():
+    from ips_path.errors import BadInputError
+    from ips_path.model import build_encoder
+
+    with pytest.raises(BadInputError, match="RGB"):
+        build_encoder("stain_density")(torch.zeros((2, 1, 8, 8), dtype=torch.uint8))
+    with pytest.raises(BadInputError, match="quantiles"):
+        build_encoder("stain_density", quantiles=(0.5, 1.5))

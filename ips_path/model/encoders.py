@@ -28,6 +28,7 @@ __all__ = [
     "PixelNormalizer",
     "ResNet",
     "SmallCNN",
+    "StainDensity",
     "build_encoder",
     "load_weights",
 ]
@@ -219,6 +220,42 @@ class SmallCNN(nn.Module):
         return self.pool(self.forward_features(x)).flatten(1)
 
 
+class StainDensity(nn.Module):
+    """Quantiles of each colour channel's optical density over a patch: a descriptor without parameters.
+
+    How much stain a patch holds (the median) and how dark its darkest structures are (the upper
+    quantiles: nuclei, and hyperchromatic nuclei above all). Nothing to train or download, and cheap on a
+    CPU; meant for ``ipspath features`` on stain-normalised patches (``--stain-norm``), where darker
+    means darker than the reference rather than a darker lab.
+
+    Parameters
+    ----------
+    quantiles : sequence of float
+        Quantiles (0-1) taken per channel; ``out_dim = 3 * len(quantiles)``, ordered channel-major
+        (R at each quantile, then G, then B).
+    """
+
+    def __init__(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)):
+        super().__init__()
+        if not quantiles or not all(0 <= q <= 1 for q in quantiles):
+            raise BadInputError(f"stain_density quantiles must lie in [0, 1], got {list(quantiles)}")
+        self.quantiles = tuple(float(q) for q in quantiles)
+        self.out_dim = 3 * len(self.quantiles)
+        from ips_path.stain import BACKGROUND_RGB
+
+        self.register_buffer("background", torch.tensor(BACKGROUND_RGB).view(1, 3, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise BadInputError(f"stain_density expects RGB patches (n, 3, H, W), got shape {tuple(x.shape)}")
+        intensity = x.float() if x.dtype == torch.uint8 else x.float() * 255
+        density = (-torch.log(intensity.flatten(2).clamp_min(1) / self.background)).clamp_min(0)
+        ordered = density.sort(dim=2).values  # (n, 3, P*P)
+        last = ordered.shape[2] - 1
+        picks = torch.tensor([round(q * last) for q in self.quantiles], device=x.device)
+        return ordered[:, :, picks].flatten(1)
+
+
 class FeatureProjector(nn.Module):
     """LayerNorm -> Linear -> BatchNorm -> ReLU over cached patch embeddings (``encoder="features"``).
 
@@ -267,7 +304,8 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
     ----------
     name : str
         ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (keyword ``stages`` keeps the first 1-4 stages),
-        ``"smallcnn"`` (keywords ``widths``, ``pool``), ``"features"`` (projector over cached embeddings; needs
+        ``"smallcnn"`` (keywords ``widths``, ``pool``), ``"stain_density"`` (:class:`StainDensity`, keyword
+        ``quantiles``), ``"features"`` (projector over cached embeddings; needs
         ``in_features``, keyword ``out_dim``, default 128), ``"timm:<model name>"`` (needs timm), or a
         foundation-model preset of :data:`~ips_path.model.foundation.ENCODER_PRESETS` (``uni_v1``, ...,
         ``resnet50_trunc``; keyword ``train_blocks``).
@@ -292,6 +330,8 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
         ignore = encoder.ignored_weight_prefixes()
     elif name == "smallcnn":
         encoder, ignore = SmallCNN(in_channels=in_channels, **kw), ()
+    elif name == "stain_density":
+        encoder, ignore = StainDensity(**kw), ()
     elif name == "features":
         if in_features is None:
             raise BadInputError("encoder 'features' needs in_features, the dimension of the cached embeddings")
@@ -303,7 +343,7 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
 
         return build_preset(name, pretrained, **kw)
     else:
-        raise BadInputError(f"unknown encoder {name!r}; choose resnet18, resnet34, resnet50, smallcnn, "
+        raise BadInputError(f"unknown encoder {name!r}; choose resnet18, resnet34, resnet50, smallcnn, stain_density, "
                             f"features, timm:<name> or a preset ({', '.join(_presets())})")
     if pretrained is not None:
         load_weights(encoder, pretrained, ignore_prefixes=ignore)
