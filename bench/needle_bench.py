@@ -51,6 +51,7 @@ import torch
 
 from ips_path.checkpoint import load_model
 from ips_path.config import TrainConfig
+from ips_path.features import extract_features
 from ips_path.loader import PatchStreamer
 from ips_path.metrics import roc_auc
 from ips_path.store import TileStore
@@ -77,6 +78,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "large_m_explore": {"n_select": 64, "explore": 0.5},
     "all_patches": {"n_select": 512},  # M >= N: every patch of these slides is trained on
     "stain_norm": {"stain_norm": True},
+    # Cached stain_density features (optical-density quantiles, no weights) of stain-normalised patches,
+    # read by the projector without its LayerNorm, M = 16 of which half drawn as the slide's most atypical
+    # patches; then each of these choices undone alone.
+    "density": {"features": "stain_density", "stain_norm": True, "feature_norm": "none", "explore": 0.5,
+                "explore_mode": "atypical", "epochs": 20},
+    "density_uniform": {"features": "stain_density", "stain_norm": True, "feature_norm": "none", "explore": 0.5,
+                        "epochs": 20},
+    "density_greedy": {"features": "stain_density", "stain_norm": True, "feature_norm": "none", "epochs": 20},
+    "density_layernorm": {"features": "stain_density", "stain_norm": True, "explore": 0.5,
+                          "explore_mode": "atypical", "epochs": 20},
+    "density_raw": {"features": "stain_density", "feature_norm": "none", "explore": 0.5, "explore_mode": "atypical",
+                    "epochs": 20},
 }
 
 
@@ -136,13 +149,25 @@ def _add_splits(manifest: Path, specs: list, seed: int) -> None:
 
 
 def run_variant(name: str, manifest: Path, tiles: Path, specs: list, out: Path, epochs: int, seed: int) -> dict:
-    config = TrainConfig(**{**BASE, "epochs": epochs, "seed": seed, **VARIANTS[name]})
+    settings = {**BASE, "epochs": epochs, "seed": seed, **VARIANTS[name]}
     clock, cpu = time.perf_counter(), cpu_seconds()
+    features_seconds = {}
+    if settings.get("features"):  # cached once per cohort and staining, reused by the variants that share them
+        encoder = settings["features"]
+        settings["features"] = f"{encoder}{'_stain_norm' if settings.get('stain_norm') else ''}"
+        outcomes = extract_features(sorted(tiles.glob("*.zarr")), encoder, name=settings["features"], device="cpu",
+                                    threads=2, stain_norm=bool(settings.get("stain_norm")), progress=False)
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+        features_seconds = {"features_wall": round(time.perf_counter() - clock, 1),
+                            "features_cpu": round(cpu_seconds() - cpu, 1),
+                            "features_reused": all(o.status == "reused" for o in outcomes)}
+        clock, cpu = time.perf_counter(), cpu_seconds()
+    config = TrainConfig(**settings)
     result = train(manifest, tiles, out, config, progress=False)
     train_wall, train_cpu = time.perf_counter() - clock, cpu_seconds() - cpu
     clock, cpu = time.perf_counter(), cpu_seconds()
     model, _ = load_model(out / ("best.pt" if (out / "best.pt").exists() else "last.pt"))
-    test = _score_test(model, tiles, specs, manifest, config.threads)
+    test = _score_test(model, tiles, specs, manifest, config.threads, config.features)
     return {"variant": name, "config": {k: v for k, v in VARIANTS[name].items()}, **test,
             "best_epoch": result.best_epoch,
             "train_selected_in_lesion": [round(r.get("train_selected_in_lesion", float("nan")), 4)
@@ -150,11 +175,11 @@ def run_variant(name: str, manifest: Path, tiles: Path, specs: list, out: Path, 
             "train_lesion_found": [round(r.get("train_lesion_found", float("nan")), 3) for r in result.history],
             "train_loss": [round(r["train_loss"], 4) for r in result.history],
             "val_auc": [round(r.get("val_auc", float("nan")), 3) for r in result.history],
-            "seconds": {"train_wall": round(train_wall, 1), "train_cpu": round(train_cpu, 1),
+            "seconds": {**features_seconds, "train_wall": round(train_wall, 1), "train_cpu": round(train_cpu, 1),
                         "test_wall": round(time.perf_counter() - clock, 1), "test_cpu": round(cpu_seconds() - cpu, 1)}}
 
 
-def _score_test(model: Any, tiles: Path, specs: list, manifest: Path, threads: int) -> dict:
+def _score_test(model: Any, tiles: Path, specs: list, manifest: Path, threads: int, features: str | None) -> dict:
     with manifest.open(newline="") as f:
         test_ids = {row["slide_id"] for row in csv.DictReader(f) if row["split"] == "test"}
     labels, probabilities, hits, lookalike_tops = [], [], [], []
@@ -163,7 +188,8 @@ def _score_test(model: Any, tiles: Path, specs: list, manifest: Path, threads: i
             if spec.path.stem not in test_ids:
                 continue
             store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
-            prediction = model.predict_slide(streamer.stream(store))
+            chunks = streamer.stream_features(store, features) if features else streamer.stream(store)
+            prediction = model.predict_slide(chunks)
             labels.append(bool(spec.lesions))
             probabilities.append(float(prediction.probabilities["label"][1]))
             top = store.coords[int(torch.argmax(prediction.selection.all_logits))][None]
