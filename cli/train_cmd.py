@@ -121,6 +121,10 @@ def _help(text: str, name: str) -> str:
               help=_help("Share of M drawn at random from the rest of each training slide (0: greedy top-M, "
                          "the paper). May help IPS find lesions far smaller than the slide; see the README.",
                          "explore"))
+@click.option("--explore-mode", type=click.Choice(["uniform", "atypical"]),
+              help=_help("How --explore draws its share: uniform, or atypical = the patches least like the rest "
+                         "of their slide (farthest from its mean embedding), where micro-lesions are.",
+                         "explore_mode"))
 @click.option("--instance-loss", type=float,
               help=_help("Weight of an instance loss on the selection scores: top patches of positive slides "
                          "up, of negative slides down (0: off; two classes only).", "instance_loss"))

@@ -25,6 +25,7 @@ MONITORS = ("auc", "balanced_accuracy", "loss", "c_index")
 TASKS = ("classification", "survival")
 SURVIVAL_LOSSES = ("cox", "nll")
 SCORES = ("logit", "paper")
+EXPLORE_MODES = ("uniform", "atypical")
 POS_ENCODINGS = ("none", "1d", "2d")
 # Settings that change where and how fast a run computes, not its result: a resumed run may change them.
 RUNTIME_FIELDS = ("device", "threads")
@@ -119,6 +120,10 @@ class TrainConfig:
         Share of M drawn at random from the rest of each training slide instead of by score, so that
         patches the model overlooks still reach the gradient phase (0: the paper's greedy top-M).
         Validation and prediction always select greedily.
+    explore_mode : {"uniform", "atypical"}
+        How that share is drawn: uniformly at random, or the patches farthest from their slide's mean
+        embedding (standardised per dimension), i.e. the rarest patches of the slide, where a
+        micro-lesion is (see the README's small-lesion section).
     instance_loss : float
         Weight of a CLAM-style instance loss on the selection scores (0: off): the ``instance_k``
         best-scored trained patches of a positive slide count as positive, its ``instance_k`` worst and
@@ -164,6 +169,7 @@ class TrainConfig:
     time_unit: str = "months"
     risk_groups: int = 2
     explore: float = 0.0
+    explore_mode: str = "uniform"
     instance_loss: float = 0.0
     instance_k: int = 2
 
@@ -206,7 +212,8 @@ class TrainConfig:
         if self.pos_encoding == "2d" and self.dim % 4:
             problems.append(f"--pos-encoding 2d needs --dim divisible by 4, got {self.dim}")
         for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS),
-                              ("task", TASKS), ("survival_loss", SURVIVAL_LOSSES)):
+                              ("task", TASKS), ("survival_loss", SURVIVAL_LOSSES),
+                              ("explore_mode", EXPLORE_MODES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.train_blocks is not None and (self.train_blocks < 0 or self.features is not None):

@@ -409,7 +409,8 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             targets = _batch_targets(model, batch)
             out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
                              grad_clip=config.grad_clip or None, class_weights=class_weights,
-                             explore=config.explore, instance_loss=config.instance_loss,
+                             explore=config.explore, explore_mode=config.explore_mode,
+                             instance_loss=config.instance_loss,
                              instance_k=config.instance_k)
             loss = mean_over_processes(out["loss"], procs)
             if not math.isfinite(loss):

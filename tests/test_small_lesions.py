@@ -124,3 +124,67 @@ def test_training_reports_how_often_it_trained_on_lesions_where_the_stores_know_
     assert row["train_selected_in_lesion"] == 1.0
     assert row["train_lesion_found"] == 1.0
     assert (tmp_path / "truth" / "metrics.csv").read_text().count("train_selected_in_lesion") == 1
+
+
+def _needle_bags(n_slides: int = 12, n_patches: int = 200, seed: int = 0
+                 ) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """Feature bags where half the slides hold one "lesion" patch unlike the rest: the bags, their labels,
+    the lesion indices. Patches vary in the first half of the dimensions, the lesion in the second (a
+    direction, not only a size, so the encoder's LayerNorm keeps it)."""
+    g = torch.Generator().manual_seed(seed)
+    half = DIM // 2
+    pattern = torch.cat((torch.zeros(half), torch.tensor([3.0, -3.0] * (half // 2))))
+    spread = torch.cat((torch.ones(half), torch.full((half,), 0.1)))
+    bags, labels, lesions = [], [], []
+    for i in range(n_slides):
+        x = torch.randn(n_patches, DIM, generator=g) * spread
+        where = int(torch.randint(n_patches, (1,), generator=g))
+        if i % 2:
+            x[where] += pattern
+        bags.append(x)
+        labels.append(i % 2)
+        lesions.append(where)
+    return bags, labels, lesions
+
+
+def test_atypical_exploration_draws_the_patch_least_like_its_slide_where_uniform_draws_miss_it():
+    bags, labels, lesions = _needle_bags()
+    model = feature_model(n_select=8)
+    for x, label, lesion in zip(bags, labels, lesions, strict=True):
+        if not label:
+            continue
+        atypical = model.select_top_patches(chunks(x, 32), explore=0.5, explore_mode="atypical")
+        assert lesion in atypical.indices.tolist()
+        assert len(set(atypical.indices.tolist())) == 8
+        # the best M - k by score are kept as with uniform exploration
+        assert set(torch.topk(atypical.all_logits, 4).indices.tolist()) <= set(atypical.indices.tolist())
+        assert lesion not in model.predict_slide(chunks(x, 32)).selection.indices.tolist()  # prediction: greedy
+    torch.manual_seed(0)
+    uniform_hits = sum(lesion in model.select_top_patches(chunks(x, 32), explore=0.5).indices.tolist()
+                       for x, label, lesion in zip(bags, labels, lesions, strict=True) if label)
+    assert uniform_hits <= 2  # 4 draws of 200 patches: about 2 % per slide
+    with pytest.raises(BadInputError, match="explore_mode"):
+        model.select_top_patches(chunks(bags[0]), explore=0.5, explore_mode="attention")
+    with pytest.raises(BadInputError, match="--explore-mode"):
+        TrainConfig(explore_mode="attention")
+
+
+def test_atypical_exploration_trains_every_positive_slide_on_its_needle_where_uniform_draws_almost_never_do():
+    bags, labels, lesions = _needle_bags()
+    results = {}
+    for mode in ("uniform", "atypical"):
+        model = feature_model(n_select=8)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = np.random.default_rng(0)
+        torch.manual_seed(0)
+        trained_on_lesion = []
+        for _ in range(10):
+            ids = g.choice(len(bags), 4, replace=False)
+            targets = {"label": torch.tensor([labels[i] for i in ids])}
+            out = train_step(model, [chunks(bags[i], 32) for i in ids], targets, optimizer, explore=0.5,
+                             explore_mode=mode)
+            trained_on_lesion += [lesions[i] in sel.tolist() for i, sel in zip(ids, out["selected"], strict=True)
+                                  if labels[i]]
+        results[mode] = float(np.mean(trained_on_lesion))
+    assert results["atypical"] == 1.0  # while the weights change, the needle stays the slide's rarest patch
+    assert results["uniform"] < 0.2  # measured: 0.01

@@ -18,7 +18,17 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ..errors import BadInputError, IpspathError
 from .aggregator import CrossAttentionAggregator
 from .chunks import PatchChunk, rechunk
-from .selection import SCORES, Candidates, Selection, finish, scores_of, top_positions
+from .selection import (
+    EXPLORE_MODES,
+    SCORES,
+    AtypicalDraw,
+    Candidates,
+    Selection,
+    finish,
+    join_drawn,
+    scores_of,
+    top_positions,
+)
 from .tasks import Task, compute_loss, task_losses
 
 __all__ = ["IPSModel", "Selection", "SlidePrediction", "compute_loss", "train_step"]
@@ -132,13 +142,16 @@ class IPSModel(nn.Module):
         """What the positional encoding takes: stream ``indices`` for "1d", ``grid`` positions for "2d"."""
         return {"1d": indices, "2d": grid}.get(self.aggregator.pos_encoding)
 
-    def select_top_patches(self, chunks: Iterable[PatchChunk], *, explore: float = 0.0) -> Selection:
+    def select_top_patches(self, chunks: Iterable[PatchChunk], *, explore: float = 0.0,
+                           explore_mode: str = "uniform") -> Selection:
         """Stream the chunks of one slide and keep the M best patches (see ``score``).
 
         With ``explore`` > 0 (training), only the best ``M - k`` are kept by score and ``k = round(explore * M)``
         more are drawn uniformly at random from the rest of the slide (keys from torch's default generator,
         so seeded runs repeat), so that patches the current model overlooks still reach the gradient phase.
-        Up to M more patches are then held during the stream.
+        Up to M more patches are then held during the stream. ``explore_mode="atypical"`` draws the ``k``
+        instead as the patches farthest from the slide's mean embedding (see :class:`AtypicalDraw`): rare
+        patches such as micro-lesions, which a uniform draw of a few patches almost never reaches.
 
         Runs in eval mode under ``torch.no_grad()``, restoring the caller's mode. The buffer fills with the
         first patches; every later chunk of I competes with it, so only M + I patches are held at a time.
@@ -157,19 +170,22 @@ class IPSModel(nn.Module):
         self.eval()
         try:
             with torch.no_grad():
-                return self._select(chunks, explore)
+                return self._select(chunks, explore, explore_mode)
         finally:
             self.train(was_training)
 
-    def _select(self, chunks: Iterable[PatchChunk], explore: float = 0.0) -> Selection:
+    def _select(self, chunks: Iterable[PatchChunk], explore: float = 0.0, explore_mode: str = "uniform") -> Selection:
         if not 0 <= explore <= 1:
             raise BadInputError(f"explore must be a share of M in [0, 1], got {explore}")
+        if explore_mode not in EXPLORE_MODES:
+            raise BadInputError(f"explore_mode must be one of {', '.join(EXPLORE_MODES)}, got {explore_mode!r}")
         device = self.device
         n_random = round(explore * self.n_select)
         n_greedy = self.n_select - n_random
         buffer: Candidates | None = None
         buffer_scores = torch.empty(0)
-        drawn = _RandomDraw(self.n_select) if n_random else None
+        draw = _RandomDraw if explore_mode == "uniform" else AtypicalDraw
+        drawn = draw(self.n_select) if n_random else None
         all_logits: list[torch.Tensor] = []
         task_logits: list[torch.Tensor] = []  # per task, for the viewer: only with several tasks
         n_seen = 0
@@ -195,7 +211,7 @@ class IPSModel(nn.Module):
         if buffer is None:
             raise BadInputError("the slide has no patches to select from (empty tile store or no tissue found)")
         if drawn is not None:
-            buffer, buffer_scores = drawn.join(buffer, buffer_scores, n_random, self.score)
+            buffer, buffer_scores = join_drawn(drawn.pool, drawn.keys(), buffer, buffer_scores, n_random, self.score)
         selection = finish(buffer, buffer_scores, all_logits)
         if task_logits:
             selection.task_logits = torch.cat(task_logits, dim=1)
@@ -343,27 +359,18 @@ class _RandomDraw:
     def __init__(self, size: int):
         self.size = size
         self.pool: Candidates | None = None
-        self.keys = torch.empty(0)
+        self._keys = torch.empty(0)
 
     def offer(self, incoming: Candidates) -> None:
         keys = torch.rand(len(incoming)).to(incoming.logit_scores.device)
         pool = incoming if self.pool is None else self.pool.cat(incoming)
-        keys = keys if self.pool is None else torch.cat((self.keys, keys))
+        keys = keys if self.pool is None else torch.cat((self._keys, keys))
         keep = top_positions(-keys, self.size)
-        self.pool, self.keys = pool.take(keep), keys[keep]
+        self.pool, self._keys = pool.take(keep), keys[keep]
 
-    def join(self, greedy: Candidates, greedy_scores: torch.Tensor, n: int, score: str
-             ) -> tuple[Candidates, torch.Tensor]:
-        """``greedy`` plus up to ``n`` drawn patches that are not in it (the pool holds M >= n of them)."""
-        assert self.pool is not None
-        fresh = ~torch.isin(self.pool.indices, greedy.indices)
-        order = torch.argsort(torch.where(fresh, self.keys, torch.full_like(self.keys, 2.0)))
-        chosen = order[:min(n, int(fresh.sum()))].sort().values
-        extra = self.pool.take(chosen)
-        joined = greedy.cat(extra)
-        # the paper score ranks within its competition; drawn patches carry their own logit score
-        extra_scores = extra.logit_scores if score == "logit" else torch.zeros(len(extra), device=greedy_scores.device)
-        return joined, torch.cat((greedy_scores, extra_scores.to(greedy_scores.dtype)))
+    def keys(self) -> torch.Tensor:
+        """Draw order of the pool: lower first."""
+        return self._keys
 
 
 @contextlib.contextmanager
@@ -396,7 +403,8 @@ def _pad(x: torch.Tensor, m: int) -> torch.Tensor:
 def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets: Mapping[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, *, autocast_dtype: torch.dtype | None = None,
                grad_clip: float | None = None, class_weights: Mapping[str, torch.Tensor] | None = None,
-               explore: float = 0.0, instance_loss: float = 0.0, instance_k: int = 2) -> dict[str, Any]:
+               explore: float = 0.0, explore_mode: str = "uniform", instance_loss: float = 0.0,
+               instance_k: int = 2) -> dict[str, Any]:
     """One IPS training step on a batch of B slides.
 
     Selection of each slide (eval, no_grad), then one gradient phase on the ``(B, M, ...)`` batch in train
@@ -420,6 +428,8 @@ def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets:
     explore : float
         Share of M drawn at random from the rest of each slide instead of by score (see
         :meth:`IPSModel.select_top_patches`); 0: the paper's greedy top-M.
+    explore_mode : {"uniform", "atypical"}
+        How the explored share is drawn: uniformly, or the patches least like the rest of their slide.
     instance_loss : float
         Weight of an instance-level loss on the selection scores (see :func:`instance_loss`); 0: off.
         Needs one task with two classes (the second is the positive one).
@@ -437,7 +447,7 @@ def train_step(model: IPSModel, slides: Sequence[Iterable[PatchChunk]], targets:
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with amp:
-        selections = [model.select_top_patches(chunks, explore=explore) for chunks in slides]
+        selections = [model.select_top_patches(chunks, explore=explore, explore_mode=explore_mode) for chunks in slides]
     patches, positions, mask = model.stack_selections(selections)
     n_selected = [len(s) for s in selections]
     selected = [s.indices.cpu() for s in selections]

@@ -6,9 +6,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SCORES", "Candidates", "Selection", "finish", "scores_of", "top_positions"]
+__all__ = ["EXPLORE_MODES", "SCORES", "AtypicalDraw", "Candidates", "Selection", "finish", "join_drawn", "scores_of",
+           "top_positions"]
 
 SCORES = ("logit", "paper")
+EXPLORE_MODES = ("uniform", "atypical")
 
 
 @dataclass
@@ -115,3 +117,60 @@ def finish(buffer: Candidates, scores: torch.Tensor, all_logits: list[torch.Tens
     return Selection(indices=buffer.indices[order], scores=scores[order].float(), patches=buffer.patches[order],
                      positions=positions, all_logits=torch.cat(all_logits).float().cpu(),
                      embeddings=buffer.embeddings[order])
+
+
+class AtypicalDraw:
+    """The ``size`` patches of a stream farthest from the slide's mean embedding: what is rare on the slide.
+
+    A micro-lesion covers one patch in a thousand, and at initialisation its attention score is as likely
+    to rank last as first, so a greedy top-M (or a uniform draw of a few patches) almost never trains on
+    it. What sets it apart before any training is that it is unlike the rest of its slide. The distance
+    of a patch is its Mahalanobis distance from the slide's mean embedding under the covariance of the
+    slide's embeddings (regularised by ``1e-3`` of their mean variance), so a patch that is unusual in a
+    direction along which the slide hardly varies counts, however small its embedding's norm. Mean and
+    covariance are running statistics over the patches seen so far; the pool's distances are recomputed
+    as they settle, so only patches dropped on the first chunk's estimate are lost.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pool: Candidates | None = None
+        self.count = 0
+        self.sum = self.sum_outer = torch.zeros(0)
+
+    def offer(self, incoming: Candidates) -> None:
+        emb = incoming.embeddings.double()
+        first = self.pool is None
+        self.count += emb.shape[0]
+        self.sum = emb.sum(0) if first else self.sum + emb.sum(0)
+        self.sum_outer = emb.T @ emb if first else self.sum_outer + emb.T @ emb
+        pool = incoming if first else self.pool.cat(incoming)
+        self.pool = pool.take(top_positions(self.distances(pool.embeddings), self.size))
+
+    def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of each ``(n, D)`` embedding from the slide's running mean, float32."""
+        mean = self.sum / self.count
+        cov = self.sum_outer / self.count - torch.outer(mean, mean)
+        ridge = 1e-3 * cov.diagonal().mean().clamp_min(1e-12)
+        cov = cov + ridge * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        centred = embeddings.double() - mean
+        return (centred * torch.linalg.solve(cov, centred.T).T).sum(1).float()
+
+    def keys(self) -> torch.Tensor:
+        """Draw order of the pool: lower first (the most atypical)."""
+        assert self.pool is not None
+        return -self.distances(self.pool.embeddings)
+
+
+def join_drawn(pool: Candidates, keys: torch.Tensor, greedy: Candidates, greedy_scores: torch.Tensor, n: int,
+               score: str) -> tuple[Candidates, torch.Tensor]:
+    """``greedy`` plus up to ``n`` patches of ``pool`` that are not in it, lowest ``keys`` first.
+
+    Drawn patches carry their own logit score (the paper score ranks within its competition: 0 for them).
+    """
+    fresh = ~torch.isin(pool.indices, greedy.indices)
+    order = torch.argsort(torch.where(fresh, keys, torch.full_like(keys, float("inf"))), stable=True)
+    chosen = order[:min(n, int(fresh.sum()))].sort().values
+    extra = pool.take(chosen)
+    extra_scores = extra.logit_scores if score == "logit" else torch.zeros(len(extra), device=greedy_scores.device)
+    return greedy.cat(extra), torch.cat((greedy_scores, extra_scores.to(greedy_scores.dtype)))
