@@ -58,7 +58,8 @@ def build_model(config: TrainConfig, n_classes: int | Sequence[int], in_features
         Load ``config.pretrained`` into the encoder (not when the weights come from a checkpoint).
     """
     if config.features is not None:
-        encoder = build_encoder("features", in_features=in_features, out_dim=config.dim)
+        encoder = build_encoder("features", in_features=in_features, out_dim=config.dim,
+                                layer_norm=config.feature_norm == "layer")
     else:
         if config.train_blocks is not None and config.encoder not in ENCODER_PRESETS:
             raise BadInputError(f"--train-blocks needs a ViT preset encoder ({', '.join(ENCODER_PRESETS)}), "

@@ -188,3 +188,21 @@ def test_atypical_exploration_trains_every_positive_slide_on_its_needle_where_un
         results[mode] = float(np.mean(trained_on_lesion))
     assert results["atypical"] == 1.0  # while the weights change, the needle stays the slide's rarest patch
     assert results["uniform"] < 0.2  # measured: 0.01
+
+
+def test_feature_norm_none_keeps_what_a_patch_says_through_the_size_of_its_features():
+    from ips_path.checkpoint import build_model
+
+    lesion_flag = torch.tensor([[0.0], [1.0]])  # one feature per patch: "this patch is a lesion"
+    bright = torch.stack((torch.ones(DIM), 3 * torch.ones(DIM)))  # every feature higher on the second patch
+    for norm, tells_apart in (("layer", False), ("none", True)):
+        for x in (lesion_flag, bright):
+            model = build_model(TrainConfig(features="cached", feature_norm=norm, dim=16, heads=2), 2,
+                                in_features=x.shape[1]).eval()
+            with torch.no_grad():
+                first, second = model.embed(x)
+            assert (not torch.allclose(first, second, atol=1e-4)) == tells_apart, (norm, x.shape)
+    with pytest.raises(BadInputError, match="--feature-norm is for cached features"):
+        TrainConfig(feature_norm="none")
+    with pytest.raises(BadInputError, match="--feature-norm"):
+        TrainConfig(features="cached", feature_norm="batch")

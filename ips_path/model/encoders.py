@@ -265,12 +265,17 @@ class FeatureProjector(nn.Module):
         Dimension D of the cached features, ``(n, D)`` float16 or float32.
     out_dim : int
         Output dimension.
+    layer_norm : bool
+        Start with a LayerNorm over each patch's D features. It rescales every patch to the same mean and
+        spread, so whatever a patch says through the size of its features is lost: a patch whose every
+        feature is high (darker nuclei in every stain channel) looks like one whose every feature is low,
+        and with D = 1 every patch looks the same. False keeps those sizes (Linear -> BatchNorm -> ReLU).
     """
 
-    def __init__(self, in_features: int, out_dim: int = 128):
+    def __init__(self, in_features: int, out_dim: int = 128, layer_norm: bool = True):
         super().__init__()
         self.in_features = in_features
-        self.norm = nn.LayerNorm(in_features)
+        self.norm = nn.LayerNorm(in_features) if layer_norm else nn.Identity()
         self.fc = nn.Linear(in_features, out_dim)
         self.bn = nn.BatchNorm1d(out_dim)
         self.relu = nn.ReLU(inplace=True)
@@ -306,7 +311,8 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
         ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (keyword ``stages`` keeps the first 1-4 stages),
         ``"smallcnn"`` (keywords ``widths``, ``pool``), ``"stain_density"`` (:class:`StainDensity`, keyword
         ``quantiles``), ``"features"`` (projector over cached embeddings; needs
-        ``in_features``, keyword ``out_dim``, default 128), ``"timm:<model name>"`` (needs timm), or a
+        ``in_features``, keywords ``out_dim``, default 128, and ``layer_norm``, default True),
+        ``"timm:<model name>"`` (needs timm), or a
         foundation-model preset of :data:`~ips_path.model.foundation.ENCODER_PRESETS` (``uni_v1``, ...,
         ``resnet50_trunc``; keyword ``train_blocks``).
     pretrained : path, optional
