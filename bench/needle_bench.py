@@ -82,14 +82,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # read by the projector without its LayerNorm, M = 16 of which half drawn as the slide's most atypical
     # patches; then each of these choices undone alone.
     "density": {"features": "stain_density", "stain_norm": True, "feature_norm": "none", "explore": 0.5,
-                "explore_mode": "atypical", "epochs": 20},
+                "explore_mode": "atypical", "epochs": 20, "lr": 3e-3},
     "density_uniform": {"features": "stain_density", "stain_norm": True, "feature_norm": "none", "explore": 0.5,
-                        "epochs": 20},
-    "density_greedy": {"features": "stain_density", "stain_norm": True, "feature_norm": "none", "epochs": 20},
+                        "epochs": 20, "lr": 3e-3},
+    "density_greedy": {"features": "stain_density", "stain_norm": True, "feature_norm": "none", "epochs": 20,
+                       "lr": 3e-3},
     "density_layernorm": {"features": "stain_density", "stain_norm": True, "explore": 0.5,
-                          "explore_mode": "atypical", "epochs": 20},
+                          "explore_mode": "atypical", "epochs": 20, "lr": 3e-3},
     "density_raw": {"features": "stain_density", "feature_norm": "none", "explore": 0.5, "explore_mode": "atypical",
-                    "epochs": 20},
+                    "epochs": 20, "lr": 3e-3},
 }
 
 
