@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -339,6 +340,22 @@ def test_ipspath_view_serves_until_interrupted(pred):
         process.send_signal(2)
         process.wait(timeout=30)
     assert process.returncode == 130
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ipspath_view_started_with_ctrl_c_ignored_still_stops_on_it_and_on_sigterm(pred, stop):
+    # Shells start background jobs (`ipspath view ... &` in a script) with SIGINT ignored, and children
+    # inherit that; the server must stop anyway.
+    process = subprocess.Popen([sys.executable, "-m", "ips_path.cli.main", "view", str(pred), "--port", "0"],
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert "http://127.0.0.1:" in process.stderr.readline()
+        process.send_signal(stop)
+        assert process.wait(timeout=30) == 130
+    finally:
+        process.kill()
+        process.wait()
 
 
 # -- in a real browser ------------------------------------------------------------------------------

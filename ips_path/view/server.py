@@ -34,7 +34,9 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -451,6 +453,7 @@ def serve(pred_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8
     cohort = open_cohort(pred_dir)
     app = ViewerApp(cohort, token=token, colormap=colormap, cache_bytes=cache_mb * 2**20)
     server = make_server(app, host, port)
+    _stop_on_interrupt_and_term()  # before the announcement: whoever reads it may stop the server at once
     announce(f"ipspath view: {len(cohort.ids)} slides of {cohort.pred_dir} at {viewer_url(server, token)} "
              "(Ctrl+C to stop)")
     try:
@@ -458,6 +461,18 @@ def serve(pred_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8
     finally:
         server.server_close()
         cohort.close()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_interrupt_and_term() -> None:
+    """Ctrl+C (SIGINT) and SIGTERM stop the server, even where it was started with SIGINT ignored, as
+    shells start background jobs (``ipspath view ... &`` in a script) and as children inherit it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _raise_interrupt)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _is_loopback_address(host: str) -> bool:
