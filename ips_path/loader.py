@@ -208,7 +208,7 @@ class PatchStreamer:
         self.augmentation = augmentation
         self.backend = backend
         self.stain_norm = stain_norm
-        self._stain_luts: dict[str, torch.Tensor] = {}  # store path -> (3, 256) table on the device
+        self._stain_luts: dict[tuple, torch.Tensor] = {}  # what the sample was read from -> (3, 256) table
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ipspath-read")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -273,7 +273,9 @@ class PatchStreamer:
 
     def _stain_lut(self, store: TileStore, slide: Slide | TiffTileReader) -> torch.Tensor:
         """The slide's stain-normalisation table, measured on an evenly spaced sample of its patches."""
-        key = str(Path(store.path).resolve())
+        # A store re-tiled in place (another slide, grid or level) during a long-lived streamer needs a new table.
+        key = (str(Path(store.path).resolve()), repr(store.attrs.get("slide_identity")), store.n_patches,
+               store.read_level, store.read_size)
         if key not in self._stain_luts:
             n = min(SAMPLE_PATCHES, store.n_patches)
             sample = store.coords[np.linspace(0, store.n_patches - 1, n).round().astype(np.int64)]
