@@ -23,6 +23,7 @@ from .selection import (
     SCORES,
     AtypicalDraw,
     Candidates,
+    RandomDraw,
     Selection,
     finish,
     join_drawn,
@@ -184,7 +185,7 @@ class IPSModel(nn.Module):
         n_greedy = self.n_select - n_random
         buffer: Candidates | None = None
         buffer_scores = torch.empty(0)
-        draw = _RandomDraw if explore_mode == "uniform" else AtypicalDraw
+        draw = RandomDraw if explore_mode == "uniform" else AtypicalDraw
         drawn = draw(self.n_select) if n_random else None
         all_logits: list[torch.Tensor] = []
         task_logits: list[torch.Tensor] = []  # per task, for the viewer: only with several tasks
@@ -351,26 +352,6 @@ class IPSModel(nn.Module):
         logits = {name: value[0].float() for name, value in logits.items()}
         probabilities = {t.name: t.probabilities(logits[t.name]) for t in self.tasks}
         return SlidePrediction(probabilities, logits, attention[0].float(), selection)
-
-
-class _RandomDraw:
-    """Patches drawn uniformly at random from a stream: the ``size`` with the smallest random keys."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.pool: Candidates | None = None
-        self._keys = torch.empty(0)
-
-    def offer(self, incoming: Candidates) -> None:
-        keys = torch.rand(len(incoming)).to(incoming.logit_scores.device)
-        pool = incoming if self.pool is None else self.pool.cat(incoming)
-        keys = keys if self.pool is None else torch.cat((self._keys, keys))
-        keep = top_positions(-keys, self.size)
-        self.pool, self._keys = pool.take(keep), keys[keep]
-
-    def keys(self) -> torch.Tensor:
-        """Draw order of the pool: lower first."""
-        return self._keys
 
 
 @contextlib.contextmanager

@@ -6,8 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["EXPLORE_MODES", "SCORES", "AtypicalDraw", "Candidates", "Selection", "finish", "join_drawn", "scores_of",
-           "top_positions"]
+__all__ = ["EXPLORE_MODES", "SCORES", "AtypicalDraw", "Candidates", "RandomDraw", "Selection", "finish",
+           "join_drawn", "scores_of", "top_positions"]
 
 SCORES = ("logit", "paper")
 EXPLORE_MODES = ("uniform", "atypical")
@@ -117,6 +117,26 @@ def finish(buffer: Candidates, scores: torch.Tensor, all_logits: list[torch.Tens
     return Selection(indices=buffer.indices[order], scores=scores[order].float(), patches=buffer.patches[order],
                      positions=positions, all_logits=torch.cat(all_logits).float().cpu(),
                      embeddings=buffer.embeddings[order])
+
+
+class RandomDraw:
+    """Patches drawn uniformly at random from a stream: the ``size`` with the smallest random keys."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.pool: Candidates | None = None
+        self._keys = torch.empty(0)
+
+    def offer(self, incoming: Candidates) -> None:
+        keys = torch.rand(len(incoming)).to(incoming.logit_scores.device)
+        pool = incoming if self.pool is None else self.pool.cat(incoming)
+        keys = keys if self.pool is None else torch.cat((self._keys, keys))
+        keep = top_positions(-keys, self.size)
+        self.pool, self._keys = pool.take(keep), keys[keep]
+
+    def keys(self) -> torch.Tensor:
+        """Draw order of the pool: lower first."""
+        return self._keys
 
 
 class AtypicalDraw:
