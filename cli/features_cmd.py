@@ -14,7 +14,7 @@ from ips_path.store import find_stores
 @click.argument("tiles", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--encoder", default="resnet50", show_default=True,
               help="Frozen encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>, stain_density (optical-density "
-                   "quantiles per channel, no weights; with --stain-norm), or a foundation-model preset (see "
+                   "quantiles per channel, no weights; stain-normalised), or a foundation-model preset (see "
                    "`ipspath features --help`; presets need --pretrained).")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
               help="Local weights file of the encoder (torchvision/timm state dict). Nothing is downloaded.")
@@ -23,15 +23,17 @@ from ips_path.store import find_stores
 @click.option("--chunk-size", default=128, show_default=True, help="Patches per forward pass.")
 @click.option("--threads", type=int, default=None,
               help="Threads reading tiles from the slide files. Default: the CPU cores this process may use.")
-@click.option("--stain-norm", is_flag=True, help="Bring each slide's staining to one reference (per-slide "
-                                                "normalisation in optical density) before the encoder.")
+@click.option("--stain-norm/--no-stain-norm", default=None,
+              help="Bring each slide's staining to one reference (per-slide normalisation in optical density) before "
+                   "the encoder.  [default: on for stain_density, whose numbers compare slides only on one staining; "
+                   "off for learned encoders]")
 @click.option("--overwrite", is_flag=True, help="Recompute cached features, and replace features of this name made by "
                                               "another encoder or other weights (otherwise refused).")
 @click.option("--scheduler", metavar="ADDRESS", help="Dask scheduler address (tcp://host:8786), or local:N, to embed "
                                                      "slides on a cluster (GPU workers: --resources GPU=1).")
 @click.pass_context
 def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretrained: str | None, name: str | None,
-                 device: str, chunk_size: int, threads: int | None, stain_norm: bool, overwrite: bool,
+                 device: str, chunk_size: int, threads: int | None, stain_norm: bool | None, overwrite: bool,
                  scheduler: str | None) -> int:
     """Embed every patch of the tile stores TILES (stores or folders of them) once with a frozen encoder
     (what `ipspath features TILES...` runs).

@@ -58,6 +58,9 @@ def build_model(config: TrainConfig, n_classes: int | Sequence[int], in_features
         Load ``config.pretrained`` into the encoder (not when the weights come from a checkpoint).
     """
     if config.features is not None:
+        if config.feature_norm == "auto":
+            raise BadInputError("feature_norm 'auto' is chosen from the cached features when training starts "
+                                "(ips_path.train_slides.resolve_feature_norm); give 'layer' or 'none' here")
         encoder = build_encoder("features", in_features=in_features, out_dim=config.dim,
                                 layer_norm=config.feature_norm == "layer")
     else:

@@ -26,7 +26,7 @@ TASKS = ("classification", "survival")
 SURVIVAL_LOSSES = ("cox", "nll")
 SCORES = ("logit", "paper")
 EXPLORE_MODES = ("uniform", "atypical")
-FEATURE_NORMS = ("layer", "none")
+FEATURE_NORMS = ("auto", "layer", "none")
 POS_ENCODINGS = ("none", "1d", "2d")
 # Settings that change where and how fast a run computes, not its result: a resumed run may change them.
 RUNTIME_FIELDS = ("device", "threads")
@@ -49,10 +49,12 @@ class TrainConfig:
     features : str or None
         Train on the cached embeddings ``features/<name>`` of the tile stores (``ipspath features``)
         instead of pixels; the encoder is then a small projector over them.
-    feature_norm : {"layer", "none"}
+    feature_norm : {"auto", "layer", "none"}
         With ``features``: whether the projector starts with a LayerNorm over each patch's features
         (see :class:`~ips_path.model.encoders.FeatureProjector`). ``"none"`` keeps how large each
         feature is, which a LayerNorm erases: needed for a few handcrafted features per patch.
+        ``"auto"``: ``"none"`` for features of a measurement encoder (``stain_density``), ``"layer"``
+        for learned embeddings; a run saves what it chose.
     n_select : int
         M, patches per slide kept for the gradient step.
     chunk_size : int
@@ -142,7 +144,7 @@ class TrainConfig:
     pretrained: str | None = None
     train_blocks: int | None = None
     features: str | None = None
-    feature_norm: str = "layer"
+    feature_norm: str = "auto"
     n_select: int = 32
     chunk_size: int = 128
     dim: int = 128
@@ -222,7 +224,7 @@ class TrainConfig:
                               ("explore_mode", EXPLORE_MODES), ("feature_norm", FEATURE_NORMS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.feature_norm != "layer" and self.features is None:
+        if self.feature_norm == "none" and self.features is None:
             problems.append("--feature-norm is for cached features (--features); pixels have no feature LayerNorm")
         if self.train_blocks is not None and (self.train_blocks < 0 or self.features is not None):
             problems.append(f"--train-blocks must be >= 0 and needs pixels (no features), got {self.train_blocks}")

@@ -29,7 +29,7 @@ from ips_path.errors import BadInputError
 from ips_path.identity import file_digest
 from ips_path.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.loader import PatchStreamer
-from ips_path.model.encoders import build_encoder
+from ips_path.model.encoders import MEASUREMENT_ENCODERS, build_encoder
 from ips_path.model.foundation import require_preset_weights
 from ips_path.parallel import map_slides, process_object
 from ips_path.store import TileStore, slide_id_from_path
@@ -81,7 +81,7 @@ class FeatureSettings:
 def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, name: str | None = None,
                      pretrained: str | os.PathLike | None = None, device: str = "cpu", chunk_size: int = 64,
                      threads: int | None = None, overwrite: bool = False, scheduler: str | None = None,
-                     progress: bool = True, stain_norm: bool = False) -> list[SlideOutcome]:
+                     progress: bool = True, stain_norm: bool | None = None) -> list[SlideOutcome]:
     """Embed the patches of every tile store with a frozen encoder and cache them in the store.
 
     Parameters
@@ -109,9 +109,11 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         the resource ``GPU=1``. Default: this process, one store after the other.
     progress : bool
         Show a progress bar over stores.
-    stain_norm : bool
+    stain_norm : bool, optional
         Bring each slide's staining to one reference before the encoder (:mod:`ips_path.stain`); part
-        of the features' identity.
+        of the features' identity. Default: only for measurement encoders
+        (:data:`~ips_path.model.encoders.MEASUREMENT_ENCODERS`, such as ``stain_density``), whose
+        numbers compare slides only on one staining; learned encoders see patches as they are.
 
     Returns
     -------
@@ -135,6 +137,8 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     if scheduler is None or device == "auto":  # Dask workers check the device they are given themselves
         device = str(resolve_device(device))
     require_preset_weights(encoder_name, pretrained)
+    if stain_norm is None:
+        stain_norm = encoder_name in MEASUREMENT_ENCODERS
     weights = None if pretrained is None else Path(pretrained).resolve()
     if weights is not None and not weights.is_file():
         raise BadInputError(f"{pretrained}: weights file not found; give the local file of the encoder's weights")
@@ -163,7 +167,7 @@ def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
         array = f"features/{settings.name}"
         store = TileStore.open(path)
         encoder = _encoder(settings)
-        identity = {**settings.identity, "dim": int(encoder.out_dim)}
+        identity = {**settings.identity, **getattr(encoder, "identity", {}), "dim": int(encoder.out_dim)}
         extra = {"store": str(path), "n_patches": store.n_patches}
         if store.has_array(array) and not settings.overwrite and \
                 check_identity(store.path / array, store.array_attrs(array).get("identity"), identity,

@@ -182,6 +182,8 @@ def resumed_config(checkpoint: Mapping[str, Any], config: TrainConfig) -> TrainC
     """The saved configuration with this invocation's runtime settings; other changes are refused."""
     saved = TrainConfig.from_dict(checkpoint["config"], source="the checkpoint")
     given, stored = config.as_dict(), saved.as_dict()
+    if given["feature_norm"] == "auto":  # chosen once, from the features, when the run started
+        given["feature_norm"] = stored["feature_norm"]
     changed = [f"{k} ({stored[k]!r} -> {given[k]!r})" for k in stored
                if k not in RUNTIME_FIELDS and given[k] != stored[k]]
     if changed:

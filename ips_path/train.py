@@ -101,7 +101,7 @@ from ips_path.run_folder import (
 )
 from ips_path.survival.cohort import check_events_in_splits, survival_splits
 from ips_path.survival.training import SurvivalRun
-from ips_path.train_slides import SlideItem, check_tile_stores, slide_chunks
+from ips_path.train_slides import SlideItem, check_tile_stores, resolve_feature_norm, slide_chunks
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
         check_same_run(checkpoint, classes, splits, out_dir)
     used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
     items, tiling, in_features = check_tile_stores(used, tiles_dir, manifest, config, classes)
+    config = resolve_feature_norm(config, list(items.values()))
     survival = None
     if survival_task:
         survival = SurvivalRun.from_rows(config, [r for r in used if splits[r.slide_id] == "train" and

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,13 @@ from ips_path.errors import BadInputError
 from ips_path.loader import PatchStreamer
 from ips_path.manifest import ManifestRow
 from ips_path.model import PatchChunk
+from ips_path.model.encoders import MEASUREMENT_ENCODERS
 from ips_path.store import TileStore, store_path
 from ips_path.tiling.grid import same_mpp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SlideItem", "check_tile_stores", "slide_chunks"]
+__all__ = ["SlideItem", "check_tile_stores", "resolve_feature_norm", "slide_chunks"]
 
 @dataclass(frozen=True)
 class SlideItem:
@@ -128,6 +129,16 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
         raise BadInputError(f"cached features {array!r} differ in dimension between slides: {listing}; "
                             f"recompute them with `ipspath features {tiles_dir} --name {name} --overwrite`")
     return next(iter(dims.values()))
+
+
+def resolve_feature_norm(config: TrainConfig, items: Sequence[SlideItem]) -> TrainConfig:
+    """``config`` with ``feature_norm="auto"`` made concrete: ``"none"`` when a measurement encoder
+    (``stain_density``) made the cached features of every slide, else ``"layer"``."""
+    if config.feature_norm != "auto" or config.features is None:
+        return config
+    array = f"features/{config.features}"
+    encoders = {TileStore.open(item.store).array_attrs(array).get("identity", {}).get("encoder") for item in items}
+    return replace(config, feature_norm="none" if encoders <= MEASUREMENT_ENCODERS else "layer")
 
 
 def slide_chunks(streamer: PatchStreamer, item: SlideItem, features: str | None) -> Iterator[PatchChunk]:

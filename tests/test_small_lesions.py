@@ -206,3 +206,36 @@ def test_feature_norm_none_keeps_what_a_patch_says_through_the_size_of_its_featu
         TrainConfig(feature_norm="none")
     with pytest.raises(BadInputError, match="--feature-norm"):
         TrainConfig(features="cached", feature_norm="batch")
+
+
+def test_feature_norm_auto_keeps_the_size_of_measured_features_and_normalises_learned_ones(cohort, tmp_path):
+    import shutil
+
+    import yaml
+
+    from ips_path.checkpoint import build_model, load_model
+    from ips_path.features import extract_features
+    from ips_path.train import train
+
+    manifest, shared_tiles = cohort
+    tiles = shutil.copytree(shared_tiles, tmp_path / "tiles")
+    stores = sorted(tiles.glob("*.zarr"))
+    assert all(o.ok for o in extract_features(stores, "stain_density", progress=False))
+    assert all(o.ok for o in extract_features(stores, "smallcnn", progress=False))
+    config = TrainConfig(n_select=4, chunk_size=16, dim=16, heads=2, batch_size=4, epochs=1, threads=1,
+                         device="cpu")
+    assert config.feature_norm == "auto"
+    for features, chosen in (("stain_density", "none"), ("smallcnn", "layer")):
+        run = tmp_path / features
+        train(manifest, tiles, run, TrainConfig(**{**config.as_dict(), "features": features}), progress=False)
+        assert yaml.safe_load((run / "config.yaml").read_text())["feature_norm"] == chosen
+        model, _ = load_model(run / "last.pt")
+        assert isinstance(model.encoder.norm, torch.nn.LayerNorm) == (chosen == "layer")
+    # resuming with the default takes the run's choice; asking for the other one is a changed setting
+    resumed = TrainConfig(**{**config.as_dict(), "features": "stain_density"})
+    train(manifest, tiles, tmp_path / "stain_density", resumed, resume=True, progress=False)
+    with pytest.raises(BadInputError, match="feature_norm"):
+        train(manifest, tiles, tmp_path / "stain_density",
+              TrainConfig(**{**resumed.as_dict(), "feature_norm": "layer"}), resume=True, progress=False)
+    with pytest.raises(BadInputError, match="auto"):  # a model is never built on an unmade choice
+        build_model(TrainConfig(features="cached"), 2, in_features=9)

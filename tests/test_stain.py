@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from ips_path.checkpoint import load_model
+from ips_path.errors import BadInputError
 from ips_path.cli.main import cli
 from ips_path.features import extract_features
 from ips_path.loader import PatchStreamer
@@ -148,10 +149,41 @@ def test_stain_density_finds_the_lesion_of_a_stain_shifted_slide_by_its_darkest_
 
 
 def test_stain_density_is_refused_for_patches_that_are_not_rgb():
-    from ips_path.errors import BadInputError
     from ips_path.model import build_encoder
 
     with pytest.raises(BadInputError, match="RGB"):
         build_encoder("stain_density")(torch.zeros((2, 1, 8, 8), dtype=torch.uint8))
     with pytest.raises(BadInputError, match="quantiles"):
         build_encoder("stain_density", quantiles=(0.5, 1.5))
+
+
+def test_stain_density_features_are_stain_normalised_unless_told_otherwise_and_learned_ones_are_not(two_stainings,
+                                                                                                    tmp_path):
+    _, shifted = two_stainings
+    store = TileStore.open(shutil.copytree(shifted.path, tmp_path / "shifted.zarr"))
+    default = extract_features([store.path], "stain_density", progress=False)
+    assert default[0].status == "done"
+    assert default[0].identity["stain_norm"] is True and default[0].identity["window"] == 64
+    result = CliRunner().invoke(cli, ["features", str(store.path), "--encoder", "stain_density", "--name", "raw",
+                                      "--no-stain-norm", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "stain_norm" not in store.array_attrs("features/raw")["identity"]
+    normalised, raw = (store.open_array(f"features/{n}")[:].astype(np.float32) for n in ("stain_density", "raw"))
+    assert not np.allclose(normalised, raw, atol=1e-3)
+    learned = extract_features([store.path], "smallcnn", progress=False)
+    assert learned[0].status == "done" and "stain_norm" not in learned[0].identity
+
+
+def test_stain_density_reads_the_darkest_window_so_a_small_dark_focus_counts_in_a_large_patch():
+    from ips_path.model import build_encoder
+
+    patch = torch.full((1, 3, 256, 256), 210, dtype=torch.uint8)  # light stroma
+    patch[:, :, ::6, ::6] = 120  # ordinary nuclei everywhere: about 3 % of the pixels
+    patch[:, :, 200:216, 8:24] = 40  # one hyperchromatic focus of 16 x 16 px: 0.4 % of the patch
+    windowed, whole = build_encoder("stain_density"), build_encoder("stain_density", window=256)
+    focus_window = patch[:, :, 192:256, 0:64]
+    assert torch.equal(windowed(patch), windowed(focus_window))  # the focus's window speaks for the patch
+    assert windowed(patch)[0, 2] > whole(patch)[0, 2] + 0.5  # red 99th percentile: the focus, not the nuclei
+    assert torch.equal(windowed(patch[:, :, :64, :64]), whole(patch[:, :, :64, :64]))  # one window: as before
+    with pytest.raises(BadInputError, match="window"):
+        build_encoder("stain_density", window=0)

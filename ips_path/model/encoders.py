@@ -21,6 +21,7 @@ from ..errors import BadInputError
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MEASUREMENT_ENCODERS",
     "BasicBlock",
     "Bottleneck",
     "FeatureProjector",
@@ -220,12 +221,23 @@ class SmallCNN(nn.Module):
         return self.pool(self.forward_features(x)).flatten(1)
 
 
-class StainDensity(nn.Module):
-    """Quantiles of each colour channel's optical density over a patch: a descriptor without parameters.
+#: Encoders whose features are a few handcrafted measurements rather than learned embeddings. The size of such
+#: a feature is its message, so the training projector keeps it (no LayerNorm) by default, and a measurement of
+#: stain compares slides only once each slide's staining is normalised, so ``ipspath features`` normalises their
+#: patches by default (see the README's small-lesion section for the measurements behind both).
+MEASUREMENT_ENCODERS = frozenset({"stain_density"})
 
-    How much stain a patch holds (the median) and how dark its darkest structures are (the upper
-    quantiles: nuclei, and hyperchromatic nuclei above all). Nothing to train or download, and cheap on a
-    CPU; meant for ``ipspath features`` on stain-normalised patches (``--stain-norm``), where darker
+
+class StainDensity(nn.Module):
+    """Quantiles of each colour channel's optical density, in the darkest window of a patch: a descriptor
+    without parameters.
+
+    How much stain a region holds (the median) and how dark its darkest structures are (the upper
+    quantiles: nuclei, and hyperchromatic nuclei above all). The quantiles are taken in each
+    ``window`` x ``window`` px window of the patch and the largest of each kept, so a small dark focus
+    counts as much in a large patch as in a small one (taken over a whole 256 px patch, the top 1 % of
+    its pixels would mostly be ordinary nuclei). Nothing to train or download, and cheap on a CPU; meant
+    for ``ipspath features`` on stain-normalised patches (its default for this encoder), where darker
     means darker than the reference rather than a darker lab.
 
     Parameters
@@ -233,27 +245,48 @@ class StainDensity(nn.Module):
     quantiles : sequence of float
         Quantiles (0-1) taken per channel; ``out_dim = 3 * len(quantiles)``, ordered channel-major
         (R at each quantile, then G, then B).
+    window : int
+        Side of the windows in px at the patch resolution; a patch no larger is one window. Windows
+        step by ``window`` and the last row and column of them end at the patch's edge.
     """
 
-    def __init__(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)):
+    def __init__(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99), window: int = 64):
         super().__init__()
         if not quantiles or not all(0 <= q <= 1 for q in quantiles):
             raise BadInputError(f"stain_density quantiles must lie in [0, 1], got {list(quantiles)}")
+        if window < 1:
+            raise BadInputError(f"stain_density window must be at least 1 px, got {window}")
         self.quantiles = tuple(float(q) for q in quantiles)
+        self.window = int(window)
         self.out_dim = 3 * len(self.quantiles)
+        #: What makes these features what they are, recorded with cached features (no weights to digest).
+        self.identity = {"quantiles": list(self.quantiles), "window": self.window}
         from ips_path.stain import BACKGROUND_RGB
 
-        self.register_buffer("background", torch.tensor(BACKGROUND_RGB).view(1, 3, 1), persistent=False)
+        self.register_buffer("background", torch.tensor(BACKGROUND_RGB).view(1, 1, 3, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise BadInputError(f"stain_density expects RGB patches (n, 3, H, W), got shape {tuple(x.shape)}")
-        intensity = x.float() if x.dtype == torch.uint8 else x.float() * 255
-        density = (-torch.log(intensity.flatten(2).clamp_min(1) / self.background)).clamp_min(0)
-        ordered = density.sort(dim=2).values  # (n, 3, P*P)
-        last = ordered.shape[2] - 1
+        windows = _windows(x, self.window)  # (n, k, 3, w*w)
+        intensity = windows.float() if x.dtype == torch.uint8 else windows.float() * 255
+        density = (-torch.log(intensity.clamp_min(1) / self.background)).clamp_min(0)
+        ordered = density.sort(dim=3).values
+        last = ordered.shape[3] - 1
         picks = torch.tensor([round(q * last) for q in self.quantiles], device=x.device)
-        return ordered[:, :, picks].flatten(1)
+        return ordered[..., picks].amax(dim=1).flatten(1)
+
+
+def _windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """``(n, C, H, W)`` -> ``(n, k, C, h * w)``: windows of at most ``window`` px a side covering the patch."""
+    def starts(size: int) -> list[int]:
+        if size <= window:
+            return [0]
+        return sorted(set(range(0, size - window + 1, window)) | {size - window})
+
+    h, w = min(window, x.shape[2]), min(window, x.shape[3])
+    return torch.stack([x[:, :, r:r + h, c:c + w].flatten(2) for r in starts(x.shape[2]) for c in starts(x.shape[3])],
+                       dim=1)
 
 
 class FeatureProjector(nn.Module):
@@ -309,8 +342,8 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
     ----------
     name : str
         ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (keyword ``stages`` keeps the first 1-4 stages),
-        ``"smallcnn"`` (keywords ``widths``, ``pool``), ``"stain_density"`` (:class:`StainDensity`, keyword
-        ``quantiles``), ``"features"`` (projector over cached embeddings; needs
+        ``"smallcnn"`` (keywords ``widths``, ``pool``), ``"stain_density"`` (:class:`StainDensity`, keywords
+        ``quantiles``, ``window``), ``"features"`` (projector over cached embeddings; needs
         ``in_features``, keywords ``out_dim``, default 128, and ``layer_norm``, default True),
         ``"timm:<model name>"`` (needs timm), or a
         foundation-model preset of :data:`~ips_path.model.foundation.ENCODER_PRESETS` (``uni_v1``, ...,
