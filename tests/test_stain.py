@@ -13,8 +13,8 @@ import yaml
 from click.testing import CliRunner
 
 from ips_path.checkpoint import load_model
-from ips_path.errors import BadInputError
 from ips_path.cli.main import cli
+from ips_path.errors import BadInputError
 from ips_path.features import extract_features
 from ips_path.loader import PatchStreamer
 from ips_path.stain import REFERENCE_OD, normalization_lut, optical_density, slide_stain_od
