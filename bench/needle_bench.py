@@ -68,6 +68,7 @@ SLIDE_MPP = 1.0
 # these slides with 1-2 lesions; the measured ratios are in the results.
 RATIOS = {"1": (170.0, 240.0), "0.3": (90.0, 130.0), "0.1": (40.0, 70.0)}
 TILE_MPP, PATCH_SIZE = 2.0, 64
+WHOLE_PATCH = 1 << 16  # a stain_density window no patch exceeds: quantiles over the whole patch
 BASE = dict(encoder="smallcnn", n_select=16, chunk_size=128, dim=64, heads=4, lr=3e-4, warmup_epochs=1.0,
             batch_size=4, epochs=8, patience=0, threads=2, device="cpu")
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -91,6 +92,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
                           "explore_mode": "atypical", "epochs": 20, "lr": 3e-3},
     "density_raw": {"features": "stain_density", "feature_norm": "none", "explore": 0.5, "explore_mode": "atypical",
                     "epochs": 20, "lr": 3e-3},
+    # Over the TrainConfig defaults ("base": "defaults"), at whatever --tile gives (the `ipspath tile` defaults
+    # are 256 px at the slide's own resolution, here 1 µm/px): `ipspath features --encoder stain_density`, then
+    # `ipspath train --features stain_density`, with the defaults of before and of now, then each choice alone.
+    # "features_window" / "features_stain_norm" are of the features (None: the encoder's default).
+    "defaults_before": {"base": "defaults", "features": "stain_density", "features_window": WHOLE_PATCH,
+                        "features_stain_norm": False, "feature_norm": "layer"},
+    "defaults": {"base": "defaults", "features": "stain_density"},
+    "defaults_raw": {"base": "defaults", "features": "stain_density", "features_stain_norm": False},
+    "defaults_layernorm": {"base": "defaults", "features": "stain_density", "feature_norm": "layer"},
+    "defaults_whole_patch": {"base": "defaults", "features": "stain_density", "features_window": WHOLE_PATCH},
+    "defaults_explore": {"base": "defaults", "features": "stain_density", "explore": 0.5},
+    "defaults_atypical": {"base": "defaults", "features": "stain_density", "explore": 0.5,
+                          "explore_mode": "atypical"},
+    "defaults_instance": {"base": "defaults", "features": "stain_density", "instance_loss": 0.5},
+    "pixels_defaults": {"base": "defaults"},  # `ipspath train` on pixels: SmallCNN learned from the slide labels
 }
 
 
@@ -149,15 +165,25 @@ def _add_splits(manifest: Path, specs: list, seed: int) -> None:
         writer.writerows({**row, "split": split[row["slide_id"]]} for row in rows)
 
 
-def run_variant(name: str, manifest: Path, tiles: Path, specs: list, out: Path, epochs: int, seed: int) -> dict:
-    settings = {**BASE, "epochs": epochs, "seed": seed, **VARIANTS[name]}
+def run_variant(name: str, manifest: Path, tiles: Path, specs: list, out: Path, epochs: int | None, seed: int
+                ) -> dict:
+    """Train variant ``name`` (over ``BASE``, or the TrainConfig defaults) and score it on the test slides."""
+    variant = dict(VARIANTS[name])
+    base = {"threads": 2, "device": "cpu"} if variant.pop("base", None) == "defaults" else BASE
+    window, stain_norm = variant.pop("features_window", None), variant.pop("features_stain_norm", None)
+    settings = {**base, "seed": seed, **({} if epochs is None else {"epochs": epochs}), **variant}
     clock, cpu = time.perf_counter(), cpu_seconds()
     features_seconds = {}
-    if settings.get("features"):  # cached once per cohort and staining, reused by the variants that share them
+    if settings.get("features"):  # cached once per cohort and kind, reused by the variants that share them
         encoder = settings["features"]
-        settings["features"] = f"{encoder}{'_stain_norm' if settings.get('stain_norm') else ''}"
+        if base is BASE:  # the studies before the defaults: features normalised as the training is
+            stain_norm = bool(settings.get("stain_norm"))
+        settings["features"] = "_".join([encoder, *(["stain_norm"] if stain_norm else []),
+                                         *(["raw"] if stain_norm is False and base is not BASE else []),
+                                         *([f"w{window}"] if window else [])])
         outcomes = extract_features(sorted(tiles.glob("*.zarr")), encoder, name=settings["features"], device="cpu",
-                                    threads=2, stain_norm=bool(settings.get("stain_norm")), progress=False)
+                                    threads=2, stain_norm=stain_norm, progress=False,
+                                    encoder_options=None if window is None else {"window": window})
         assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
         features_seconds = {"features_wall": round(time.perf_counter() - clock, 1),
                             "features_cpu": round(cpu_seconds() - cpu, 1),
@@ -167,9 +193,9 @@ def run_variant(name: str, manifest: Path, tiles: Path, specs: list, out: Path, 
     result = train(manifest, tiles, out, config, progress=False)
     train_wall, train_cpu = time.perf_counter() - clock, cpu_seconds() - cpu
     clock, cpu = time.perf_counter(), cpu_seconds()
-    model, _ = load_model(out / ("best.pt" if (out / "best.pt").exists() else "last.pt"))
+    model, checkpoint = load_model(out / ("best.pt" if (out / "best.pt").exists() else "last.pt"))
     test = _score_test(model, tiles, specs, manifest, config.threads, config.features)
-    return {"variant": name, "config": {k: v for k, v in VARIANTS[name].items()}, **test,
+    return {"variant": name, "config": checkpoint["config"], **test,  # as the run resolved it
             "best_epoch": result.best_epoch,
             "train_selected_in_lesion": [round(r.get("train_selected_in_lesion", float("nan")), 4)
                                          for r in result.history],
@@ -383,7 +409,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--slides", type=int, default=48, help="slides per cohort (train + val + test)")
-    parser.add_argument("--epochs", type=int, default=BASE["epochs"])
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs of every variant (default: {BASE['epochs']} over BASE, the TrainConfig default "
+                             "over the defaults)")
     parser.add_argument("--tile", type=lambda v: (float(v.split(",")[0]), int(v.split(",")[1])),
                         default=(TILE_MPP, PATCH_SIZE), metavar="MPP,PATCH",
                         help=f"training resolution and patch size (default {TILE_MPP:g},{PATCH_SIZE})")

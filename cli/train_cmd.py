@@ -46,10 +46,10 @@ def _help(text: str, name: str) -> str:
                    "fine-tune only its last K blocks, under activation checkpointing; the rest stays frozen.")
 @click.option("--features", help="Train on cached embeddings features/<name> from `ipspath features` instead of "
                                  "pixels: epochs read no pixels (no augmentation; --encoder is ignored).")
-@click.option("--feature-norm", type=click.Choice(["layer", "none"]),
+@click.option("--feature-norm", type=click.Choice(["auto", "layer", "none"]),
               help=_help("With --features: start the projector with a LayerNorm over each patch's features (layer), "
-                         "or keep their sizes (none; for a few handcrafted features, which a LayerNorm erases).",
-                         "feature_norm"))
+                         "or keep their sizes (none; for a few handcrafted features, which a LayerNorm erases). "
+                         "auto: none for stain_density features, layer for learned embeddings.", "feature_norm"))
 @click.option("--n-select", type=int, help=_help("M: patches per slide kept for the gradient step.", "n_select"))
 @click.option("--chunk-size", type=int,
               help=_help("I: patches encoded at a time while selecting; memory grows with M + I, not the slide.",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +76,14 @@ class FeatureSettings:
     threads: int | None = None  # None: the CPU cores of the process that reads
     overwrite: bool = False
     stain_norm: bool = False
+    encoder_options: tuple[tuple[str, Any], ...] = ()  # keywords of build_encoder, e.g. (("window", 128),)
 
 
 def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, name: str | None = None,
                      pretrained: str | os.PathLike | None = None, device: str = "cpu", chunk_size: int = 64,
                      threads: int | None = None, overwrite: bool = False, scheduler: str | None = None,
-                     progress: bool = True, stain_norm: bool | None = None) -> list[SlideOutcome]:
+                     progress: bool = True, stain_norm: bool | None = None,
+                     encoder_options: Mapping[str, Any] | None = None) -> list[SlideOutcome]:
     """Embed the patches of every tile store with a frozen encoder and cache them in the store.
 
     Parameters
@@ -114,6 +116,10 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         of the features' identity. Default: only for measurement encoders
         (:data:`~ips_path.model.encoders.MEASUREMENT_ENCODERS`, such as ``stain_density``), whose
         numbers compare slides only on one staining; learned encoders see patches as they are.
+    encoder_options : mapping, optional
+        Keywords of :func:`~ips_path.model.encoders.build_encoder`, with hashable values
+        (``stain_density``: ``window``, ``quantiles`` as a tuple); what the encoder records of them is part
+        of the features' identity.
 
     Returns
     -------
@@ -147,8 +153,9 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     if stain_norm:  # only then: features made before the option existed keep their identity
         identity["stain_norm"] = True
     settings = FeatureSettings(encoder_name, name, None if weights is None else str(weights), identity, device,
-                               chunk_size, threads, overwrite, stain_norm)
-    if pretrained is None and encoder_name != "stain_density":  # the one encoder without weights
+                               chunk_size, threads, overwrite, stain_norm,
+                               tuple(sorted((encoder_options or {}).items())))
+    if pretrained is None and encoder_name not in MEASUREMENT_ENCODERS:  # these have no weights
         log.warning("no --pretrained weights: %s keeps its random (seeded) initialisation; such features are "
                     "only good for trying the pipeline", encoder_name)
     _encoder(settings)  # a bad encoder name or weights file fails here, once, before any slide
@@ -188,11 +195,12 @@ def _encoder(settings: FeatureSettings) -> torch.nn.Module:
         # Without weights the initialisation is seeded, so every worker (and every rerun) embeds alike.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            encoder = build_encoder(settings.encoder, pretrained=settings.pretrained)
+            encoder = build_encoder(settings.encoder, pretrained=settings.pretrained, **dict(settings.encoder_options))
         return encoder.to(settings.device).eval()
 
     # keyed by the weights' digest, not their path: a file rewritten in place is another encoder
-    return process_object("encoder", (settings.encoder, settings.identity["weights_sha256"], settings.device), build)
+    return process_object("encoder", (settings.encoder, settings.identity["weights_sha256"], settings.device,
+                                       settings.encoder_options), build)
 
 
 def _lost(path: Path, exc: BaseException) -> SlideOutcome:
