@@ -13,10 +13,18 @@ held-out test slides:
 * wall time and CPU time (user + system) of training and testing; generation and tiling apart.
 
     python bench/needle_bench.py                                  # every ratio and variant, seeds 0-2
+    python bench/needle_bench.py --ratios 0.1 --slides 64 --tile 1.0,256 --seeds 3 4 5 \
+        --variants defaults_before defaults           # the defaults of `ipspath tile/features/train`, then and now
     python bench/needle_bench.py --ratios 0.1 --variants default explore --seeds 0 --epochs 6
     python bench/needle_bench.py --ratios 0.1 --seeds 0 --probe 2.0,64 1.0,64   # can the encoder see it?
     python bench/needle_bench.py --bags                     # the failure in miniature, seconds
     python bench/needle_bench.py --ratios 0.1 --slides 64 --contrast 1.0,64  # what stain normalisation shows
+
+Variants named ``defaults*`` start from the ``TrainConfig`` defaults (the others from ``BASE``, the CPU
+demo settings of the first studies): ``stain_density`` features as ``ipspath features --encoder stain_density``
+makes them, trained as ``ipspath train --features stain_density`` does; ``defaults_before`` with the
+defaults these had before (quantiles over the whole patch, raw patches, the projector's LayerNorm), the
+others with one choice changed; ``pixels_defaults`` is ``ipspath train`` on pixels.
 
 ``--bags`` runs IPS on bags of feature vectors (no pixels): 40 patches, 4 bright look-alikes in every
 bag, one lesion patch in positive bags, fresh bags at every step; it compares selection settings

@@ -239,3 +239,50 @@ def test_feature_norm_auto_keeps_the_size_of_measured_features_and_normalises_le
               TrainConfig(**{**resumed.as_dict(), "feature_norm": "layer"}), resume=True, progress=False)
     with pytest.raises(BadInputError, match="auto"):  # a model is never built on an unmade choice
         build_model(TrainConfig(features="cached"), 2, in_features=9)
+
+
+def test_the_defaults_put_a_micro_lesion_on_top_where_the_defaults_of_before_did_not(tmp_path):
+    """A small needle cohort tiled into 256 px patches (the default) at the slides' 1 µm/px: stain_density
+    features and a training run with every default, against the defaults these had before."""
+    import csv
+
+    from ips_path.checkpoint import load_model
+    from ips_path.features import extract_features
+    from ips_path.loader import PatchStreamer
+    from ips_path.store import TileStore
+    from ips_path.synth import lesion_fractions, write_synthetic_cohort
+    from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
+    from ips_path.train import train
+
+    specs = write_synthetic_cohort(tmp_path / "slides", 32, size=(2048, 1536), mpp=1.0, downsamples=(1, 4), seed=3,
+                                   lesion_diameter_um=(40.0, 70.0), lesions_per_positive=(1, 2),
+                                   lookalikes_per_slide=(2, 4), nucleus_scale=1.4, stain_shift=0.15, workers=2)
+    manifest = tmp_path / "slides" / "manifest.csv"
+    tiles = tmp_path / "tiles"
+    tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=1.0, patch_size=256, qc=False), progress=False)
+    stores = sorted(tiles.glob("*.zarr"))
+    test = {s.path.stem for s in specs[-16:]}
+    rows = list(csv.DictReader(manifest.open()))
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], "split"])
+        writer.writeheader()
+        writer.writerows({**r, "split": "test" if r["slide_id"] in test else "train"} for r in rows)
+
+    assert all(o.ok for o in extract_features(stores, "stain_density", progress=False))
+    assert all(o.ok for o in extract_features(stores, "stain_density", name="before", stain_norm=False,
+                                              encoder_options={"window": 256}, progress=False))
+    hits = {}
+    for name, settings in (("now", {}), ("before", {"features": "before", "feature_norm": "layer"})):
+        config = TrainConfig(**{"features": "stain_density", "threads": 1, "device": "cpu", **settings})
+        train(manifest, tiles, tmp_path / name, config, progress=False)
+        model, _ = load_model(tmp_path / name / "last.pt")
+        found = []
+        with PatchStreamer(threads=1) as streamer, torch.no_grad():
+            for spec in specs:
+                if spec.path.stem in test and spec.lesions:
+                    store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
+                    selection = model.predict_slide(streamer.stream_features(store, config.features)).selection
+                    top = store.coords[int(torch.argmax(selection.all_logits))][None]
+                    found.append(bool(lesion_fractions(spec, top, store.patch_size_level0)[0] > 0))
+        hits[name] = np.mean(found)
+    assert hits["now"] >= 0.75 and hits["before"] <= 0.5, hits
