@@ -259,7 +259,8 @@ def test_the_defaults_put_a_micro_lesion_on_top_where_the_defaults_of_before_did
                                    lookalikes_per_slide=(2, 4), nucleus_scale=1.4, stain_shift=0.15, workers=2)
     manifest = tmp_path / "slides" / "manifest.csv"
     tiles = tmp_path / "tiles"
-    tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=1.0, patch_size=256, qc=False), progress=False)
+    tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=1.0, patch_size=256, qc=False),
+                progress=False)
     stores = sorted(tiles.glob("*.zarr"))
     test = {s.path.stem for s in specs[-16:]}
     rows = list(csv.DictReader(manifest.open()))

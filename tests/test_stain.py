@@ -173,7 +173,8 @@ def test_stain_density_features_are_stain_normalised_unless_told_otherwise_and_l
     learned = extract_features([store.path], "smallcnn", progress=False)
     assert learned[0].status == "done" and "stain_norm" not in learned[0].identity
     # the window is part of what the features are: another one under the same name is refused
-    small = extract_features([store.path], "stain_density", name="small", progress=False, encoder_options={"window": 32})
+    small = extract_features([store.path], "stain_density", name="small", progress=False,
+                             encoder_options={"window": 32})
     assert small[0].status == "done" and small[0].identity["window"] == 32
     again = extract_features([store.path], "stain_density", name="small", progress=False)
     assert again[0].status == "refused" and "window" in again[0].error
