@@ -23,8 +23,9 @@ held-out test slides:
 Variants named ``defaults*`` start from the ``TrainConfig`` defaults (the others from ``BASE``, the CPU
 demo settings of the first studies): ``stain_density`` features as ``ipspath features --encoder stain_density``
 makes them, trained as ``ipspath train --features stain_density`` does; ``defaults_before`` with the
-defaults these had before (quantiles over the whole patch, raw patches, the projector's LayerNorm), the
-others with one choice changed; ``pixels_defaults`` is ``ipspath train`` on pixels.
+defaults these had before (quantiles over the whole patch, raw patches, the projector's LayerNorm, greedy
+selection), the others with one choice changed; ``pixels_defaults`` (``_before``) is ``ipspath train`` on
+pixels.
 
 ``--bags`` runs IPS on bags of feature vectors (no pixels): 40 patches, 4 bright look-alikes in every
 bag, one lesion patch in positive bags, fresh bags at every step; it compares selection settings
@@ -78,7 +79,7 @@ RATIOS = {"1": (170.0, 240.0), "0.3": (90.0, 130.0), "0.1": (40.0, 70.0)}
 TILE_MPP, PATCH_SIZE = 2.0, 64
 WHOLE_PATCH = 1 << 16  # a stain_density window no patch exceeds: quantiles over the whole patch
 BASE = dict(encoder="smallcnn", n_select=16, chunk_size=128, dim=64, heads=4, lr=3e-4, warmup_epochs=1.0,
-            batch_size=4, epochs=8, patience=0, threads=2, device="cpu")
+            batch_size=4, epochs=8, patience=0, explore=0.0, threads=2, device="cpu")
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "explore": {"explore": 0.5},
@@ -105,16 +106,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # `ipspath train --features stain_density`, with the defaults of before and of now, then each choice alone.
     # "features_window" / "features_stain_norm" are of the features (None: the encoder's default).
     "defaults_before": {"base": "defaults", "features": "stain_density", "features_window": WHOLE_PATCH,
-                        "features_stain_norm": False, "feature_norm": "layer"},
+                        "features_stain_norm": False, "feature_norm": "layer", "explore": 0.0},
     "defaults": {"base": "defaults", "features": "stain_density"},
+    "defaults_greedy": {"base": "defaults", "features": "stain_density", "explore": 0.0},
     "defaults_raw": {"base": "defaults", "features": "stain_density", "features_stain_norm": False},
     "defaults_layernorm": {"base": "defaults", "features": "stain_density", "feature_norm": "layer"},
     "defaults_whole_patch": {"base": "defaults", "features": "stain_density", "features_window": WHOLE_PATCH},
-    "defaults_explore": {"base": "defaults", "features": "stain_density", "explore": 0.5},
-    "defaults_atypical": {"base": "defaults", "features": "stain_density", "explore": 0.5,
-                          "explore_mode": "atypical"},
+    "defaults_atypical": {"base": "defaults", "features": "stain_density", "explore_mode": "atypical"},
     "defaults_instance": {"base": "defaults", "features": "stain_density", "instance_loss": 0.5},
     "pixels_defaults": {"base": "defaults"},  # `ipspath train` on pixels: SmallCNN learned from the slide labels
+    "pixels_defaults_before": {"base": "defaults", "explore": 0.0},
 }
 
 

@@ -273,7 +273,7 @@ def test_the_defaults_put_a_micro_lesion_on_top_where_the_defaults_of_before_did
     assert all(o.ok for o in extract_features(stores, "stain_density", name="before", stain_norm=False,
                                               encoder_options={"window": 256}, progress=False))
     hits = {}
-    for name, settings in (("now", {}), ("before", {"features": "before", "feature_norm": "layer"})):
+    for name, settings in (("now", {}), ("before", {"features": "before", "feature_norm": "layer", "explore": 0.0})):
         config = TrainConfig(**{"features": "stain_density", "threads": 1, "device": "cpu", **settings})
         train(manifest, tiles, tmp_path / name, config, progress=False)
         model, _ = load_model(tmp_path / name / "last.pt")
