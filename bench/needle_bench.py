@@ -49,6 +49,7 @@ import csv
 import os
 import pickle
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -125,8 +126,8 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[float, int] = (TILE_MPP, PATCH_SIZE)
-                ) -> tuple[Path, Path, list, dict[str, float]]:
+def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[float, int] = (TILE_MPP, PATCH_SIZE),
+                slide_mpp: float = SLIDE_MPP) -> tuple[Path, Path, list, dict[str, float]]:
     """Generate and split the cohort (by label: a third test, a sixth validation), or reuse what an earlier
     run left in ``root``; tile it at ``tile`` (µm/px, patch px) and write the truth into the stores.
     Returns (manifest, tiles, specs, seconds)."""
@@ -137,7 +138,8 @@ def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[fl
         specs = pickle.loads(saved.read_bytes())
     else:
         clock, cpu = time.perf_counter(), cpu_seconds()
-        specs = write_synthetic_cohort(root / "slides", n_slides, size=SLIDE_SIZE, mpp=SLIDE_MPP, downsamples=(1, 4),
+        size = tuple(round(side * SLIDE_MPP / slide_mpp) for side in SLIDE_SIZE)  # the same tissue in µm
+        specs = write_synthetic_cohort(root / "slides", n_slides, size=size, mpp=slide_mpp, downsamples=(1, 4),
                                        seed=seed, prefix=f"r{ratio.replace('.', '')}s{seed}",
                                        lesion_diameter_um=RATIOS[ratio], lesions_per_positive=(1, 2),
                                        lookalikes_per_slide=(2, 4), nucleus_scale=1.4, stain_shift=0.15, workers=2)
@@ -199,6 +201,7 @@ def run_variant(name: str, manifest: Path, tiles: Path, specs: list, out: Path, 
                             "features_reused": all(o.status == "reused" for o in outcomes)}
         clock, cpu = time.perf_counter(), cpu_seconds()
     config = TrainConfig(**settings)
+    shutil.rmtree(out, ignore_errors=True)  # a run left by an earlier sweep in --workdir: measure anew
     result = train(manifest, tiles, out, config, progress=False)
     train_wall, train_cpu = time.perf_counter() - clock, cpu_seconds() - cpu
     clock, cpu = time.perf_counter(), cpu_seconds()
@@ -404,7 +407,8 @@ def _save(name: str, args: argparse.Namespace, cohorts: list, rows: list) -> Non
                 "seeds": [r["seed"] for r in chosen],
                 "train_wall_s_median": float(np.median([r["seconds"]["train_wall"] for r in chosen])),
                 "train_cpu_s_median": float(np.median([r["seconds"]["train_cpu"] for r in chosen]))}
-    save_result(name, {"settings": {"slide_size": SLIDE_SIZE, "slide_mpp": SLIDE_MPP, "tile_mpp": args.tile[0],
+    save_result(name, {"settings": {"slide_size_um": [side * SLIDE_MPP for side in SLIDE_SIZE],
+                                    "slide_mpp": args.slide_mpp, "tile_mpp": args.tile[0],
                                     "patch_size": args.tile[1], "base_config": BASE, "epochs": args.epochs,
                                     "variants": {v: VARIANTS[v] for v in args.variants},
                                     "lesion_diameter_um": {r: RATIOS[r] for r in args.ratios},
@@ -424,6 +428,8 @@ def main() -> None:
     parser.add_argument("--tile", type=lambda v: (float(v.split(",")[0]), int(v.split(",")[1])),
                         default=(TILE_MPP, PATCH_SIZE), metavar="MPP,PATCH",
                         help=f"training resolution and patch size (default {TILE_MPP:g},{PATCH_SIZE})")
+    parser.add_argument("--slide-mpp", type=float, default=SLIDE_MPP,
+                        help=f"µm/px the slides are written at (the tissue keeps its µm; default {SLIDE_MPP:g})")
     parser.add_argument("--name", default="needle_bench", help="result file bench/results/NAME.json")
     parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
     parser.add_argument("--probe", nargs="+", metavar="MPP,PATCH", default=None,
@@ -446,8 +452,10 @@ def main() -> None:
         work = args.workdir or Path(scratch)
         for ratio in args.ratios:
             for seed in args.seeds:
-                root = work / f"ratio{ratio}_seed{seed}"
-                manifest, tiles, specs, seconds = make_cohort(root, ratio, args.slides, seed, args.tile)
+                root = work / (f"ratio{ratio}_seed{seed}" + ("" if args.slide_mpp == SLIDE_MPP else
+                                                             f"_mpp{args.slide_mpp:g}"))
+                manifest, tiles, specs, seconds = make_cohort(root, ratio, args.slides, seed, args.tile,
+                                                              args.slide_mpp)
                 measured = [s.lesion_area_fraction() for s in specs if s.lesions]
                 cohorts.append({"ratio_preset_percent": ratio, "seed": seed, "slides": len(specs),
                                 "lesion_area_percent_median": round(100 * float(np.median(measured)), 4),
