@@ -229,12 +229,12 @@ MEASUREMENT_ENCODERS = frozenset({"stain_density"})
 
 
 class StainDensity(nn.Module):
-    """Quantiles of each colour channel's optical density, in the darkest window of a patch: a descriptor
-    without parameters.
+    """Quantiles of each colour channel's optical density, at their largest over a patch's windows: a
+    descriptor without parameters.
 
     How much stain a region holds (the median) and how dark its darkest structures are (the upper
     quantiles: nuclei, and hyperchromatic nuclei above all). The quantiles are taken in each
-    ``window`` x ``window`` px window of the patch and the largest of each kept, so a small dark focus
+    ``window`` x ``window`` px window of the patch and each one's largest value kept, so a small dark focus
     counts as much in a large patch as in a small one (taken over a whole 256 px patch, the top 1 % of
     its pixels would mostly be ordinary nuclei). Nothing to train or download, and cheap on a CPU; meant
     for ``ipspath features`` on stain-normalised patches (its default for this encoder), where darker
