@@ -257,8 +257,8 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     if checkpoint is not None:
         check_same_run(checkpoint, classes, splits, out_dir)
     used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
-    items, tiling, in_features = check_tile_stores(used, tiles_dir, manifest, config, classes)
-    config = resolve_feature_norm(config, list(items.values()))
+    items, tiling, features = check_tile_stores(used, tiles_dir, manifest, config, classes)
+    config, in_features = resolve_feature_norm(config, features), None if features is None else features.dim
     survival = None
     if survival_task:
         survival = SurvivalRun.from_rows(config, [r for r in used if splits[r.slide_id] == "train" and

@@ -25,7 +25,7 @@ from ips_path.tiling.grid import same_mpp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SlideItem", "check_tile_stores", "resolve_feature_norm", "slide_chunks"]
+__all__ = ["CachedFeatures", "SlideItem", "check_tile_stores", "resolve_feature_norm", "slide_chunks"]
 
 @dataclass(frozen=True)
 class SlideItem:
@@ -41,8 +41,17 @@ class SlideItem:
     task_labels: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class CachedFeatures:
+    """The cached features a ``--features`` run trains on: their dimension and the encoders that made them
+    (as their identity names them; None where it names none)."""
+
+    dim: int
+    encoders: frozenset[str | None]
+
+
 def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Path, config: TrainConfig,
-                      classes: Sequence[str]) -> tuple[dict[str, SlideItem], dict[str, Any], int | None]:
+                      classes: Sequence[str]) -> tuple[dict[str, SlideItem], dict[str, Any], CachedFeatures | None]:
     """Open the tile store of every slide and check that they fit the run, all problems at once.
 
     Returns
@@ -51,8 +60,8 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
         slide_id -> SlideItem, for slides with at least one patch (the others are skipped with a warning).
     tiling : dict
         ``target_mpp`` (µm/px) and ``patch_size`` (px) of the stores, as the run records them.
-    in_features : int or None
-        Dimension of the cached features in features mode.
+    features : CachedFeatures or None
+        What the cached features are, in features mode.
 
     Raises
     ------
@@ -103,7 +112,7 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
             f"{manifest} -o {tiles_dir} --mpp {mpp:g} --patch-size {size} --overwrite`, or train at the stores' "
             "settings")
 
-    in_features = _check_features(stores, tiles_dir, config.features) if config.features else None
+    features = _check_features(stores, tiles_dir, config.features) if config.features else None
     empty = sorted(slide_id for slide_id, s in stores.items() if s.n_patches == 0)
     if empty:
         log.warning("%d slide(s) have no patches (no tissue found) and are left out: %s", len(empty),
@@ -112,10 +121,10 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index.get(r.label, -1),
                                    stores[r.slide_id].n_patches, r.mpp)
              for r in rows if stores[r.slide_id].n_patches > 0}
-    return items, {"target_mpp": float(mpp), "patch_size": int(size)}, in_features
+    return items, {"target_mpp": float(mpp), "patch_size": int(size)}, features
 
 
-def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str) -> int:
+def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str) -> CachedFeatures:
     array = f"features/{name}"
     missing = sorted(slide_id for slide_id, s in stores.items() if s.n_patches and not s.has_array(array))
     if missing:
@@ -128,17 +137,17 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
         listing = ", ".join(f"{k} ({v})" for k, v in sorted(dims.items()))
         raise BadInputError(f"cached features {array!r} differ in dimension between slides: {listing}; "
                             f"recompute them with `ipspath features {tiles_dir} --name {name} --overwrite`")
-    return next(iter(dims.values()))
+    encoders = frozenset(s.array_attrs(array).get("identity", {}).get("encoder") for s in stores.values()
+                         if s.n_patches)
+    return CachedFeatures(next(iter(dims.values())), encoders)
 
 
-def resolve_feature_norm(config: TrainConfig, items: Sequence[SlideItem]) -> TrainConfig:
+def resolve_feature_norm(config: TrainConfig, features: CachedFeatures | None) -> TrainConfig:
     """``config`` with ``feature_norm="auto"`` made concrete: ``"none"`` when a measurement encoder
     (``stain_density``) made the cached features of every slide, else ``"layer"``."""
-    if config.feature_norm != "auto" or config.features is None:
+    if config.feature_norm != "auto" or features is None:
         return config
-    array = f"features/{config.features}"
-    encoders = {TileStore.open(item.store).array_attrs(array).get("identity", {}).get("encoder") for item in items}
-    return replace(config, feature_norm="none" if encoders <= MEASUREMENT_ENCODERS else "layer")
+    return replace(config, feature_norm="none" if features.encoders <= MEASUREMENT_ENCODERS else "layer")
 
 
 def slide_chunks(streamer: PatchStreamer, item: SlideItem, features: str | None) -> Iterator[PatchChunk]:
