@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.common import save_result
 
-# The README's worker setting: without Dask's MALLOC_TRIM_THRESHOLD_ (see ips_path.parallel).
+# The README's worker setting: without Dask's MALLOC_TRIM_THRESHOLD_ (see ips_path.runtime.parallel).
 WORKER_CONFIG = """\
 distributed:
   nanny:
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from ips_path.synth import write_synthetic_slide
+    from ips_path.synthetic.synth import write_synthetic_slide
 
     with tempfile.TemporaryDirectory(prefix="cluster_bench-") as tmp:
         work = Path(tmp)

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402
 
-from ips_path.synth import write_synthetic_cohort  # noqa: E402
+from ips_path.synthetic.synth import write_synthetic_cohort  # noqa: E402
 
 SLIDE_SIZE = (2048, 1536)  # px at 1 µm/px
 TRAIN_OPTIONS = ["--features", "smallcnn", "--n-select", "16", "--chunk-size", "256", "--dim", "64", "--heads", "4",

@@ -109,8 +109,8 @@ def aperio_slide(work: Path, side: int, name: str = "aperio") -> tuple[Path, Any
 
     Made once per work folder; later steps reuse it.
     """
-    from ips_path.store import TileStore
-    from ips_path.synth import write_synthetic_slide
+    from ips_path.stores.tile_store import TileStore
+    from ips_path.synthetic.synth import write_synthetic_slide
     from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 
     slide_path, tiles = work / f"{name}.svs", work / f"{name}_tiles"
@@ -154,7 +154,7 @@ def autocast(device: str) -> Any:
 def step_environment(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     import torch
 
-    from ips_path.loader import available_cores
+    from ips_path.stores.loader import available_cores
 
     versions, missing = {}, []
     for package in PACKAGES:
@@ -176,8 +176,8 @@ def step_environment(device: str, smoke: bool, work: Path) -> dict[str, Any]:
 def step_loader(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     import torch
 
-    from ips_path.loader import PatchStreamer
-    from ips_path.store import TileStore
+    from ips_path.stores.loader import PatchStreamer
+    from ips_path.stores.tile_store import TileStore
 
     s = sizes(smoke)
     _, store = aperio_slide(work, s["slide_px"])
@@ -211,7 +211,7 @@ def _chunks(patches: Any, size: int) -> Iterator[Any]:
 def step_selection(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     import torch
 
-    from ips_path.loader import PatchStreamer
+    from ips_path.stores.loader import PatchStreamer
 
     s = sizes(smoke)
     _, store = aperio_slide(work, s["slide_px"])
@@ -244,8 +244,8 @@ def step_selection(device: str, smoke: bool, work: Path) -> dict[str, Any]:
 def step_train_step(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     import torch
 
-    from ips_path.loader import Augmentation, PatchStreamer
     from ips_path.model import IPSModel, Task, build_encoder, train_step
+    from ips_path.stores.loader import Augmentation, PatchStreamer
 
     s = sizes(smoke)
     _, store = aperio_slide(work, s["slide_px"])
@@ -272,7 +272,7 @@ def step_train_step(device: str, smoke: bool, work: Path) -> dict[str, Any]:
 
 
 def step_cli(device: str, smoke: bool, work: Path) -> dict[str, Any]:
-    from ips_path.synth import write_synthetic_cohort
+    from ips_path.synthetic.synth import write_synthetic_cohort
 
     s = sizes(smoke)
     cohort = work / "cohort"
@@ -361,8 +361,8 @@ def step_memory_pixels(device: str, smoke: bool, work: Path) -> dict[str, Any]:
 def step_scoring(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     import torch
 
-    from ips_path.loader import PatchStreamer, available_cores
     from ips_path.model import PatchChunk
+    from ips_path.stores.loader import PatchStreamer, available_cores
 
     s = sizes(smoke)
     _, store = aperio_slide(work, s["score_slide_px"], name="scoring")
@@ -414,8 +414,8 @@ def step_mnist(device: str, smoke: bool, work: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from ips_path.megapixel_mnist import MEGAPIXEL_MNIST_TASKS, MegapixelMNIST
     from ips_path.model import IPSModel, build_encoder, train_step
+    from ips_path.synthetic.megapixel_mnist import MEGAPIXEL_MNIST_TASKS, MegapixelMNIST
 
     s = sizes(smoke)["mnist"]
     cfg = {**mnist_bench.PAPER, **(mnist_bench.PRESETS["cpu_smoke"] if smoke else {}),

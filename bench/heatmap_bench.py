@@ -45,8 +45,8 @@ TARGET_RSS_MB = 1024.0
 
 def prepare(cache: Path) -> Path:
     """The generated slide (reused when present) and a fresh store with scores; returns the store."""
-    from ips_path.store import write_tile_store
-    from ips_path.synth import write_synthetic_slide
+    from ips_path.stores.tile_store import write_tile_store
+    from ips_path.synthetic.synth import write_synthetic_slide
 
     slide_path = cache / f"slide_{SLIDE_SIDE}px_{SLIDE_MPP}mpp.svs"
     if not slide_path.exists():
@@ -74,7 +74,7 @@ def _peak_rss_mb() -> float:
 def child(mode: str, store_path: Path, out_dir: Path) -> dict:
     """One measured run (in its own process); the timed part starts after imports."""
     from ips_path import heatmap
-    from ips_path.store import TileStore
+    from ips_path.stores.tile_store import TileStore
 
     rss_after_imports = _peak_rss_mb()
     started = time.perf_counter()
@@ -146,7 +146,7 @@ def main() -> None:
         return
 
     from bench.common import save_result
-    from ips_path.store import TileStore
+    from ips_path.stores.tile_store import TileStore
 
     args.cache.mkdir(parents=True, exist_ok=True)
     store_path = prepare(args.cache)

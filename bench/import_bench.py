@@ -50,7 +50,7 @@ PATCH = 256
 
 
 def _write_inputs(root: Path, n_slides: int, n_patches: int, dim: int) -> tuple[Path, Path, float]:
-    from ips_path.synth import write_synthetic_slide
+    from ips_path.synthetic.synth import write_synthetic_slide
 
     side = math.ceil(math.sqrt(n_patches))
     slide_side = side * PATCH

@@ -29,11 +29,11 @@ import openslide
 import torch
 
 from bench.common import save_result
-from ips_path.loader import PatchStreamer, available_cores, open_for_reading
 from ips_path.model import IPSModel, Task, build_encoder
 from ips_path.model.chunks import PatchChunk
-from ips_path.store import TileStore
-from ips_path.synth import write_synthetic_slide
+from ips_path.stores.loader import PatchStreamer, available_cores, open_for_reading
+from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.synth import write_synthetic_slide
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 
 TILE = 240  # Aperio's tile size

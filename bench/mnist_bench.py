@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ips_path.megapixel_mnist import (
+from ips_path.model import IPSModel, build_encoder, train_step
+from ips_path.synthetic.megapixel_mnist import (
     DIGIT_SIZE,
     MEGAPIXEL_MNIST_TASKS,
     MegapixelMNIST,
     digit_targets,
     patch_chunks,
 )
-from ips_path.model import IPSModel, build_encoder, train_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402

@@ -1,10 +1,10 @@
 """Find the needle: IPS on generated cohorts whose lesions cover ~1 %, ~0.3 % or ~0.1 % of the tissue.
 
-Each cohort (``ips_path.synth``): slides of 6144 x 4096 px at 1 µm/px, one or two subtle lesions on
+Each cohort (``ips_path.synthetic.synth``): slides of 6144 x 4096 px at 1 µm/px, one or two subtle lesions on
 half of them (nuclei 1.4x larger than normal, pleomorphic), 2-4 look-alike clusters of large regular
 nuclei on every slide, a per-slide stain shift. Slides are tiled (``ipspath tile``), the lesion
 truth is written into the tile stores (so training logs how often it trains on lesion patches),
-then each variant is trained with ``ips_path.train.train`` on the train/val slides and scored on
+then each variant is trained with ``ips_path.training.train.train`` on the train/val slides and scored on
 held-out test slides:
 
 * test AUC (best validation checkpoint),
@@ -59,15 +59,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ips_path.checkpoint import load_model
-from ips_path.config import TrainConfig
-from ips_path.features import extract_features
-from ips_path.loader import PatchStreamer
-from ips_path.metrics import roc_auc
-from ips_path.store import TileStore
-from ips_path.synth import lesion_fractions, write_lesion_truth, write_synthetic_cohort
+from ips_path.evaluation.metrics import roc_auc
+from ips_path.stores.features import extract_features
+from ips_path.stores.loader import PatchStreamer
+from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.synth import lesion_fractions, write_lesion_truth, write_synthetic_cohort
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
-from ips_path.train import train
+from ips_path.training.checkpoint import load_model
+from ips_path.training.config import TrainConfig
+from ips_path.training.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402
@@ -244,8 +244,8 @@ def _score_test(model: Any, tiles: Path, specs: list, manifest: Path, threads: i
 def probe(specs: list, manifest: Path, root: Path, mpp: float, patch_size: int, epochs: int,
           seed: int) -> dict:
     """Supervised patch-level probe at ``mpp`` / ``patch_size`` (see the module docstring)."""
-    from ips_path.loader import Augmentation, augment_patches
     from ips_path.model import build_encoder
+    from ips_path.stores.loader import Augmentation, augment_patches
 
     tiles = root / f"probe_tiles_{mpp:g}_{patch_size}"
     tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=mpp, patch_size=patch_size, qc=False),
@@ -308,7 +308,7 @@ def probe(specs: list, manifest: Path, root: Path, mpp: float, patch_size: int, 
 
 def contrast(specs: list, manifest: Path, root: Path, mpp: float, patch_size: int) -> dict:
     """Darkest-nuclei statistic per patch, raw and stain-normalised (see the module docstring)."""
-    from ips_path.stain import optical_density
+    from ips_path.slides.stain import optical_density
 
     tiles = root / f"probe_tiles_{mpp:g}_{patch_size}"
     tile_slides(collect_inputs([], manifest), tiles, TilingParams(target_mpp=mpp, patch_size=patch_size, qc=False),

@@ -1,7 +1,7 @@
 """Survival training on the CPU: validation and test C-index of a generated cohort, wall time.
 
 Steps (each timed): generate a training cohort and a held-out test cohort whose survival times
-depend on the lesion share of the tissue (:mod:`ips_path.synth_survival`: exponential event times,
+depend on the lesion share of the tissue (:mod:`ips_path.synthetic.synth_survival`: exponential event times,
 rate growing with lesion area, random censoring), tile them (``ipspath tile``), train with
 ``ipspath train --task survival`` (the command, in a subprocess, as a user runs it), then score the
 test cohort with ``best.pt``. The C-index a perfect model would reach is printed beside it
@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402
 
-from ips_path.checkpoint import load_model  # noqa: E402
-from ips_path.loader import PatchStreamer  # noqa: E402
-from ips_path.store import TileStore  # noqa: E402
+from ips_path.stores.loader import PatchStreamer  # noqa: E402
+from ips_path.stores.tile_store import TileStore  # noqa: E402
 from ips_path.survival import harrell_c_index, survival_metrics  # noqa: E402
-from ips_path.synth_survival import SurvivalOutcomes, write_survival_cohort  # noqa: E402
+from ips_path.synthetic.synth_survival import SurvivalOutcomes, write_survival_cohort  # noqa: E402
+from ips_path.training.checkpoint import load_model  # noqa: E402
 
 SLIDE_SIZE = (4096, 3072)   # px at 1 µm/px: 4 x 3 mm, as the demo
 LESION_UM = (200.0, 400.0)

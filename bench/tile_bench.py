@@ -33,7 +33,7 @@ LARGE = {"width": 100_000, "height": 80_000, "mpp": 0.25, "downsamples": (1, 4, 
 
 def large_slide(scratch: Path) -> Path:
     """The generated large slide, written on first use."""
-    from ips_path.synth import write_synthetic_slide
+    from ips_path.synthetic.synth import write_synthetic_slide
 
     path = scratch / "tile_bench_100k_x_80k.svs"
     if not path.is_file():
@@ -60,8 +60,8 @@ def run_once(slide: Path, out_dir: Path) -> dict[str, float]:
 
 def bench_slide(slide: Path, runs: int, scratch: Path) -> dict:
     """Medians over ``runs`` runs, plus every run, the slide and the patch count."""
-    from ips_path.slide import Slide
-    from ips_path.store import TileStore, slide_id_from_path
+    from ips_path.slides.slide import Slide
+    from ips_path.stores.tile_store import TileStore, slide_id_from_path
 
     out_dir = scratch / "out"
     samples = [run_once(slide, out_dir) for _ in range(runs)]

@@ -1,6 +1,6 @@
 """Train on a generated cohort on the CPU: validation AUC, wall time, throughput and peak memory.
 
-Steps (each timed): generate a cohort of H&E-like slides with small lesions (``ips_path.synth``),
+Steps (each timed): generate a cohort of H&E-like slides with small lesions (``ips_path.synthetic.synth``),
 tile it (``ipspath tile``), train with the default settings of ``ipspath train`` (the command, in a
 subprocess, as a user runs it), then measure the peak RSS (CPU) or GPU memory of one training step
 in a fresh process. The target: validation AUC >= 0.9 within 10 minutes of training wall time
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from ips_path.checkpoint import build_model
-from ips_path.config import TrainConfig
-from ips_path.loader import Augmentation, PatchStreamer
 from ips_path.model import train_step
-from ips_path.store import TileStore
-from ips_path.synth import write_synthetic_cohort
+from ips_path.stores.loader import Augmentation, PatchStreamer
+from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.synth import write_synthetic_cohort
+from ips_path.training.checkpoint import build_model
+from ips_path.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402

@@ -39,7 +39,7 @@ VIEW_TILES = (5, 4)  # columns x rows of tiles a 1280 x 1024 viewer shows
 
 def prepare(scratch: Path) -> tuple[Path, str]:
     """The tiled large slide with attention scores: (tile store, score run)."""
-    from ips_path.store import TileStore, slide_id_from_path
+    from ips_path.stores.tile_store import TileStore, slide_id_from_path
     from ips_path.tiling.run import SlideInput, TilingParams, tile_slide
 
     slide = large_slide(scratch)
@@ -58,9 +58,9 @@ def prepare(scratch: Path) -> tuple[Path, str]:
 
 def serve(store_path: Path, run: str, cache_mb: int):
     """A running viewer server for the one slide: (server, app, slide id)."""
-    from ips_path.predictions import SlidePrediction
-    from ips_path.view.cohort import Cohort
-    from ips_path.view.server import ViewerApp, make_server
+    from ips_path.inference.predictions import SlidePrediction
+    from ips_path.review.view.cohort import Cohort
+    from ips_path.review.view.server import ViewerApp, make_server
 
     slide_id = store_path.stem
     row = SlidePrediction(slide_id, "positive", "positive", (0.1, 0.9), "", "done", "")
@@ -75,7 +75,7 @@ def tile_requests(app, slide_id: str, n_views: int, seed: int = 0) -> list[str]:
     """URLs of the tiles a viewer asks for: the home view, then ``n_views`` zoomed views."""
     from urllib.parse import quote
 
-    from ips_path.view.tiles import DeepZoomGeometry
+    from ips_path.review.view.tiles import DeepZoomGeometry
 
     view = app.cohort.slide(slide_id)
     geometry = DeepZoomGeometry(*view.slide.dimensions)
@@ -136,11 +136,11 @@ def run_pass(port: int, urls: list[str], clients: int) -> dict:
 
 def in_process(slide, urls: list[str]) -> dict:
     """The same slide tiles made in this process, one thread, JPEG included (no HTTP, no cache): with
-    the viewer's :func:`~ips_path.view.tiles.slide_tile` and with openslide's DeepZoomGenerator."""
+    the viewer's :func:`~ips_path.review.view.tiles.slide_tile` and with openslide's DeepZoomGenerator."""
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
 
-    from ips_path.view.tiles import JPEG_QUALITY, DeepZoomGeometry, slide_tile
+    from ips_path.review.view.tiles import JPEG_QUALITY, DeepZoomGeometry, slide_tile
 
     tiles = []
     for url in urls:

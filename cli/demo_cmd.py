@@ -20,7 +20,7 @@ def demo_cmd(ctx: click.Context, out_dir: str, seed: int) -> int:
     """
     from dataclasses import replace
 
-    from ips_path.demo import DemoSettings, run_demo
+    from ips_path.synthetic.demo import DemoSettings, run_demo
 
     settings = DemoSettings()
     settings = replace(settings, seed=seed, train=replace(settings.train, seed=seed))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ips_path.store import find_stores
+from ips_path.stores.tile_store import find_stores
 
 
 @click.command("extract")
@@ -43,8 +43,8 @@ def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretra
     encoder and weights are kept, so an interrupted run resumes where it stopped; features of that
     name from another encoder or other weights are refused unless --overwrite.
     """
-    from ips_path.features import extract_features
-    from ips_path.jobs import run_exit_code
+    from ips_path.runtime.jobs import run_exit_code
+    from ips_path.stores.features import extract_features
 
     outcomes = extract_features(find_stores(tiles), encoder, name=name, pretrained=pretrained, device=device,
                                 chunk_size=chunk_size, threads=threads, overwrite=overwrite, scheduler=scheduler,
@@ -91,8 +91,8 @@ def import_cmd(ctx: click.Context, folder: Path, manifest: Path, tiles_dir: Path
       ipspath train --manifest m.csv --tiles TILES --features <name> -o run
       ipspath predict --model run --manifest m.csv --tiles TILES -o pred
     """
-    from ips_path.feature_import import import_features
-    from ips_path.jobs import run_exit_code
+    from ips_path.runtime.jobs import run_exit_code
+    from ips_path.stores.feature_import import import_features
 
     outcomes = import_features(folder, manifest, tiles_dir, tool=tool, name=name, clam_patches=clam_patches,
                                overwrite=overwrite, progress=not ctx.obj["quiet"])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ips_path.errors import BadInputError
-from ips_path.heatmap import COLORMAPS, jobs_from_predictions, jobs_from_tiles, render_heatmaps
-from ips_path.jobs import run_exit_code
+from ips_path.review.heatmap import COLORMAPS, jobs_from_predictions, jobs_from_tiles, render_heatmaps
+from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.jobs import run_exit_code
 
 
 @click.command("heatmap")

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from ips_path.errors import IpspathError
-from ips_path.slide import BACKENDS, Slide
+from ips_path.runtime.errors import IpspathError
+from ips_path.slides.slide import BACKENDS, Slide
 
 
 @click.command("inspect")

@@ -13,8 +13,8 @@ import traceback
 
 import click
 
-from ips_path.errors import IpspathError
-from ips_path.jobs import error_line
+from ips_path.runtime.errors import IpspathError
+from ips_path.runtime.jobs import error_line
 
 # name -> "module:attribute" of the click command; imported on first use.
 COMMANDS = {

@@ -60,8 +60,8 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     The attention logits also go into each tile store as scores/<run>-<model key>. Review with
     `ipspath report OUT`.
     """
-    from ips_path.errors import BadInputError
-    from ips_path.predict import predict
+    from ips_path.inference.predict import predict
+    from ips_path.runtime.errors import BadInputError
 
     if not slides and manifest is None:
         raise BadInputError("give slides (files, folders, patterns) or --manifest")

@@ -26,6 +26,6 @@ def report_cmd(pred_dir: Path, out_path: Path | None, title: str | None) -> None
     pictures where they are, so copy the whole folder to share it; written elsewhere with -o, it
     copies them into report_assets/images/ and the HTML file plus report_assets/ stand alone.
     """
-    from ips_path.report import write_report
+    from ips_path.review.report import write_report
 
     click.echo(f"report: {write_report(pred_dir, out_path, title)}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ips_path.errors import BadInputError
+from ips_path.runtime.errors import BadInputError
 from ips_path.tiling.grid import patch_resolution, patch_stride
 from ips_path.tiling.run import SUMMARY_NAME, TilingParams, collect_inputs, exit_code, tile_slides
 from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ips_path.config import TrainConfig
+from ips_path.training.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -170,14 +170,14 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
       ipspath train --manifest m.csv --tiles tiles -o run --label-columns grade,her2
       ipspath train --manifest m.csv --tiles tiles -o run --task survival --time-unit months
     """
-    from ips_path.config import resolve_config
-    from ips_path.train import train
+    from ips_path.training.config import resolve_config
+    from ips_path.training.train import train
 
     if config_file is None and resume and (out_dir / "config.yaml").is_file():
         config_file = out_dir / "config.yaml"
     config = resolve_config(config_file, options)
     if folds is not None:
-        from ips_path.cross_validation import train_cross_validated
+        from ips_path.training.cross_validation import train_cross_validated
 
         cv = train_cross_validated(manifest, tiles_dir, out_dir, config, folds, resume=resume,
                                    progress=not ctx.obj["quiet"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ips_path.heatmap import COLORMAPS
+from ips_path.review.heatmap import COLORMAPS
 
 
 @click.command("view")
@@ -33,7 +33,7 @@ def view_cmd(pred_dir: Path, port: int, host: str, colormap: str, cache_mb: int)
     \b
     Only the slides and files PRED_DIR records are served. Stop with Ctrl+C.
     """
-    from ips_path.view import serve
+    from ips_path.review.view import serve
 
     serve(pred_dir, host=host, port=port, colormap=colormap, cache_mb=cache_mb,
           announce=lambda line: click.echo(line, err=True))

@@ -7,7 +7,7 @@ has. With several columns:
 
 * A slide whose cell is empty for a task stays in the run and counts for nothing in that task's loss
   and metrics (its target is :data:`~ips_path.model.tasks.MISSING_TARGET`); a row empty in every label
-  column is refused by :func:`~ips_path.manifest.read_manifest`.
+  column is refused by :func:`~ips_path.slides.manifest.read_manifest`.
 * The training loss is the sum of the tasks' losses, each the mean over the batch's slides labelled
   for it; ``metrics.csv`` logs each task's as ``train_<task>_loss`` beside ``train_loss``.
 * Validation logs, per task, ``val_<task>_<metric>`` (loss, AUC, AUPRC, balanced accuracy, accuracy,
@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ips_path.errors import BadInputError
-from ips_path.manifest import ManifestRow
-from ips_path.metrics import classification_metrics
+from ips_path.evaluation.metrics import classification_metrics
 from ips_path.model import Task
 from ips_path.model.tasks import MISSING_TARGET
+from ips_path.runtime.errors import BadInputError
+from ips_path.slides.manifest import ManifestRow
 
 __all__ = ["MEAN_METRICS", "TASK_SEPARATOR", "LabelTasks", "batch_targets", "class_weights", "joined_classes",
            "validation_metrics"]

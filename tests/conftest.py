@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from ips_path.synth import SlideSpec, write_synthetic_slide
+from ips_path.synthetic.synth import SlideSpec, write_synthetic_slide
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def small_tiff_nompp(tmp_path_factory: pytest.TempPathFactory) -> SlideSpec:
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
     """8 generated slides (1024 x 768 px at 1 µm/px, half with lesions) tiled at 2 µm/px, 32 px: (manifest, tiles)."""
-    from ips_path.synth import write_synthetic_cohort
+    from ips_path.synthetic.synth import write_synthetic_cohort
     from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 
     root = tmp_path_factory.mktemp("cohort")
@@ -72,8 +72,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, path
 @pytest.fixture(scope="session")
 def trained_run(cohort: tuple[pathlib.Path, pathlib.Path], tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A training run folder (one epoch of a small model on ``cohort``), for prediction tests."""
-    from ips_path.config import TrainConfig
-    from ips_path.train import train
+    from ips_path.training.config import TrainConfig
+    from ips_path.training.train import train
 
     manifest, tiles = cohort
     out = tmp_path_factory.mktemp("trained") / "run"

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import ips_path.checkpoint as checkpoint_module
-from ips_path.checkpoint import checkpoint_identity, load_checkpoint
-from ips_path.errors import BadInputError
+import ips_path.training.checkpoint as checkpoint_module
+from ips_path.runtime.errors import BadInputError
+from ips_path.training.checkpoint import checkpoint_identity, load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Modules that train (or run a training) may import ips_path.train; nothing that predicts or reads results.
-TRAINING_MODULES = {"ips_path/train.py", "ips_path/cross_validation.py", "ips_path/demo.py", "cli/train_cmd.py"}
+# Modules that train (or run a training) may import ips_path.training.train; nothing that predicts or reads results.
+TRAINING_MODULES = {"ips_path/training/train.py", "ips_path/training/cross_validation.py", "ips_path/synthetic/demo.py",
+                    "cli/train_cmd.py"}
 
 
 def test_prediction_side_modules_never_import_the_training_code():
@@ -29,16 +30,16 @@ def test_prediction_side_modules_never_import_the_training_code():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            offenders += [f"{relative}:{node.lineno}" for name in names if name == "ips_path.train"]
+            offenders += [f"{relative}:{node.lineno}" for name in names if name == "ips_path.training.train"]
     assert not offenders
 
 
 def test_importing_predict_and_loading_a_model_leaves_train_unimported(trained_run):
-    script = ("import sys, ips_path.predict, ips_path.features, ips_path.report\n"
-              "from ips_path.checkpoint import checkpoint_identity, load_model\n"
+    script = ("import sys, ips_path.inference.predict, ips_path.stores.features, ips_path.review.report\n"
+              "from ips_path.training.checkpoint import checkpoint_identity, load_model\n"
               f"load_model({str(trained_run / 'last.pt')!r})\n"
               f"checkpoint_identity({str(trained_run / 'last.pt')!r})\n"
-              "print(sorted(m for m in sys.modules if m.startswith('ips_path.train')))\n")
+              "print(sorted(m for m in sys.modules if m.startswith('ips_path.training.train')))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

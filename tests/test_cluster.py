@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from ips_path.cli.main import cli
-from ips_path.store import TileStore
+from ips_path.stores.tile_store import TileStore
 
 distributed = pytest.importorskip("distributed")
 psutil = pytest.importorskip("psutil")
@@ -68,7 +68,7 @@ def test_predict_through_a_scheduler_matches_the_local_path(cohort, trained_run,
 
 
 def test_a_worker_killed_while_tiling_loses_and_duplicates_no_slide(tmp_path):
-    from ips_path.synth import write_synthetic_cohort
+    from ips_path.synthetic.synth import write_synthetic_cohort
     from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 
     write_synthetic_cohort(tmp_path / "slides", 12, size=(3072, 2304), mpp=0.5, downsamples=(1, 4), seed=2)

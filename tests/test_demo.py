@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ips_path.cli.main import cli
-from ips_path.demo import DemoSettings, run_demo
+from ips_path.synthetic.demo import DemoSettings, run_demo
 
 TINY = DemoSettings(n_train=8, n_test=4, slide_size=(1024, 768), lesion_um=(150.0, 300.0))
 TINY = replace(TINY, train=replace(TINY.train, epochs=1, n_select=8, chunk_size=64, dim=32, heads=2))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ips_path.distributed import CudaDevices, resolve_device
-from ips_path.errors import BadInputError
+from ips_path.runtime.errors import BadInputError
+from ips_path.training.distributed import CudaDevices, resolve_device
 
 ONE_GPU = CudaDevices(available=True, count=1, current=0)
 FOUR_GPUS = CudaDevices(available=True, count=4, current=0)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ips_path.atomic import write_atomically
-from ips_path.jobs import error_line
-from ips_path.synth import write_synthetic_slide
+from ips_path.runtime.atomic import write_atomically
+from ips_path.runtime.jobs import error_line
+from ips_path.synthetic.synth import write_synthetic_slide
 
 IPSPATH = [sys.executable, "-m", "ips_path.cli.main"]
 

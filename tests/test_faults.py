@@ -9,7 +9,7 @@ import sys
 import time
 
 SCRIPT = (
-    "from ips_path.faults import fault_point\n"
+    "from ips_path.runtime.faults import fault_point\n"
     "for i in range(3):\n    fault_point('step')\n    print(i, flush=True)\n"
 )
 

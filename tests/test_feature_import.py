@@ -15,10 +15,10 @@ from tool_h5 import write_clam, write_stamp, write_trident
 
 from ips_path import feature_import
 from ips_path.cli.main import main
-from ips_path.errors import BadInputError, RefusedError
-from ips_path.feature_import import import_features
-from ips_path.store import TileStore
-from ips_path.synth import in_lesion, write_synthetic_cohort
+from ips_path.runtime.errors import BadInputError, RefusedError
+from ips_path.stores.feature_import import import_features
+from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.synth import in_lesion, write_synthetic_cohort
 
 MPP = 0.5          # level-0 µm/px of the generated slides
 SIZE = (1024, 768)
@@ -250,7 +250,8 @@ def test_an_import_refuses_while_another_run_writes_the_stores(cohort, tmp_path)
     manifest, grids = cohort
     folder = _write_trident_folder(tmp_path / "features_uni_v1", grids)
     tiles = tmp_path / "tiles"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ips_path.locks import output_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from ips_path.runtime.locks import output_lock\n"
                                "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
                                str(tiles)], stdout=subprocess.PIPE, text=True)
     try:

@@ -8,11 +8,11 @@ import torch
 from click.testing import CliRunner
 
 from ips_path.cli.main import cli
-from ips_path.features import embed_store, extract_features
-from ips_path.loader import PatchStreamer
 from ips_path.model import build_encoder
-from ips_path.store import TileStore, write_tile_store
-from ips_path.synth import write_synthetic_slide
+from ips_path.stores.features import embed_store, extract_features
+from ips_path.stores.loader import PatchStreamer
+from ips_path.stores.tile_store import TileStore, write_tile_store
+from ips_path.synthetic.synth import write_synthetic_slide
 
 
 @pytest.fixture()

@@ -154,7 +154,7 @@ def test_a_patch_without_tissue_has_fraction_exactly_zero_despite_round_off():
 
 
 def test_patch_resolution_and_stride_options_are_converted_in_the_library():
-    from ips_path.errors import BadInputError
+    from ips_path.runtime.errors import BadInputError
     from ips_path.tiling.grid import patch_resolution, patch_stride
 
     assert patch_resolution() == 0.5 and patch_resolution(mpp=1.0) == 1.0 and patch_resolution(mag=40) == 0.25
@@ -176,7 +176,7 @@ def test_one_mpp_tolerance_decides_every_comparison():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
 def test_non_finite_or_non_positive_mpp_is_refused_before_any_work(tmp_path, value):
-    from ips_path.errors import BadInputError
+    from ips_path.runtime.errors import BadInputError
     from ips_path.tiling.run import TilingParams
 
     with pytest.raises(BadInputError, match="--mpp must be a positive"):

@@ -12,10 +12,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import ips_path.heatmap as heatmap
+import ips_path.review.heatmap as heatmap
 from ips_path.cli.main import cli
-from ips_path.errors import BadInputError
-from ips_path.heatmap import (
+from ips_path.review.heatmap import (
     colormap_lut,
     load_scores,
     percentile_ranks,
@@ -26,9 +25,10 @@ from ips_path.heatmap import (
     smooth_grid,
     top_patch_gallery,
 )
-from ips_path.slide import Slide
-from ips_path.store import TileStore, write_tile_store
-from ips_path.synth import write_synthetic_slide
+from ips_path.runtime.errors import BadInputError
+from ips_path.slides.slide import Slide
+from ips_path.stores.tile_store import TileStore, write_tile_store
+from ips_path.synthetic.synth import write_synthetic_slide
 
 DATA = Path(os.environ.get("IPSPATH_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 PATCH = 128

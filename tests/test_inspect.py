@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from ips_path.cli.main import cli
-from ips_path.errors import BadInputError
+from ips_path.runtime.errors import BadInputError
 
 
 def _inspect(*args: str):

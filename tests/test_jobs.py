@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from ips_path.errors import BadInputError, IpspathError, RefusedError
-from ips_path.identity import (
+from ips_path.runtime.errors import BadInputError, IpspathError, RefusedError
+from ips_path.runtime.identity import (
     FINGERPRINT_BLOCK,
     canonical_json,
     file_digest,
@@ -18,7 +18,7 @@ from ips_path.identity import (
     same_identity,
     slide_identity,
 )
-from ips_path.jobs import (
+from ips_path.runtime.jobs import (
     SlideOutcome,
     Status,
     check_done_record,

@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-import ips_path.train as train_module
-from ips_path.checkpoint import checkpoint_identity, load_checkpoint, load_model
+import ips_path.training.train as train_module
 from ips_path.cli.main import main
-from ips_path.config import TrainConfig, resolve_config
-from ips_path.cross_validation import train_cross_validated
-from ips_path.errors import BadInputError
+from ips_path.inference.predict import predict
 from ips_path.label_tasks import LabelTasks, validation_metrics
 from ips_path.model import Task
 from ips_path.model.tasks import MISSING_TARGET
-from ips_path.predict import predict
-from ips_path.report import write_report
-from ips_path.train import train
-from ips_path.view.cohort import open_cohort
-from ips_path.view.server import ViewerApp, make_server
+from ips_path.review.report import write_report
+from ips_path.review.view.cohort import open_cohort
+from ips_path.review.view.server import ViewerApp, make_server
+from ips_path.runtime.errors import BadInputError
+from ips_path.training.checkpoint import checkpoint_identity, load_checkpoint, load_model
+from ips_path.training.config import TrainConfig, resolve_config
+from ips_path.training.cross_validation import train_cross_validated
+from ips_path.training.train import train
 
 FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=2, threads=2, warmup_epochs=0.0,
             device="cpu", augment=False)

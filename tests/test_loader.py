@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ips_path.errors import IpspathError
-from ips_path.loader import Augmentation, PatchStreamer, augment_patches, grid_positions, resize_patches
-from ips_path.slide import Slide
-from ips_path.store import TileStore, write_tile_store
-from ips_path.synth import write_synthetic_slide
+from ips_path.runtime.errors import IpspathError
+from ips_path.slides.slide import Slide
+from ips_path.stores.loader import Augmentation, PatchStreamer, augment_patches, grid_positions, resize_patches
+from ips_path.stores.tile_store import TileStore, write_tile_store
+from ips_path.synthetic.synth import write_synthetic_slide
 
 
 def _store(folder: Path, slide_path: Path, coords: np.ndarray, *, patch_size: int, read_level: int,
@@ -128,7 +128,7 @@ def test_stream_features_reads_the_cached_embeddings(grid_store):
 
 
 def test_auto_reads_tiles_directly_only_where_tiffslide_sees_the_tiled_pyramid(small_svs, test_data, tmp_path):
-    from ips_path.loader import open_for_reading
+    from ips_path.stores.loader import open_for_reading
     from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 
     slides = [small_svs.path, test_data / "slides" / "he_dicom.dcm"]
@@ -148,7 +148,7 @@ def test_auto_reads_tiles_directly_only_where_tiffslide_sees_the_tiled_pyramid(s
 
 @pytest.mark.parametrize("level,size", [(0, 96), (1, 40)])
 def test_tile_reader_pixels_equal_tiffslide_reads(slide_file, level, size):
-    from ips_path.loader import TiffTileReader
+    from ips_path.stores.loader import TiffTileReader
 
     rng = np.random.default_rng(level)
     locations = [(0, 0), (1600 - 30, 1200 - 30), (-40, 10), *rng.integers(0, 1500, size=(40, 2)).tolist()]
@@ -160,7 +160,7 @@ def test_tile_reader_pixels_equal_tiffslide_reads(slide_file, level, size):
 
 
 def test_tile_reader_names_the_slide_and_patch_of_a_corrupt_tile(test_data):
-    from ips_path.loader import TiffTileReader
+    from ips_path.stores.loader import TiffTileReader
 
     with TiffTileReader(test_data / "bad" / "unreadable.svs", 0, 1.0) as reader, \
             pytest.raises(IpspathError, match=r"unreadable\.svs: cannot read region at level-0 \(0, 0\).*Bogus marker"):
@@ -229,7 +229,7 @@ class _WatchedReader:
 @pytest.fixture
 def watched(monkeypatch):
     """Every slide the loader opens is a :class:`_WatchedReader` around the real one; the list of them."""
-    import ips_path.loader as loader
+    import ips_path.stores.loader as loader
 
     opened = []
     real_open = loader.open_for_reading
@@ -268,7 +268,7 @@ def test_an_abandoned_stream_cancels_its_reads_before_closing_the_slide(grid_sto
 
 def test_each_tile_is_decoded_once_by_all_threads_together(tmp_path):
     """256-px patches on 240-px tiles straddle up to four tiles; the shared cache decodes each once."""
-    from ips_path.loader import open_for_reading
+    from ips_path.stores.loader import open_for_reading
 
     path = tmp_path / "aperio.svs"
     write_synthetic_slide(path, 2400, 1920, mpp=0.5, downsamples=(1, 4), tile_size=240, seed=4, tissue=1)

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from ips_path.errors import BadInputError
-from ips_path.locks import LOCK_NAME, OutputLockedError, output_lock, read_lock
+from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.locks import LOCK_NAME, OutputLockedError, output_lock, read_lock
 
 # Takes the lock on argv[1], says so with argv[2].reached, holds it until argv[2] exists; exit 3
 # when the lock is held by someone else.
 HOLDER = """
 import sys, time
 from pathlib import Path
-from ips_path.locks import OutputLockedError, output_lock
+from ips_path.runtime.locks import OutputLockedError, output_lock
 release = Path(sys.argv[2])
 try:
     with output_lock(sys.argv[1]):

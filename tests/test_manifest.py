@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from ips_path.errors import BadInputError
-from ips_path.manifest import assign_splits, class_names, read_manifest
+from ips_path.runtime.errors import BadInputError
+from ips_path.slides.manifest import assign_splits, class_names, read_manifest
 
 
 def _write(tmp_path: Path, text: str, files=("a.svs", "b.svs", "c.svs")) -> Path:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ips_path.errors import BadInputError
-from ips_path.manifest import read_manifest
-from ips_path.names import MAX_SLIDE_ID_BYTES, check_slide_id
-from ips_path.store import store_path
+from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.names import MAX_SLIDE_ID_BYTES, check_slide_id
+from ips_path.slides.manifest import read_manifest
+from ips_path.stores.tile_store import store_path
 from ips_path.tiling.run import collect_inputs
 
 TEXT = "slide_id,slide_path,label\na,a.svs,tumor\nb,b.svs,normal\n"
@@ -131,7 +131,7 @@ def test_the_longest_allowed_id_is_a_file_name_everywhere(folder):
     longest = "é" * (MAX_SLIDE_ID_BYTES // 2)
     assert check_slide_id(longest) == longest
     # its longest derived name (a hidden temporary of a QC picture being replaced) fits in 255 bytes
-    from ips_path.atomic import partial_path
+    from ips_path.runtime.atomic import partial_path
 
     name = partial_path(folder / f"{longest}_attention_overlay.tiff", "-old").name
     assert len(name.encode()) <= 255
@@ -164,7 +164,7 @@ def test_tile_never_writes_outside_its_output_folder(folder):
 
 
 def test_predict_refuses_a_path_as_slide_id_before_writing(trained_run, cohort, tmp_path):
-    from ips_path.predict import predict
+    from ips_path.inference.predict import predict
 
     manifest, _ = cohort
     hostile = tmp_path / "m.csv"

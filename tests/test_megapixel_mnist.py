@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ips_path.errors import BadInputError
-from ips_path.megapixel_mnist import (
+from ips_path.runtime.errors import BadInputError
+from ips_path.synthetic.megapixel_mnist import (
     DIGIT_SIZE,
     MEGAPIXEL_MNIST_TASKS,
     MegapixelMNIST,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ips_path.metrics import (
+from ips_path.evaluation.metrics import (
     balanced_accuracy,
     bootstrap_intervals,
     classification_metrics,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ips_path.errors import BadInputError
 from ips_path.model import CrossAttentionAggregator, Task, grid_encoding, sinusoidal_encoding
+from ips_path.runtime.errors import BadInputError
 
 TASKS = [Task("majority", 10), Task("tumour", 2, "binary"), Task("present", 4, "multilabel")]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ips_path.errors import BadInputError
 from ips_path.model import PixelNormalizer, build_encoder
+from ips_path.runtime.errors import BadInputError
 
 # torchvision.models.resnet18().state_dict(), written out: convolutions and fc as (key, shape),
 # BatchNorm layers as (prefix, channels) for their weight, bias, running_mean, running_var, num_batches_tracked.

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ips_path.errors import BadInputError, IpspathError
 from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, rechunk
+from ips_path.runtime.errors import BadInputError, IpspathError
 
 
 class RowwiseEncoder(nn.Module):

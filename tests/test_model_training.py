@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ips_path.errors import BadInputError
 from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, compute_loss, task_losses, train_step
+from ips_path.runtime.errors import BadInputError
 
 TASKS = [Task("main", 3), Task("tumour", 2, "binary"), Task("present", 4, "multilabel")]
 TARGETS = {"main": torch.tensor([2, 0]), "tumour": torch.tensor([1, 0]),

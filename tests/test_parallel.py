@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ips_path.errors import BadInputError
-from ips_path.parallel import map_slides
+from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.parallel import map_slides
 
 distributed = pytest.importorskip("distributed")
 
@@ -93,7 +93,7 @@ def gpus_seen() -> str | None:
 def test_gpu_work_on_a_local_cluster_runs_one_pinned_worker_per_visible_gpu(monkeypatch):
     """Tasks asking for GPU=1 finish (a plain LocalCluster offers no such resource: they waited forever),
     on one worker per visible GPU, each seeing only its own."""
-    from ips_path.parallel import dask_client
+    from ips_path.runtime.parallel import dask_client
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     records = map_slides(worker_gpu, list(range(6)), scheduler="local:4", resources={"GPU": 1}, progress=False)

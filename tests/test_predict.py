@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 
 from ips_path.cli.main import cli
-from ips_path.errors import BadInputError
-from ips_path.predict import predict, resolve_checkpoint
-from ips_path.store import TileStore
+from ips_path.inference.predict import predict, resolve_checkpoint
+from ips_path.runtime.errors import BadInputError
+from ips_path.stores.tile_store import TileStore
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 
 
@@ -64,8 +64,8 @@ def test_predict_writes_every_output_for_every_slide(run_dir, cohort, tmp_path):
 
 
 def test_predict_matches_the_model_run_directly(run_dir, cohort, tmp_path):
-    from ips_path.checkpoint import load_model
-    from ips_path.loader import PatchStreamer
+    from ips_path.stores.loader import PatchStreamer
+    from ips_path.training.checkpoint import load_model
 
     manifest, tiles = cohort
     slide_id = _rows(manifest)[0]["slide_id"]

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from ips_path.metrics import macro_auc, macro_auprc
-from ips_path.predict import predict
-from ips_path.report import write_report
+from ips_path.evaluation.metrics import macro_auc, macro_auprc
+from ips_path.inference.predict import predict
+from ips_path.review.report import write_report
 
 
 def _manifest_with_patients(manifest, path):

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from ips_path.cli.main import main
-from ips_path.errors import RefusedError
-from ips_path.predict import predict
-from ips_path.store import TileStore
+from ips_path.inference.predict import predict
+from ips_path.runtime.errors import RefusedError
+from ips_path.stores.tile_store import TileStore
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -66,8 +66,8 @@ def _perturbed_run(run_dir: Path, out: Path, seed: int = 1) -> Path:
 
 def _other_classes_run(run_dir: Path, out: Path) -> Path:
     """A run of the same architecture over three classes (random head): another model, other classes."""
-    from ips_path.checkpoint import build_model
-    from ips_path.config import TrainConfig
+    from ips_path.training.checkpoint import build_model
+    from ips_path.training.config import TrainConfig
 
     out.mkdir(parents=True)
     checkpoint = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
@@ -151,8 +151,8 @@ def test_two_models_in_folders_of_one_name_keep_their_own_scores_and_heatmaps(tr
                 assert np.array_equal(store.read_array(f"scores/{run}"), f["attention_scores"][...])
         assert not np.array_equal(store.read_array(f"scores/{run_a}"), store.read_array(f"scores/{run_b}"))
     # heatmap --predictions draws each folder's own model; --run with the shared folder name is ambiguous
-    from ips_path.errors import BadInputError
-    from ips_path.heatmap import jobs_from_predictions, jobs_from_tiles
+    from ips_path.review.heatmap import jobs_from_predictions, jobs_from_tiles
+    from ips_path.runtime.errors import BadInputError
 
     assert {job.run for job in jobs_from_predictions(a)} == {run_a}
     assert {job.run for job in jobs_from_predictions(b)} == {run_b}

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ips_path.cli.main import cli, main
-from ips_path.errors import BadInputError
-from ips_path.predictions import read_predictions
-from ips_path.report import write_report
+from ips_path.inference.predictions import read_predictions
+from ips_path.review.report import write_report
+from ips_path.runtime.errors import BadInputError
 
 CLASSES = ["normal", "tumor"]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from ips_path.errors import BadInputError, IpspathError
-from ips_path.slide import BACKENDS, WSI_EXTENSIONS, Slide, read_low_resolution
-from ips_path.synth import write_synthetic_slide
+from ips_path.runtime.errors import BadInputError, IpspathError
+from ips_path.slides.slide import BACKENDS, WSI_EXTENSIONS, Slide, read_low_resolution
+from ips_path.synthetic.synth import write_synthetic_slide
 
 # The table of ../shared/data/README.md: size, level count, mpp (None: unknown), backends that open it.
 SHARED_SLIDES = {
@@ -161,7 +161,7 @@ def test_tiff_resolution_counts_only_with_a_unit_and_not_a_default(tmp_path, bac
 def test_objective_power_is_the_last_resort_and_warns(tmp_path, caplog, backend):
     description = "Aperio Image Library v12.0.15\r\n256x256 [0,0 256x256] (256x256) JPEG/RGB Q=80|AppMag = 40"
     path = _write_one_level_tiff(tmp_path / "no_mpp.svs", description=description)
-    with caplog.at_level(logging.WARNING, logger="ips_path.slide"), Slide(path, backend) as slide:
+    with caplog.at_level(logging.WARNING, logger="ips_path.slides.slide"), Slide(path, backend) as slide:
         assert slide.vendor == "aperio" and slide.objective_power == 40
         assert (slide.level0_mpp, slide.mpp_source) == ((0.25, 0.25), "objective-power")
     assert "objective power 40x" in caplog.text and "--slide-mpp" in caplog.text
@@ -284,7 +284,7 @@ def test_wsi_extensions_are_lower_case_suffixes():
 
 
 def test_every_low_resolution_picture_reports_a_damaged_block_in_the_same_one_line(bad_dir):
-    from ips_path.heatmap import read_downsampled, slide_thumbnail
+    from ips_path.review.heatmap import read_downsampled, slide_thumbnail
     from ips_path.tiling.tissue import read_low_resolution as tissue_image
 
     path = bad_dir / "unreadable.svs"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ips_path.config import TrainConfig
-from ips_path.errors import BadInputError
 from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, train_step
+from ips_path.runtime.errors import BadInputError
+from ips_path.training.config import TrainConfig
 
 DIM = 8
 
@@ -101,8 +101,8 @@ def test_training_reports_how_often_it_trained_on_lesions_where_the_stores_know_
     import csv
     import shutil
 
-    from ips_path.store import TileStore
-    from ips_path.train import train
+    from ips_path.stores.tile_store import TileStore
+    from ips_path.training.train import train
 
     manifest, tiles = cohort
     copy = tmp_path / "tiles"
@@ -191,7 +191,7 @@ def test_atypical_exploration_trains_every_positive_slide_on_its_needle_where_un
 
 
 def test_feature_norm_none_keeps_what_a_patch_says_through_the_size_of_its_features():
-    from ips_path.checkpoint import build_model
+    from ips_path.training.checkpoint import build_model
 
     lesion_flag = torch.tensor([[0.0], [1.0]])  # one feature per patch: "this patch is a lesion"
     bright = torch.stack((torch.ones(DIM), 3 * torch.ones(DIM)))  # every feature higher on the second patch
@@ -213,9 +213,9 @@ def test_feature_norm_auto_keeps_the_size_of_measured_features_and_normalises_le
 
     import yaml
 
-    from ips_path.checkpoint import build_model, load_model
-    from ips_path.features import extract_features
-    from ips_path.train import train
+    from ips_path.stores.features import extract_features
+    from ips_path.training.checkpoint import build_model, load_model
+    from ips_path.training.train import train
 
     manifest, shared_tiles = cohort
     tiles = shutil.copytree(shared_tiles, tmp_path / "tiles")
@@ -246,13 +246,13 @@ def test_the_defaults_put_a_micro_lesion_on_top_where_the_defaults_of_before_did
     features and a training run with every default, against the defaults these had before."""
     import csv
 
-    from ips_path.checkpoint import load_model
-    from ips_path.features import extract_features
-    from ips_path.loader import PatchStreamer
-    from ips_path.store import TileStore
-    from ips_path.synth import lesion_fractions, write_synthetic_cohort
+    from ips_path.stores.features import extract_features
+    from ips_path.stores.loader import PatchStreamer
+    from ips_path.stores.tile_store import TileStore
+    from ips_path.synthetic.synth import lesion_fractions, write_synthetic_cohort
     from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
-    from ips_path.train import train
+    from ips_path.training.checkpoint import load_model
+    from ips_path.training.train import train
 
     specs = write_synthetic_cohort(tmp_path / "slides", 32, size=(2048, 1536), mpp=1.0, downsamples=(1, 4), seed=3,
                                    lesion_diameter_um=(40.0, 70.0), lesions_per_positive=(1, 2),

@@ -12,14 +12,14 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from ips_path.checkpoint import load_model
 from ips_path.cli.main import cli
-from ips_path.errors import BadInputError
-from ips_path.features import extract_features
-from ips_path.loader import PatchStreamer
-from ips_path.stain import REFERENCE_OD, normalization_lut, optical_density, slide_stain_od
-from ips_path.store import TileStore, write_tile_store
-from ips_path.synth import SlideSpec, write_synthetic_slide
+from ips_path.runtime.errors import BadInputError
+from ips_path.slides.stain import REFERENCE_OD, normalization_lut, optical_density, slide_stain_od
+from ips_path.stores.features import extract_features
+from ips_path.stores.loader import PatchStreamer
+from ips_path.stores.tile_store import TileStore, write_tile_store
+from ips_path.synthetic.synth import SlideSpec, write_synthetic_slide
+from ips_path.training.checkpoint import load_model
 
 
 def _tiled(tmp_path, name: str, width: int = 768, height: int = 512, **slide_options) -> tuple[SlideSpec, TileStore]:
@@ -132,9 +132,9 @@ def test_features_with_stain_norm_are_another_identity_refused_under_the_same_na
 
 
 def test_stain_density_finds_the_lesion_of_a_stain_shifted_slide_by_its_darkest_nuclei(tmp_path):
-    from ips_path.features import embed_store
     from ips_path.model import build_encoder
-    from ips_path.synth import lesion_fractions
+    from ips_path.stores.features import embed_store
+    from ips_path.synthetic.synth import lesion_fractions
 
     spec, store = _tiled(tmp_path, "lesion", 1024, 768, seed=9, lesion_diameter_um=(50.0, 60.0), stain_shift=0.3)
     encoder = build_encoder("stain_density")

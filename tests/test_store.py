@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import zarr
 
-from ips_path.errors import BadInputError
-from ips_path.store import (
+from ips_path.runtime.errors import BadInputError
+from ips_path.stores.exchange import export_h5, import_h5
+from ips_path.stores.tile_store import (
     TileStore,
     remove_partial_stores,
     slide_id_from_path,
     store_path,
     write_tile_store,
 )
-from ips_path.store_exchange import export_h5, import_h5
-from ips_path.synth import write_synthetic_slide
+from ips_path.synthetic.synth import write_synthetic_slide
 
 ATTRS = {
     "slide_id": "S1",
@@ -131,7 +131,7 @@ _KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np, zarr
-    from ips_path.store import write_tile_store
+    from ips_path.stores.tile_store import write_tile_store
     real_create = zarr.Group.create_array
     def slow_create(self, name, **kwargs):
         array = real_create(self, name, **kwargs)

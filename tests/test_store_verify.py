@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ips_path.errors import BadInputError
-from ips_path.store import StoreMismatchError, TileStore
-from ips_path.synth import write_synthetic_slide
+from ips_path.runtime.errors import BadInputError
+from ips_path.stores.tile_store import StoreMismatchError, TileStore
+from ips_path.synthetic.synth import write_synthetic_slide
 from ips_path.tiling.run import SlideInput, TilingParams, tile_slide
 
 PARAMS = TilingParams(target_mpp=2.0, patch_size=32, qc=False)
@@ -170,7 +170,7 @@ def test_train_refuses_a_swapped_and_a_damaged_store_in_one_line_each(cohort, tm
 
 
 def test_predict_refuses_a_swapped_store_in_the_users_tiles(trained_run, cohort, tmp_path):
-    from ips_path.predict import predict
+    from ips_path.inference.predict import predict
 
     manifest, tiles = cohort
     copy = tmp_path / "tiles"

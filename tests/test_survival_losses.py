@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ips_path.errors import BadInputError
+from ips_path.runtime.errors import BadInputError
 from ips_path.survival import (
     TimeBins,
     cox_partial_nll,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ips_path.config import TrainConfig
-from ips_path.manifest import ManifestRow
-from ips_path.predictions import PredictionFolder
+from ips_path.inference.predictions import PredictionFolder
+from ips_path.slides.manifest import ManifestRow
 from ips_path.survival.prediction import curve_columns, slide_survival, write_patient_survival
 from ips_path.survival.training import survival_task
+from ips_path.training.config import TrainConfig
 
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")
 

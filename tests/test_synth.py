@@ -10,8 +10,8 @@ import pytest
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 
-from ips_path.slide import BACKENDS, Slide
-from ips_path.synth import (
+from ips_path.slides.slide import BACKENDS, Slide
+from ips_path.synthetic.synth import (
     BACKGROUND_RGB,
     Lesion,
     in_lesion,

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ips_path.cli.main import cli
-from ips_path.errors import BadInputError
-from ips_path.identity import slide_identity
-from ips_path.slide import Slide
-from ips_path.store import TileStore
+from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.identity import slide_identity
+from ips_path.slides.slide import Slide
+from ips_path.stores.tile_store import TileStore
 from ips_path.tiling.run import SlideInput, TilingParams, collect_inputs, exit_code, tile_slide, tile_slides
 
 IPSPATH = Path(sys.executable).with_name("ipspath")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ips_path.store import TileStore
-from ips_path.synth import write_synthetic_slide
+from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.synth import write_synthetic_slide
 
 TILE = [sys.executable, "-m", "ips_path.cli.main", "tile", "--mpp", "2", "--patch-size", "32", "--no-qc"]
 
@@ -85,7 +85,7 @@ def test_leftovers_of_a_run_killed_midway_are_cleaned_by_the_next_run(slides, tm
 
 
 def test_tile_outcomes_follow_the_job_contract():
-    from ips_path.jobs import Status
+    from ips_path.runtime.jobs import Status
     from ips_path.tiling.run import TileResult, exit_code
 
     done, reused = TileResult("a", "a.svs", "tiled", n_patches=3), TileResult("b", "b.svs", "skipped")

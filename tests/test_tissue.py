@@ -10,9 +10,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from ips_path.errors import BadInputError
-from ips_path.slide import Slide
-from ips_path.synth import write_synthetic_slide
+from ips_path.runtime.errors import BadInputError
+from ips_path.slides.slide import Slide
+from ips_path.synthetic.synth import write_synthetic_slide
 from ips_path.tiling import tissue
 from ips_path.tiling.tissue import (
     TissueParams,

@@ -20,18 +20,18 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-import ips_path.train as train_module
-from ips_path.checkpoint import load_checkpoint, load_model
+import ips_path.training.train as train_module
 from ips_path.cli.train_cmd import train_cmd
-from ips_path.config import TrainConfig
-from ips_path.distributed import shard_epoch
-from ips_path.errors import BadInputError, IpspathError
-from ips_path.features import extract_features
-from ips_path.loader import PatchStreamer
-from ips_path.metrics import classification_metrics
-from ips_path.store import TileStore
+from ips_path.evaluation.metrics import classification_metrics
+from ips_path.runtime.errors import BadInputError, IpspathError
+from ips_path.stores.features import extract_features
+from ips_path.stores.loader import PatchStreamer
+from ips_path.stores.tile_store import TileStore
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
-from ips_path.train import EarlyStopping, lr_factor, train
+from ips_path.training.checkpoint import load_checkpoint, load_model
+from ips_path.training.config import TrainConfig
+from ips_path.training.distributed import shard_epoch
+from ips_path.training.train import EarlyStopping, lr_factor, train
 
 # Small and quick: ~25-50 patches of 32 px per slide, a narrow model.
 FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=2, threads=2, warmup_epochs=1.0,

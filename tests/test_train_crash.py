@@ -1,7 +1,7 @@
 """A training run killed (kill -9) between any two writes of an epoch resumes to the uninterrupted result.
 
 Each case runs the real ``ipspath train`` in a subprocess on the generated cohort, kills it at a named
-fault point (:mod:`ips_path.faults`), then resumes it with ``--resume`` and compares weights, the best
+fault point (:mod:`ips_path.runtime.faults`), then resumes it with ``--resume`` and compares weights, the best
 model and the metrics with an uninterrupted run of the same seed.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ips_path.checkpoint import load_checkpoint
-from ips_path.config import TrainConfig
-from ips_path.locks import LOCK_NAME
-from ips_path.train import train
+from ips_path.runtime.locks import LOCK_NAME
+from ips_path.training.checkpoint import load_checkpoint
+from ips_path.training.config import TrainConfig
+from ips_path.training.train import train
 
 OPTIONS = ["--epochs", "2", "--n-select", "8", "--chunk-size", "16", "--dim", "32", "--heads", "4", "--batch-size",
            "2", "--threads", "2", "--warmup-epochs", "1", "--device", "cpu", "--seed", "7"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-import ips_path.train as train_module
-from ips_path.checkpoint import load_checkpoint
+import ips_path.training.train as train_module
 from ips_path.cli.main import main
-from ips_path.config import TrainConfig
-from ips_path.errors import BadInputError, IpspathError
-from ips_path.train import train
+from ips_path.runtime.errors import BadInputError, IpspathError
+from ips_path.training.checkpoint import load_checkpoint
+from ips_path.training.config import TrainConfig
+from ips_path.training.train import train
 
 FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=2, threads=2, warmup_epochs=1.0,
             device="cpu", augment=False)

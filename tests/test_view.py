@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ips_path.heatmap import colormap_lut, percentile_ranks, score_grid
-from ips_path.predict import predict
-from ips_path.report import write_report
-from ips_path.view.cohort import open_cohort
-from ips_path.view.server import TOKEN_COOKIE, ViewerApp, make_server
-from ips_path.view.tiles import DeepZoomGeometry, TileCache, TileNotFound, attention_tile, slide_tile
+from ips_path.inference.predict import predict
+from ips_path.review.heatmap import colormap_lut, percentile_ranks, score_grid
+from ips_path.review.report import write_report
+from ips_path.review.view.cohort import open_cohort
+from ips_path.review.view.server import TOKEN_COOKIE, ViewerApp, make_server
+from ips_path.review.view.tiles import DeepZoomGeometry, TileCache, TileNotFound, attention_tile, slide_tile
 
 CHROMIUM = Path("/usr/bin/chromium")
 VIRIDIS_TOP = colormap_lut("viridis")[255].astype(int)
@@ -542,9 +542,9 @@ def test_browser_needs_the_token_and_report_links_to_the_viewer(pred, browser):
 def two_task_pred(pred, tmp_path_factory) -> Path:
     """The prediction folder as a two-task run would leave it: each store also holds ``task_scores/<run>``
     (task "tumour" = the run's attention, task "margin" = its reverse), on copies of the stores."""
-    from ips_path.heatmap import TASK_SCORES_GROUP
-    from ips_path.predictions import PredictionFolder
-    from ips_path.store import TileStore
+    from ips_path.inference.predictions import PredictionFolder
+    from ips_path.review.heatmap import TASK_SCORES_GROUP
+    from ips_path.stores.tile_store import TileStore
 
     root = tmp_path_factory.mktemp("two_tasks")
     out = root / "pred"

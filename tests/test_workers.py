@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ips_path.store import TileStore
-from ips_path.synth import write_synthetic_slide
+from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.synth import write_synthetic_slide
 
 TILE = [sys.executable, "-m", "ips_path.cli.main", "tile", "--mpp", "2", "--patch-size", "32", "--no-qc"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.errors import BadInputError
+from ips_path.runtime.errors import BadInputError
 
 __all__ = [
     "MPP_TOLERANCE", "PatchGeometry", "grid_coords", "mpp_for_magnification", "patch_geometry",

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.atomic import write_atomically
+from ips_path.runtime.atomic import write_atomically
 
 __all__ = [
     "CONTOUR_RGB", "GRID_RGB", "QC_LONG_SIDE", "SUMMARY_COLUMNS", "qc_picture", "write_qc_png",

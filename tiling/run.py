@@ -4,12 +4,12 @@
 slide ends as a :class:`TileResult` with a status, and the run writes
 ``<out>/tiling_summary.csv``. Outputs per slide::
 
-    <out>/<slide_id>.zarr     tile store (ips_path.store)
+    <out>/<slide_id>.zarr     tile store (ips_path.stores.tile_store)
     <out>/qc/<slide_id>.png   QC picture (unless qc=False)
     <out>/h5/<slide_id>.h5    CLAM/TRIDENT coordinates (with h5=True)
 
 A slide whose whole store was made with the same parameters from the same file (size and
-content fingerprint, :func:`ips_path.identity.slide_identity`) is skipped, so an interrupted run
+content fingerprint, :func:`ips_path.runtime.identity.slide_identity`) is skipped, so an interrupted run
 resumes where it stopped; a store made from another file (the slide replaced, or the store copied
 under another slide's id) is tiled again.
 """
@@ -30,13 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.errors import BadInputError, IpspathError
-from ips_path.faults import fault_point
-from ips_path.identity import slide_identity
-from ips_path.jobs import SlideOutcome, Status, error_line, run_exit_code
-from ips_path.locks import file_lock, probe_writable
-from ips_path.names import slide_id_problem
-from ips_path.store import (
+from ips_path.runtime.errors import BadInputError, IpspathError
+from ips_path.runtime.faults import fault_point
+from ips_path.runtime.identity import slide_identity
+from ips_path.runtime.jobs import SlideOutcome, Status, error_line, run_exit_code
+from ips_path.runtime.locks import file_lock, probe_writable
+from ips_path.runtime.names import slide_id_problem
+from ips_path.stores.exchange import export_h5
+from ips_path.stores.tile_store import (
     StoreMismatchError,
     TileStore,
     remove_partial_stores,
@@ -45,7 +46,6 @@ from ips_path.store import (
     store_path,
     write_tile_store,
 )
-from ips_path.store_exchange import export_h5
 from ips_path.tiling.grid import (
     MPP_TOLERANCE,
     PatchGeometry,
@@ -166,7 +166,7 @@ class TileResult:
     exit_code: int = 0
 
     def as_outcome(self) -> SlideOutcome:
-        """The slide's outcome in the per-slide job contract (:mod:`ips_path.jobs`): tiled and
+        """The slide's outcome in the per-slide job contract (:mod:`ips_path.runtime.jobs`): tiled and
         no-tissue are done, skipped is reused; ``extra`` holds the tiling figures."""
         status = {"tiled": Status.DONE, "no-tissue": Status.DONE, "skipped": Status.REUSED}.get(self.status,
                                                                                                Status.FAILED)
@@ -191,7 +191,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathL
     inputs : sequence of str or path
         A file is taken as it is (whatever its suffix; a missing one fails later as that slide's
         error). A folder is searched recursively for files with a suffix in
-        :data:`ips_path.slide.WSI_EXTENSIONS`; several ``.dcm`` files in one folder are one DICOM
+        :data:`ips_path.slides.slide.WSI_EXTENSIONS`; several ``.dcm`` files in one folder are one DICOM
         slide, named after the folder. A pattern with ``*``, ``?`` or ``[`` is expanded (``**``
         crosses folders).
     manifest : path, optional
@@ -202,9 +202,9 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathL
     ------
     BadInputError
         When nothing is found, two different files would get the same slide id, or a slide id
-        is not a safe file name (:mod:`ips_path.names`).
+        is not a safe file name (:mod:`ips_path.runtime.names`).
     """
-    from ips_path.slide import WSI_EXTENSIONS
+    from ips_path.slides.slide import WSI_EXTENSIONS
 
     found: list[SlideInput] = []
     for raw in inputs:
@@ -225,7 +225,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathL
         else:
             found.append(SlideInput(slide_id_from_path(path), path))
     if manifest is not None:
-        from ips_path.manifest import read_manifest
+        from ips_path.slides.manifest import read_manifest
 
         found.extend(SlideInput(row.slide_id, row.slide_path, row.mpp)
                      for row in read_manifest(manifest, require_label=False, check_files=False))
@@ -376,7 +376,7 @@ def tile_slide(
 
 
 def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite: bool, result: TileResult) -> None:
-    from ips_path.slide import Slide
+    from ips_path.slides.slide import Slide
 
     target = store_path(out_dir, item.slide_id)
     slide_mpp = item.mpp if item.mpp is not None else params.slide_mpp
@@ -481,7 +481,7 @@ def tile_slides(
         Show a progress bar (only on a terminal).
     scheduler : str, optional
         Dask scheduler address, or ``"local:N"``, to tile on a cluster instead
-        (see :func:`ips_path.parallel.map_slides`); slides and ``out_dir`` must be on storage
+        (see :func:`ips_path.runtime.parallel.map_slides`); slides and ``out_dir`` must be on storage
         every worker sees.
 
     Returns
@@ -489,7 +489,7 @@ def tile_slides(
     list of TileResult
         In input order.
     """
-    from ips_path.parallel import map_slides
+    from ips_path.runtime.parallel import map_slides
 
     out_dir = Path(out_dir)
     probe_writable(out_dir)
@@ -525,6 +525,6 @@ def _lost(item: SlideInput, exc: BaseException) -> TileResult:
 
 
 def exit_code(results: Sequence[TileResult]) -> int:
-    """The run's exit code by the one rule of :func:`ips_path.jobs.run_exit_code`: 0 when no slide
+    """The run's exit code by the one rule of :func:`ips_path.runtime.jobs.run_exit_code`: 0 when no slide
     failed; 2 when every slide failed on bad input; 1 otherwise."""
     return run_exit_code(r.as_outcome() for r in results)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ips_path.errors import BadInputError
+from ips_path.runtime.errors import BadInputError
 from ips_path.tiling.grid import MPP_TOLERANCE
 
 __all__ = [
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ips_path.slide import Slide
+    from ips_path.slides.slide import Slide
 
 TISSUE_METHODS = ("colour", "otsu", "saturation", "all")
 """Detection methods: ``colour`` (default; saturation with Otsu and a floor, near-black excluded),
@@ -290,7 +290,7 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int | None = None) ->
     """The whole slide as one RGB image at about ``mpp`` µm/px, with bounded memory.
 
     Reads the coarsest pyramid level that is at least as fine as ``mpp`` (within 2 %) through
-    :func:`ips_path.slide.read_low_resolution`, block by block (at most 2048 px a side), and
+    :func:`ips_path.slides.slide.read_low_resolution`, block by block (at most 2048 px a side), and
     shrinks each block by a whole factor with box averaging, never mixing in the white outside
     the slide. Blocks are read by ``threads`` threads (slide libraries release the GIL).
 
@@ -315,7 +315,7 @@ def read_low_resolution(slide: Slide, mpp: float, threads: int | None = None) ->
     BadInputError
         When image data cannot be decoded; names every failing region (level-0 x, y).
     """
-    from ips_path.slide import read_low_resolution as read_blockwise
+    from ips_path.slides.slide import read_low_resolution as read_blockwise
 
     level0_mpp = float(np.mean(slide.require_mpp()))
     wanted = mpp / level0_mpp

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import BadInputError
+from ..runtime.errors import BadInputError
 from .positional import grid_encoding, sinusoidal_encoding
 from .tasks import Task
 

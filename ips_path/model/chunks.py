@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import BadInputError
+from ..runtime.errors import BadInputError
 
 __all__ = ["PatchChunk", "rechunk"]
 

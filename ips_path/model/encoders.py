@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BadInputError
+from ..runtime.errors import BadInputError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -261,7 +261,7 @@ class StainDensity(nn.Module):
         self.out_dim = 3 * len(self.quantiles)
         #: What makes these features what they are, recorded with cached features (no weights to digest).
         self.identity = {"quantiles": list(self.quantiles), "window": self.window}
-        from ips_path.stain import BACKGROUND_RGB
+        from ips_path.slides.stain import BACKGROUND_RGB
 
         self.register_buffer("background", torch.tensor(BACKGROUND_RGB).view(1, 1, 3, 1), persistent=False)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import BadInputError
+from ..runtime.errors import BadInputError
 from .encoders import IMAGENET_MEAN, IMAGENET_STD, PixelNormalizer, ResNet, load_weights
 
 __all__ = ["ENCODER_PRESETS", "EncoderPreset", "FoundationEncoder", "build_preset", "preset_table",

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from ..errors import BadInputError, IpspathError
+from ..runtime.errors import BadInputError, IpspathError
 from .aggregator import CrossAttentionAggregator
 from .chunks import PatchChunk, rechunk
 from .selection import (

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import BadInputError
+from ..runtime.errors import BadInputError
 from ..survival.losses import cox_partial_nll, discrete_risk, discrete_survival, discrete_time_nll
 
 __all__ = ["MISSING_TARGET", "SURVIVAL_TARGET_COLUMNS", "TASK_KINDS", "Task", "compute_loss", "task_losses"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from ips_path.errors import BadInputError
-from ips_path.manifest import ManifestRow, assign_splits
+from ips_path.runtime.errors import BadInputError
+from ips_path.slides.manifest import ManifestRow, assign_splits
 from ips_path.survival.sampling import survival_strata
 
 __all__ = ["check_events_in_splits", "survival_splits"]
@@ -16,7 +16,7 @@ def survival_splits(rows: Sequence[ManifestRow], *, val_fraction: float = 0.2, t
                     seed: int = 0) -> dict[str, str]:
     """Patient-level train/val/test split stratified by event status and early/late follow-up.
 
-    Rows with a ``split`` keep it (see :func:`ips_path.manifest.assign_splits`); every row needs
+    Rows with a ``split`` keep it (see :func:`ips_path.slides.manifest.assign_splits`); every row needs
     ``time`` and ``event`` (``read_manifest(..., require_survival=True)``).
 
     Returns

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ips_path.errors import BadInputError
+from ips_path.runtime.errors import BadInputError
 
 __all__ = ["TimeBins", "cox_partial_nll", "discrete_time_nll", "discrete_risk", "discrete_survival"]
 

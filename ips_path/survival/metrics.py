@@ -2,7 +2,7 @@
 
 The statistics come from scikit-survival (the ``survival`` extra: ``pip install 'ipspath[survival]'``);
 this module chooses their conventions once, turns what a cohort cannot define into NaN instead of an
-exception (as :mod:`ips_path.metrics` does), and adds percentile-bootstrap intervals.
+exception (as :mod:`ips_path.evaluation.metrics` does), and adds percentile-bootstrap intervals.
 
 Conventions: a higher risk means an earlier event. Harrell's C counts every comparable pair (the
 earlier time is an event; at equal times an event is earlier than a censoring), risk ties count one
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.errors import IpspathError
+from ips_path.runtime.errors import IpspathError
 
 __all__ = ["bootstrap_interval", "default_times", "harrell_c_index", "integrated_brier_score",
            "survival_metrics", "time_dependent_auc", "uno_c_index"]

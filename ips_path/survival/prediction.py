@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ips_path.atomic import write_atomically
-from ips_path.config import TrainConfig
-from ips_path.manifest import ManifestRow
+from ips_path.inference.predictions import PredictionFolder
 from ips_path.model import Task
-from ips_path.predictions import PredictionFolder
-from ips_path.run_folder import write_csv
+from ips_path.runtime.atomic import write_atomically
+from ips_path.slides.manifest import ManifestRow
 from ips_path.survival.groups import GROUP_NAMES, assign_groups
 from ips_path.survival.training import SurvivalRun, finite_json
+from ips_path.training.config import TrainConfig
+from ips_path.training.run_folder import write_csv
 
 __all__ = ["curve_columns", "slide_survival", "write_patient_survival"]
 

@@ -1,6 +1,6 @@
 """The survival side of a training run: targets, batches, validation C-index, and the closing evaluation.
 
-:func:`ips_path.train.train` asks a :class:`SurvivalRun` for what differs from classification:
+:func:`ips_path.training.train.train` asks a :class:`SurvivalRun` for what differs from classification:
 
 * targets: ``(time, event, time bin)`` per slide (:data:`~ips_path.model.tasks.SURVIVAL_TARGET_COLUMNS`);
 * batches: with the Cox loss every batch holds an event (:func:`~ips_path.survival.sampling.event_batches`);
@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ips_path.atomic import write_atomically
-from ips_path.config import TrainConfig
-from ips_path.manifest import ManifestRow
 from ips_path.model import Task
+from ips_path.runtime.atomic import write_atomically
+from ips_path.slides.manifest import ManifestRow
 from ips_path.survival.groups import assign_groups, plot_kaplan_meier, risk_cutoffs
 from ips_path.survival.losses import TimeBins
 from ips_path.survival.metrics import harrell_c_index, survival_metrics
 from ips_path.survival.sampling import event_batches
+from ips_path.training.config import TrainConfig
 
 __all__ = ["SURVIVAL_TASK_NAME", "SurvivalRun", "finite_json", "survival_task"]
 

@@ -1,0 +1,592 @@
+"""Batch slide inference (``ipspath predict``): predictions for a cohort, attention for review.
+
+Everything is checked before any slide is touched: the options, the device, the checkpoint (read
+and its model built: a head that does not match its class names is refused), the slide ids, and the
+output folder, which holds the results of one model only (:mod:`ips_path.inference.predictions` owns its
+layout) and is locked against a second run (:func:`~ips_path.runtime.locks.output_lock`).
+
+Then, for every slide, one self-contained job (:func:`predict_slide`, which a Dask worker can run
+as well as this process) on the contract of :mod:`ips_path.runtime.jobs`:
+
+1. find its tile store in the tiles folder, or tile the slide there with the model's own
+   resolution and patch size; a store made at another resolution is re-tiled when the folder is
+   the run's own (``<out>/tiles``) and refused when the user gave it;
+2. if the slide's done record holds this prediction's identity (slide file, store, model), reuse
+   it; another identity is refused with one line (``--overwrite`` redoes it);
+3. stream its patches through the model (:meth:`IPSModel.predict_slide`): class probabilities
+   and the attention logit of every patch;
+4. write the logits into the store (``scores/<run>-<model key>``: two models never share an
+   array, whatever their folders are called; a multi-task model also each task's logits,
+   ``task_scores/<run>-<model key>``), into ``scores/<slide_id>_scores.h5`` and, unless
+   turned off, the heatmaps (``heatmaps/<slide_id>/``);
+5. write the done record ``status/<slide_id>.json`` last, so a killed run resumes where it
+   stopped and predicts every slide exactly once.
+
+Then ``predictions.csv`` is written from the outcomes of this run's slides and, where labels are
+known (in the label columns the model was trained on), ``metrics.json`` (AUC, AUPRC and balanced
+accuracy with bootstrap 95 % intervals, expected calibration error, confusion matrix; with the
+manifest's ``case_id`` also over patients), ``roc.png`` and ``reliability.png``. A survival model
+gives each slide a risk, its risk group (and a survival curve for the discrete-time model) instead
+of class probabilities; ``patients.csv`` holds the mean per patient (``case_id``) and, where the
+manifest has ``time`` and ``event``, ``survival_metrics.json`` and ``km.png`` measure the patients
+(:mod:`ips_path.survival.prediction`). A model of several label columns (:mod:`ips_path.label_tasks`)
+gives every task's probabilities and predicted class, and ``metrics.json`` holds each task's metrics
+under ``tasks`` (with ``roc_<task>.png``, ``reliability_<task>.png``) and their mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ips_path import __version__
+from ips_path.inference.predictions import PREDICTION_FILES, PredictionFolder
+from ips_path.label_tasks import LabelTasks, joined_classes
+from ips_path.runtime.atomic import write_atomically
+from ips_path.runtime.errors import BadInputError, IpspathError, RefusedError
+from ips_path.runtime.faults import fault_point
+from ips_path.runtime.identity import file_digest, identity_differences, identity_key, slide_identity
+from ips_path.runtime.jobs import SlideOutcome, Status, check_done_record, run_exit_code, run_job
+from ips_path.runtime.parallel import map_slides, process_object
+from ips_path.stores.tile_store import StoreMismatchError, TileStore, store_path
+
+__all__ = ["PREDICTION_FILES", "PredictJob", "PredictResult", "PredictSettings", "predict", "predict_slide",
+           "resolve_checkpoint", "resolve_checkpoints", "run_name"]
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """One slide to predict."""
+
+    slide_id: str
+    slide_path: Path
+    label: str | None = None
+    mpp: float | None = None
+    task_labels: tuple[tuple[str, str | None], ...] = ()  # several label columns: (task, label) each
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """What the slide's outcome records of its truth, whatever becomes of it."""
+        return {"label": self.label, **({"task_labels": dict(self.task_labels)} if self.task_labels else {})}
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """What every slide of a run shares (sent to each worker).
+
+    ``checkpoints`` are the model's checkpoint files with their SHA-256 (one, or one per fold of a
+    cross-validated run, whose probabilities and attention logits are averaged); ``model_identity``
+    is what they are (:func:`~ips_path.training.checkpoint.models_identity`); ``model_key`` names it, and
+    ``scores_name`` is the array ``scores/<scores_name>`` it writes.
+    """
+
+    model_path: Path
+    checkpoints: tuple[tuple[Path, str], ...]
+    model_identity: dict[str, Any]
+    model_key: str
+    scores_name: str
+    out_dir: Path
+    tiles_dir: Path
+    own_tiles: bool
+    device: str = "cpu"
+    threads: int | None = None  # None: the CPU cores of the process that reads
+    chunk_size: int | None = None
+    backend: str = "auto"
+    heatmaps: bool = True
+    heatmap_options: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+
+
+@dataclass
+class PredictResult:
+    """The outcomes of all slides (input order), the metrics (None without labels), the output folder.
+
+    An outcome's ``extra`` holds ``label``, and for predicted slides ``predicted``,
+    ``probabilities`` (one per class, in the model's order) and ``n_patches``; for a model of several
+    label columns also ``task_labels`` and ``task_predicted`` (task -> class); for a survival
+    model also ``risk``, ``risk_group`` (= ``predicted``) and, in discrete time, ``survival``. The
+    metrics of a survival model are those of ``survival_metrics.json`` (None without outcomes).
+    """
+
+    outcomes: list[SlideOutcome]
+    metrics: dict[str, Any] | None
+    out_dir: Path
+
+    @property
+    def exit_code(self) -> int:
+        """0 all slides predicted; 2 every slide failed on bad input; 1 otherwise."""
+        return run_exit_code(self.outcomes)
+
+
+def resolve_checkpoint(model: str | os.PathLike) -> Path:
+    """The checkpoint file of ``model``: the file itself, or ``best.pt`` (else ``last.pt``) of a run folder."""
+    path = Path(model)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise BadInputError(f"{path}: no best.pt or last.pt in this folder; give a training run folder or a .pt file")
+    if not path.is_file():
+        raise BadInputError(f"{path}: model not found; give a training run folder or a checkpoint .pt file")
+    return path
+
+
+def resolve_checkpoints(model: str | os.PathLike) -> list[Path]:
+    """The checkpoint files of ``model``: one per fold (``fold_<i>/best.pt``) of a cross-validated run
+    folder (``ipspath train --folds K``), else the one of :func:`resolve_checkpoint`.
+
+    Raises
+    ------
+    BadInputError
+        A fold of a cross-validated run has no checkpoint (the cross-validation did not finish).
+    """
+    path = Path(model)
+    folds = sorted((p for p in path.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:])) if path.is_dir() else []
+    if not folds or not (path / "splits.csv").is_file():
+        return [resolve_checkpoint(path)]
+    missing = [f.name for f in folds if not (f / "best.pt").is_file() and not (f / "last.pt").is_file()]
+    if missing:
+        raise BadInputError(f"{path}: fold(s) {', '.join(missing)} have no checkpoint; finish the cross-validation "
+                            f"with `ipspath train ... -o {path} --folds {len(folds)} --resume`")
+    return [resolve_checkpoint(f) for f in folds]
+
+
+def run_name(checkpoint: Path) -> str:
+    """Readable name of a model: the run folder's name for best.pt/last.pt, else the file stem."""
+    return checkpoint.parent.name if checkpoint.name in ("best.pt", "last.pt") else checkpoint.stem
+
+
+def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (),
+            manifest: str | os.PathLike | None = None, tiles_dir: str | os.PathLike | None = None,
+            device: str = "cpu", threads: int | None = None, chunk_size: int | None = None, backend: str = "auto",
+            heatmaps: bool = True, heatmap_options: dict[str, Any] | None = None, scheduler: str | None = None,
+            overwrite: bool = False, progress: bool = True) -> PredictResult:
+    """Predict every slide of ``inputs`` and/or ``manifest`` with a trained model.
+
+    Parameters
+    ----------
+    model : path-like
+        A training run folder (its ``best.pt``) or a checkpoint file.
+    out_dir : path-like
+        Output folder (see :data:`~ips_path.inference.predictions.PREDICTION_FILES`); running again with
+        the same model resumes.
+    inputs : sequence of path-like
+        Slide files, folders (searched recursively) or glob patterns.
+    manifest : path-like, optional
+        CSV with ``slide_id``, ``slide_path`` and optional ``label``, ``mpp``.
+    tiles_dir : path-like, optional
+        Existing tile stores (``ipspath tile``); slides without one are tiled into it. Default:
+        ``<out_dir>/tiles``.
+    device : str
+        ``auto``, ``cpu``, ``cuda``, ``cuda:1``.
+    threads, chunk_size : int, optional
+        Reader threads (>= 1; default: the CPU cores of each process that reads); patches per chunk
+        (default: the model's chunk size).
+    backend : str
+        Slide backend.
+    heatmaps : bool
+        Also render heatmaps (``heatmap_options`` as for
+        :func:`~ips_path.review.heatmap.render_slide_heatmaps`).
+    scheduler : str, optional
+        Dask scheduler address or ``local:N`` (see :mod:`ips_path.runtime.parallel`); slides, tiles and
+        ``out_dir`` must be on storage all workers see. GPU workers need the resource ``GPU=1``.
+    overwrite : bool
+        Replace results in ``out_dir`` made by another model or from other slide files (without
+        it they are refused), and predict every slide again.
+    progress : bool
+        Progress bar over slides.
+
+    Raises
+    ------
+    BadInputError
+        A bad option, device, checkpoint, input or output folder, before any slide is touched;
+        :class:`~ips_path.runtime.errors.RefusedError` when ``out_dir`` holds another model's results.
+    """
+    from ips_path.runtime.locks import output_lock
+    from ips_path.tiling.run import collect_inputs
+    from ips_path.training.distributed import resolve_device
+
+    _check_options(threads, chunk_size, heatmap_options if heatmaps else None)
+    if scheduler is None or device == "auto":  # Dask workers check the device they are given themselves
+        device = str(resolve_device(device))
+    checkpoint_paths = [p.resolve() for p in resolve_checkpoints(model)]
+    checkpoint_path = checkpoint_paths[0] if len(checkpoint_paths) == 1 else Path(model).resolve()
+    identity, checkpoint, checkpoints = _model_identity(checkpoint_paths, device if scheduler is None else "cpu")
+    classes = list(checkpoint["class_names"])
+    label_tasks = LabelTasks.from_checkpoint(checkpoint)
+    key = identity_key(identity)
+    out_dir = Path(out_dir).resolve()
+    folder = PredictionFolder(out_dir)
+    own_tiles = tiles_dir is None
+    tiles = (folder.own_tiles if own_tiles else Path(tiles_dir)).resolve()
+    labels: dict[str, str | None] = {}
+    task_labels: dict[str, tuple[tuple[str, str | None], ...]] = {}
+    rows = []
+    if manifest is not None:
+        from ips_path.slides.manifest import read_manifest
+        from ips_path.training.config import TrainConfig
+
+        columns = TrainConfig.from_dict(checkpoint["config"], source=str(checkpoint_path)).label_column_names
+        rows = read_manifest(manifest, require_label=False, check_files=False,
+                             label_columns=columns if "survival" not in checkpoint else ("label",))
+        # a survival model predicts a risk group, not a class: a label column is not its truth
+        labels = {} if "survival" in checkpoint else {r.slide_id: r.label for r in rows}
+        if label_tasks is not None:
+            task_labels = {r.slide_id: tuple(zip(columns, r.labels, strict=True)) for r in rows}
+            labels = {slide_id: joined_classes(dict(pairs)) for slide_id, pairs in task_labels.items()}
+    jobs = [PredictJob(i.slide_id, i.path.resolve(), labels.get(i.slide_id), i.mpp, task_labels.get(i.slide_id, ()))
+            for i in collect_inputs(inputs, manifest)]
+    for job in jobs:
+        folder.status_file(job.slide_id)  # an unsafe id is refused before any work
+    settings = PredictSettings(checkpoint_path, checkpoints, identity, key, f"{run_name(checkpoint_path)}-{key}",
+                               out_dir, tiles, own_tiles, device, threads, chunk_size, backend, heatmaps,
+                               dict(heatmap_options or {}), overwrite)
+    with output_lock(out_dir):
+        _claim_folder(folder, settings, overwrite)
+        folder.make_folders()
+        tiles.mkdir(parents=True, exist_ok=True)
+        folder.write_run({
+            "model": str(checkpoint_path), "model_key": key, "model_identity": identity, "run": settings.scores_name,
+            "classes": classes, **({"tasks": label_tasks.state()} if label_tasks else {}), "tiles": str(tiles),
+            "target_mpp": checkpoint["tiling"]["target_mpp"],
+            "patch_size": checkpoint["tiling"]["patch_size"],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ipspath_version": __version__})
+        gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
+        outcomes = map_slides(predict_slide, jobs, settings, scheduler=scheduler, resources=gpu,
+                              shared_paths=[out_dir, tiles, *(j.slide_path for j in jobs if j.slide_path.exists())],
+                              progress=progress, desc="predict", on_lost=_lost)
+        if "survival" in checkpoint:  # a risk per slide and per patient; metrics over patients with outcomes
+            from ips_path.survival.prediction import curve_columns, write_patient_survival
+
+            folder.write_predictions_csv(outcomes, classes, survival_columns=curve_columns(checkpoint))
+            folder.write_metrics(None)
+            metrics = write_patient_survival(folder, [(o.slide_id, o.extra) for o in outcomes if o.ok], rows,
+                                             checkpoint)
+        else:
+            folder.write_predictions_csv(outcomes, classes, n_folds=len(checkpoints) if len(checkpoints) > 1 else 0,
+                                         tasks=label_tasks.names if label_tasks else ())
+            metrics = _write_metrics(folder, outcomes, classes, {r.slide_id: r.case_id for r in rows}, label_tasks)
+    return PredictResult(outcomes, metrics, out_dir)
+
+
+def _check_options(threads: int | None, chunk_size: int | None, heatmap_options: dict[str, Any] | None) -> None:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise BadInputError(f"--threads {threads!r}: must be at least 1 reader thread")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise BadInputError(f"--chunk-size {chunk_size!r}: must be at least 1 patch")
+    if heatmap_options:
+        from ips_path.review.heatmap import check_heatmap_options
+
+        check_heatmap_options(heatmap_options)
+
+
+def _model_identity(paths: Sequence[Path], device: str
+                    ) -> tuple[dict[str, Any], dict[str, Any], tuple[tuple[Path, str], ...]]:
+    """The identity of the model (one checkpoint or the folds of a cross-validation), the first
+    checkpoint, and each checkpoint file with its digest.
+
+    Builds every model (kept for this process's slides), so a checkpoint whose weights do not fit
+    its configuration or class names is refused here, before any slide.
+    """
+    from ips_path.training.checkpoint import checkpoint_identity, models_identity
+
+    identity = models_identity(paths)
+    checkpoints = tuple((p, checkpoint_identity(p).sha256) for p in paths)
+    loaded = [_load_model(p, sha256, device)[1] for p, sha256 in checkpoints]
+    if len(loaded) > 1 and "survival" in loaded[0]:
+        raise BadInputError(f"{paths[0].parent.parent}: an ensemble of survival models is not supported; give one "
+                            "fold's run folder")
+    return identity, loaded[0], checkpoints
+
+
+def _claim_folder(folder: PredictionFolder, settings: PredictSettings, overwrite: bool) -> None:
+    """Refuse (or with ``overwrite`` clear) a prediction folder that holds another model's results."""
+    recorded = folder.read_run()
+    if not recorded.get("model_key") or recorded["model_key"] == settings.model_key:
+        return
+    if not overwrite:
+        differs = ", ".join(identity_differences(recorded.get("model_identity") or {}, settings.model_identity))
+        raise RefusedError(f"{folder.root}: holds predictions of another model ({recorded.get('model')}; differs in "
+                           f"{differs}); pass --overwrite to replace them, or choose another output folder")
+    log.warning("%s: replacing the predictions of %s", folder.root, recorded.get("model"))
+    folder.clear_results()
+
+
+# -- one slide ----------------------------------------------------------------------------------
+
+def predict_slide(job: PredictJob, settings: PredictSettings) -> SlideOutcome:
+    """Predict one slide and write its outputs; never raises for a problem of the slide."""
+    folder = PredictionFolder(settings.out_dir)
+    outcome = run_job(job.slide_id, job.slide_path, lambda: _predict_slide(job, settings, folder), extra=job.extra)
+    if outcome.status is Status.FAILED:
+        with contextlib.suppress(OSError, IpspathError):  # the outcome still reaches the CSV
+            folder.write_outcome(outcome)
+    return outcome
+
+
+def _predict_slide(job: PredictJob, settings: PredictSettings, folder: PredictionFolder) -> SlideOutcome:
+    import torch
+
+    started = time.perf_counter()
+    status_file = folder.status_file(job.slide_id)
+    if not job.slide_path.is_file():
+        raise BadInputError(f"{job.slide_path}: no such file; check the path (or the manifest's slide_path)")
+    models = [_load_model(path, sha256, settings.device) for path, sha256 in settings.checkpoints]
+    checkpoint = models[0][1]
+    store = _tile_store(job, settings, checkpoint["tiling"])
+    features = checkpoint["config"].get("features")
+    # The slide's size and content, not its mtime: a copy of the same file is the same slide.
+    slide = {k: v for k, v in slide_identity(job.slide_path).items() if k != "mtime_ns"}
+    identity = {"slide": slide, "store": _store_identity(store, features), "model": settings.model_key}
+    reused = check_done_record(status_file, identity, overwrite=settings.overwrite, what="predictions")
+    if reused is not None:
+        reused.extra.update(job.extra)  # the manifest may have gained labels since
+        return reused
+    if store.n_patches == 0:
+        raise BadInputError(f"{job.slide_path}: no tissue patches to predict from (its tile store {store.path} "
+                            "is empty); check the QC picture of `ipspath tile`")
+    chunks = _slide_chunks(store, settings, checkpoint, job)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if settings.device.startswith("cuda")
+                else contextlib.nullcontext())
+    task = models[0][0].tasks[0]
+    if task.kind == "survival":
+        from ips_path.survival.prediction import slide_survival
+
+        with torch.inference_mode(), autocast:
+            prediction = models[0][0].predict_slide(chunks)
+        result = slide_survival(task, prediction.logits[task.name].cpu(), checkpoint)
+        result.update(predicted=result["risk_group"], probabilities=[])
+        logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
+        fold_tasks = [prediction.selection.task_logits]
+    else:
+        fold_probabilities, fold_logits, fold_tasks = [], [], []
+        for i, (model, _) in enumerate(models):  # the folds of an ensemble, each over the whole slide
+            chunks = chunks if i == 0 else _slide_chunks(store, settings, checkpoint, job)
+            with torch.inference_mode(), autocast:
+                prediction = model.predict_slide(chunks)
+            fold_probabilities.append(np.concatenate([prediction.probabilities[t.name].float().cpu().reshape(-1).numpy()
+                                                      for t in model.tasks]))  # several tasks: one after another
+            fold_logits.append(prediction.selection.all_logits.float().cpu().numpy())
+            fold_tasks.append(prediction.selection.task_logits)
+        probabilities = np.mean(fold_probabilities, axis=0).tolist()
+        # the ensemble's attention: the mean of the folds' attention logits
+        logits = np.mean(fold_logits, axis=0).astype(np.float32)
+        result = {"predicted": checkpoint["class_names"][int(np.argmax(probabilities))],
+                  "probabilities": [round(p, 6) for p in probabilities]}
+        label_tasks = LabelTasks.from_checkpoint(checkpoint)
+        if label_tasks is not None:
+            result["task_predicted"] = label_tasks.predicted(probabilities)
+            result["predicted"] = joined_classes(result["task_predicted"])
+        if len(models) > 1:
+            result["fold_probabilities"] = [[round(float(p), 6) for p in fold] for fold in fold_probabilities]
+    tasks = None  # several tasks: each task token's attention too (the folds' mean), for the viewer's task chooser
+    if fold_tasks[0] is not None:
+        from ips_path.review.heatmap import TASK_SCORES_GROUP
+
+        tasks = ([t.name for t in models[0][0].tasks], np.mean([t.numpy() for t in fold_tasks], axis=0)
+                 .astype(np.float32))
+        store.write_array(f"{TASK_SCORES_GROUP}/{settings.scores_name}", tasks[1],
+                          attrs={"model": str(settings.model_path), "model_key": settings.model_key,
+                                 "tasks": tasks[0]})
+    store.write_array(f"scores/{settings.scores_name}", logits,
+                      attrs={"model": str(settings.model_path), "model_key": settings.model_key})
+    fault_point("predict.store_scores_written")
+    _write_scores_h5(folder.scores_file(job.slide_id), store, logits, tasks, settings)
+    fault_point("predict.scores_h5_written")
+    if settings.heatmaps:
+        from ips_path.review.heatmap import render_slide_heatmaps
+
+        render_slide_heatmaps(store, logits, folder.heatmap_dir(job.slide_id), **settings.heatmap_options)
+        fault_point("predict.heatmaps_written")
+    outcome = SlideOutcome(job.slide_id, Status.DONE, seconds=round(time.perf_counter() - started, 3),
+                           identity=identity, extra={**job.extra, **result, "n_patches": store.n_patches})
+    folder.write_outcome(outcome)
+    fault_point("predict.slide_recorded")
+    return outcome
+
+
+def _store_identity(store: TileStore, features: str | None) -> dict[str, Any]:
+    """What the prediction read from the store: its grid (digest of the coordinates) and cached features."""
+    identity = {"target_mpp": store.target_mpp, "patch_size": store.patch_size, "n_patches": store.n_patches,
+                "coords_sha256": hashlib.sha256(np.ascontiguousarray(store.coords).tobytes()).hexdigest()}
+    if features is not None and store.has_array(f"features/{features}"):
+        identity["features"] = store.array_attrs(f"features/{features}")
+    return identity
+
+
+def _slide_chunks(store: TileStore, settings: PredictSettings, checkpoint: dict[str, Any], job: PredictJob):
+    streamer = _streamer(settings, checkpoint)
+    features = checkpoint["config"].get("features")
+    if features is None:
+        return streamer.stream(store, slide_mpp=job.mpp)
+    if not store.has_array(f"features/{features}"):
+        raise BadInputError(f"{store.path}: the model reads cached features {features!r}, which this store lacks; "
+                            f"run `ipspath features {store.path.parent} --name {features} --encoder ...` "
+                            "with the encoder the model was trained on")
+    return streamer.stream_features(store, features)
+
+
+def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, Any]) -> TileStore:
+    """The slide's tile store at the model's resolution, tiling the slide when needed."""
+    from ips_path.tiling.grid import same_mpp
+    from ips_path.tiling.run import SlideInput, TilingParams, tile_slide
+
+    target_mpp, patch_size = float(tiling["target_mpp"]), int(tiling["patch_size"])
+    path = store_path(settings.tiles_dir, job.slide_id)
+    overwrite = False
+    if path.exists():
+        try:
+            store = TileStore.open(path, slide_id=job.slide_id, slide_path=job.slide_path)
+        except StoreMismatchError:
+            if not settings.own_tiles:
+                raise
+            store = None
+        if store is not None and same_mpp(store.target_mpp, target_mpp) and store.patch_size == patch_size:
+            return store
+        made = "from another slide file" if store is None else f"at {store.target_mpp:g} µm/px, {store.patch_size} px"
+        if not settings.own_tiles:
+            raise BadInputError(
+                f"{path}: tiled {made} but the model needs {target_mpp:g} µm/px, {patch_size} px; tile it again "
+                f"with `ipspath tile {job.slide_path} -o DIR --mpp {target_mpp:g} --patch-size {patch_size}` "
+                "or leave out --tiles")
+        log.info("%s: tiled %s; tiling again at the model's %g µm/px, %d px", path, made, target_mpp, patch_size)
+        overwrite = True
+    params = TilingParams(target_mpp=target_mpp, patch_size=patch_size, backend=settings.backend)
+    result = tile_slide(SlideInput(job.slide_id, job.slide_path, job.mpp), settings.tiles_dir, params, overwrite)
+    if result.status == "failed":
+        raise (BadInputError if result.exit_code == 2 else IpspathError)(result.error)
+    return TileStore.open(path)
+
+
+def _load_model(path: Path, sha256: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """This process's model of the checkpoint with digest ``sha256`` (cached by content, never by path).
+
+    Raises
+    ------
+    BadInputError
+        The weights do not fit the checkpoint's configuration or class names.
+    IpspathError
+        The file is no longer the checkpoint the run started with.
+    """
+    from ips_path.training.checkpoint import load_model
+
+    def build() -> tuple[Any, dict[str, Any]]:
+        try:
+            loaded = load_model(path, device)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(f"{path}: its weights do not fit its configuration or class names ({reason}); use "
+                                "the checkpoint as `ipspath train` wrote it") from None
+        if file_digest(path) != sha256:
+            raise IpspathError(f"{path}: the checkpoint changed while predicting; run again when training has "
+                               "finished writing it")
+        return loaded
+
+    return process_object("model", (sha256, device), build)
+
+
+def _streamer(settings: PredictSettings, checkpoint: dict[str, Any]) -> Any:
+    from ips_path.stores.loader import PatchStreamer
+
+    chunk_size = settings.chunk_size or int(checkpoint["config"]["chunk_size"])
+    stain_norm = bool(checkpoint["config"].get("stain_norm", False))  # as the model was trained
+    return process_object("streamer", (chunk_size, settings.threads, settings.device, settings.backend, stain_norm),
+                          lambda: PatchStreamer(chunk_size=chunk_size, threads=settings.threads,
+                                                device=settings.device, backend=settings.backend,
+                                                stain_norm=stain_norm))
+
+
+def _lost(job: PredictJob, exc: BaseException) -> SlideOutcome:
+    return SlideOutcome(job.slide_id, Status.FAILED, exit_code=1, extra=job.extra,
+                        error=f"{job.slide_path}: the worker predicting it died ({type(exc).__name__}: {exc})")
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, tasks: tuple[list[str], np.ndarray] | None,
+                     settings: PredictSettings) -> None:
+    import h5py
+
+    def write(partial: Path) -> None:
+        with h5py.File(partial, "w") as f:
+            coords = f.create_dataset("coords", data=store.coords.astype(np.int64))
+            coords.attrs.update({"patch_size": store.patch_size_level0, "patch_level": 0,
+                                 "target_mpp": store.target_mpp})
+            f.create_dataset("attention_scores", data=logits)
+            if tasks is not None:
+                f.create_dataset("task_attention_scores", data=tasks[1]).attrs["tasks"] = tasks[0]
+            f.attrs.update({"run": settings.scores_name, "model_key": settings.model_key,
+                            "patch_size_level0": store.patch_size_level0, "slide_path": str(store.slide_path)})
+
+    write_atomically(path, write)
+
+
+def _write_metrics(folder: PredictionFolder, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
+                   case_ids: dict[str, str], label_tasks: LabelTasks | None = None) -> dict[str, Any] | None:
+    """metrics.json, roc.png and reliability.png over the predicted slides whose label is one of the
+    model's classes; also over patients when the manifest names them (``case_ids``: slide_id -> case_id).
+    Several label columns: each task's metrics over the slides labelled for it, under ``tasks`` (with
+    ``roc_<task>.png`` and ``reliability_<task>.png``), and ``mean`` over the tasks."""
+    done = [o for o in outcomes if o.ok]
+    if label_tasks is None:
+        metrics = _measure([(o.slide_id, o.extra.get("label"), o.extra["probabilities"]) for o in done], classes,
+                           case_ids, folder.roc_file, folder.reliability_file)
+    else:
+        per_task = {}
+        for name, task_classes in zip(label_tasks.names, label_tasks.classes, strict=True):
+            slides = [(o.slide_id, (o.extra.get("task_labels") or {}).get(name),
+                       label_tasks.split(o.extra["probabilities"])[name]) for o in done]
+            found = _measure(slides, task_classes, case_ids, folder.task_roc_file(name),
+                             folder.task_reliability_file(name), name)
+            if found is not None:
+                per_task[name] = found
+        metrics = {"tasks": per_task, "mean": _mean_over_tasks(per_task)} if per_task else None
+    folder.write_metrics(metrics)
+    return metrics
+
+
+def _measure(slides: Sequence[tuple[str, str | None, Sequence[float]]], classes: Sequence[str],
+             case_ids: dict[str, str], roc: Path, reliability: Path, task: str | None = None) -> dict[str, Any] | None:
+    """The metrics of (slide_id, label, probabilities) over the slides with a label among ``classes``, with
+    their ROC and reliability pictures; None when no slide has one."""
+    from ips_path.evaluation.metrics import prediction_metrics
+    from ips_path.evaluation.plots import plot_reliability, plot_roc
+
+    scored = [s for s in slides if s[1] in classes]
+    unknown = sorted({s[1] for s in slides if s[1] and s[1] not in classes})
+    if unknown:
+        log.warning("labels %s%s are not classes of the model (%s); those slides are left out of the metrics",
+                    ", ".join(unknown), f" of {task}" if task else "", ", ".join(classes))
+    if not scored:
+        return None
+    labels = np.array([classes.index(label) for _, label, _ in scored])
+    probabilities = np.array([p for _, _, p in scored], dtype=np.float64)
+    cases = [case_ids.get(slide_id, slide_id) for slide_id, _, _ in scored]
+    metrics = prediction_metrics(labels, probabilities, classes,
+                                 cases if any(c != s[0] for c, s in zip(cases, scored, strict=True)) else None)
+    plot_roc(labels, probabilities, classes, roc, auc=metrics["auc"], ci=metrics["auc_ci95"])
+    plot_reliability(metrics["calibration_bins"], reliability, ece=metrics["ece"])
+    return metrics
+
+
+def _mean_over_tasks(per_task: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """AUC, AUPRC, balanced accuracy, accuracy and ECE: the mean over the tasks where each is defined."""
+    means = {}
+    for name in ("auc", "auprc", "balanced_accuracy", "accuracy", "ece"):
+        values = [m[name] for m in per_task.values() if m.get(name) is not None]
+        means[name] = round(float(np.mean(values)), 6) if values else None
+    return means

@@ -1,0 +1,1 @@
+"""synthetic: see docs/architecture.md."""
