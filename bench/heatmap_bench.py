@@ -73,7 +73,7 @@ def _peak_rss_mb() -> float:
 
 def child(mode: str, store_path: Path, out_dir: Path) -> dict:
     """One measured run (in its own process); the timed part starts after imports."""
-    from ips_path import heatmap
+    from ips_path.review import heatmap
     from ips_path.stores.tile_store import TileStore
 
     rss_after_imports = _peak_rss_mb()

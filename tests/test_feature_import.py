@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tool_h5 import write_clam, write_stamp, write_trident
 
-from ips_path import feature_import
+from ips_path.stores import feature_import
 from ips_path.cli.main import main
 from ips_path.runtime.errors import BadInputError, RefusedError
 from ips_path.stores.feature_import import import_features
