@@ -427,7 +427,8 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                 trained_on_lesions.record(item.store, selected.numpy())
             n_slides += len(batch)
             n_patches += sum(item.n_patches for item in batch)
-            bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
+            bar.set_postfix(slides=f"{n_slides}/{len(order)}", loss=f"{loss:.3f}",
+                            slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
     seconds = time.perf_counter() - started
     n_slides *= procs.world_size  # every process trains on as many slides
     return {"train_loss": float(np.mean(losses)), **{f"train_{n}_loss": float(np.mean(v)) for n, v in per_task.items()},
