@@ -222,7 +222,7 @@ def test_cli_renders_from_tile_stores_and_from_a_prediction_folder(slide_store, 
                            standalone_mode=False)
     assert result.exception is None, result.output
     written = sorted(p.name for p in (tmp_path / "out" / "slide").iterdir())
-    assert written == ["overlay.png", "patches.geojson", "thumbnail.png", "top_patches.png"]
+    assert written == ["attention.json", "overlay.png", "patches.geojson", "thumbnail.png", "top_patches.png"]
 
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -234,7 +234,8 @@ def test_cli_renders_from_tile_stores_and_from_a_prediction_folder(slide_store, 
     result = runner.invoke(cli, ["heatmap", "--predictions", str(pred), "--thumbnail-size", "128", "--top-k", "0",
                                  "--no-geojson"], standalone_mode=False)
     assert result.exception is None, result.output
-    assert sorted(p.name for p in (pred / "heatmaps" / "slide").iterdir()) == ["overlay.png", "thumbnail.png"]
+    assert sorted(p.name for p in (pred / "heatmaps" / "slide").iterdir()) == ["attention.json", "overlay.png",
+                                                                               "thumbnail.png"]
 
 
 def test_missing_scores_name_the_store_and_the_predict_command(slide_store, tmp_path):

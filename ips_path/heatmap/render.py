@@ -18,6 +18,7 @@ from ips_path.heatmap.drawing import (
 )
 from ips_path.heatmap.grid import percentile_ranks, score_grid, smooth_grid
 from ips_path.heatmap.lowres import slide_thumbnail
+from ips_path.heatmap.spread import SCALES, SPREAD_FILE, attention_spread, scale_legend, scale_values, write_spread
 from ips_path.heatmap.writers import save_png, write_overlay_tiff, write_patches_geojson
 from ips_path.slide import Slide
 from ips_path.store import TileStore
@@ -31,6 +32,7 @@ HEATMAP_FILES = {
     "geojson": "patches.geojson",
     "top_patches": "top_patches.png",
     "tiff": "overlay.tiff",
+    "attention": SPREAD_FILE,
 }
 
 
@@ -91,10 +93,12 @@ def check_heatmap_options(options: Mapping[str, Any]) -> None:
     number("threads", 1, what="at least 1 thread")
     if options.get("colormap", "viridis") not in COLORMAPS:
         raise BadInputError(f"--colormap {options['colormap']!r}: use one of {', '.join(COLORMAPS)}")
+    if options.get("scale", "rank") not in SCALES:
+        raise BadInputError(f"--scale {options['scale']!r}: use one of {', '.join(SCALES)}")
 
 
 _FLAGS = {"smooth_sigma_um": "--smooth-um"}  # options whose command-line flag is not their name
-_OPTION_NAMES = ("thumbnail_size", "smooth_sigma_um", "colormap", "alpha", "top_k", "geojson", "tiff_mpp",
+_OPTION_NAMES = ("thumbnail_size", "smooth_sigma_um", "colormap", "scale", "alpha", "top_k", "geojson", "tiff_mpp",
                  "threads", "progress")
 
 
@@ -107,6 +111,7 @@ def render_slide_heatmaps(
     thumbnail_size: int = 2048,
     smooth_sigma_um: float = 0.0,
     colormap: str = "viridis",
+    scale: str = "rank",
     alpha: float = 0.5,
     top_k: int = 16,
     geojson: bool = True,
@@ -133,6 +138,11 @@ def render_slide_heatmaps(
         µm; 0 draws each patch as a flat square.
     colormap : str
         One of :data:`COLORMAPS`.
+    scale : str
+        What the colours show (:data:`~ips_path.heatmap.spread.SCALES`): ``rank`` (percentile rank
+        within the slide) or ``weight`` (attention weight vs. flat attention, one fixed scale for
+        every slide). The legend says which, with the spread of the slide's attention, and
+        attention.json records both.
     alpha : float
         Opacity of the colours over the slide, 0-1.
     top_k : int
@@ -149,8 +159,8 @@ def render_slide_heatmaps(
     Returns
     -------
     dict
-        Written paths by kind: "thumbnail", "overlay", and "geojson", "top_patches", "tiff"
-        when written.
+        Written paths by kind: "thumbnail", "overlay", "attention", and "geojson", "top_patches",
+        "tiff" when written.
 
     Raises
     ------
@@ -164,16 +174,22 @@ def render_slide_heatmaps(
     out_dir.mkdir(parents=True, exist_ok=True)
     level0_mpp = float(np.mean(store.level0_mpp))
     ranks = percentile_ranks(scores)
-    grid = smooth_grid(score_grid(store.coords, ranks, store.stride_level0, store.patch_size_level0),
+    values = ranks if scale == "rank" else scale_values(scores, scale)
+    grid = smooth_grid(score_grid(store.coords, values, store.stride_level0, store.patch_size_level0),
                        smooth_sigma_um / level0_mpp)
+    spread = attention_spread(scores)
+    shown = scale_legend(scale)
+    legend = {"title": shown["title"], "labels": (shown["low"], shown["mid"], shown["high"]),
+              "notes": tuple(spread.lines()) if spread.n_patches else ()}
     own_slide = slide is None
     slide = open_store_slide(store) if slide is None else slide
     written: dict[str, Path] = {}
     try:
         thumbnail, downsample = slide_thumbnail(slide, thumbnail_size, threads)
-        overlay, _ = overlay_picture(thumbnail, downsample, grid, colormap, alpha)
+        overlay, _ = overlay_picture(thumbnail, downsample, grid, colormap, alpha, legend=legend)
         written["thumbnail"] = save_png(thumbnail, out_dir / HEATMAP_FILES["thumbnail"])
         written["overlay"] = save_png(overlay, out_dir / HEATMAP_FILES["overlay"])
+        written["attention"] = write_spread(out_dir, spread, scale)
         del thumbnail, overlay
         if geojson:
             written["geojson"] = write_patches_geojson(out_dir / HEATMAP_FILES["geojson"], store.coords,
