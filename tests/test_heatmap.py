@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import needs_test_data
 from PIL import Image
 
 import ips_path.heatmap as heatmap
@@ -250,7 +251,8 @@ def test_missing_scores_name_the_store_and_the_predict_command(slide_store, tmp_
     assert not any(tmp_path.iterdir())  # checked before anything is written
 
 
-@pytest.mark.skipif(not (DATA / "slides" / "CMU-1-Small-Region_multilevel.svs").exists(), reason="no test data")
+@pytest.mark.skipif(not (DATA / "slides" / "CMU-1-Small-Region_multilevel.svs").exists(),
+                    reason=needs_test_data("slides"))
 def test_block_thumbnail_matches_the_slide_library_on_a_real_pyramid():
     with Slide(DATA / "slides" / "CMU-1-Small-Region_multilevel.svs") as slide:
         ours, downsample = slide_thumbnail(slide, 700)
