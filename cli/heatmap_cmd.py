@@ -41,6 +41,8 @@ from ips_path.jobs import run_exit_code
 @click.option("--top-k", type=click.IntRange(min=0), default=16, show_default=True,
               help="Patches in top_patches.png, the most attended first; 0: no gallery.")
 @click.option("--no-geojson", is_flag=True, help="Do not write patches.geojson.")
+@click.option("--crop", is_flag=True,
+              help="Crop thumbnail.png and overlay.png to the tissue (and the patches), with a small margin.")
 @click.option("--tiff-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Also write overlay.tiff, a pyramidal TIFF of the overlay at this pixel size in µm/px "
                    "(e.g. 8) that openslide and QuPath open.  [default: no TIFF]")
@@ -50,7 +52,7 @@ from ips_path.jobs import run_exit_code
 def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_dir: Path | None, out_dir: Path | None,
                 slide_ids: tuple[str, ...], thumbnail_size: int, smooth_um: float, colormap: str, scale: str,
                 alpha: float,
-                top_k: int, no_geojson: bool, tiff_mpp: float | None, threads: int) -> None:
+                top_k: int, no_geojson: bool, crop: bool, tiff_mpp: float | None, threads: int) -> None:
     """Draw attention heatmaps from the scores `ipspath predict` stored, without running the model.
 
     \b
@@ -86,7 +88,7 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
     quiet = bool((ctx.obj or {}).get("quiet"))
     outcomes = render_heatmaps(jobs, progress=not quiet, thumbnail_size=thumbnail_size, smooth_sigma_um=smooth_um,
                                colormap=colormap, scale=scale, alpha=alpha, top_k=top_k, geojson=not no_geojson,
-                               tiff_mpp=tiff_mpp, threads=threads)
+                               tiff_mpp=tiff_mpp, threads=threads, crop=crop)
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         click.echo(f"ipspath: error: {outcome.slide_id}: {outcome.error}", err=True)

@@ -145,7 +145,8 @@ def draw_colour_bar(picture: np.ndarray, colormap: str = "viridis", avoid: np.nd
 
 def overlay_picture(thumbnail: np.ndarray, downsample: tuple[float, float], grid: ScoreGrid,
                     colormap: str = "viridis", alpha: float = 0.5, colour_bar: bool = True,
-                    legend: dict[str, Any] | None = None) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+                    legend: dict[str, Any] | None = None,
+                    offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """The attention overlay on a slide picture, composed in bands of rows.
 
     Parameters
@@ -163,6 +164,9 @@ def overlay_picture(thumbnail: np.ndarray, downsample: tuple[float, float], grid
     legend : dict, optional
         Keywords of :func:`draw_colour_bar` (``title``, ``labels``, ``notes``): the scale shown and
         the spread of the attention; default: percentile ranks, no notes.
+    offset : (int, int)
+        Where ``thumbnail`` starts in the whole-slide picture at ``downsample`` (x, y), px: a
+        crop of it.
 
     Returns
     -------
@@ -172,12 +176,13 @@ def overlay_picture(thumbnail: np.ndarray, downsample: tuple[float, float], grid
         Where the legend is (see :func:`draw_colour_bar`).
     """
     height, width = thumbnail.shape[:2]
-    xs = pixel_centres(0, width, downsample[0])
+    xs = pixel_centres(offset[0], width, downsample[0])
     overlay = np.empty_like(thumbnail)
     footprint = np.empty((height, width), dtype=bool)
     for top in range(0, height, BLOCK):
         rows = slice(top, min(height, top + BLOCK))
-        values, footprint[rows] = sample_grid(grid, xs, pixel_centres(top, rows.stop - top, downsample[1]))
+        values, footprint[rows] = sample_grid(grid, xs, pixel_centres(offset[1] + top, rows.stop - top,
+                                                                      downsample[1]))
         overlay[rows] = blend_overlay(thumbnail[rows], values, footprint[rows], colormap, alpha)
     legend_box = draw_colour_bar(overlay, colormap, avoid=footprint, **(legend or {})) if colour_bar else None
     return overlay, legend_box

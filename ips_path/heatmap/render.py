@@ -99,7 +99,9 @@ def check_heatmap_options(options: Mapping[str, Any]) -> None:
 
 _FLAGS = {"smooth_sigma_um": "--smooth-um"}  # options whose command-line flag is not their name
 _OPTION_NAMES = ("thumbnail_size", "smooth_sigma_um", "colormap", "scale", "alpha", "top_k", "geojson", "tiff_mpp",
-                 "threads", "progress")
+                 "threads", "progress", "crop")
+# Margin kept around the tissue by crop=True, as a share of the cropped box's longer side.
+_CROP_MARGIN = 0.05
 
 
 def render_slide_heatmaps(
@@ -118,6 +120,7 @@ def render_slide_heatmaps(
     tiff_mpp: float | None = None,
     threads: int = 2,
     progress: bool = False,
+    crop: bool = False,
 ) -> dict[str, Path]:
     """Write the heatmap files of one slide (see the module docstring) into ``out_dir``.
 
@@ -155,6 +158,9 @@ def render_slide_heatmaps(
         Threads reading slide pixels and composing TIFF tiles.
     progress : bool
         Show a progress bar over the TIFF tiles.
+    crop : bool
+        Crop thumbnail.png and overlay.png to the tissue and the patches, with a small margin
+        (same resolution; overlay.tiff always covers the whole slide).
 
     Returns
     -------
@@ -186,7 +192,11 @@ def render_slide_heatmaps(
     written: dict[str, Path] = {}
     try:
         thumbnail, downsample = slide_thumbnail(slide, thumbnail_size, threads)
-        overlay, _ = overlay_picture(thumbnail, downsample, grid, colormap, alpha, legend=legend)
+        offset = (0, 0)
+        if crop:
+            x0, y0, x1, y1 = _tissue_box(store, downsample, thumbnail.shape[:2])
+            thumbnail, offset = np.ascontiguousarray(thumbnail[y0:y1, x0:x1]), (x0, y0)
+        overlay, _ = overlay_picture(thumbnail, downsample, grid, colormap, alpha, legend=legend, offset=offset)
         written["thumbnail"] = save_png(thumbnail, out_dir / HEATMAP_FILES["thumbnail"])
         written["overlay"] = save_png(overlay, out_dir / HEATMAP_FILES["overlay"])
         written["attention"] = write_spread(out_dir, spread, scale)
@@ -206,3 +216,26 @@ def render_slide_heatmaps(
         if own_slide:
             slide.close()
     return written
+
+
+def _tissue_box(store: TileStore, downsample: tuple[float, float], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The tissue mask's and the patches' bounding box in a whole-slide picture of ``shape`` (h, w) at
+    ``downsample``, with a margin: (x0, y0, x1, y1), px; the whole picture when there is neither."""
+    mask, _ = store.mask()
+    mask_downsample = store.mask_downsample()
+    boxes = []
+    rows, cols = np.nonzero(mask)
+    if rows.size:
+        boxes.append((cols.min() * mask_downsample, rows.min() * mask_downsample,
+                      (cols.max() + 1) * mask_downsample, (rows.max() + 1) * mask_downsample))
+    if store.n_patches:
+        low, high = store.coords.min(axis=0), store.coords.max(axis=0) + store.patch_size_level0
+        boxes.append((low[0], low[1], high[0], high[1]))
+    height, width = shape
+    if not boxes:
+        return 0, 0, width, height
+    x0, y0 = min(b[0] for b in boxes) / downsample[0], min(b[1] for b in boxes) / downsample[1]
+    x1, y1 = max(b[2] for b in boxes) / downsample[0], max(b[3] for b in boxes) / downsample[1]
+    margin = _CROP_MARGIN * max(x1 - x0, y1 - y0)
+    return (max(0, math.floor(x0 - margin)), max(0, math.floor(y0 - margin)),
+            min(width, math.ceil(x1 + margin)), min(height, math.ceil(y1 + margin)))
