@@ -256,8 +256,9 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
         splits = assign_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
     if checkpoint is not None:
         check_same_run(checkpoint, classes, splits, out_dir)
-    for problem in validation_split_problems(rows, splits, () if survival_task else label_columns):
-        log.warning("%s: %s", manifest, problem)
+    if given_splits is None:  # cross-validation folds: judged together, over all folds
+        for problem in validation_split_problems(rows, splits, () if survival_task else label_columns):
+            log.warning("%s: %s", manifest, problem)
     used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
     items, tiling, features = check_tile_stores(used, tiles_dir, manifest, config, classes)
     config, in_features = resolve_feature_norm(config, features), None if features is None else features.dim
