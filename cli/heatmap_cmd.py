@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ips_path.review.heatmap import COLORMAPS, jobs_from_predictions, jobs_from_tiles, render_heatmaps
+from ips_path.review.heatmap import COLORMAPS, SCALES, jobs_from_predictions, jobs_from_tiles, render_heatmaps
 from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.jobs import run_exit_code
 
@@ -31,11 +31,18 @@ from ips_path.runtime.jobs import run_exit_code
                    "(e.g. 100); 0 draws every patch as a flat square.")
 @click.option("--colormap", type=click.Choice(COLORMAPS), default="viridis", show_default=True,
               help="Perceptually uniform colormap; dark = low, bright = high attention.")
+@click.option("--scale", type=click.Choice(SCALES), default="rank", show_default=True,
+              help="What the colours show. rank: each patch's percentile rank within its slide (the full colour "
+                   "range on every slide, even when attention is nearly flat); weight: attention weight times the "
+                   "number of patches, on one log scale from 1/8x to 8x flat attention for every slide, so a flat "
+                   "slide is one even colour and slides compare. The legend names the scale and the spread.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Opacity of the colours over the slide (0-1).")
 @click.option("--top-k", type=click.IntRange(min=0), default=16, show_default=True,
               help="Patches in top_patches.png, the most attended first; 0: no gallery.")
 @click.option("--no-geojson", is_flag=True, help="Do not write patches.geojson.")
+@click.option("--crop", is_flag=True,
+              help="Crop thumbnail.png and overlay.png to the tissue (and the patches), with a small margin.")
 @click.option("--tiff-mpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Also write overlay.tiff, a pyramidal TIFF of the overlay at this pixel size in µm/px "
                    "(e.g. 8) that openslide and QuPath open.  [default: no TIFF]")
@@ -43,8 +50,9 @@ from ips_path.runtime.jobs import run_exit_code
               help="Threads reading slide pixels and composing TIFF tiles.")
 @click.pass_context
 def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_dir: Path | None, out_dir: Path | None,
-                slide_ids: tuple[str, ...], thumbnail_size: int, smooth_um: float, colormap: str, alpha: float,
-                top_k: int, no_geojson: bool, tiff_mpp: float | None, threads: int) -> None:
+                slide_ids: tuple[str, ...], thumbnail_size: int, smooth_um: float, colormap: str, scale: str,
+                alpha: float,
+                top_k: int, no_geojson: bool, crop: bool, tiff_mpp: float | None, threads: int) -> None:
     """Draw attention heatmaps from the scores `ipspath predict` stored, without running the model.
 
     \b
@@ -54,8 +62,9 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
     \b
     Per slide, in <out>/<slide_id>/:
       thumbnail.png    the slide
-      overlay.png      the same size, patches coloured by the percentile rank of their attention
-                       within the slide (low .. high, colour bar in a corner), background untouched
+      overlay.png      the same size, patches coloured by their attention on --scale (colour bar
+                       in a corner, with the spread of the slide's attention), background untouched
+      attention.json   the scale shown and the spread: logit range, effective number of patches
       patches.geojson  one QuPath tile per patch in level-0 px, with measurements "attention"
                        (the logit) and "attention_rank" (0-1); QuPath: File > Import objects
       top_patches.png  the --top-k most attended patches as the model saw them, with rank and score
@@ -78,8 +87,8 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
         jobs = jobs_from_predictions(pred_dir, ids, out_dir)
     quiet = bool((ctx.obj or {}).get("quiet"))
     outcomes = render_heatmaps(jobs, progress=not quiet, thumbnail_size=thumbnail_size, smooth_sigma_um=smooth_um,
-                               colormap=colormap, alpha=alpha, top_k=top_k, geojson=not no_geojson,
-                               tiff_mpp=tiff_mpp, threads=threads)
+                               colormap=colormap, scale=scale, alpha=alpha, top_k=top_k, geojson=not no_geojson,
+                               tiff_mpp=tiff_mpp, threads=threads, crop=crop)
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         click.echo(f"ipspath: error: {outcome.slide_id}: {outcome.error}", err=True)

@@ -24,6 +24,7 @@ COMMANDS = {
     "inspect": "ips_path.cli.inspect_cmd:inspect_cmd",
     "predict": "ips_path.cli.predict_cmd:predict_cmd",
     "report": "ips_path.cli.report_cmd:report_cmd",
+    "synth": "ips_path.cli.synth_cmd:synth_cmd",
     "tile": "ips_path.cli.tile_cmd:tile_cmd",
     "train": "ips_path.cli.train_cmd:train_cmd",
     "view": "ips_path.cli.view_cmd:view_cmd",

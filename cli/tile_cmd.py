@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ips_path.runtime.errors import BadInputError
+from ips_path.tiling.annotations import MaskClasses, class_names
 from ips_path.tiling.grid import patch_resolution, patch_stride
 from ips_path.tiling.run import SUMMARY_NAME, TilingParams, collect_inputs, exit_code, tile_slides
 from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
@@ -37,9 +38,20 @@ from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
                    "otsu: darker than Otsu of the grey level; saturation: fixed saturation threshold; "
                    "all: the whole slide.")
 @click.option("--tissue-mask", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Use these tissue masks instead of detection: a file (one slide) or a folder of "
-                   "<slide_id>.png/.npy/.geojson. PNG/NPY: non-zero = tissue, covering the whole slide at any "
-                   "resolution (µm/px taken from the slide's width); GeoJSON: QuPath tissue polygons in level-0 px.")
+              help="Tile only inside these masks: a file (one slide) or a folder of <slide_id>.png/.npy/.geojson. "
+                   "PNG/NPY: non-zero = inside, covering the whole slide at any resolution (µm/px taken from the "
+                   "slide's width); GeoJSON: QuPath annotations in level-0 px, Ignore* annotations are holes. "
+                   "Tissue is still detected inside the mask (see --mask-only).")
+@click.option("--mask-classes", default=None, metavar="NAMES",
+              help="GeoJSON masks: only annotations of these QuPath classes count (comma-separated, e.g. "
+                   "'Tumor,Stroma'; 'Tumor' also matches 'Tumor: Positive').  [default: every class but the "
+                   "exclusions, and unclassified annotations]")
+@click.option("--mask-exclude-classes", default=None, metavar="NAMES",
+              help="GeoJSON masks: annotations of these classes are holes, as Ignore* always is "
+                   "(comma-separated, e.g. 'Necrosis,Pen').")
+@click.option("--mask-only", is_flag=True,
+              help="Take the mask as it is: tile blank glass inside it too (default: only tissue detected "
+                   "inside the mask).")
 @click.option("--keep-holes", is_flag=True,
               help="Keep every hole in the tissue (default: fill holes under 0.02 mm²).")
 @click.option("--slide-mpp", type=float, default=None,
@@ -63,7 +75,8 @@ from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
 def tile_cmd(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path, manifest: Path | None,
              target_mpp: float | None, mag: float | None, patch_size: int, stride: int | None,
              overlap: int | None, min_tissue: float, tissue_method: str, tissue_mask: Path | None,
-             keep_holes: bool, slide_mpp: float | None, backend: str, workers: int, scheduler: str | None,
+             mask_classes: str | None, mask_exclude_classes: str | None, mask_only: bool, keep_holes: bool,
+             slide_mpp: float | None, backend: str, workers: int, scheduler: str | None,
              overwrite: bool, export_h5: bool, no_qc: bool) -> None:
     """Find tissue and lay a patch grid on each slide; write one tile store per slide.
 
@@ -72,8 +85,10 @@ def tile_cmd(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path, manifes
     skipped, so an interrupted run can be restarted as is.
 
     Tissue is detected at about 8 µm/px (stain saturation, Otsu threshold, specks and small
-    holes removed); a patch is kept when at least --min-tissue of its area is tissue. Check
-    qc/<slide_id>.png: green = tissue contour, blue = kept patches.
+    holes removed); a patch is kept when at least --min-tissue of its area is tissue. With
+    --tissue-mask, tissue is what is detected inside the mask (QuPath GeoJSON: Ignore*
+    annotations and --mask-exclude-classes are holes). Check qc/<slide_id>.png: green =
+    tissue contour, blue = kept patches.
 
     \b
     Exit status: 0 when every slide was tiled, skipped or had no tissue (zero patches, a
@@ -90,6 +105,9 @@ def tile_cmd(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path, manifes
         min_tissue=min_tissue,
         tissue=TissueParams(method=tissue_method, keep_holes=keep_holes),
         tissue_mask=tissue_mask,
+        mask_classes=MaskClasses(include=class_names(mask_classes, "--mask-classes"),
+                                 exclude=class_names(mask_exclude_classes, "--mask-exclude-classes") or ()),
+        mask_only=mask_only,
         backend=backend,
         slide_mpp=slide_mpp,
         qc=not no_qc,

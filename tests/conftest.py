@@ -2,7 +2,8 @@
 
 ``test_data`` is the folder named by ``IPSPATH_TEST_DATA`` (default ``../shared/data`` next to the
 repository); tests that need it skip when it is absent, so a fresh clone passes on its own
-generated slides.
+generated slides, and the run's summary says how many tests that left out, which folders they
+need and how to point ``IPSPATH_TEST_DATA`` at them.
 """
 
 from __future__ import annotations
@@ -17,25 +18,65 @@ from ips_path.synthetic.synth import SlideSpec, write_synthetic_slide
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+TEST_DATA = pathlib.Path(os.environ.get("IPSPATH_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
+"""The shared test-data folder: slides/, bad/, patches/, mnist/ (real files, not in the repository)."""
+NEEDS_TEST_DATA = "needs test data:"
+"""How the reason of every skip for missing test data starts; the run's summary counts them by folder."""
+# what each folder holds, for the summary
+_DATA_FOLDERS = {"slides": "real slide files (Aperio SVS, generic TIFF, DICOM)",
+                 "bad": "broken slide files that must fail in one line",
+                 "patches": "real stained patch images", "mnist": "MNIST digits for megapixel MNIST"}
+
+
+def needs_test_data(sub: str = "") -> str:
+    """The skip reason for a test that needs ``TEST_DATA / sub``."""
+    return f"{NEEDS_TEST_DATA} {TEST_DATA / sub if sub else TEST_DATA} not found"
+
+
+def _data_folder(sub: str = "") -> pathlib.Path:
+    folder = TEST_DATA / sub if sub else TEST_DATA
+    if not folder.is_dir():
+        pytest.skip(needs_test_data(sub))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def test_data() -> pathlib.Path:
     """The shared test-data folder (slides/, bad/, patches/, mnist/)."""
-    root = pathlib.Path(os.environ.get("IPSPATH_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
-    if not root.is_dir():
-        pytest.skip(f"test data folder {root} not found (set IPSPATH_TEST_DATA)")
-    return root
+    return _data_folder()
 
 
 @pytest.fixture(scope="session")
-def slides_dir(test_data: pathlib.Path) -> pathlib.Path:
+def slides_dir() -> pathlib.Path:
     """Real slides that must open, tile and read."""
-    return test_data / "slides"
+    return _data_folder("slides")
 
 
 @pytest.fixture(scope="session")
-def bad_dir(test_data: pathlib.Path) -> pathlib.Path:
+def bad_dir() -> pathlib.Path:
     """Broken files that must fail with one clear line naming the file."""
-    return test_data / "bad"
+    return _data_folder("bad")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which tests were skipped for want of the test data, which folders they need, and how to
+    point ``IPSPATH_TEST_DATA`` at them: a fresh clone must not lose them silently."""
+    missing: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if NEEDS_TEST_DATA in reason:
+            path = reason.split(NEEDS_TEST_DATA, 1)[1].removesuffix(" not found").strip()
+            missing[path] = missing.get(path, 0) + 1
+    if not missing:
+        return
+    terminalreporter.section("tests skipped for want of test data", yellow=True)
+    terminalreporter.line(f"{sum(missing.values())} tests did not run: they read real files that are not in the "
+                          "repository.")
+    for path, count in sorted(missing.items()):
+        what = _DATA_FOLDERS.get(pathlib.Path(path).name, "the test-data folder (slides/, bad/, patches/, mnist/)")
+        terminalreporter.line(f"  {count:4d} need {path}: {what}")
+    terminalreporter.line("Put the folder at ../shared/data beside the repository, or name it: "
+                          "IPSPATH_TEST_DATA=/path/to/data python -m pytest ...")
 
 
 @pytest.fixture(scope="session")

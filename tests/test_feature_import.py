@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from tool_h5 import write_clam, write_stamp, write_trident
 
-from ips_path.stores import feature_import
 from ips_path.cli.main import main
 from ips_path.runtime.errors import BadInputError, RefusedError
+from ips_path.stores import feature_import
 from ips_path.stores.feature_import import import_features
 from ips_path.stores.tile_store import TileStore
 from ips_path.synthetic.synth import in_lesion, write_synthetic_cohort

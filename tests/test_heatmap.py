@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import needs_test_data
 from PIL import Image
 
 import ips_path.review.heatmap as heatmap
@@ -222,7 +223,7 @@ def test_cli_renders_from_tile_stores_and_from_a_prediction_folder(slide_store, 
                            standalone_mode=False)
     assert result.exception is None, result.output
     written = sorted(p.name for p in (tmp_path / "out" / "slide").iterdir())
-    assert written == ["overlay.png", "patches.geojson", "thumbnail.png", "top_patches.png"]
+    assert written == ["attention.json", "overlay.png", "patches.geojson", "thumbnail.png", "top_patches.png"]
 
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -234,7 +235,8 @@ def test_cli_renders_from_tile_stores_and_from_a_prediction_folder(slide_store, 
     result = runner.invoke(cli, ["heatmap", "--predictions", str(pred), "--thumbnail-size", "128", "--top-k", "0",
                                  "--no-geojson"], standalone_mode=False)
     assert result.exception is None, result.output
-    assert sorted(p.name for p in (pred / "heatmaps" / "slide").iterdir()) == ["overlay.png", "thumbnail.png"]
+    assert sorted(p.name for p in (pred / "heatmaps" / "slide").iterdir()) == ["attention.json", "overlay.png",
+                                                                               "thumbnail.png"]
 
 
 def test_missing_scores_name_the_store_and_the_predict_command(slide_store, tmp_path):
@@ -249,7 +251,8 @@ def test_missing_scores_name_the_store_and_the_predict_command(slide_store, tmp_
     assert not any(tmp_path.iterdir())  # checked before anything is written
 
 
-@pytest.mark.skipif(not (DATA / "slides" / "CMU-1-Small-Region_multilevel.svs").exists(), reason="no test data")
+@pytest.mark.skipif(not (DATA / "slides" / "CMU-1-Small-Region_multilevel.svs").exists(),
+                    reason=needs_test_data("slides"))
 def test_block_thumbnail_matches_the_slide_library_on_a_real_pyramid():
     with Slide(DATA / "slides" / "CMU-1-Small-Region_multilevel.svs") as slide:
         ours, downsample = slide_thumbnail(slide, 700)

@@ -1,3 +1,8 @@
+import csv
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,7 +91,21 @@ def test_assign_splits_keeps_given_splits(tmp_path):
     assert sorted(splits[s] for s in "bc") == ["train", "val"]
 
 
-def test_example_manifest_is_valid(test_data):
-    rows = read_manifest(Path(__file__).parents[1] / "data_manifests" / "example.csv")
-    assert len(rows) == 4 and rows[3].mpp == 0.499
-    assert all(r.slide_path.is_file() for r in rows)
+def test_example_manifest_works_from_a_clone_as_its_readme_says(tmp_path):
+    """The commands of data_manifests/README.md, run as written in a copy of the folder: no test data needed."""
+    source = Path(__file__).parents[1] / "data_manifests"
+    shutil.copytree(source, tmp_path / "data_manifests", ignore=shutil.ignore_patterns("example_slides"))
+    commands = [line.strip() for line in (source / "README.md").read_text().splitlines()
+                if line.strip().startswith("ipspath ")]
+    assert [c.split()[1] for c in commands] == ["synth", "tile"]
+    for command in commands:
+        done = subprocess.run([sys.executable, "-m", "ips_path.cli.main", *shlex.split(command)[1:]], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr)
+    rows = read_manifest(tmp_path / "data_manifests" / "example.csv")
+    assert len(rows) == 4 and rows[3].mpp == 0.5 and [r.split for r in rows] == ["train", "train", "val", None]
+    with open(tmp_path / "data_manifests" / "example_slides" / "manifest.csv", newline="") as f:
+        truth = {row["slide_id"]: row["label"] for row in csv.DictReader(f)}
+    assert {r.slide_id: r.label for r in rows} == truth  # the example's labels are the generated slides' own
+    with open(tmp_path / "tiles" / "tiling_summary.csv", newline="") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["tiled"] * 4

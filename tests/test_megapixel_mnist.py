@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_test_data
 
 from ips_path.runtime.errors import BadInputError
 from ips_path.synthetic.megapixel_mnist import (
@@ -25,7 +26,7 @@ DATA = Path(os.environ.get("IPSPATH_TEST_DATA", REPO_ROOT.parent / "shared" / "d
 MNIST = DATA / "mnist"
 
 needs_mnist = pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-                                 reason=f"MNIST test data not found in {MNIST}")
+                                 reason=needs_test_data("mnist"))
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def test_tissue_methods_and_user_masks(generated, tmp_path):
     masks = tmp_path / "masks"
     masks.mkdir()
     Image.fromarray(mask).save(masks / "small.png")
-    assert _tile(generated, "-o", tmp_path / "m", "--tissue-mask", masks).exit_code == 0
+    assert _tile(generated, "-o", tmp_path / "m", "--tissue-mask", masks, "--mask-only").exit_code == 0
     store = TileStore.open(tmp_path / "m" / "small.zarr")
     # columns x = 0 ... 1792 (the last one 81 % inside), 11 rows
     assert store.n_patches == 8 * 11 and store.coords[:, 0].max() == 1792

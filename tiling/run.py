@@ -46,6 +46,7 @@ from ips_path.stores.tile_store import (
     store_path,
     write_tile_store,
 )
+from ips_path.tiling.annotations import MaskClasses
 from ips_path.tiling.grid import (
     MPP_TOLERANCE,
     PatchGeometry,
@@ -57,6 +58,7 @@ from ips_path.tiling.tissue import (
     MASK_FILE_SUFFIXES,
     TissueMask,
     TissueParams,
+    intersect_masks,
     load_tissue_mask,
     read_low_resolution,
     tissue_mask_for_slide,
@@ -95,8 +97,13 @@ class TilingParams:
     tissue : TissueParams
         Tissue detection.
     tissue_mask : Path or None
-        User masks replacing detection: one file (for one slide) or a folder with
-        ``<slide_id>.png``/``.npy``/``.geojson``; see :func:`~ips_path.tiling.tissue.load_tissue_mask`.
+        User masks: one file (for one slide) or a folder with ``<slide_id>.png``/``.npy``/``.geojson``;
+        see :func:`~ips_path.tiling.tissue.load_tissue_mask`. Tissue is what is detected inside the
+        mask, unless ``mask_only``.
+    mask_classes : MaskClasses
+        GeoJSON masks: which annotation classes are tissue and which are holes.
+    mask_only : bool
+        Take a user mask as it is, without tissue detection inside it.
     backend : str
         Slide backend: "auto", "openslide" or "tiffslide".
     slide_mpp : float or None
@@ -113,6 +120,8 @@ class TilingParams:
     min_tissue: float = 0.5
     tissue: TissueParams = field(default_factory=TissueParams)
     tissue_mask: Path | None = None
+    mask_classes: MaskClasses = field(default_factory=MaskClasses)
+    mask_only: bool = False
     backend: str = "auto"
     slide_mpp: float | None = None
     qc: bool = True
@@ -127,18 +136,23 @@ class TilingParams:
             raise BadInputError(f"--stride must be at least 1 px (--overlap below --patch-size), got {self.stride}")
         if not 0 <= self.min_tissue <= 1:
             raise BadInputError(f"--min-tissue must be a fraction between 0 and 1, got {self.min_tissue}")
+        if self.tissue_mask is None and (self.mask_only or self.mask_classes != MaskClasses()):
+            raise BadInputError("--mask-only, --mask-classes and --mask-exclude-classes need --tissue-mask")
 
     def fingerprint(self, slide_mpp: float | None) -> dict[str, Any]:
         """What must match for an existing store to be reused (QC, h5 and backend do not change it)."""
-        return {
+        fingerprint = {
             "target_mpp": self.target_mpp,
             "patch_size": self.patch_size,
             "stride": self.stride or self.patch_size,
             "min_tissue": self.min_tissue,
-            "tissue": self.tissue.as_dict() if self.tissue_mask is None else None,
+            "tissue": self.tissue.as_dict() if self.tissue_mask is None or not self.mask_only else None,
             "tissue_mask": str(self.tissue_mask.resolve()) if self.tissue_mask else None,
             "slide_mpp": slide_mpp,
         }
+        if self.tissue_mask is not None:
+            fingerprint["mask"] = {**self.mask_classes.as_dict(), "mask_only": self.mask_only}
+        return fingerprint
 
 
 @dataclass(frozen=True)
@@ -403,15 +417,22 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
         geometry = patch_geometry(level0_mpp, slide.level_downsamples, params.target_mpp, params.patch_size,
                                   params.stride)
         preview = _qc_preview(slide, params.tissue.mask_mpp) if params.qc else None
-        if params.tissue_mask is None:
+        user_mask = None
+        if params.tissue_mask is not None:  # read first: a bad mask fails before any detection
+            mask_file = _mask_file(params.tissue_mask, item.slide_id)
+            user_mask = load_tissue_mask(mask_file, slide.dimensions, level0_mpp, params.tissue.mask_mpp,
+                                         params.mask_classes)
+            mask_params = {"path": str(mask_file.resolve()), **params.mask_classes.as_dict()}
+        if user_mask is not None and params.mask_only:
+            tissue, method, tissue_params = user_mask, "file", mask_params
+        else:
             tissue, image = tissue_mask_for_slide(slide, params.tissue, preview)
             method, tissue_params = params.tissue.method, params.tissue.as_dict()
             if preview is None:
                 preview = image, tissue.downsample
-        else:
-            mask_file = _mask_file(params.tissue_mask, item.slide_id)
-            tissue = load_tissue_mask(mask_file, slide.dimensions, level0_mpp, params.tissue.mask_mpp)
-            method, tissue_params = "file", {"path": str(mask_file.resolve())}
+            if user_mask is not None:  # what is detected inside the drawn regions
+                tissue = intersect_masks(tissue, user_mask)
+                method, tissue_params = f"file+{method}", {**tissue_params, "mask": mask_params}
         coords, fractions = select_patches(tissue.mask, tissue.downsample, slide.dimensions, geometry,
                                            params.min_tissue)
         _probe_reads(slide, coords, geometry)

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ips_path.runtime.errors import BadInputError
+from ips_path.tiling.annotations import MaskClasses, rasterize_annotations, rasterize_geojson
 from ips_path.tiling.grid import MPP_TOLERANCE
 
 __all__ = [
     "MASK_FILE_SUFFIXES", "TISSUE_METHODS", "TissueMask", "TissueParams", "binary_closing", "binary_median",
-    "detect_tissue", "fill_small_holes", "load_tissue_mask", "otsu_threshold", "rasterize_geojson",
+    "detect_tissue", "fill_small_holes", "intersect_masks", "load_tissue_mask", "otsu_threshold", "rasterize_geojson",
     "read_low_resolution", "remove_small_objects", "saturation", "tissue_mask_for_slide",
 ]
 
@@ -369,8 +370,9 @@ def load_tissue_mask(
     slide_dimensions: tuple[int, int],
     level0_mpp: float,
     mask_mpp: float = TissueParams.mask_mpp,
+    classes: MaskClasses = MaskClasses(),
 ) -> TissueMask:
-    """Read a user-supplied tissue mask that replaces detection.
+    """Read a user-supplied tissue mask.
 
     Parameters
     ----------
@@ -378,8 +380,9 @@ def load_tissue_mask(
         ``.png`` (any non-zero pixel is tissue) or ``.npy`` (non-zero is tissue) covering the
         whole slide at any resolution: its µm/px is taken from the slide's width in µm
         divided by the mask's width (height must agree within 2 %). Or ``.geojson``/``.json``:
-        QuPath-style GeoJSON (FeatureCollection, Feature list, Feature or geometry) of tissue
-        polygons/multipolygons in level-0 pixel coordinates; holes are respected. It is
+        QuPath GeoJSON (FeatureCollection, Feature list, Feature or geometry) of annotation
+        polygons/multipolygons in level-0 pixel coordinates; holes are respected, and so are the
+        annotations' classes (``Ignore*`` is a hole; see :mod:`ips_path.tiling.annotations`). It is
         rasterised at ``mask_mpp``.
     slide_dimensions : tuple of int
         Level-0 (width, height) of the slide, px.
@@ -387,11 +390,14 @@ def load_tissue_mask(
         Mean level-0 resolution of the slide, µm/px.
     mask_mpp : float
         Rasterisation resolution for GeoJSON, µm/px.
+    classes : MaskClasses
+        GeoJSON: which annotation classes are tissue and which are holes.
 
     Raises
     ------
     BadInputError
-        Unreadable file, unknown suffix, or a mask whose shape does not match the slide.
+        Unreadable file, unknown suffix, a mask whose shape does not match the slide, or classes
+        asked for that the GeoJSON has no annotation of.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -400,7 +406,8 @@ def load_tissue_mask(
         if suffix in (".geojson", ".json"):
             downsample = mask_mpp / level0_mpp
             shape = (max(1, -(-height // downsample)), max(1, -(-width // downsample)))
-            mask = rasterize_geojson(json.loads(path.read_text()), (int(shape[0]), int(shape[1])), downsample)
+            mask = rasterize_annotations(json.loads(path.read_text()), (int(shape[0]), int(shape[1])), downsample,
+                                         classes, source=str(path))
             return TissueMask(mask, downsample, mask_mpp)
         if suffix == ".npy":
             array = np.load(path, allow_pickle=False)
@@ -428,44 +435,16 @@ def load_tissue_mask(
     return TissueMask(array != 0, downsample_x, level0_mpp * downsample_x)
 
 
-def rasterize_geojson(geojson: Any, shape: tuple[int, int], downsample: float) -> np.ndarray:
-    """Rasterise GeoJSON polygons given in level-0 pixels into a bool mask of ``shape``.
+def intersect_masks(detected: TissueMask, user: TissueMask) -> TissueMask:
+    """Tissue that is both detected and inside a user mask, on the grid of the detected mask.
 
-    Parameters
-    ----------
-    geojson : dict or list
-        FeatureCollection, list of Features, Feature, or a Polygon/MultiPolygon geometry.
-    shape : tuple of int
-        (h, w) of the mask, px.
-    downsample : float
-        Level-0 pixels per mask pixel.
+    A drawn region is coarse: the glass inside it is not tissue. Each detected pixel keeps its
+    value where the user mask (nearest pixel, by level-0 position of the pixel centre) is set.
     """
-    from skimage.draw import polygon as fill_polygon
-
-    mask = np.zeros(shape, bool)
-    for rings in _polygons(geojson):
-        for index, ring in enumerate(rings):
-            points = np.asarray(ring, float).reshape(-1, 2) / downsample
-            rr, cc = fill_polygon(points[:, 1], points[:, 0], shape)
-            mask[rr, cc] = index == 0  # the first ring is the outline, the others are holes
-    return mask
-
-
-def _polygons(node: Any) -> list[list[Any]]:
-    """The polygons (each a list of rings) of any GeoJSON node."""
-    if isinstance(node, list):
-        return [p for item in node for p in _polygons(item)]
-    if not isinstance(node, dict):
-        raise ValueError(f"not a GeoJSON object: {str(node)[:60]}")
-    kind = node.get("type")
-    if kind == "FeatureCollection":
-        return _polygons(node["features"])
-    if kind == "Feature":
-        return _polygons(node["geometry"]) if node.get("geometry") else []
-    if kind == "GeometryCollection":
-        return _polygons(node["geometries"])
-    if kind == "Polygon":
-        return [node["coordinates"]]
-    if kind == "MultiPolygon":
-        return list(node["coordinates"])
-    return []  # points and lines have no area
+    h, w = detected.mask.shape
+    rows = ((np.arange(h) + 0.5) * detected.downsample / user.downsample).astype(int)
+    cols = ((np.arange(w) + 0.5) * detected.downsample / user.downsample).astype(int)
+    inside = np.zeros((h, w), bool)
+    keep_rows, keep_cols = rows < user.mask.shape[0], cols < user.mask.shape[1]
+    inside[np.ix_(keep_rows, keep_cols)] = user.mask[np.ix_(rows[keep_rows], cols[keep_cols])]
+    return TissueMask(detected.mask & inside, detected.downsample, detected.mpp)

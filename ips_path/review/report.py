@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from ips_path import __version__
 from ips_path.inference.predictions import PredictionFolder, SlidePrediction
+from ips_path.review.heatmap.spread import read_spread
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError
 
@@ -308,7 +309,18 @@ def _card_html(order: int, row: SlidePrediction, classes: list[str], pred_dir: P
             f'<span class="confidence">{_percent(confidence)}</span></dd></div>'
             f'<div><dt>True label</dt><dd class="label">{_esc(row.label) or "unknown"}</dd></div>'
             f'<div><dt>Patches</dt><dd>{_esc(row.n_patches) or DASH}</dd></div></dl>'
-            f'<div class="probs">{bars}</div><div class="pair">{pair}</div>{top_html}</article>')
+            f'<div class="probs">{bars}</div><div class="pair">{pair}</div>{_spread_html(folder)}{top_html}</article>')
+
+
+def _spread_html(folder: Path | None) -> str:
+    """The overlay's scale and the spread of the slide's attention (heatmaps/<id>/attention.json)."""
+    shown = read_spread(folder) if folder else None
+    if not shown:
+        return ""
+    spread = shown["spread"]
+    return (f'<p class="spread{" flat" if spread.get("flat") else ""}"><span class="scale">Colours: '
+            f'{_esc(shown["title"])} ({_esc(shown["low"])} {DASH} {_esc(shown["high"])})</span> '
+            f'<span class="figures">{_esc(spread["text"])}</span></p>')
 
 
 def _failed_html(failed: list[SlidePrediction]) -> str:

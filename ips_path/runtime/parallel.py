@@ -56,7 +56,8 @@ CONNECT_TIMEOUT_S = 5
 def map_slides(function: Callable[..., R], items: Sequence[T], *args: Any, workers: int = 1,
                scheduler: str | None = None, shared_paths: Sequence[str | os.PathLike] = (),
                resources: dict[str, float] | None = None, retries: int = 2, progress: bool = True,
-               desc: str = "slides", on_lost: Callable[[T, BaseException], R] | None = None) -> list[R]:
+               desc: str = "slides", on_lost: Callable[[T, BaseException], R] | None = None,
+               patches: Sequence[int] | None = None) -> list[R]:
     """``[function(item, *args) for item in items]``, in parallel, in input order.
 
     Parameters
@@ -80,12 +81,17 @@ def map_slides(function: Callable[..., R], items: Sequence[T], *args: Any, worke
     retries : int
         Times Dask re-runs a task whose worker died.
     progress : bool
-        One progress bar over slides.
+        One progress bar over slides (a log line now and then when stderr is not a terminal,
+        see :mod:`ips_path.runtime.progress`).
     desc : str
         Label of the progress bar.
     on_lost : callable, optional
         ``on_lost(item, exception)`` builds the record of a slide whose task failed outside
         ``function`` (its workers kept dying); without it the exception propagates.
+    patches : sequence of int, optional
+        The patches of each slide: the bar then counts patches (slides done beside them), so that
+        its rate and ETA weigh large slides as they are; ``function`` running in this process may
+        count its patches as it goes with :func:`ips_path.runtime.progress.advance`.
 
     Returns
     -------
@@ -93,11 +99,16 @@ def map_slides(function: Callable[..., R], items: Sequence[T], *args: Any, worke
         The records, in the order of ``items``.
     """
     results: list[Any] = [None] * len(items)
-    with progress_bar(len(items), desc, unit="slide", enabled=progress) as bar:
+    weights = [1] * len(items) if patches is None else list(patches)
+    done = slides_done = 0
+    with progress_bar(sum(weights), desc, unit="slide" if patches is None else "patch", enabled=progress) as bar:
         for index, record in _run(function, items, args, workers, scheduler, shared_paths, resources, retries,
                                   on_lost):
             results[index] = record
-            bar.update()
+            done, slides_done = done + weights[index], slides_done + 1
+            if patches is not None:
+                bar.set_postfix(slides=f"{slides_done}/{len(items)}", refresh=False)
+            bar.update(max(0, done - bar.n))  # what advance() has not counted yet
     return results
 
 

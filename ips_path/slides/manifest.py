@@ -24,9 +24,12 @@ from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.names import slide_id_problem
 
 __all__ = [
-    "MAX_LISTED", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SPLITS", "ManifestRow", "assign_splits",
-    "class_names", "read_manifest",
+    "MAX_LISTED", "MIN_VALIDATION_SLIDES", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SPLITS", "ManifestRow",
+    "assign_splits", "class_names", "read_manifest", "validation_split_problems",
 ]
+
+MIN_VALIDATION_SLIDES = 10
+"""Fewer validation slides than this make the validation metrics, and the best epoch chosen by them, noise."""
 
 REQUIRED_COLUMNS = ("slide_id", "slide_path", "label")
 OPTIONAL_COLUMNS = ("split", "case_id", "mpp", "time", "event")
@@ -322,6 +325,38 @@ def assign_splits(rows: Sequence[ManifestRow], *, val_fraction: float = 0.2, tes
             for r in cases[case_id]:
                 out[r.slide_id] = split
     return out
+
+
+def validation_split_problems(rows: Sequence[ManifestRow], splits: Mapping[str, str],
+                              label_columns: Sequence[str] = ("label",)) -> list[str]:
+    """What makes a validation split too weak to judge a model by, one line each (empty when none).
+
+    Parameters
+    ----------
+    rows : sequence of ManifestRow
+    splits : mapping
+        slide_id -> split, as :func:`assign_splits` gives.
+    label_columns : sequence of str
+        The label columns (``rows[i].labels``) whose every class should have a validation slide;
+        empty for survival, whose events are checked elsewhere.
+    """
+    val = [r for r in rows if splits.get(r.slide_id) == "val"]
+    problems = []
+    if len(val) < MIN_VALIDATION_SLIDES:
+        problems.append(f"{'only ' if val else ''}{len(val) or 'no'} validation slide{'' if len(val) == 1 else 's'} "
+                        f"(fewer than {MIN_VALIDATION_SLIDES}): validation metrics, and the best epoch chosen by "
+                        "them, are mostly noise; give more slides the split val (--val-fraction, or the manifest's "
+                        "split column), or cross-validate with --folds")
+    for index, column in enumerate(label_columns):
+        if not val:
+            break
+        known = {r.labels[index] for r in rows if index < len(r.labels) and r.labels[index] is not None}
+        absent = sorted(known - {r.labels[index] for r in val if index < len(r.labels)})
+        if absent:
+            where = "" if list(label_columns) == ["label"] else f" in column {column!r}"
+            problems.append(f"no validation slide of class {', '.join(absent)}{where}: the validation AUC and "
+                            "balanced accuracy cannot judge it")
+    return problems
 
 
 def _share(n: int, fraction: float) -> int:

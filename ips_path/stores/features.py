@@ -31,8 +31,9 @@ from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.identity import file_digest
 from ips_path.runtime.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.runtime.parallel import map_slides, process_object
+from ips_path.runtime.progress import advance
 from ips_path.stores.loader import PatchStreamer
-from ips_path.stores.tile_store import TileStore, slide_id_from_path
+from ips_path.stores.tile_store import TileStore, promised_patches, slide_id_from_path
 
 __all__ = ["FeatureSettings", "embed_store", "extract_features", "store_features"]
 
@@ -58,6 +59,7 @@ def embed_store(encoder: torch.nn.Module, store: TileStore, streamer: PatchStrea
             emb = encoder(chunk.patches)
         out[start:start + len(emb)].copy_(emb.to(torch.float16), non_blocking=cuda)
         start += len(emb)
+        advance(len(emb))
     if cuda:
         torch.cuda.synchronize(streamer.device)
     return out.numpy()
@@ -110,7 +112,7 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         Dask scheduler address or ``local:N`` (see :mod:`ips_path.runtime.parallel`); GPU workers need
         the resource ``GPU=1``. Default: this process, one store after the other.
     progress : bool
-        Show a progress bar over stores.
+        Show progress, counted in patches.
     stain_norm : bool, optional
         Bring each slide's staining to one reference before the encoder (:mod:`ips_path.slides.stain`); part
         of the features' identity. Default: only for measurement encoders
@@ -163,7 +165,7 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
     shared = paths + ([Path(settings.pretrained)] if settings.pretrained else [])
     return map_slides(store_features, paths, settings, scheduler=scheduler, resources=gpu, shared_paths=shared,
-                      progress=progress, desc="features", on_lost=_lost)
+                      progress=progress, desc="features", on_lost=_lost, patches=[promised_patches(p) for p in paths])
 
 
 def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:

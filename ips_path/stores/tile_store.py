@@ -105,6 +105,15 @@ def find_stores(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return stores
 
 
+def promised_patches(path: str | os.PathLike) -> int:
+    """The number of patches a store's attributes promise, unchecked (0 when unreadable): a cheap
+    count of the work ahead, for progress. Open it with :meth:`TileStore.open` to trust it."""
+    try:
+        return int(json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {}).get("n_patches", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 def store_claim(path: str | os.PathLike, wait_s: float = 120.0) -> Any:
     """A context manager holding the store's writer claim, ``.<name>.zarr.lock`` beside it: one
     process writes a store at a time (tile replacing it, features or scores added to it). Waits up

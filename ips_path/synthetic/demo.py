@@ -102,7 +102,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = DemoSettings(), *, pr
 
     pred_dir = out / "predictions"
     result = predict(run, pred_dir, manifest=test_manifest, tiles_dir=tiles, device=settings.train.device,
-                     threads=settings.train.threads, heatmap_options={"thumbnail_size": 1024, "top_k": 8},
+                     threads=settings.train.threads, heatmap_options={"thumbnail_size": 1024, "top_k": 8, "crop": True},
                      overwrite=True, progress=progress)  # the demo's own folder: a retrained model replaces it
     lap("predict")
 

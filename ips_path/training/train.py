@@ -72,7 +72,7 @@ from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError, IpspathError
 from ips_path.runtime.faults import fault_point
 from ips_path.runtime.progress import progress_bar
-from ips_path.slides.manifest import ManifestRow, assign_splits, read_manifest
+from ips_path.slides.manifest import ManifestRow, assign_splits, read_manifest, validation_split_problems
 from ips_path.stores.lesion_truth import TrainedOnLesions
 from ips_path.stores.loader import Augmentation, PatchStreamer
 from ips_path.survival.cohort import check_events_in_splits, survival_splits
@@ -256,6 +256,9 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
         splits = assign_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
     if checkpoint is not None:
         check_same_run(checkpoint, classes, splits, out_dir)
+    if given_splits is None:  # cross-validation folds: judged together, over all folds
+        for problem in validation_split_problems(rows, splits, () if survival_task else label_columns):
+            log.warning("%s: %s", manifest, problem)
     used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
     items, tiling, features = check_tile_stores(used, tiles_dir, manifest, config, classes)
     config, in_features = resolve_feature_norm(config, features), None if features is None else features.dim
@@ -274,7 +277,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     if len(train_items) < procs.world_size:
         raise BadInputError(f"{len(train_items)} training slides cannot keep {procs.world_size} processes busy")
     if not survival_task and not several:
-        _warn_about_missing_classes(train_items, val_items, classes)
+        _warn_about_missing_classes(train_items, classes)
     if procs.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
@@ -427,7 +430,8 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                 trained_on_lesions.record(item.store, selected.numpy())
             n_slides += len(batch)
             n_patches += sum(item.n_patches for item in batch)
-            bar.set_postfix(loss=f"{loss:.3f}", slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
+            bar.set_postfix(slides=f"{n_slides}/{len(order)}", loss=f"{loss:.3f}",
+                            slides_per_s=f"{n_slides / (time.perf_counter() - started):.2f}")
     seconds = time.perf_counter() - started
     n_slides *= procs.world_size  # every process trains on as many slides
     return {"train_loss": float(np.mean(losses)), **{f"train_{n}_loss": float(np.mean(v)) for n, v in per_task.items()},
@@ -548,12 +552,11 @@ def _finish_survival(survival: SurvivalRun, model: IPSModel, train_items: Sequen
                  validation["uno_c_index"], validation["log_rank_p"], out_dir / "km_val.png")
 
 
-def _warn_about_missing_classes(train_items: Sequence[SlideItem], val_items: Sequence[SlideItem],
-                                classes: Sequence[str]) -> None:
-    for what, items in (("training", train_items), ("validation", val_items)):
-        absent = sorted(set(classes) - {classes[item.label] for item in items})
-        if items and absent:
-            log.warning("no %s slide of class(es) %s", what, ", ".join(absent))
+def _warn_about_missing_classes(train_items: Sequence[SlideItem], classes: Sequence[str]) -> None:
+    # the validation split is checked with the manifest (validation_split_problems)
+    absent = sorted(set(classes) - {classes[item.label] for item in train_items})
+    if train_items and absent:
+        log.warning("no training slide of class(es) %s", ", ".join(absent))
 
 
 def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path,

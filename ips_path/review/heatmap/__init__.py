@@ -16,7 +16,10 @@ For one slide, :func:`render_slide_heatmaps` writes into its output folder:
 
 Colours show the percentile rank of each patch's attention logit within its slide (0 = least,
 1 = most attended): logits are unbounded and their scale differs between slides and models,
-ranks do not. They are drawn only over the patches (the tissue that was scored); the
+ranks do not. Ranks spread nearly flat attention over the whole colour range, so the legend also
+gives the spread of the slide's attention, and ``scale="weight"`` colours attention weights on one
+fixed scale for every slide instead (:mod:`~ips_path.review.heatmap.spread`; ``attention.json`` records
+both). They are drawn only over the patches (the tissue that was scored); the
 background stays the plain thumbnail.
 
 Memory does not grow with the number of patches beyond a few arrays of N numbers: the scores
@@ -65,10 +68,24 @@ from ips_path.review.heatmap.render import (
     open_store_slide,
     render_slide_heatmaps,
 )
+from ips_path.review.heatmap.spread import (
+    SCALES,
+    AttentionSpread,
+    attention_spread,
+    read_spread,
+    scale_legend,
+    scale_values,
+)
 from ips_path.review.heatmap.writers import save_png, write_overlay_tiff, write_patches_geojson
 
 __all__ = [
     "COLORMAPS",
+    "SCALES",
+    "AttentionSpread",
+    "attention_spread",
+    "read_spread",
+    "scale_legend",
+    "scale_values",
     "HEATMAP_FILES",
     "TASK_SCORES_GROUP",
     "Gallery",

@@ -75,7 +75,8 @@ def _legend_font(size: int) -> Any:
 
 
 def draw_colour_bar(picture: np.ndarray, colormap: str = "viridis", avoid: np.ndarray | None = None,
-                    title: str = "attention (rank in slide)") -> tuple[int, int, int, int] | None:
+                    title: str = "attention (rank in slide)", labels: tuple[str, str, str] = ("low", "", "high"),
+                    notes: tuple[str, ...] = ()) -> tuple[int, int, int, int] | None:
     """Draw a colour bar legend (low .. high) into a corner of ``picture``, in place.
 
     Parameters
@@ -88,7 +89,12 @@ def draw_colour_bar(picture: np.ndarray, colormap: str = "viridis", avoid: np.nd
         Pixels not to cover if possible (the patches): the corner where the legend covers the
         fewest of them is used; default: the bottom-right corner.
     title : str
-        Text above the bar.
+        Text above the bar: what the colours show.
+    labels : (str, str, str)
+        Under the bar's left end, middle and right end ("" for none).
+    notes : tuple of str
+        Lines under the labels (the spread of the slide's attention); left out when they would be
+        wider than half the picture.
 
     Returns
     -------
@@ -102,9 +108,11 @@ def draw_colour_bar(picture: np.ndarray, colormap: str = "viridis", avoid: np.nd
     font_px = int(np.clip(round(max(width, height) / 90), 9, 22))
     pad = max(3, font_px // 2)
     font = _legend_font(font_px)
-    bar_w = max(10 * font_px, int(font.getlength(title)))
+    if notes and max(font.getlength(text) for text in notes) + 2 * pad > width / 2:
+        notes = ()  # a small picture: the notes would hide it; the title still says what the colours show
+    bar_w = max(10 * font_px, *(int(font.getlength(text)) for text in (title, *notes)))
     box_w = bar_w + 2 * pad
-    box_h = 3 * pad + 3 * font_px + pad  # title, bar, labels
+    box_h = 3 * pad + 3 * font_px + pad + len(notes) * (font_px + pad // 2)  # title, bar, labels, notes
     margin = pad
     if box_w + 2 * margin > width or box_h + 2 * margin > height:
         return None
@@ -125,15 +133,20 @@ def draw_colour_bar(picture: np.ndarray, colormap: str = "viridis", avoid: np.nd
     legend.paste(Image.fromarray(np.ascontiguousarray(np.broadcast_to(gradient, (font_px, bar_w, 3)))),
                  (pad, bar_top))
     label_top = bar_top + font_px + pad
-    draw.text((pad, label_top), "low", fill=(0, 0, 0), font=font)
-    draw.text((pad + bar_w - font.getlength("high"), label_top), "high", fill=(0, 0, 0), font=font)
+    low, mid, high = labels
+    draw.text((pad, label_top), low, fill=(0, 0, 0), font=font)
+    draw.text((pad + (bar_w - font.getlength(mid)) / 2, label_top), mid, fill=(0, 0, 0), font=font)
+    draw.text((pad + bar_w - font.getlength(high), label_top), high, fill=(0, 0, 0), font=font)
+    for number, note in enumerate(notes):
+        draw.text((pad, label_top + font_px + pad + number * (font_px + pad // 2)), note, fill=(70, 70, 70), font=font)
     picture[y0:y0 + box_h, x0:x0 + box_w] = np.asarray(legend)
     return x0, y0, x0 + box_w, y0 + box_h
 
 
 def overlay_picture(thumbnail: np.ndarray, downsample: tuple[float, float], grid: ScoreGrid,
-                    colormap: str = "viridis", alpha: float = 0.5,
-                    colour_bar: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+                    colormap: str = "viridis", alpha: float = 0.5, colour_bar: bool = True,
+                    legend: dict[str, Any] | None = None,
+                    offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """The attention overlay on a slide picture, composed in bands of rows.
 
     Parameters
@@ -143,11 +156,17 @@ def overlay_picture(thumbnail: np.ndarray, downsample: tuple[float, float], grid
     downsample : (float, float)
         Level-0 px per picture px along x and y.
     grid : ScoreGrid
-        Values in [0, 1] (percentile ranks).
+        Values in [0, 1] (percentile ranks, or another scale of :mod:`ips_path.review.heatmap.spread`).
     colormap, alpha
         As for :func:`blend_overlay`.
     colour_bar : bool
         Draw a colour bar legend in the corner with the fewest patches.
+    legend : dict, optional
+        Keywords of :func:`draw_colour_bar` (``title``, ``labels``, ``notes``): the scale shown and
+        the spread of the attention; default: percentile ranks, no notes.
+    offset : (int, int)
+        Where ``thumbnail`` starts in the whole-slide picture at ``downsample`` (x, y), px: a
+        crop of it.
 
     Returns
     -------
@@ -157,14 +176,15 @@ def overlay_picture(thumbnail: np.ndarray, downsample: tuple[float, float], grid
         Where the legend is (see :func:`draw_colour_bar`).
     """
     height, width = thumbnail.shape[:2]
-    xs = pixel_centres(0, width, downsample[0])
+    xs = pixel_centres(offset[0], width, downsample[0])
     overlay = np.empty_like(thumbnail)
     footprint = np.empty((height, width), dtype=bool)
     for top in range(0, height, BLOCK):
         rows = slice(top, min(height, top + BLOCK))
-        values, footprint[rows] = sample_grid(grid, xs, pixel_centres(top, rows.stop - top, downsample[1]))
+        values, footprint[rows] = sample_grid(grid, xs, pixel_centres(offset[1] + top, rows.stop - top,
+                                                                      downsample[1]))
         overlay[rows] = blend_overlay(thumbnail[rows], values, footprint[rows], colormap, alpha)
-    legend_box = draw_colour_bar(overlay, colormap, avoid=footprint) if colour_bar else None
+    legend_box = draw_colour_bar(overlay, colormap, avoid=footprint, **(legend or {})) if colour_bar else None
     return overlay, legend_box
 
 

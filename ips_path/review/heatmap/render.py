@@ -17,6 +17,14 @@ from ips_path.review.heatmap.drawing import (
 )
 from ips_path.review.heatmap.grid import percentile_ranks, score_grid, smooth_grid
 from ips_path.review.heatmap.lowres import slide_thumbnail
+from ips_path.review.heatmap.spread import (
+    SCALES,
+    SPREAD_FILE,
+    attention_spread,
+    scale_legend,
+    scale_values,
+    write_spread,
+)
 from ips_path.review.heatmap.writers import save_png, write_overlay_tiff, write_patches_geojson
 from ips_path.runtime.errors import BadInputError
 from ips_path.slides.slide import Slide
@@ -31,6 +39,7 @@ HEATMAP_FILES = {
     "geojson": "patches.geojson",
     "top_patches": "top_patches.png",
     "tiff": "overlay.tiff",
+    "attention": SPREAD_FILE,
 }
 
 
@@ -91,11 +100,15 @@ def check_heatmap_options(options: Mapping[str, Any]) -> None:
     number("threads", 1, what="at least 1 thread")
     if options.get("colormap", "viridis") not in COLORMAPS:
         raise BadInputError(f"--colormap {options['colormap']!r}: use one of {', '.join(COLORMAPS)}")
+    if options.get("scale", "rank") not in SCALES:
+        raise BadInputError(f"--scale {options['scale']!r}: use one of {', '.join(SCALES)}")
 
 
 _FLAGS = {"smooth_sigma_um": "--smooth-um"}  # options whose command-line flag is not their name
-_OPTION_NAMES = ("thumbnail_size", "smooth_sigma_um", "colormap", "alpha", "top_k", "geojson", "tiff_mpp",
-                 "threads", "progress")
+_OPTION_NAMES = ("thumbnail_size", "smooth_sigma_um", "colormap", "scale", "alpha", "top_k", "geojson", "tiff_mpp",
+                 "threads", "progress", "crop")
+# Margin kept around the tissue by crop=True, as a share of the cropped box's longer side.
+_CROP_MARGIN = 0.05
 
 
 def render_slide_heatmaps(
@@ -107,12 +120,14 @@ def render_slide_heatmaps(
     thumbnail_size: int = 2048,
     smooth_sigma_um: float = 0.0,
     colormap: str = "viridis",
+    scale: str = "rank",
     alpha: float = 0.5,
     top_k: int = 16,
     geojson: bool = True,
     tiff_mpp: float | None = None,
     threads: int = 2,
     progress: bool = False,
+    crop: bool = False,
 ) -> dict[str, Path]:
     """Write the heatmap files of one slide (see the module docstring) into ``out_dir``.
 
@@ -133,6 +148,11 @@ def render_slide_heatmaps(
         µm; 0 draws each patch as a flat square.
     colormap : str
         One of :data:`COLORMAPS`.
+    scale : str
+        What the colours show (:data:`~ips_path.review.heatmap.spread.SCALES`): ``rank`` (percentile rank
+        within the slide) or ``weight`` (attention weight vs. flat attention, one fixed scale for
+        every slide). The legend says which, with the spread of the slide's attention, and
+        attention.json records both.
     alpha : float
         Opacity of the colours over the slide, 0-1.
     top_k : int
@@ -145,12 +165,15 @@ def render_slide_heatmaps(
         Threads reading slide pixels and composing TIFF tiles.
     progress : bool
         Show a progress bar over the TIFF tiles.
+    crop : bool
+        Crop thumbnail.png and overlay.png to the tissue and the patches, with a small margin
+        (same resolution; overlay.tiff always covers the whole slide).
 
     Returns
     -------
     dict
-        Written paths by kind: "thumbnail", "overlay", and "geojson", "top_patches", "tiff"
-        when written.
+        Written paths by kind: "thumbnail", "overlay", "attention", and "geojson", "top_patches",
+        "tiff" when written.
 
     Raises
     ------
@@ -164,16 +187,26 @@ def render_slide_heatmaps(
     out_dir.mkdir(parents=True, exist_ok=True)
     level0_mpp = float(np.mean(store.level0_mpp))
     ranks = percentile_ranks(scores)
-    grid = smooth_grid(score_grid(store.coords, ranks, store.stride_level0, store.patch_size_level0),
+    values = ranks if scale == "rank" else scale_values(scores, scale)
+    grid = smooth_grid(score_grid(store.coords, values, store.stride_level0, store.patch_size_level0),
                        smooth_sigma_um / level0_mpp)
+    spread = attention_spread(scores)
+    shown = scale_legend(scale)
+    legend = {"title": shown["title"], "labels": (shown["low"], shown["mid"], shown["high"]),
+              "notes": tuple(spread.lines()) if spread.n_patches else ()}
     own_slide = slide is None
     slide = open_store_slide(store) if slide is None else slide
     written: dict[str, Path] = {}
     try:
         thumbnail, downsample = slide_thumbnail(slide, thumbnail_size, threads)
-        overlay, _ = overlay_picture(thumbnail, downsample, grid, colormap, alpha)
+        offset = (0, 0)
+        if crop:
+            x0, y0, x1, y1 = _tissue_box(store, downsample, thumbnail.shape[:2])
+            thumbnail, offset = np.ascontiguousarray(thumbnail[y0:y1, x0:x1]), (x0, y0)
+        overlay, _ = overlay_picture(thumbnail, downsample, grid, colormap, alpha, legend=legend, offset=offset)
         written["thumbnail"] = save_png(thumbnail, out_dir / HEATMAP_FILES["thumbnail"])
         written["overlay"] = save_png(overlay, out_dir / HEATMAP_FILES["overlay"])
+        written["attention"] = write_spread(out_dir, spread, scale)
         del thumbnail, overlay
         if geojson:
             written["geojson"] = write_patches_geojson(out_dir / HEATMAP_FILES["geojson"], store.coords,
@@ -190,3 +223,26 @@ def render_slide_heatmaps(
         if own_slide:
             slide.close()
     return written
+
+
+def _tissue_box(store: TileStore, downsample: tuple[float, float], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The tissue mask's and the patches' bounding box in a whole-slide picture of ``shape`` (h, w) at
+    ``downsample``, with a margin: (x0, y0, x1, y1), px; the whole picture when there is neither."""
+    mask, _ = store.mask()
+    mask_downsample = store.mask_downsample()
+    boxes = []
+    rows, cols = np.nonzero(mask)
+    if rows.size:
+        boxes.append((cols.min() * mask_downsample, rows.min() * mask_downsample,
+                      (cols.max() + 1) * mask_downsample, (rows.max() + 1) * mask_downsample))
+    if store.n_patches:
+        low, high = store.coords.min(axis=0), store.coords.max(axis=0) + store.patch_size_level0
+        boxes.append((low[0], low[1], high[0], high[1]))
+    height, width = shape
+    if not boxes:
+        return 0, 0, width, height
+    x0, y0 = min(b[0] for b in boxes) / downsample[0], min(b[1] for b in boxes) / downsample[1]
+    x1, y1 = max(b[2] for b in boxes) / downsample[0], max(b[3] for b in boxes) / downsample[1]
+    margin = _CROP_MARGIN * max(x1 - x0, y1 - y0)
+    return (max(0, math.floor(x0 - margin)), max(0, math.floor(y0 - margin)),
+            min(width, math.ceil(x1 + margin)), min(height, math.ceil(y1 + margin)))

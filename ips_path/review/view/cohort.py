@@ -32,6 +32,7 @@ from ips_path.review.heatmap import (
     load_task_scores,
     open_store_slide,
     percentile_ranks,
+    scale_values,
     score_grid,
 )
 from ips_path.runtime.errors import BadInputError
@@ -70,6 +71,10 @@ class SlideView:
         Each task's attention logit of each patch (the mean over tasks is ``scores``).
     task_grids : list of ScoreGrid
         Their percentile ranks on the patch grid, one per task.
+    weight_grid : ScoreGrid
+        The attention weights on the scale shared by all slides (:func:`~ips_path.review.heatmap.scale_values`).
+    task_weight_grids : list of ScoreGrid
+        The same for each task.
     version : str
         Short digest of the slide file's identity and the scores: part of every tile URL, so a
         browser never shows tiles cached from another slide or run under the same id.
@@ -85,6 +90,8 @@ class SlideView:
     tasks: list[str] = field(default_factory=list)
     task_scores: np.ndarray | None = None
     task_grids: list[ScoreGrid] = field(default_factory=list)
+    weight_grid: ScoreGrid | None = None
+    task_weight_grids: list[ScoreGrid] = field(default_factory=list)
     _contours: list[list[float]] | None = field(default=None, repr=False)
 
     def contours(self) -> list[list[float]]:
@@ -164,8 +171,9 @@ class Cohort:
         scores = load_scores(store, self.run)
         tasks, task_scores = load_task_scores(store, self.run) or ([], None)
 
-        def grid_of(values: np.ndarray) -> ScoreGrid:
-            return score_grid(store.coords, percentile_ranks(values), store.stride_level0, store.patch_size_level0)
+        def grid_of(values: np.ndarray, scale: str = "rank") -> ScoreGrid:
+            colour = percentile_ranks(values) if scale == "rank" else scale_values(values, scale)
+            return score_grid(store.coords, colour, store.stride_level0, store.patch_size_level0)
 
         slide = open_store_slide(store)
         stat = slide.path.stat()
@@ -173,8 +181,10 @@ class Cohort:
         digest.update(np.ascontiguousarray(scores).tobytes())
         if task_scores is not None:
             digest.update(np.ascontiguousarray(task_scores).tobytes())
+        rows = list(task_scores) if task_scores is not None else []
         return SlideView(slide_id, self._rows[slide_id], store, slide, scores, grid_of(scores), digest.hexdigest()[:12],
-                         tasks, task_scores, [grid_of(row) for row in task_scores] if task_scores is not None else [])
+                         tasks, task_scores, [grid_of(row) for row in rows], grid_of(scores, "weight"),
+                         [grid_of(row, "weight") for row in rows])
 
     def report_files(self) -> dict[str, Path]:
         """The report page and the files it references inside the folder, by URL path.

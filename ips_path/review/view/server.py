@@ -9,6 +9,7 @@ Routes (GET and HEAD only)::
     /tiles/<slide_id>/<version>/slide/<level>/<col>_<row>.jpeg
     /tiles/<slide_id>/<version>/attention/<level>/<col>_<row>.png
     /tiles/<slide_id>/<version>/attention-<task>/<level>/<col>_<row>.png   task number <task> of a multi-task run
+    /tiles/<slide_id>/<version>/weight[-<task>]/<level>/<col>_<row>.png    the same on the weight scale
     /static/<asset>                     the viewer's script, style and OpenSeadragon, shipped in the package
 
 Every name in a URL is looked up in what :func:`~ips_path.review.view.cohort.open_cohort` recorded or
@@ -47,7 +48,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import numpy as np
 
-from ips_path.review.heatmap import COLORMAPS, ScoreGrid, colormap_lut
+from ips_path.review.heatmap import COLORMAPS, SCALES, ScoreGrid, attention_spread, colormap_lut, scale_legend
 from ips_path.review.view.cohort import REPORT_NAME, Cohort, SlideView
 from ips_path.review.view.tiles import (
     EMPTY_TILE_PNG,
@@ -164,12 +165,16 @@ class ViewerApp:
                            "classes": cohort.classes,
                            "probabilities": [p if p is None else round(p, 4) for p in row.probabilities]},
             "run": cohort.run, "colormap": self.colormap, "colour_stops": stops,
+            # what each colour scale shows (the layer attention or weight), and how spread the attention is
+            "scales": {scale: scale_legend(scale) for scale in SCALES},
+            "spread": attention_spread(view.scores).as_dict(),
             "top_k": _TOP_K,
             "patches": {"size": store.patch_size_level0, "stride": store.stride_level0,
                         "coords": store.coords.reshape(-1).tolist(),
                         "scores": _rounded(view.scores)},
             # a multi-task run: each task's scores, shown by the layer attention-<number>
-            "tasks": [{"name": name, "layer": f"attention-{number}", "scores": _rounded(view.task_scores[number])}
+            "tasks": [{"name": name, "layer": f"attention-{number}", "scores": _rounded(view.task_scores[number]),
+                       "spread": attention_spread(view.task_scores[number]).as_dict()}
                       for number, name in enumerate(view.tasks)],
             "contours": view.contours(),
         }
@@ -224,8 +229,9 @@ class ViewerApp:
 
 
 def _tile_extension(layer: str) -> str:
-    """``.jpeg`` for slide tiles, ``.png`` for attention layers; ``/`` (which no file name ends with) otherwise."""
-    return ".jpeg" if layer == "slide" else ".png" if layer.startswith("attention") else "/"
+    """``.jpeg`` for slide tiles, ``.png`` for attention and weight layers; ``/`` (which no file name ends with)
+    otherwise."""
+    return ".jpeg" if layer == "slide" else ".png" if layer.startswith(("attention", "weight")) else "/"
 
 
 def _rounded(scores: np.ndarray) -> list[float]:
@@ -233,12 +239,16 @@ def _rounded(scores: np.ndarray) -> list[float]:
 
 
 def _layer_grid(view: SlideView, layer: str) -> ScoreGrid:
-    """The score grid of an attention layer: ``attention`` (the mean) or ``attention-<task number>``."""
-    if layer == "attention":
-        return view.grid
-    number = layer.removeprefix("attention-")
-    if number != layer and number.isdigit() and int(number) < len(view.task_grids):
-        return view.task_grids[int(number)]
+    """The score grid of an attention layer: ``attention`` (ranks of the mean) or ``attention-<task number>``;
+    ``weight`` and ``weight-<task number>`` the same on the weight scale shared by all slides."""
+    scale, dash, number = layer.partition("-")
+    grids = {"attention": (view.grid, view.task_grids), "weight": (view.weight_grid, view.task_weight_grids)}
+    if scale in grids:
+        mean, per_task = grids[scale]
+        if not dash and mean is not None:
+            return mean
+        if number.isdigit() and int(number) < len(per_task):
+            return per_task[int(number)]
     raise _HttpError(HTTPStatus.NOT_FOUND, "no such layer")
 
 

@@ -5,8 +5,11 @@
 // The address may carry #opacity=0-100&top=RANK (zoom to the patch of that rank).
 // A multi-task run gets a task chooser in the header: it switches the attention layer, the
 // top-k list and the hover values to that task's query token (default: the mean over tasks).
+// The colour chooser switches the attention layer between ranks within the slide (attention[-N])
+// and attention weights on the scale shared by every slide (weight[-N]); the colour bar names the
+// scale shown and the spread of the attention (#scale=weight in the address starts there).
 // For tests and scripts, <body> gets data-* fields: ready, slide-tiles, attention-tiles,
-// failed-tiles, zoomed-rank and task (the attention layer shown); window.ipspathViewer is the
+// failed-tiles, zoomed-rank, task (the attention layer shown) and scale; window.ipspathViewer is the
 // OpenSeadragon viewer.
 (function () {
   "use strict";
@@ -111,7 +114,9 @@
     header(info);
     const patches = patchIndex(info);
     patches.use(info.patches.scores);
-    let layer = "attention";
+    let scale = hash.get("scale") === "weight" ? "weight" : "attention"; // the layer's scale prefix
+    let task = ""; // "" (the mean over tasks) or "-N"
+    let layer = scale + task;
     const base = "/tiles/" + encodeURIComponent(info.slide_id) + "/" + info.version + "/";
     let opacity = hash.has("opacity") ? Math.min(Math.max(parseFloat(hash.get("opacity")) || 0, 0), 100) : 50;
     let hovered = -1, selected = -1;
@@ -150,22 +155,48 @@
     function addOverlay() {
       // preload: tiles load at opacity 0 too, so the slider shows them at once
       const shown = $("show-overlay").checked ? opacity / 100 : 0;
+      layer = scale + task;
       viewer.addTiledImage({ tileSource: source(layer, ".png"), index: 1, opacity: shown, preload: true });
       body.dataset.task = layer;
+      body.dataset.scale = scale;
+      legend();
     }
+
+    function legend() { // what the colours show, and how spread this attention is
+      const shown = info.scales[scale === "weight" ? "weight" : "rank"];
+      $("bar-low").textContent = shown.low;
+      $("bar-mid").textContent = shown.mid;
+      $("bar-high").textContent = shown.high;
+      $("bar-caption").textContent = shown.title;
+      const chosen = info.tasks.find((t) => t.layer === "attention" + task);
+      const spread = chosen ? chosen.spread : info.spread;
+      $("spread").textContent = spread.text;
+      $("spread").classList.toggle("flat", spread.flat);
+    }
+
+    function replaceOverlay() {
+      const old = overlayItem();
+      if (old) viewer.world.removeItem(old);
+      addOverlay();
+    }
+
+    $("scale").value = scale;
+    legend();
+    $("scale").addEventListener("change", (event) => {
+      scale = event.target.value === "weight" ? "weight" : "attention";
+      replaceOverlay();
+    });
 
     if (info.tasks.length > 1) {
       const select = $("task");
       select.append(new Option("all tasks (mean)", "attention"));
-      for (const task of info.tasks) select.append(new Option(task.name, task.layer));
+      for (const t of info.tasks) select.append(new Option(t.name, t.layer));
       $("task-chooser").hidden = false;
       select.addEventListener("change", () => {
-        layer = select.value;
-        const task = info.tasks.find((t) => t.layer === layer);
-        patches.use(task ? task.scores : info.patches.scores);
-        const old = overlayItem();
-        if (old) viewer.world.removeItem(old);
-        addOverlay();
+        task = select.value.replace(/^attention/, "");
+        const chosen = info.tasks.find((t) => t.layer === select.value);
+        patches.use(chosen ? chosen.scores : info.patches.scores);
+        replaceOverlay();
         fillTopList();
         showPatch(hovered >= 0 ? hovered : selected);
         draw();
