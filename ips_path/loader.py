@@ -252,7 +252,7 @@ class PatchStreamer:
 
     def stream_features(self, store: TileStore, encoder: str) -> Iterator[PatchChunk]:
         """Yield cached embeddings ``features/<encoder>`` of ``store`` in chunks (no pixels are read)."""
-        features = store.open_array(f"features/{encoder}")
+        features = store.open_features(encoder)
         positions = grid_positions(store.coords, store.stride_level0)
         for start in range(0, store.n_patches, self.chunk_size):
             stop = min(start + self.chunk_size, store.n_patches)

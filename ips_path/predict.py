@@ -37,7 +37,6 @@ under ``tasks`` (with ``roc_<task>.png``, ``reliability_<task>.png``) and their 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -422,7 +421,7 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
 def _store_identity(store: TileStore, features: str | None) -> dict[str, Any]:
     """What the prediction read from the store: its grid (digest of the coordinates) and cached features."""
     identity = {"target_mpp": store.target_mpp, "patch_size": store.patch_size, "n_patches": store.n_patches,
-                "coords_sha256": hashlib.sha256(np.ascontiguousarray(store.coords).tobytes()).hexdigest()}
+                "coords_sha256": store.grid_sha256}
     if features is not None and store.has_array(f"features/{features}"):
         identity["features"] = store.array_attrs(f"features/{features}")
     return identity

@@ -25,11 +25,13 @@ deleted or damaged chunk is found instead of read as zeros.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ __all__ = [
     "CORE_ARRAYS",
     "FORMAT",
     "FORMAT_VERSION",
+    "GRID_ATTR",
     "StoreMismatchError",
     "TileStore",
     "find_stores",
@@ -63,6 +66,8 @@ FORMAT_VERSION = 2
 CORE_ARRAYS = ("coords", "tissue_fraction", "mask")
 # dtype and number of dimensions of the core arrays; coords and tissue_fraction have n_patches rows.
 _CORE_LAYOUT = {"coords": ("int64", 2), "tissue_fraction": ("float32", 1), "mask": ("uint8", 2)}
+#: Attribute of every array written into a store: :attr:`TileStore.grid_sha256` of the grid it was made on.
+GRID_ATTR = "grid_sha256"
 
 
 class StoreMismatchError(BadInputError):
@@ -308,12 +313,20 @@ class TileStore:
         4 MiB along the first axis) and writes it by slices, so an array larger than memory can be
         written; if ``fill`` raises, nothing is left behind and the old array stays. Holds the
         store's writer claim (:func:`store_claim`) meanwhile.
+
+        The array records the patch grid it was computed on (``attrs[GRID_ATTR]``, this object's
+        :attr:`grid_sha256`), and is refused (StoreMismatchError, nothing written) when the store on disk
+        no longer has that grid: the slide was tiled again while the array was being computed.
         """
         _check_array_name(name)
         if name in CORE_ARRAYS:
             raise ValueError(f"{name!r} is written by `ipspath tile` only")
         with store_claim(self.path):
-            self._write_array_claimed(name, shape, dtype, fill, attrs)
+            if _grid_digest(_read_core(self.path, "coords")) != self.grid_sha256:
+                raise StoreMismatchError(
+                    f"{self.path}: the slide was tiled again while {name!r} was computed for its old patch grid; "
+                    "nothing was written: run the command again")
+            self._write_array_claimed(name, shape, dtype, fill, {**(attrs or {}), GRID_ATTR: self.grid_sha256})
 
     def _write_array_claimed(self, name: str, shape: tuple[int, ...], dtype: Any, fill: Callable[[Any], None],
                              attrs: dict[str, Any] | None) -> None:
@@ -382,6 +395,33 @@ class TileStore:
             for child in folder.iterdir()
             if not child.name.startswith(".") and _node_type(child) == "array"
         )
+
+    @cached_property
+    def grid_sha256(self) -> str:
+        """SHA-256 (hex) of the patch coordinates: names the patch grid that per-patch arrays line up with."""
+        return _grid_digest(self.coords)
+
+    def open_features(self, name: str) -> Any:
+        """The cached features ``features/<name>`` as a read-only ``zarr.Array``, checked to belong to this
+        store's patch grid: one row per patch, made on these coordinates (where their writer recorded them).
+
+        Raises
+        ------
+        KeyError
+            No such features.
+        StoreMismatchError
+            They were computed on another grid (the slide was tiled again after them).
+        """
+        array = self.open_array(f"features/{name}")
+        grid = array.attrs.get(GRID_ATTR)
+        if array.shape[0] != self.n_patches or grid not in (None, self.grid_sha256):
+            found = (f"{array.shape[0]} rows for its {self.n_patches} patches" if array.shape[0] != self.n_patches
+                     else "the same number of rows, at other coordinates")
+            raise StoreMismatchError(
+                f"{self.path}: features {name!r} were computed on another patch grid ({found}: the slide was tiled "
+                f"again after them); compute them again with `ipspath features {self.path} --name {name} "
+                "--encoder ... --overwrite`")
+        return array
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_patches={self.n_patches})"
@@ -455,6 +495,10 @@ def _read_core(path: Path, name: str) -> np.ndarray:
     except (ValueError, RuntimeError, OSError) as exc:
         raise BadInputError(f"{path}: damaged tile store (array {name!r} does not decode: {exc}); "
                             "tile the slide again with `ipspath tile ... --overwrite`") from exc
+
+
+def _grid_digest(coords: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2).tobytes()).hexdigest()
 
 
 def _chunks(data: np.ndarray, rows: int | None = None) -> tuple[int, ...]:
