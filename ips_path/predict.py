@@ -58,6 +58,7 @@ from ips_path.label_tasks import LabelTasks, joined_classes
 from ips_path.parallel import map_slides, process_object
 from ips_path.predictions import PREDICTION_FILES, PredictionFolder
 from ips_path.store import StoreMismatchError, TileStore, store_path
+from ips_path.trained_runs import finished_folds, is_cross_validation, require_trained
 
 __all__ = ["PREDICTION_FILES", "PredictJob", "PredictResult", "PredictSettings", "predict", "predict_slide",
            "resolve_checkpoint", "resolve_checkpoints", "run_name"]
@@ -150,18 +151,14 @@ def resolve_checkpoints(model: str | os.PathLike) -> list[Path]:
     Raises
     ------
     BadInputError
-        A fold of a cross-validated run has no checkpoint (the cross-validation did not finish).
+        The run has not finished an epoch, or a cross-validated run has not finished all its folds.
     """
     path = Path(model)
-    folds = sorted((p for p in path.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:])) if path.is_dir() else []
-    if not folds or not (path / "splits.csv").is_file():
-        return [resolve_checkpoint(path)]
-    missing = [f.name for f in folds if not (f / "best.pt").is_file() and not (f / "last.pt").is_file()]
-    if missing:
-        raise BadInputError(f"{path}: fold(s) {', '.join(missing)} have no checkpoint; finish the cross-validation "
-                            f"with `ipspath train ... -o {path} --folds {len(folds)} --resume`")
-    return [resolve_checkpoint(f) for f in folds]
+    if path.is_dir() and is_cross_validation(path):
+        return [resolve_checkpoint(fold) for fold in finished_folds(path)]
+    checkpoint = resolve_checkpoint(path)
+    require_trained(checkpoint)
+    return [checkpoint]
 
 
 def run_name(checkpoint: Path) -> str:
