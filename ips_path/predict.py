@@ -348,7 +348,9 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
     # The slide's size and content, not its mtime: a copy of the same file is the same slide.
     slide = {k: v for k, v in slide_identity(job.slide_path).items() if k != "mtime_ns"}
     identity = {"slide": slide, "store": _store_identity(store, features), "model": settings.model_key}
-    reused = check_done_record(status_file, identity, overwrite=settings.overwrite, what="predictions")
+    reused = check_done_record(status_file, identity, overwrite=settings.overwrite, what="predictions",
+                               outputs=folder.slide_outputs(job.slide_id, store.path, settings.scores_name,
+                                                            heatmaps=settings.heatmaps))
     if reused is not None:
         reused.extra.update(job.extra)  # the manifest may have gained labels since
         return reused
