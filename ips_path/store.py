@@ -41,7 +41,7 @@ from ips_path import __version__
 from ips_path.atomic import partial_path, remove_dead_partials
 from ips_path.errors import BadInputError
 from ips_path.faults import fault_point
-from ips_path.identity import slide_identity
+from ips_path.identity import lacks_full_hash, slide_identity
 from ips_path.locks import file_lock, remove_stale_lock
 from ips_path.names import check_slide_id
 
@@ -196,7 +196,7 @@ class TileStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, slide_id: str | None = None,
-             slide_path: str | os.PathLike | None = None) -> TileStore:
+             slide_path: str | os.PathLike | None = None, verify: str = "fast") -> TileStore:
         """Open a tile store, verified: whole, and made from its slide as it is now.
 
         Parameters
@@ -209,6 +209,10 @@ class TileStore:
             The caller's file of that slide: when it exists, the store must have been made from
             it (same size and content fingerprint). The file the store was tiled from is checked
             the same way whenever it still exists, with or without this argument.
+        verify : {"fast", "full"}
+            ``full``: the slide file must also have the whole-content SHA-256 recorded at tiling
+            (``ipspath tile --verify full``), which finds any edit; ``fast`` finds a replaced file, not an
+            edit in place that keeps the size and misses the fingerprint's three blocks.
 
         Raises
         ------
@@ -245,13 +249,15 @@ class TileStore:
         coords = _read_core(path, "coords").astype(np.int64, copy=False).reshape(-1, 2)
         tissue_fraction = _read_core(path, "tissue_fraction").astype(np.float32, copy=False)
         store = cls(path, attrs, coords, tissue_fraction)
-        store.check_slide(slide_id, slide_path)
+        store.check_slide(slide_id, slide_path, verify=verify)
         return store
 
-    def check_slide(self, slide_id: str | None = None, slide_path: str | os.PathLike | None = None) -> None:
+    def check_slide(self, slide_id: str | None = None, slide_path: str | os.PathLike | None = None, *,
+                    verify: str = "fast") -> None:
         """StoreMismatchError unless the store was made for ``slide_id`` from the file ``slide_path``
-        as it is now (size and content fingerprint; the modification time alone may differ, as after
-        a copy). The recorded slide file is checked too when it exists; missing files are not checked."""
+        as it is now (size and content fingerprint, with ``verify="full"`` also the whole file's SHA-256;
+        the modification time alone may differ, as after a copy). The recorded slide file is checked too
+        when it exists; missing files are not checked."""
         made_for = self.attrs.get("slide_id")
         if slide_id is not None and made_for != slide_id:
             raise StoreMismatchError(
@@ -264,13 +270,23 @@ class TileStore:
         for candidate in candidates:
             if not candidate.is_file():
                 continue
-            now = slide_identity(candidate)
+            now = slide_identity(candidate, verify)
             if (now["size"], now["fingerprint"]) != (recorded.get("size"), recorded.get("fingerprint")):
                 change = ("the slide file was replaced or changed after tiling" if candidate == self.slide_path
                           else "the store belongs to another slide file")
                 raise StoreMismatchError(
                     f"{self.path}: made from another file than {candidate} ({change}: size or content "
                     f"fingerprint differ); tile it again with `ipspath tile {candidate} ... --overwrite`")
+            if lacks_full_hash(recorded, now):
+                raise StoreMismatchError(
+                    f"{self.path}: records no SHA-256 of its whole slide file (tiled without --verify full), so "
+                    f"{candidate} cannot be verified; tile it again with `ipspath tile {candidate} ... --verify "
+                    "full --overwrite`")
+            if "sha256" in now and now["sha256"] != recorded["sha256"]:
+                raise StoreMismatchError(
+                    f"{self.path}: made from another version of {candidate} (its whole-content SHA-256 differs: "
+                    f"the file was edited after tiling); tile it again with `ipspath tile {candidate} ... "
+                    "--verify full --overwrite`")
 
     def mask(self) -> tuple[np.ndarray, float]:
         """The tissue mask as bool (h, w) and its resolution in µm/px."""
