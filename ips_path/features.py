@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ips_path.errors import BadInputError
+from ips_path.feature_grid import open_features
 from ips_path.identity import file_digest
 from ips_path.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.loader import PatchStreamer
@@ -202,7 +203,7 @@ def _reusable(store: TileStore, name: str, identity: dict[str, Any]) -> bool:
     if not store.has_array(array):
         return False
     try:
-        store.open_features(name)
+        open_features(store, name)
     except StoreMismatchError as exc:
         log.info("%s; computing them again", str(exc).split("; ")[0])
         return False

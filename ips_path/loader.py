@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ips_path.errors import IpspathError
+from ips_path.feature_grid import open_features
 from ips_path.model.chunks import PatchChunk
 from ips_path.slide import Slide, rgb_on_white
 from ips_path.stain import SAMPLE_PATCHES, apply_lut, normalization_lut, slide_stain_od
@@ -252,7 +253,7 @@ class PatchStreamer:
 
     def stream_features(self, store: TileStore, encoder: str) -> Iterator[PatchChunk]:
         """Yield cached embeddings ``features/<encoder>`` of ``store`` in chunks (no pixels are read)."""
-        features = store.open_features(encoder)
+        features = open_features(store, encoder)
         positions = grid_positions(store.coords, store.stride_level0)
         for start in range(0, store.n_patches, self.chunk_size):
             stop = min(start + self.chunk_size, store.n_patches)

@@ -41,7 +41,7 @@ from ips_path import __version__
 from ips_path.atomic import partial_path, remove_dead_partials
 from ips_path.errors import BadInputError
 from ips_path.faults import fault_point
-from ips_path.identity import lacks_full_hash, slide_identity
+from ips_path.identity import slide_identity
 from ips_path.locks import file_lock, remove_stale_lock
 from ips_path.names import check_slide_id
 
@@ -277,16 +277,12 @@ class TileStore:
                 raise StoreMismatchError(
                     f"{self.path}: made from another file than {candidate} ({change}: size or content "
                     f"fingerprint differ); tile it again with `ipspath tile {candidate} ... --overwrite`")
-            if lacks_full_hash(recorded, now):
+            if "sha256" in now and recorded.get("sha256") != now["sha256"]:
+                why = ("the file was edited after tiling" if "sha256" in recorded
+                       else "tiled without --verify full, it records none to compare")
                 raise StoreMismatchError(
-                    f"{self.path}: records no SHA-256 of its whole slide file (tiled without --verify full), so "
-                    f"{candidate} cannot be verified; tile it again with `ipspath tile {candidate} ... --verify "
-                    "full --overwrite`")
-            if "sha256" in now and now["sha256"] != recorded["sha256"]:
-                raise StoreMismatchError(
-                    f"{self.path}: made from another version of {candidate} (its whole-content SHA-256 differs: "
-                    f"the file was edited after tiling); tile it again with `ipspath tile {candidate} ... "
-                    "--verify full --overwrite`")
+                    f"{self.path}: the whole-content SHA-256 of {candidate} does not match ({why}); tile it again "
+                    f"with `ipspath tile {candidate} ... --verify full --overwrite`")
 
     def mask(self) -> tuple[np.ndarray, float]:
         """The tissue mask as bool (h, w) and its resolution in µm/px."""
@@ -416,28 +412,6 @@ class TileStore:
     def grid_sha256(self) -> str:
         """SHA-256 (hex) of the patch coordinates: names the patch grid that per-patch arrays line up with."""
         return _grid_digest(self.coords)
-
-    def open_features(self, name: str) -> Any:
-        """The cached features ``features/<name>`` as a read-only ``zarr.Array``, checked to belong to this
-        store's patch grid: one row per patch, made on these coordinates (where their writer recorded them).
-
-        Raises
-        ------
-        KeyError
-            No such features.
-        StoreMismatchError
-            They were computed on another grid (the slide was tiled again after them).
-        """
-        array = self.open_array(f"features/{name}")
-        grid = array.attrs.get(GRID_ATTR)
-        if array.shape[0] != self.n_patches or grid not in (None, self.grid_sha256):
-            found = (f"{array.shape[0]} rows for its {self.n_patches} patches" if array.shape[0] != self.n_patches
-                     else "the same number of rows, at other coordinates")
-            raise StoreMismatchError(
-                f"{self.path}: features {name!r} were computed on another patch grid ({found}: the slide was tiled "
-                f"again after them); compute them again with `ipspath features {self.path} --name {name} "
-                "--encoder ... --overwrite`")
-        return array
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_patches={self.n_patches})"

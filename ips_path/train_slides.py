@@ -16,6 +16,7 @@ from typing import Any
 
 from ips_path.config import TrainConfig
 from ips_path.errors import BadInputError
+from ips_path.feature_grid import open_features
 from ips_path.loader import PatchStreamer
 from ips_path.manifest import ManifestRow
 from ips_path.model import PatchChunk
@@ -135,7 +136,7 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
     stale = []
     for store in (s for s in stores.values() if s.n_patches):
         try:
-            store.open_features(name)
+            open_features(store, name)
         except StoreMismatchError as exc:
             stale.append(str(exc))
     if stale:

@@ -65,7 +65,7 @@ def finished_folds(run: Path) -> list[Path]:
             unfinished.append(f"fold_{fold} (trained, its final measurement missing)")
     if unfinished:
         raise BadInputError(
-            f"{run}: the cross-validation has not finished, {len(unfinished)} of its {k} folds are missing from "
-            f"the ensemble: {', '.join(unfinished)}; finish it with `ipspath train ... -o {run} --folds {k} "
+            f"{run}: the cross-validation has not finished ({len(unfinished)} of its {k} folds, which its "
+            f"ensemble needs: {', '.join(unfinished)}); finish it with `ipspath train ... -o {run} --folds {k} "
             "--resume`, or predict with one finished fold's folder")
     return [run / f"fold_{fold}" for fold in range(k)]

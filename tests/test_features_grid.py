@@ -13,6 +13,7 @@ import pytest
 
 import ips_path.features as features_module
 from ips_path.cli.main import main
+from ips_path.feature_grid import open_features
 from ips_path.features import extract_features
 from ips_path.store import StoreMismatchError, TileStore, write_tile_store
 
@@ -63,7 +64,7 @@ def test_a_store_tiled_again_while_features_run_gets_no_features_of_the_old_grid
     # the rerun computes them on the store's grid
     result = _invoke("features", str(store_path), "--encoder", "smallcnn", "--device", "cpu")
     assert result.exit_code == 0 and "1 extracted" in result.output, result.output
-    assert TileStore.open(store_path).open_features("smallcnn").shape[0] == retiled.n_patches
+    assert open_features(TileStore.open(store_path), "smallcnn").shape[0] == retiled.n_patches
 
 
 def test_features_of_an_older_grid_are_refused_by_train_and_predict_and_computed_again(cohort, tmp_path):
@@ -117,4 +118,4 @@ def test_features_at_the_same_count_but_other_coordinates_are_refused(cohort, tm
     moved = TileStore.open(store_path)
     assert moved.n_patches == store.n_patches
     with pytest.raises(StoreMismatchError, match="other coordinates"):
-        moved.open_features("smallcnn")
+        open_features(moved, "smallcnn")

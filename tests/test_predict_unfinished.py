@@ -56,6 +56,6 @@ def test_a_cross_validation_killed_as_fold_1_started_is_not_predicted(cohort, tm
     result = _predict(run, manifest, tiles, tmp_path / "pred")
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert "2 of its 3 folds" in line and "fold_1 (stopped after epoch 0 of 1)" in line, line
+    assert "(2 of its 3 folds" in line and "fold_1 (stopped after epoch 0 of 1)" in line, line
     assert "fold_2 (not started)" in line and "--folds 3 --resume" in line, line
     assert not (tmp_path / "pred" / "predictions.csv").exists()
