@@ -6,6 +6,8 @@ from collections import Counter
 
 import click
 
+from ips_path.cli.options import verify_option
+
 
 @click.command("predict")
 @click.argument("slides", nargs=-1, type=click.Path())
@@ -36,11 +38,13 @@ import click
                    "and predict every slide again.")
 @click.option("--scheduler", help="Dask scheduler address, or local:N, to predict on a cluster "
                                   "(GPU workers need --resources GPU=1). Default: this process.")
+@verify_option
 @click.pass_context
 def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifest: str | None, out_dir: str,
                 tiles_dir: str | None, device: str, threads: int | None, chunk_size: int | None, backend: str,
                 heatmaps: bool,
-                thumbnail_size: int, top_k: int, tiff_mpp: float | None, overwrite: bool, scheduler: str | None) -> int:
+                thumbnail_size: int, top_k: int, tiff_mpp: float | None, overwrite: bool, scheduler: str | None,
+                verify: str) -> int:
     """Predict every slide in SLIDES (files, folders, glob patterns) and/or --manifest with a trained model.
 
     \b
@@ -68,7 +72,8 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     options = {"thumbnail_size": thumbnail_size, "top_k": top_k, "tiff_mpp": tiff_mpp}
     result = predict(model, out_dir, inputs=slides, manifest=manifest, tiles_dir=tiles_dir, device=device,
                      threads=threads, chunk_size=chunk_size, backend=backend, heatmaps=heatmaps,
-                     heatmap_options=options, scheduler=scheduler, overwrite=overwrite, progress=not ctx.obj["quiet"])
+                     heatmap_options=options, scheduler=scheduler, overwrite=overwrite, progress=not ctx.obj["quiet"],
+                     verify=verify)
     counts = Counter(o.status.value for o in result.outcomes)
     shown = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "done")
     click.echo(f"predicted {sum(o.ok for o in result.outcomes)} of {len(result.outcomes)} slides"

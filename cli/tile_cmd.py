@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ips_path.cli.options import verify_option
 from ips_path.runtime.errors import BadInputError
 from ips_path.tiling.annotations import MaskClasses, class_names
 from ips_path.tiling.grid import patch_resolution, patch_stride
@@ -71,13 +72,14 @@ from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
 @click.option("--h5", "export_h5", is_flag=True,
               help="Also write CLAM/TRIDENT-style coordinates to h5/<slide_id>.h5.")
 @click.option("--no-qc", is_flag=True, help="Do not write QC pictures (qc/<slide_id>.png).")
+@verify_option
 @click.pass_context
 def tile_cmd(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path, manifest: Path | None,
              target_mpp: float | None, mag: float | None, patch_size: int, stride: int | None,
              overlap: int | None, min_tissue: float, tissue_method: str, tissue_mask: Path | None,
              mask_classes: str | None, mask_exclude_classes: str | None, mask_only: bool, keep_holes: bool,
              slide_mpp: float | None, backend: str, workers: int, scheduler: str | None,
-             overwrite: bool, export_h5: bool, no_qc: bool) -> None:
+             overwrite: bool, export_h5: bool, no_qc: bool, verify: str) -> None:
     """Find tissue and lay a patch grid on each slide; write one tile store per slide.
 
     INPUTS are slide files, folders (searched recursively for slide files) or glob patterns
@@ -112,6 +114,7 @@ def tile_cmd(ctx: click.Context, inputs: tuple[str, ...], out_dir: Path, manifes
         slide_mpp=slide_mpp,
         qc=not no_qc,
         h5=export_h5,
+        verify=verify,
     )
     slides = collect_inputs(inputs, manifest)
     quiet = bool((ctx.obj or {}).get("quiet"))

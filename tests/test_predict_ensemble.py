@@ -90,6 +90,6 @@ def test_a_cross_validation_with_a_fold_left_unfinished_is_refused(cohort, cv_ru
     shutil.copytree(cv_run, run)
     for name in ("best.pt", "last.pt"):
         (run / "fold_1" / name).unlink(missing_ok=True)
-    with pytest.raises(BadInputError, match="fold_1 have no checkpoint"):
+    with pytest.raises(BadInputError, match=r"fold_1 \(not started\).*--resume"):
         predict(run, tmp_path / "p", manifest=manifest, tiles_dir=tiles, heatmaps=False, progress=False)
     assert not (tmp_path / "p").exists()

@@ -19,6 +19,7 @@ import zarr
 from ips_path.runtime.errors import BadInputError
 from ips_path.stores.exchange import export_h5, import_h5
 from ips_path.stores.tile_store import (
+    GRID_ATTR,
     TileStore,
     remove_partial_stores,
     slide_id_from_path,
@@ -191,12 +192,13 @@ def test_extra_arrays_are_added_replaced_listed_and_read(tmp_path):
     assert reopened.array_names("scores") == ["run1", "run2"]
     assert reopened.array_names("features") == ["resnet18"]
     assert reopened.read_array("scores/run1").tolist() == [0, 1, 2, 3, 4]
-    assert reopened.array_attrs("scores/run1") == {"model": "m1"}
+    # every array records the patch grid it was made on
+    assert reopened.array_attrs("scores/run1") == {"model": "m1", GRID_ATTR: store.grid_sha256}
     features = reopened.read_array("features/resnet18")
     assert features.dtype == np.float16 and features.shape == (5, 8)
     reopened.write_array("scores/run1", np.zeros(5, np.float32))  # replaces
     assert reopened.read_array("scores/run1").tolist() == [0] * 5
-    assert reopened.array_attrs("scores/run1") == {}
+    assert reopened.array_attrs("scores/run1") == {GRID_ATTR: store.grid_sha256}
     assert reopened.open_array("features/resnet18")[1:3].shape == (2, 8)
     with pytest.raises(KeyError):
         reopened.read_array("scores/nope")

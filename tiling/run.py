@@ -11,7 +11,8 @@ slide ends as a :class:`TileResult` with a status, and the run writes
 A slide whose whole store was made with the same parameters from the same file (size and
 content fingerprint, :func:`ips_path.runtime.identity.slide_identity`) is skipped, so an interrupted run
 resumes where it stopped; a store made from another file (the slide replaced, or the store copied
-under another slide's id) is tiled again.
+under another slide's id) is tiled again. ``verify="full"`` (``--verify full``) also compares the
+SHA-256 of the whole slide file, which the fast fingerprint's three sampled blocks cannot replace.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 from ips_path.runtime.errors import BadInputError, IpspathError
 from ips_path.runtime.faults import fault_point
-from ips_path.runtime.identity import slide_identity
+from ips_path.runtime.identity import check_verify, slide_identity
 from ips_path.runtime.jobs import SlideOutcome, Status, error_line, run_exit_code
 from ips_path.runtime.locks import file_lock, probe_writable
 from ips_path.runtime.names import slide_id_problem
@@ -112,6 +113,10 @@ class TilingParams:
         Write QC pictures.
     h5 : bool
         Also export CLAM/TRIDENT h5 coordinates.
+    verify : {"fast", "full"}
+        How an existing store is checked to belong to its slide file before it is skipped: ``fast``
+        (size and content fingerprint, :func:`~ips_path.runtime.identity.slide_identity`) or ``full`` (also the
+        SHA-256 of the whole file, recorded in the store; a store without it is tiled again).
     """
 
     target_mpp: float = 0.5
@@ -126,8 +131,10 @@ class TilingParams:
     slide_mpp: float | None = None
     qc: bool = True
     h5: bool = False
+    verify: str = "fast"
 
     def __post_init__(self) -> None:
+        check_verify(self.verify)
         if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
             raise BadInputError(f"--mpp must be a positive µm/px, got {self.target_mpp}")
         if self.patch_size < 1:
@@ -301,7 +308,7 @@ def _mask_file(tissue_mask: Path, slide_id: str) -> Path:
     )
 
 
-def _existing_store(path: Path, fingerprint: dict[str, Any], item: SlideInput) -> TileStore | None:
+def _existing_store(path: Path, fingerprint: dict[str, Any], item: SlideInput, verify: str) -> TileStore | None:
     """The store at ``path`` if it can be reused; None if there is none or it must be redone.
 
     A store made for another slide id or from another file than the slide is now, or in an older
@@ -312,7 +319,7 @@ def _existing_store(path: Path, fingerprint: dict[str, Any], item: SlideInput) -
     if not path.exists():
         return None
     try:
-        store = TileStore.open(path, slide_id=item.slide_id, slide_path=item.path)
+        store = TileStore.open(path, slide_id=item.slide_id, slide_path=item.path, verify=verify)
     except StoreMismatchError as exc:
         log.warning("%s; tiling it again", str(exc).split("; ")[0])
         return None
@@ -329,14 +336,16 @@ def _existing_store(path: Path, fingerprint: dict[str, Any], item: SlideInput) -
 
 
 def tile_attrs(
-    slide: Any, slide_id: str, geometry: PatchGeometry, tissue_method: str, tissue_params: dict[str, Any] | None
+    slide: Any, slide_id: str, geometry: PatchGeometry, tissue_method: str, tissue_params: dict[str, Any] | None,
+    verify: str = "fast",
 ) -> dict[str, Any]:
-    """The attributes a tile store records about its slide and grid (see DESIGN.md)."""
+    """The attributes a tile store records about its slide and grid (see DESIGN.md); with ``verify="full"``
+    the slide's identity holds the SHA-256 of the whole file."""
     return {
         **geometry.as_dict(),
         "slide_id": slide_id,
         "slide_path": str(slide.path.resolve()),
-        "slide_identity": slide_identity(slide.path),
+        "slide_identity": slide_identity(slide.path, verify),
         "slide_dimensions": list(slide.dimensions),
         "read_level_dimensions": list(slide.level_dimensions[geometry.read_level]),
         "backend": slide.backend,
@@ -397,7 +406,8 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
     fingerprint = params.fingerprint(slide_mpp)
     qc_path = out_dir / "qc" / f"{item.slide_id}.png"
     h5_path = out_dir / "h5" / f"{item.slide_id}.h5"
-    existing = None if overwrite or not item.path.is_file() else _existing_store(target, fingerprint, item)
+    existing = None if overwrite or not item.path.is_file() else _existing_store(target, fingerprint, item,
+                                                                                 params.verify)
     if existing is not None and (qc_path.is_file() or not params.qc):
         if params.h5 and not h5_path.is_file():
             export_h5(existing, h5_path)
@@ -439,7 +449,7 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
         if len(coords) == 0:
             log.warning("%s: no patch of %d px at %g µm/px has %.0f%% tissue; its store has zero patches",
                         item.path, params.patch_size, params.target_mpp, 100 * params.min_tissue)
-        attrs = {**tile_attrs(slide, item.slide_id, geometry, method, tissue_params),
+        attrs = {**tile_attrs(slide, item.slide_id, geometry, method, tissue_params, params.verify),
                  "min_tissue": params.min_tissue, "tiling_params": fingerprint}
         store = write_tile_store(target, coords, fractions, tissue.mask, tissue.mpp, attrs,
                                  mask_downsample=tissue.downsample)

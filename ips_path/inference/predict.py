@@ -37,7 +37,6 @@ under ``tasks`` (with ``roc_<task>.png``, ``reliability_<task>.png``) and their 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -55,10 +54,18 @@ from ips_path.label_tasks import LabelTasks, joined_classes
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError, IpspathError, RefusedError
 from ips_path.runtime.faults import fault_point
-from ips_path.runtime.identity import file_digest, identity_differences, identity_key, slide_identity
+from ips_path.runtime.identity import (
+    check_verify,
+    file_digest,
+    identity_differences,
+    identity_key,
+    lacks_full_hash,
+    slide_identity,
+)
 from ips_path.runtime.jobs import SlideOutcome, Status, check_done_record, run_exit_code, run_job
 from ips_path.runtime.parallel import map_slides, process_object
 from ips_path.stores.tile_store import StoreMismatchError, TileStore, store_path
+from ips_path.training.trained_runs import finished_folds, is_cross_validation, require_trained
 
 __all__ = ["PREDICTION_FILES", "PredictJob", "PredictResult", "PredictSettings", "predict", "predict_slide",
            "resolve_checkpoint", "resolve_checkpoints", "run_name"]
@@ -108,6 +115,7 @@ class PredictSettings:
     heatmaps: bool = True
     heatmap_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    verify: str = "fast"  # how slide files are recognised (ips_path.runtime.identity.VERIFY_MODES)
 
 
 @dataclass
@@ -151,18 +159,14 @@ def resolve_checkpoints(model: str | os.PathLike) -> list[Path]:
     Raises
     ------
     BadInputError
-        A fold of a cross-validated run has no checkpoint (the cross-validation did not finish).
+        The run has not finished an epoch, or a cross-validated run has not finished all its folds.
     """
     path = Path(model)
-    folds = sorted((p for p in path.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:])) if path.is_dir() else []
-    if not folds or not (path / "splits.csv").is_file():
-        return [resolve_checkpoint(path)]
-    missing = [f.name for f in folds if not (f / "best.pt").is_file() and not (f / "last.pt").is_file()]
-    if missing:
-        raise BadInputError(f"{path}: fold(s) {', '.join(missing)} have no checkpoint; finish the cross-validation "
-                            f"with `ipspath train ... -o {path} --folds {len(folds)} --resume`")
-    return [resolve_checkpoint(f) for f in folds]
+    if path.is_dir() and is_cross_validation(path):
+        return [resolve_checkpoint(fold) for fold in finished_folds(path)]
+    checkpoint = resolve_checkpoint(path)
+    require_trained(checkpoint)
+    return [checkpoint]
 
 
 def run_name(checkpoint: Path) -> str:
@@ -174,7 +178,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
             manifest: str | os.PathLike | None = None, tiles_dir: str | os.PathLike | None = None,
             device: str = "cpu", threads: int | None = None, chunk_size: int | None = None, backend: str = "auto",
             heatmaps: bool = True, heatmap_options: dict[str, Any] | None = None, scheduler: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> PredictResult:
+            overwrite: bool = False, progress: bool = True, verify: str = "fast") -> PredictResult:
     """Predict every slide of ``inputs`` and/or ``manifest`` with a trained model.
 
     Parameters
@@ -209,6 +213,10 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         it they are refused), and predict every slide again.
     progress : bool
         Progress bar over slides.
+    verify : {"fast", "full"}
+        How a slide file is recognised as the one its tile store and earlier predictions were made
+        from: ``fast`` (size and content fingerprint) or ``full`` (also the SHA-256 of the whole file;
+        stores and predictions made without it are made again, or refused for tile stores not made here).
 
     Raises
     ------
@@ -221,6 +229,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     from ips_path.training.distributed import resolve_device
 
     _check_options(threads, chunk_size, heatmap_options if heatmaps else None)
+    check_verify(verify)
     if scheduler is None or device == "auto":  # Dask workers check the device they are given themselves
         device = str(resolve_device(device))
     checkpoint_paths = [p.resolve() for p in resolve_checkpoints(model)]
@@ -254,7 +263,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         folder.status_file(job.slide_id)  # an unsafe id is refused before any work
     settings = PredictSettings(checkpoint_path, checkpoints, identity, key, f"{run_name(checkpoint_path)}-{key}",
                                out_dir, tiles, own_tiles, device, threads, chunk_size, backend, heatmaps,
-                               dict(heatmap_options or {}), overwrite)
+                               dict(heatmap_options or {}), overwrite, verify)
     with output_lock(out_dir):
         _claim_folder(folder, settings, overwrite)
         folder.make_folders()
@@ -350,9 +359,13 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
     store = _tile_store(job, settings, checkpoint["tiling"])
     features = checkpoint["config"].get("features")
     # The slide's size and content, not its mtime: a copy of the same file is the same slide.
-    slide = {k: v for k, v in slide_identity(job.slide_path).items() if k != "mtime_ns"}
+    slide = {k: v for k, v in slide_identity(job.slide_path, settings.verify).items() if k != "mtime_ns"}
     identity = {"slide": slide, "store": _store_identity(store, features), "model": settings.model_key}
-    reused = check_done_record(status_file, identity, overwrite=settings.overwrite, what="predictions")
+    recorded = folder.read_outcome(job.slide_id)  # made without --verify full: redone to be verified
+    unverified = recorded is not None and lacks_full_hash(recorded.identity.get("slide"), slide)
+    reused = check_done_record(status_file, identity, overwrite=settings.overwrite or unverified, what="predictions",
+                               outputs=folder.slide_outputs(job.slide_id, store.path, settings.scores_name,
+                                                            heatmaps=settings.heatmaps))
     if reused is not None:
         reused.extra.update(job.extra)  # the manifest may have gained labels since
         return reused
@@ -422,7 +435,7 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
 def _store_identity(store: TileStore, features: str | None) -> dict[str, Any]:
     """What the prediction read from the store: its grid (digest of the coordinates) and cached features."""
     identity = {"target_mpp": store.target_mpp, "patch_size": store.patch_size, "n_patches": store.n_patches,
-                "coords_sha256": hashlib.sha256(np.ascontiguousarray(store.coords).tobytes()).hexdigest()}
+                "coords_sha256": store.grid_sha256}
     if features is not None and store.has_array(f"features/{features}"):
         identity["features"] = store.array_attrs(f"features/{features}")
     return identity
@@ -450,7 +463,7 @@ def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, An
     overwrite = False
     if path.exists():
         try:
-            store = TileStore.open(path, slide_id=job.slide_id, slide_path=job.slide_path)
+            store = TileStore.open(path, slide_id=job.slide_id, slide_path=job.slide_path, verify=settings.verify)
         except StoreMismatchError:
             if not settings.own_tiles:
                 raise
@@ -465,7 +478,8 @@ def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, An
                 "or leave out --tiles")
         log.info("%s: tiled %s; tiling again at the model's %g µm/px, %d px", path, made, target_mpp, patch_size)
         overwrite = True
-    params = TilingParams(target_mpp=target_mpp, patch_size=patch_size, backend=settings.backend)
+    params = TilingParams(target_mpp=target_mpp, patch_size=patch_size, backend=settings.backend,
+                          verify=settings.verify)
     result = tile_slide(SlideInput(job.slide_id, job.slide_path, job.mpp), settings.tiles_dir, params, overwrite)
     if result.status == "failed":
         raise (BadInputError if result.exit_code == 2 else IpspathError)(result.error)

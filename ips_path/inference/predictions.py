@@ -49,6 +49,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.csv"
+#: ``ipspath report``'s page and its pictures, style and script, written into the folder by default.
+REPORT_PAGE, REPORT_ASSETS = "report.html", "report_assets"
 PROB_PREFIX = "prob_"
 STATUSES = tuple(s.value for s in Status)
 
@@ -70,6 +72,8 @@ PREDICTION_FILES = {
                                    "task_attention_scores (T, N) with attrs tasks",
     "heatmaps/<slide_id>/": "thumbnail.png, overlay.png, patches.geojson, top_patches.png",
     "tiles/": "tile stores made here for slides that had none",
+    "report.html, report_assets/": "written by `ipspath report`; removed with the other results when predict "
+                                   "--overwrite replaces the model",
     "patients.csv": "survival models: case_id, n_slides, risk, risk_group (survival_to_<t> per time bin), time, "
                     "event",
     "survival_metrics.json": "survival models with time/event: C-index (Harrell, Uno) with 95 % CI, time-dependent "
@@ -251,6 +255,11 @@ class PredictionFolder:
     def heatmap_dir(self, slide_id: str) -> Path:
         return self._inside("heatmaps", slide_id)
 
+    def slide_outputs(self, slide_id: str, store: Path, run: str, *, heatmaps: bool) -> list[Path]:
+        """What a slide's done record stands for: the scores in its tile store (``scores/<run>``), its
+        scores file and, when predicted with heatmaps, its heatmap folder."""
+        return [store / "scores" / run, self.scores_file(slide_id), *([self.heatmap_dir(slide_id)] if heatmaps else [])]
+
     def make_folders(self) -> None:
         """Create ``status/`` and ``scores/`` (heatmap folders are made per slide)."""
         for folder in ("status", "scores"):
@@ -290,12 +299,14 @@ class PredictionFolder:
         write_done_record(self.status_file(outcome.slide_id), outcome)
 
     def clear_results(self) -> None:
-        """Remove the results of an earlier model: status records, score files, heatmaps, CSV, metrics.
+        """Remove every output of an earlier model: status records, score files, heatmaps, CSV, metrics and
+        their pictures, and the report made of them (``report.html``, ``report_assets/``).
 
         Tile stores (``tiles/``) and ``run.json`` are kept; nothing else in the folder is touched.
         """
-        for folder in ("status", "scores", "heatmaps"):
+        for folder in ("status", "scores", "heatmaps", REPORT_ASSETS):
             shutil.rmtree(self.root / folder, ignore_errors=True)
+        (self.root / REPORT_PAGE).unlink(missing_ok=True)
         for path in (self.predictions_csv, self.metrics_file, self.roc_file, self.reliability_file, self.patients_csv,
                      self.survival_metrics_file, self.km_file, *self._task_pictures()):
             path.unlink(missing_ok=True)

@@ -8,7 +8,10 @@ An identity is a plain JSON-able dict; :func:`identity_key` turns one into a sho
 - :func:`slide_identity`: size, mtime (ns) and a cheap content fingerprint (SHA-256 over the
   size and three 64 KiB blocks: first, middle, last). A slide copied elsewhere keeps its
   fingerprint; a slide replaced under the same name almost always changes it, even when size and
-  mtime were kept (``cp -p``, ``rsync -t``), without reading gigabytes.
+  mtime were kept (``cp -p``, ``rsync -t``), without reading gigabytes. What it does not see: an
+  edit in place that keeps the size and touches no byte of the three blocks (most of the pixel
+  data of a large slide). ``verify="full"`` (``--verify full``) adds the SHA-256 of the whole file,
+  read once per file and process (:func:`file_digest`), for users who need that certainty.
 - :func:`file_digest`: SHA-256 of a whole file (checkpoints, encoder weights), cached per process
   by (path, size, mtime_ns), so a file rewritten in place is digested afresh.
 - :func:`canonical_json` / :func:`identity_key`: one spelling of a parameter set, whatever the
@@ -25,19 +28,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ips_path.runtime.errors import BadInputError
+
 __all__ = [
     "FINGERPRINT_BLOCK",
+    "VERIFY_MODES",
     "canonical_json",
+    "check_verify",
     "file_digest",
     "file_fingerprint",
     "identity_differences",
     "identity_key",
+    "lacks_full_hash",
     "same_identity",
     "slide_identity",
 ]
 
 #: Bytes read from each of the start, middle and end of a slide file for its fingerprint.
 FINGERPRINT_BLOCK = 64 * 1024
+#: How slide files are identified: ``fast`` (size and fingerprint), ``full`` (also the whole file's SHA-256).
+VERIFY_MODES = ("fast", "full")
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
@@ -56,13 +66,30 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def slide_identity(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"size": bytes, "mtime_ns": int, "fingerprint": hex}`` of a slide file.
+def slide_identity(path: str | os.PathLike, verify: str = "fast") -> dict[str, Any]:
+    """``{"size": bytes, "mtime_ns": int, "fingerprint": hex}`` of a slide file; with ``verify="full"``
+    also ``"sha256"``, the digest of its whole content.
 
     The path itself is left out: the same file moved or mounted elsewhere is the same slide.
     """
+    check_verify(verify)
     stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fingerprint": file_fingerprint(path)}
+    identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fingerprint": file_fingerprint(path)}
+    if verify == "full":
+        identity["sha256"] = file_digest(path)
+    return identity
+
+
+def check_verify(verify: str) -> None:
+    """BadInputError unless ``verify`` is one of :data:`VERIFY_MODES`."""
+    if verify not in VERIFY_MODES:
+        raise BadInputError(f"--verify {verify!r}: use one of {', '.join(VERIFY_MODES)}")
+
+
+def lacks_full_hash(recorded_slide: Mapping[str, Any] | None, slide: Mapping[str, Any]) -> bool:
+    """Whether a result recorded for slide identity ``recorded_slide`` was never checked against the
+    whole file, while ``slide`` (this run's, ``verify="full"``) is: it must be made again to be verified."""
+    return "sha256" in slide and "sha256" not in (recorded_slide or {})
 
 
 def file_digest(path: str | os.PathLike) -> str:

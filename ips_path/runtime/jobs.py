@@ -224,7 +224,8 @@ def read_outcome(path: str | os.PathLike) -> SlideOutcome | None:
 
 def check_done_record(path: str | os.PathLike, identity: Mapping[str, Any], *, overwrite: bool = False,
                       on_change: Literal["refuse", "redo"] = "refuse", what: str = "results",
-                      instead: str = "choose another output folder") -> SlideOutcome | None:
+                      instead: str = "choose another output folder",
+                      outputs: Iterable[str | os.PathLike] = ()) -> SlideOutcome | None:
     """Whether a slide is already done with this run's inputs.
 
     Parameters
@@ -241,13 +242,17 @@ def check_done_record(path: str | os.PathLike, identity: Mapping[str, Any], *, o
         Names the results in the refusal ("predictions", "features").
     instead : str
         The other way out the refusal offers besides ``--overwrite``.
+    outputs : iterable of path-like
+        What the record stands for (files, folders, arrays in a store): a record whose outputs are
+        not all there any more (removed, or dropped by a re-tiling) is not reused.
 
     Returns
     -------
     SlideOutcome or None
-        The recorded outcome with status REUSED when it is done with an equal identity; None when
-        the slide must be (re)done: no record, a failed one, one without identity (older layout),
-        ``overwrite``, or another identity with ``on_change="redo"``.
+        The recorded outcome with status REUSED when it is done with an equal identity and all its
+        ``outputs`` exist; None when the slide must be (re)done: no record, a failed one, one without
+        identity (older layout), ``overwrite``, another identity with ``on_change="redo"``, or an
+        output gone.
 
     Raises
     ------
@@ -259,6 +264,10 @@ def check_done_record(path: str | os.PathLike, identity: Mapping[str, Any], *, o
     if recorded is None or not recorded.ok:
         return None
     if not check_identity(path, recorded.identity, identity, on_change=on_change, what=what, instead=instead):
+        return None
+    gone = [os.fspath(p) for p in outputs if not os.path.exists(p)]
+    if gone:
+        log.info("%s: done, but %s is gone; doing it again", path, gone[0])
         return None
     recorded.status = Status.REUSED
     return recorded

@@ -6,11 +6,14 @@ into the slide's tile store. Training with ``--features <name>`` then runs IPS o
 embeddings (the paper's CAMELYON16 mode): epochs read no pixels.
 
 Each slide is a job on the contract of :mod:`ips_path.runtime.jobs`. The array's attributes hold the
-identity of what made it (encoder, SHA-256 of its weights file, output dimension) and are written
-with it, atomically: a killed run leaves no half-written features. A store that already holds
-features of that name with the same identity is reused, so an interrupted run resumes where it
-stopped; features of that name made by another encoder or other weights are refused with one line
-(``--overwrite`` replaces them): a model trained on them would otherwise read other embeddings.
+identity of what made it (encoder, SHA-256 of its weights file, output dimension, and the patch grid:
+the SHA-256 of the store's coordinates) and are written with it, atomically: a killed run leaves no
+half-written features, and a store tiled again while they were computed gets none (checked at the
+write). Features are checked against their store's grid again wherever they are read. A store that
+already holds features of that name with the same identity is reused, so an interrupted run resumes
+where it stopped; features of an older grid are computed again; features of that name made by
+another encoder or other weights are refused with one line (``--overwrite`` replaces them): a
+model trained on them would otherwise read other embeddings.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from ips_path.runtime.identity import file_digest
 from ips_path.runtime.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.runtime.parallel import map_slides, process_object
 from ips_path.runtime.progress import advance
+from ips_path.stores.feature_grid import open_features
 from ips_path.stores.loader import PatchStreamer
-from ips_path.stores.tile_store import TileStore, promised_patches, slide_id_from_path
+from ips_path.stores.tile_store import GRID_ATTR, StoreMismatchError, TileStore, promised_patches, slide_id_from_path
 
 __all__ = ["FeatureSettings", "embed_store", "extract_features", "store_features"]
 
@@ -176,11 +180,10 @@ def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
         array = f"features/{settings.name}"
         store = TileStore.open(path)
         encoder = _encoder(settings)
-        identity = {**settings.identity, **getattr(encoder, "identity", {}), "dim": int(encoder.out_dim)}
+        identity = {**settings.identity, **getattr(encoder, "identity", {}), "dim": int(encoder.out_dim),
+                    GRID_ATTR: store.grid_sha256}
         extra = {"store": str(path), "n_patches": store.n_patches}
-        if store.has_array(array) and not settings.overwrite and \
-                check_identity(store.path / array, store.array_attrs(array).get("identity"), identity,
-                               what="features", instead="give these features another --name"):
+        if not settings.overwrite and _reusable(store, settings.name, identity):
             return SlideOutcome(slide_id, Status.REUSED, identity=identity, extra=extra)
         streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device,
                                                settings.stain_norm),
@@ -190,6 +193,25 @@ def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
         return SlideOutcome(slide_id, Status.DONE, identity=identity, extra=extra)
 
     return run_job(slide_id, path, work, extra={"store": str(path)})
+
+
+def _reusable(store: TileStore, name: str, identity: dict[str, Any]) -> bool:
+    """Whether the store's ``features/<name>`` are these features: made by this encoder on this patch grid.
+
+    Features of an older grid (the slide was tiled again) are computed again; features of another encoder
+    are refused (RefusedError). Features recorded before grids were (no digest) are taken at their row count.
+    """
+    array = f"features/{name}"
+    if not store.has_array(array):
+        return False
+    try:
+        open_features(store, name)
+    except StoreMismatchError as exc:
+        log.info("%s; computing them again", str(exc).split("; ")[0])
+        return False
+    recorded = {GRID_ATTR: store.grid_sha256, **(store.array_attrs(array).get("identity") or {})}
+    return check_identity(store.path / array, recorded, identity, what="features",
+                          instead="give these features another --name")
 
 
 def _encoder(settings: FeatureSettings) -> torch.nn.Module:

@@ -47,6 +47,7 @@ from ips_path.model.chunks import PatchChunk
 from ips_path.runtime.errors import IpspathError
 from ips_path.slides.slide import Slide, rgb_on_white
 from ips_path.slides.stain import SAMPLE_PATCHES, apply_lut, normalization_lut, slide_stain_od
+from ips_path.stores.feature_grid import open_features
 from ips_path.stores.tile_store import TileStore
 
 __all__ = [
@@ -252,7 +253,7 @@ class PatchStreamer:
 
     def stream_features(self, store: TileStore, encoder: str) -> Iterator[PatchChunk]:
         """Yield cached embeddings ``features/<encoder>`` of ``store`` in chunks (no pixels are read)."""
-        features = store.open_array(f"features/{encoder}")
+        features = open_features(store, encoder)
         positions = grid_positions(store.coords, store.stride_level0)
         for start in range(0, store.n_patches, self.chunk_size):
             stop = min(start + self.chunk_size, store.n_patches)

@@ -25,11 +25,13 @@ deleted or damaged chunk is found instead of read as zeros.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ __all__ = [
     "CORE_ARRAYS",
     "FORMAT",
     "FORMAT_VERSION",
+    "GRID_ATTR",
     "StoreMismatchError",
     "TileStore",
     "find_stores",
@@ -63,6 +66,8 @@ FORMAT_VERSION = 2
 CORE_ARRAYS = ("coords", "tissue_fraction", "mask")
 # dtype and number of dimensions of the core arrays; coords and tissue_fraction have n_patches rows.
 _CORE_LAYOUT = {"coords": ("int64", 2), "tissue_fraction": ("float32", 1), "mask": ("uint8", 2)}
+#: Attribute of every array written into a store: :attr:`TileStore.grid_sha256` of the grid it was made on.
+GRID_ATTR = "grid_sha256"
 
 
 class StoreMismatchError(BadInputError):
@@ -200,7 +205,7 @@ class TileStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, slide_id: str | None = None,
-             slide_path: str | os.PathLike | None = None) -> TileStore:
+             slide_path: str | os.PathLike | None = None, verify: str = "fast") -> TileStore:
         """Open a tile store, verified: whole, and made from its slide as it is now.
 
         Parameters
@@ -213,6 +218,10 @@ class TileStore:
             The caller's file of that slide: when it exists, the store must have been made from
             it (same size and content fingerprint). The file the store was tiled from is checked
             the same way whenever it still exists, with or without this argument.
+        verify : {"fast", "full"}
+            ``full``: the slide file must also have the whole-content SHA-256 recorded at tiling
+            (``ipspath tile --verify full``), which finds any edit; ``fast`` finds a replaced file, not an
+            edit in place that keeps the size and misses the fingerprint's three blocks.
 
         Raises
         ------
@@ -249,13 +258,15 @@ class TileStore:
         coords = _read_core(path, "coords").astype(np.int64, copy=False).reshape(-1, 2)
         tissue_fraction = _read_core(path, "tissue_fraction").astype(np.float32, copy=False)
         store = cls(path, attrs, coords, tissue_fraction)
-        store.check_slide(slide_id, slide_path)
+        store.check_slide(slide_id, slide_path, verify=verify)
         return store
 
-    def check_slide(self, slide_id: str | None = None, slide_path: str | os.PathLike | None = None) -> None:
+    def check_slide(self, slide_id: str | None = None, slide_path: str | os.PathLike | None = None, *,
+                    verify: str = "fast") -> None:
         """StoreMismatchError unless the store was made for ``slide_id`` from the file ``slide_path``
-        as it is now (size and content fingerprint; the modification time alone may differ, as after
-        a copy). The recorded slide file is checked too when it exists; missing files are not checked."""
+        as it is now (size and content fingerprint, with ``verify="full"`` also the whole file's SHA-256;
+        the modification time alone may differ, as after a copy). The recorded slide file is checked too
+        when it exists; missing files are not checked."""
         made_for = self.attrs.get("slide_id")
         if slide_id is not None and made_for != slide_id:
             raise StoreMismatchError(
@@ -268,13 +279,19 @@ class TileStore:
         for candidate in candidates:
             if not candidate.is_file():
                 continue
-            now = slide_identity(candidate)
+            now = slide_identity(candidate, verify)
             if (now["size"], now["fingerprint"]) != (recorded.get("size"), recorded.get("fingerprint")):
                 change = ("the slide file was replaced or changed after tiling" if candidate == self.slide_path
                           else "the store belongs to another slide file")
                 raise StoreMismatchError(
                     f"{self.path}: made from another file than {candidate} ({change}: size or content "
                     f"fingerprint differ); tile it again with `ipspath tile {candidate} ... --overwrite`")
+            if "sha256" in now and recorded.get("sha256") != now["sha256"]:
+                why = ("the file was edited after tiling" if "sha256" in recorded
+                       else "tiled without --verify full, it records none to compare")
+                raise StoreMismatchError(
+                    f"{self.path}: the whole-content SHA-256 of {candidate} does not match ({why}); tile it again "
+                    f"with `ipspath tile {candidate} ... --verify full --overwrite`")
 
     def mask(self) -> tuple[np.ndarray, float]:
         """The tissue mask as bool (h, w) and its resolution in µm/px."""
@@ -317,12 +334,20 @@ class TileStore:
         4 MiB along the first axis) and writes it by slices, so an array larger than memory can be
         written; if ``fill`` raises, nothing is left behind and the old array stays. Holds the
         store's writer claim (:func:`store_claim`) meanwhile.
+
+        The array records the patch grid it was computed on (``attrs[GRID_ATTR]``, this object's
+        :attr:`grid_sha256`), and is refused (StoreMismatchError, nothing written) when the store on disk
+        no longer has that grid: the slide was tiled again while the array was being computed.
         """
         _check_array_name(name)
         if name in CORE_ARRAYS:
             raise ValueError(f"{name!r} is written by `ipspath tile` only")
         with store_claim(self.path):
-            self._write_array_claimed(name, shape, dtype, fill, attrs)
+            if _grid_digest(_read_core(self.path, "coords")) != self.grid_sha256:
+                raise StoreMismatchError(
+                    f"{self.path}: the slide was tiled again while {name!r} was computed for its old patch grid; "
+                    "nothing was written: run the command again")
+            self._write_array_claimed(name, shape, dtype, fill, {**(attrs or {}), GRID_ATTR: self.grid_sha256})
 
     def _write_array_claimed(self, name: str, shape: tuple[int, ...], dtype: Any, fill: Callable[[Any], None],
                              attrs: dict[str, Any] | None) -> None:
@@ -391,6 +416,11 @@ class TileStore:
             for child in folder.iterdir()
             if not child.name.startswith(".") and _node_type(child) == "array"
         )
+
+    @cached_property
+    def grid_sha256(self) -> str:
+        """SHA-256 (hex) of the patch coordinates: names the patch grid that per-patch arrays line up with."""
+        return _grid_digest(self.coords)
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_patches={self.n_patches})"
@@ -464,6 +494,10 @@ def _read_core(path: Path, name: str) -> np.ndarray:
     except (ValueError, RuntimeError, OSError) as exc:
         raise BadInputError(f"{path}: damaged tile store (array {name!r} does not decode: {exc}); "
                             "tile the slide again with `ipspath tile ... --overwrite`") from exc
+
+
+def _grid_digest(coords: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2).tobytes()).hexdigest()
 
 
 def _chunks(data: np.ndarray, rows: int | None = None) -> tuple[int, ...]:

@@ -18,8 +18,9 @@ from ips_path.model import PatchChunk
 from ips_path.model.encoders import MEASUREMENT_ENCODERS
 from ips_path.runtime.errors import BadInputError
 from ips_path.slides.manifest import ManifestRow
+from ips_path.stores.feature_grid import open_features
 from ips_path.stores.loader import PatchStreamer
-from ips_path.stores.tile_store import TileStore, store_path
+from ips_path.stores.tile_store import StoreMismatchError, TileStore, store_path
 from ips_path.tiling.grid import same_mpp
 from ips_path.training.config import TrainConfig
 
@@ -132,6 +133,15 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
         raise BadInputError(
             f"{len(missing)} tile store(s) have no cached features {array!r}: {', '.join(missing)}; "
             f"make them with: ipspath features {tiles_dir} --encoder {encoder} --name {name}")
+    stale = []
+    for store in (s for s in stores.values() if s.n_patches):
+        try:
+            open_features(store, name)
+        except StoreMismatchError as exc:
+            stale.append(str(exc))
+    if stale:
+        more = f" (and {len(stale) - 1} more store(s) alike)" if len(stale) > 1 else ""
+        raise BadInputError(stale[0] + more)
     dims = {slide_id: int(s.open_array(array).shape[1]) for slide_id, s in stores.items() if s.n_patches}
     if len(set(dims.values())) > 1:
         listing = ", ".join(f"{k} ({v})" for k, v in sorted(dims.items()))

@@ -27,12 +27,14 @@ TASK_SCORES_GROUP = "task_scores"
 
 @dataclass(frozen=True)
 class HeatmapJob:
-    """One slide to render: its tile store, the score run and the output folder."""
+    """One slide to render: its tile store, the score run and the output folder; or, with ``error``, a
+    slide that cannot be rendered (its store is damaged or lacks the run's scores), said in one line."""
 
     slide_id: str
     store: Path
     run: str
     out_dir: Path
+    error: str = ""
 
 
 def _find_stores(tiles: Path) -> list[Path]:
@@ -99,34 +101,56 @@ def jobs_from_tiles(tiles: str | os.PathLike, run: str | None, out_dir: str | os
     slide_ids : sequence of str
         Only these slides (default: every store).
 
+    Returns
+    -------
+    list of HeatmapJob
+        One per slide; a slide whose store does not open or lacks the run's scores is a job with
+        ``error`` (one line), so that it never blocks the others.
+
     Raises
     ------
     BadInputError
-        Unknown slide ids, no common run, or stores without the run's scores; all checked
-        before anything is rendered.
+        Unknown slide ids, no common run, or no slide that can be rendered; all checked before
+        anything is rendered.
     """
-    stores = {}
+    stores: dict[str, TileStore] = {}
+    broken: dict[str, tuple[Path, str]] = {}
     for path in _find_stores(Path(tiles)):
-        store = TileStore.open(path)
+        try:
+            store = TileStore.open(path)
+        except BadInputError as exc:
+            broken[slide_id_from_path(path)] = (path, str(exc))
+            continue
         stores[str(store.attrs.get("slide_id") or slide_id_from_path(path))] = store
     if slide_ids:
-        unknown = [s for s in slide_ids if s not in stores]
+        unknown = [s for s in slide_ids if s not in stores and s not in broken]
         if unknown:
             raise BadInputError(f"{tiles}: no tile store for slide(s) {', '.join(unknown)} "
-                                f"({len(stores)} stores there, e.g. {next(iter(stores))})")
-        stores = {s: stores[s] for s in dict.fromkeys(slide_ids)}
+                                f"({len(stores) + len(broken)} stores there, e.g. {next(iter(stores or broken))})")
+        wanted = dict.fromkeys(slide_ids)
+        stores = {s: stores[s] for s in wanted if s in stores}
+        broken = {s: broken[s] for s in wanted if s in broken}
     run = _resolve_run(tiles, stores, run)
-    missing = [store for store in stores.values() if not store.has_array(f"scores/{run}")]
-    if missing:
-        more = f" (and {len(missing) - 1} more stores)" if len(missing) > 1 else ""
-        runs = ", ".join(missing[0].array_names("scores")) or "none"
-        raise BadInputError(f"{missing[0].path}{more}: no attention scores 'scores/{run}' (score runs in the "
-                            f"store: {runs}); score the slides first with `ipspath predict`")
     unsafe = [s for s in stores if Path(s).name != s or s in (".", "..")]
     if unsafe:
         raise BadInputError(f"{tiles}: slide id {unsafe[0]!r} is not a safe file name; tile the slide again under "
                             "an id without '/'")
-    return [HeatmapJob(slide_id, store.path, run, Path(out_dir) / slide_id) for slide_id, store in stores.items()]
+    for slide_id, store in list(stores.items()):
+        if not store.has_array(f"scores/{run}"):
+            runs = ", ".join(store.array_names("scores")) or "none"
+            broken[slide_id] = (store.path, f"{store.path}: no attention scores 'scores/{run}' (score runs in the "
+                                             f"store: {runs}); score the slide with `ipspath predict` (again)")
+            del stores[slide_id]
+    if not stores:
+        first = next(iter(broken.values()))[1] if broken else f"{tiles}: no slide to draw"
+        more = f" (and {len(broken) - 1} more store(s))" if len(broken) > 1 else ""
+        raise BadInputError(first + more)
+    jobs = {slide_id: HeatmapJob(slide_id, store.path, run, Path(out_dir) / slide_id)
+            for slide_id, store in stores.items()}
+    jobs.update({slide_id: HeatmapJob(slide_id, path, run, Path(out_dir) / slide_id, error)
+                 for slide_id, (path, error) in broken.items()})
+    order = list(dict.fromkeys(slide_ids)) if slide_ids else sorted(jobs)
+    return [jobs[s] for s in order]
 
 
 def _resolve_run(tiles: str | os.PathLike, stores: dict[str, TileStore], run: str | None) -> str:
@@ -217,6 +241,8 @@ def render_heatmaps(jobs: Sequence[HeatmapJob], *, progress: bool = True, **opti
     with progress_bar(len(jobs), "heatmaps", unit="slide", enabled=progress) as bar:
         for job in jobs:
             def work(job: HeatmapJob = job) -> SlideOutcome:
+                if job.error:
+                    raise BadInputError(job.error)
                 store = TileStore.open(job.store)
                 files = render_slide_heatmaps(store, load_scores(store, job.run), job.out_dir, **options)
                 return SlideOutcome(job.slide_id, Status.DONE, extra={

@@ -13,6 +13,7 @@ per task too for a multi-task run, the tissue contour) is built on first use and
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 import threading
@@ -24,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from ips_path.inference.predictions import PredictionFolder, SlidePrediction
+from ips_path.inference.predictions import PREDICTIONS_NAME, PredictionFolder, SlidePrediction
 from ips_path.review.heatmap import (
     ScoreGrid,
     jobs_from_predictions,
@@ -39,7 +40,9 @@ from ips_path.runtime.errors import BadInputError
 from ips_path.slides.slide import Slide
 from ips_path.stores.tile_store import TileStore
 
-__all__ = ["Cohort", "SlideView", "open_cohort"]
+__all__ = ["Cohort", "SlideView", "folder_state", "open_cohort"]
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 # Contour vertices closer than this many mask pixels to the simplified line are dropped.
@@ -189,19 +192,20 @@ class Cohort:
     def report_files(self) -> dict[str, Path]:
         """The report page and the files it references inside the folder, by URL path.
 
-        Read again on every call: the report may be rewritten while the viewer runs.
+        Read again on every call: the report may be rewritten while the viewer runs. Every file,
+        the page itself included, passes one check: it is a file inside the folder once links are
+        followed, so a link to a file elsewhere is never served.
         """
-        report = self.pred_dir / REPORT_NAME
-        if not report.is_file():
+        report = _file_inside(self.pred_dir, REPORT_NAME)
+        if report is None:
             return {}
-        root = self.pred_dir.resolve()
         files = {REPORT_NAME: report}
         for ref in _references(report.read_text(encoding="utf-8", errors="replace")):
             parts = urlsplit(ref)
             if parts.scheme or parts.netloc or not parts.path or parts.path.startswith("/"):
                 continue
-            target = (self.pred_dir / unquote(parts.path)).resolve()
-            if target.is_relative_to(root) and target.is_file():
+            target = _file_inside(self.pred_dir, unquote(parts.path))
+            if target is not None:
                 files[parts.path] = target
         return files
 
@@ -218,8 +222,8 @@ def open_cohort(pred_dir: str | Path) -> Cohort:
     Raises
     ------
     BadInputError
-        Not a prediction folder, no predicted slide, or a slide whose tile store or scores are
-        gone (naming the file and the fix).
+        Not a prediction folder, or no predicted slide that can be shown. A slide whose tile store
+        or scores are gone is left out with a warning naming the file and the fix.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -230,7 +234,31 @@ def open_cohort(pred_dir: str | Path) -> Cohort:
     if not rows:
         raise BadInputError(f"{folder.predictions_csv}: no slide was predicted (done or reused); nothing to view")
     jobs = jobs_from_predictions(pred_dir, list(rows))
-    return Cohort(pred_dir, classes, rows, {job.slide_id: job.store for job in jobs}, jobs[0].run)
+    for job in jobs:
+        if job.error:  # one slide that cannot be shown never keeps the others from review
+            log.warning("skipping slide %s: %s", job.slide_id, job.error)
+    shown = {job.slide_id: job.store for job in jobs if not job.error}
+    return Cohort(pred_dir, classes, {s: rows[s] for s in shown}, shown, jobs[0].run)
+
+
+def folder_state(pred_dir: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    """What changes when ``ipspath predict`` rewrites a prediction folder: (inode, size, mtime in ns) of
+    its ``run.json`` and ``predictions.csv``, None for one that is absent. Two ``stat`` calls."""
+    state = []
+    for name in ("run.json", PREDICTIONS_NAME):
+        try:
+            stat = (pred_dir / name).stat()
+        except OSError:
+            state.append(None)
+            continue
+        state.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(state)
+
+
+def _file_inside(root: Path, relative: str) -> Path | None:
+    """``root/relative`` with links followed, when it is a file inside ``root`` (also followed); else None."""
+    target = (root / relative).resolve()
+    return target if target.is_relative_to(root.resolve()) and target.is_file() else None
 
 
 class _RefParser(HTMLParser):

@@ -49,7 +49,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import numpy as np
 
 from ips_path.review.heatmap import COLORMAPS, SCALES, ScoreGrid, attention_spread, colormap_lut, scale_legend
-from ips_path.review.view.cohort import REPORT_NAME, Cohort, SlideView
+from ips_path.review.view.cohort import REPORT_NAME, Cohort, SlideView, folder_state, open_cohort
 from ips_path.review.view.tiles import (
     EMPTY_TILE_PNG,
     DeepZoomGeometry,
@@ -112,7 +112,10 @@ class ViewerApp:
                  cache_bytes: int = 256 * 2**20):
         if colormap not in COLORMAPS:
             raise BadInputError(f"unknown colormap {colormap!r}: use one of {', '.join(COLORMAPS)}")
-        self.cohort = cohort
+        self._cohort = cohort
+        self._state = folder_state(cohort.pred_dir)
+        self._reload_lock = threading.Lock()
+        self._retired: list[Cohort] = []  # replaced cohorts, closed at the end: a request may still read them
         self.token = token
         self.colormap = colormap
         self.lut = colormap_lut(colormap)
@@ -121,6 +124,37 @@ class ViewerApp:
         self.loopback_only = token is None
         self._info: dict[str, bytes] = {}
         self._page = Template(resources.files(__package__).joinpath("viewer.html").read_text(encoding="utf-8"))
+
+    @property
+    def cohort(self) -> Cohort:
+        """The folder's slides as they are now: read again when ``ipspath predict`` rewrote the folder
+        (another model, ``--overwrite``), so pages never mix the old predictions with the new ones.
+
+        Raises
+        ------
+        _HttpError
+            503 while the rewritten folder cannot be read (predict is still writing it).
+        """
+        if folder_state(self._cohort.pred_dir) != self._state:
+            with self._reload_lock:
+                state = folder_state(self._cohort.pred_dir)
+                if state != self._state:
+                    try:
+                        cohort = open_cohort(self._cohort.pred_dir)
+                    except BadInputError as exc:
+                        raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"the prediction folder changed and cannot "
+                                         f"be read now ({exc}); reload the page once `ipspath predict` has "
+                                         "finished") from None
+                    log.warning("%s changed (predicted again): showing its %d slides as they are now",
+                                cohort.pred_dir, len(cohort.ids))
+                    self._retired.append(self._cohort)
+                    self._cohort, self._state, self._info = cohort, state, {}
+        return self._cohort
+
+    def close(self) -> None:
+        """Close every slide of the cohorts shown."""
+        for cohort in (*self._retired, self._cohort):
+            cohort.close()
 
     # -- pages ---------------------------------------------------------------------------------
 
@@ -467,17 +501,16 @@ def serve(pred_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8
         raise BadInputError(f"--cache-mb must be 0 or more, got {cache_mb}")
     loopback = host in _LOOPBACK_NAMES or _is_loopback_address(host)
     token = None if loopback else new_token()
-    cohort = open_cohort(pred_dir)
-    app = ViewerApp(cohort, token=token, colormap=colormap, cache_bytes=cache_mb * 2**20)
+    app = ViewerApp(open_cohort(pred_dir), token=token, colormap=colormap, cache_bytes=cache_mb * 2**20)
     server = make_server(app, host, port)
     _stop_on_interrupt_and_term()  # before the announcement: whoever reads it may stop the server at once
-    announce(f"ipspath view: {len(cohort.ids)} slides of {cohort.pred_dir} at {viewer_url(server, token)} "
+    announce(f"ipspath view: {len(app.cohort.ids)} slides of {app.cohort.pred_dir} at {viewer_url(server, token)} "
              "(Ctrl+C to stop)")
     try:
         server.serve_forever()
     finally:
         server.server_close()
-        cohort.close()
+        app.close()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
