@@ -116,7 +116,10 @@ def scale_values(scores: np.ndarray, scale: str = "rank") -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0:
         return np.zeros(0, np.float32)
-    ratio_log2 = np.log2(attention_weights(scores) * scores.size)
+    # log2(N * w) from the log-softmax: a weight that underflows to 0 stays at the scale's low end
+    top = scores.max()
+    log_weights = scores - top - np.log(np.exp(scores - top).sum())
+    ratio_log2 = log_weights / np.log(2) + np.log2(scores.size)
     return np.clip((ratio_log2 + WEIGHT_LOG2_RANGE) / (2 * WEIGHT_LOG2_RANGE), 0, 1).astype(np.float32)
 
 
