@@ -20,6 +20,7 @@ from ips_path.loader import PatchStreamer
 from ips_path.manifest import ManifestRow
 from ips_path.model import PatchChunk
 from ips_path.model.encoders import MEASUREMENT_ENCODERS
+from ips_path.model_features import features_recipe
 from ips_path.store import TileStore, store_path
 from ips_path.tiling.grid import same_mpp
 
@@ -43,11 +44,14 @@ class SlideItem:
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    """The cached features a ``--features`` run trains on: their dimension and the encoders that made them
-    (as their identity names them; None where it names none)."""
+    """The cached features a ``--features`` run trains on: their dimension, the encoders that made them
+    (as their identity names them; None where it names none), and what made them all, which checkpoints
+    record so that prediction can make the same for new slides (:mod:`ips_path.model_features`; None
+    when the stores' features were made differently)."""
 
     dim: int
     encoders: frozenset[str | None]
+    recipe: dict[str, Any] | None = None
 
 
 def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Path, config: TrainConfig,
@@ -59,7 +63,8 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     items : dict
         slide_id -> SlideItem, for slides with at least one patch (the others are skipped with a warning).
     tiling : dict
-        ``target_mpp`` (µm/px) and ``patch_size`` (px) of the stores, as the run records them.
+        ``target_mpp`` (µm/px) and ``patch_size`` (px) of the stores, as the run records them; in features
+        mode also ``features``, the recipe of the cached features (:attr:`CachedFeatures.recipe`).
     features : CachedFeatures or None
         What the cached features are, in features mode.
 
@@ -121,7 +126,10 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index.get(r.label, -1),
                                    stores[r.slide_id].n_patches, r.mpp)
              for r in rows if stores[r.slide_id].n_patches > 0}
-    return items, {"target_mpp": float(mpp), "patch_size": int(size)}, features
+    tiling = {"target_mpp": float(mpp), "patch_size": int(size)}
+    if features is not None:
+        tiling["features"] = features.recipe
+    return items, tiling, features
 
 
 def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str) -> CachedFeatures:
@@ -137,9 +145,9 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
         listing = ", ".join(f"{k} ({v})" for k, v in sorted(dims.items()))
         raise BadInputError(f"cached features {array!r} differ in dimension between slides: {listing}; "
                             f"recompute them with `ipspath features {tiles_dir} --name {name} --overwrite`")
-    encoders = frozenset(s.array_attrs(array).get("identity", {}).get("encoder") for s in stores.values()
-                         if s.n_patches)
-    return CachedFeatures(next(iter(dims.values())), encoders)
+    identities = [s.array_attrs(array).get("identity") for s in stores.values() if s.n_patches]
+    encoders = frozenset((i or {}).get("encoder") for i in identities)
+    return CachedFeatures(next(iter(dims.values())), encoders, features_recipe(identities))
 
 
 def resolve_feature_norm(config: TrainConfig, features: CachedFeatures | None) -> TrainConfig:

@@ -105,6 +105,9 @@ class TilingParams:
         Write QC pictures.
     h5 : bool
         Also export CLAM/TRIDENT h5 coordinates.
+    for_model : bool
+        Tiling at a trained model's resolution (``ipspath predict``): a refusal says what the model
+        cannot take instead of naming ``ipspath tile``'s options.
     """
 
     target_mpp: float = 0.5
@@ -117,6 +120,7 @@ class TilingParams:
     slide_mpp: float | None = None
     qc: bool = True
     h5: bool = False
+    for_model: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
@@ -348,9 +352,12 @@ def _probe_reads(slide: Any, coords: np.ndarray, geometry: PatchGeometry) -> Non
 
 
 def tile_slide(
-    item: SlideInput, out_dir: str | os.PathLike, params: TilingParams, overwrite: bool = False
+    item: SlideInput, out_dir: str | os.PathLike, params: TilingParams, overwrite: bool = False,
+    log_error: bool = True,
 ) -> TileResult:
     """Tile one slide into ``<out_dir>/<slide_id>.zarr``; never raises for problems of the slide.
+
+    A failure is logged unless ``log_error`` is False (a caller that reports it itself).
 
     Returns
     -------
@@ -373,7 +380,8 @@ def tile_slide(
     except Exception as exc:  # noqa: BLE001 - one slide must not stop the others
         result.status = "failed"
         result.error, result.exit_code = error_line(exc, item.path)
-        log.error("%s", result.error)
+        if log_error:
+            log.error("%s", result.error)
         if before is not None and _store_stamp(target) == before:
             result.kept = _describe_store(target, item)
     result.seconds = time.perf_counter() - start
@@ -417,13 +425,16 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
         return
 
     with Slide(item.path, backend=params.backend, slide_mpp=slide_mpp) as slide:
-        level0_mpp = float(np.mean(slide.require_mpp()))
+        level0_mpp = float(np.mean(slide.require_mpp(
+            "give it in the `mpp` column of the --manifest" if params.for_model else None)))
         result.level0_mpp, result.mpp_source = level0_mpp, slide.mpp_source
         if params.target_mpp * (1 + MPP_TOLERANCE) < level0_mpp:
+            fix = (f"this model cannot predict it; one trained at {level0_mpp:.3g} µm/px or coarser can"
+                   if params.for_model else f"pass --mpp {level0_mpp:.3g} or larger")
             raise BadInputError(
-                f"{item.path}: scanned at {level0_mpp:.4g} µm/px, coarser than the requested "
-                f"{params.target_mpp:g} µm/px; pass --mpp {level0_mpp:.3g} or larger (upsampling would invent detail)"
-            )
+                f"{item.path}: scanned at {level0_mpp:.4g} µm/px, coarser than the "
+                f"{'model' if params.for_model else 'requested'} {params.target_mpp:g} µm/px; {fix} "
+                "(upsampling would invent detail)")
         geometry = patch_geometry(level0_mpp, slide.level_downsamples, params.target_mpp, params.patch_size,
                                   params.stride)
         preview = _qc_preview(slide, params.tissue.mask_mpp) if params.qc else None
