@@ -196,7 +196,7 @@ class PatchStreamer:
             raise ValueError("chunk_size, threads and in_flight must be >= 1")
         self.chunk_size = chunk_size
         self.threads = threads
-        use_compute_threads(threads)  # torch's threads beside these readers (ips_path.threads)
+        use_compute_threads()  # torch's threads beside these readers (ips_path.threads)
         self.in_flight = in_flight
         self.device = torch.device(device)
         self.augmentation = augmentation

@@ -116,7 +116,8 @@ def ensure_features(store: TileStore, name: str, checkpoint: Mapping[str, Any], 
 def _advice(name: str, recipe: Mapping[str, Any] | None, tiles_dir: str | os.PathLike) -> tuple[str, str] | None:
     """(why predict cannot make the features, the command that does), or None when predict can."""
     if recipe is None:
-        return ("and the model does not record which encoder made them (trained by an older ipspath)",
+        return ("and the model records no one encoder for them (trained by an older ipspath, or on features made "
+                "differently from store to store)",
                 f"ipspath features {tiles_dir} --name {name} --encoder ENCODER (the one the model was trained on)")
     if "tool" in recipe:
         tool, encoder = str(recipe["tool"]), recipe.get("encoder") or "its encoder"

@@ -429,12 +429,12 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
             "give it in the `mpp` column of the --manifest" if params.for_model else None)))
         result.level0_mpp, result.mpp_source = level0_mpp, slide.mpp_source
         if params.target_mpp * (1 + MPP_TOLERANCE) < level0_mpp:
-            fix = (f"this model cannot predict it; one trained at {level0_mpp:.3g} µm/px or coarser can"
-                   if params.for_model else f"pass --mpp {level0_mpp:.3g} or larger")
-            raise BadInputError(
-                f"{item.path}: scanned at {level0_mpp:.4g} µm/px, coarser than the "
-                f"{'model' if params.for_model else 'requested'} {params.target_mpp:g} µm/px; {fix} "
-                "(upsampling would invent detail)")
+            wanted, fix = ((f"the model's {params.target_mpp:g} µm/px",
+                            f"this model cannot predict it; one trained at {level0_mpp:.3g} µm/px or coarser can")
+                           if params.for_model else
+                           (f"the requested {params.target_mpp:g} µm/px", f"pass --mpp {level0_mpp:.3g} or larger"))
+            raise BadInputError(f"{item.path}: scanned at {level0_mpp:.4g} µm/px, coarser than {wanted}; {fix} "
+                                "(upsampling would invent detail)")
         geometry = patch_geometry(level0_mpp, slide.level_downsamples, params.target_mpp, params.patch_size,
                                   params.stride)
         preview = _qc_preview(slide, params.tissue.mask_mpp) if params.qc else None
