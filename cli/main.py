@@ -47,10 +47,12 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ipspath")
-@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging of ipspath.")
+@click.option("--debug-all", is_flag=True,
+              help="With --debug: debug logging of every library too (zarr, numcodecs, matplotlib, PIL, dask, ...).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, debug_all: bool, quiet: bool) -> None:
     """ipspath: train slide-level classifiers on whole-slide images with Iterative Patch Selection.
 
     \b
@@ -59,9 +61,29 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
       ipspath train --manifest m.csv --tiles tiles/ -o run/
       ipspath predict --model run/ SLIDES... -o pred/
     """
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    ctx.obj = {"debug": debug, "quiet": quiet}
+    level = logging.DEBUG if debug or debug_all else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    if not debug_all:
+        handler.addFilter(_OwnRecordsAt(level))
+    logging.basicConfig(level=level, handlers=[handler], force=True)  # a process may run several commands
+    ctx.obj = {"debug": debug or debug_all, "quiet": quiet}
+
+
+class _OwnRecordsAt(logging.Filter):
+    """Passes ipspath's records from ``level`` up and other libraries' from WARNING up.
+
+    A filter on the one handler, not levels set on other libraries' loggers, so the choice holds for
+    loggers made after this and leaves no state behind in a process that runs several commands.
+    """
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name == "ips_path" or record.name.startswith("ips_path.")
+        return record.levelno >= (self.level if own else max(self.level, logging.WARNING))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     (2 for bad input, 1 for failures).
     """
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
+    debug = "--debug" in args or "--debug-all" in args
     try:
         rv = cli.main(args=args, prog_name="ipspath", standalone_mode=False)
     except click.exceptions.Abort:

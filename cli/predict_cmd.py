@@ -78,9 +78,6 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     shown = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "done")
     click.echo(f"predicted {sum(o.ok for o in result.outcomes)} of {len(result.outcomes)} slides"
                f"{f' ({shown})' if shown else ''} -> {result.out_dir / 'predictions.csv'}")
-    for outcome in result.outcomes:
-        if not outcome.ok:
-            click.echo(f"  {outcome.status.value}: {outcome.slide_id}: {outcome.error}", err=True)
     if result.metrics and "c_index" in result.metrics:  # a survival model, patients with time and event
         m = result.metrics
         click.echo(f"C-index {_number(m['c_index'])} (95% CI {_number(m['c_index_low'])}-{_number(m['c_index_high'])})"

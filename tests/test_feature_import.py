@@ -103,6 +103,13 @@ def test_a_trident_folder_trains_and_predicts_with_heatmaps(cohort, tmp_path, ca
         assert sorted(r["slide_id"] for r in csv.DictReader(f)) == sorted(grids)
     for slide_id in grids:
         assert (pred / "heatmaps" / slide_id / "overlay.png").is_file()
+    # New slides: predict cannot make TRIDENT's features; it says so once, naming the extractor.
+    code, err = _run(["predict", "--model", str(run), "--manifest", str(manifest), "-o", str(tmp_path / "new"),
+                      "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("4 slide(s) lack the features/uni_v1 the model reads, imported from TRIDENT files of the extractor "
+            "'uni_v1': new slides need features from the same extractor") in err, err
+    assert "--format trident --name uni_v1; then run this predict again" in err
 
 
 def test_features_are_copied_block_by_block_in_store_order(cohort, tmp_path, monkeypatch):

@@ -67,14 +67,31 @@ def test_second_run_does_no_work_and_overwrite_redoes(generated, tmp_path):
     assert TileStore.open(tmp_path / "small.zarr").attrs["created"] >= created
 
 
-def test_other_parameters_need_overwrite(generated, tmp_path):
+def test_other_parameters_need_overwrite(generated, tmp_path, caplog):
     assert _tile(generated, "-o", tmp_path).exit_code == 0
     result = _tile(generated, "-o", tmp_path, "--patch-size", "128")
-    assert result.exit_code == 2
-    assert "other tiling parameters" in _summary(tmp_path)["small"]["error"]
-    assert TileStore.open(tmp_path / "small.zarr").patch_size == 256  # untouched
+    assert result.exit_code == 2 and "other tiling parameters" in caplog.text
+    assert TileStore.open(tmp_path / "small.zarr").patch_size == 256  # untouched, and so is its record
+    assert _summary(tmp_path)["small"]["status"] == "tiled" and _summary(tmp_path)["small"]["error"] == ""
     assert _tile(generated, "-o", tmp_path, "--patch-size", "128", "--overwrite").exit_code == 0
     assert TileStore.open(tmp_path / "small.zarr").patch_size == 128
+
+
+def test_a_refused_rerun_leaves_the_record_of_intact_stores_as_it_is_on_disk(cohort, tmp_path, caplog):
+    manifest, _ = cohort
+    assert _tile("--manifest", manifest, "-o", tmp_path, "--mpp", "2", "--patch-size", "32", "--no-qc").exit_code == 0
+    tiled = _summary(tmp_path)
+    refused = _tile("--manifest", manifest, "-o", tmp_path, "--mpp", "4", "--patch-size", "32", "--no-qc")
+    assert refused.exit_code == 2 and "other tiling parameters" in caplog.text
+    assert _summary(tmp_path) == tiled  # not "failed, 0 patches" for 8 intact stores
+    (tmp_path / "tiling_summary.csv").unlink()  # a lost summary: a refused rerun writes what is on disk
+    assert _tile("--manifest", manifest, "-o", tmp_path, "--mpp", "4", "--patch-size", "32", "--no-qc").exit_code == 2
+    rebuilt = _summary(tmp_path)
+    for slide_id, row in tiled.items():
+        store = TileStore.open(tmp_path / f"{slide_id}.zarr")
+        assert rebuilt[slide_id]["status"] == row["status"] == "tiled"
+        assert int(rebuilt[slide_id]["n_patches"]) == int(row["n_patches"]) == store.n_patches
+        assert float(rebuilt[slide_id]["target_mpp"]) == 2.0 and rebuilt[slide_id]["error"] == ""
 
 
 def test_mag_overlap_and_stride_options(generated, tmp_path):

@@ -117,6 +117,9 @@ class TilingParams:
         How an existing store is checked to belong to its slide file before it is skipped: ``fast``
         (size and content fingerprint, :func:`~ips_path.runtime.identity.slide_identity`) or ``full`` (also the
         SHA-256 of the whole file, recorded in the store; a store without it is tiled again).
+    for_model : bool
+        Tiling at a trained model's resolution (``ipspath predict``): a refusal says what the model
+        cannot take instead of naming ``ipspath tile``'s options.
     """
 
     target_mpp: float = 0.5
@@ -132,6 +135,7 @@ class TilingParams:
     qc: bool = True
     h5: bool = False
     verify: str = "fast"
+    for_model: bool = False
 
     def __post_init__(self) -> None:
         check_verify(self.verify)
@@ -185,6 +189,8 @@ class TileResult:
     seconds: float = 0.0
     error: str = ""
     exit_code: int = 0
+    # A failed slide's whole store that this run left as it was: what the summary records for it.
+    kept: TileResult | None = field(default=None, repr=False)
 
     def as_outcome(self) -> SlideOutcome:
         """The slide's outcome in the per-slide job contract (:mod:`ips_path.runtime.jobs`): tiled and
@@ -192,13 +198,13 @@ class TileResult:
         status = {"tiled": Status.DONE, "no-tissue": Status.DONE, "skipped": Status.REUSED}.get(self.status,
                                                                                                Status.FAILED)
         extra = {k: v for k, v in self.as_row().items() if k not in ("slide_id", "status", "error", "exit_code",
-                                                                      "seconds")}
+                                                                      "seconds", "kept")}
         return SlideOutcome(self.slide_id, status, error=self.error, exit_code=self.exit_code,
                             seconds=round(self.seconds, 3), extra={**extra, "tile_status": self.status})
 
     def as_row(self) -> dict[str, Any]:
         """The row of ``tiling_summary.csv``."""
-        row = asdict(self)
+        row = {k: v for k, v in asdict(self).items() if k != "kept"}
         row["seconds"] = round(self.seconds, 3)
         row["level0_mpp"] = None if self.level0_mpp is None else round(self.level0_mpp, 5)
         return row
@@ -369,9 +375,12 @@ def _probe_reads(slide: Any, coords: np.ndarray, geometry: PatchGeometry) -> Non
 
 
 def tile_slide(
-    item: SlideInput, out_dir: str | os.PathLike, params: TilingParams, overwrite: bool = False
+    item: SlideInput, out_dir: str | os.PathLike, params: TilingParams, overwrite: bool = False,
+    log_error: bool = True,
 ) -> TileResult:
     """Tile one slide into ``<out_dir>/<slide_id>.zarr``; never raises for problems of the slide.
+
+    A failure is logged unless ``log_error`` is False (a caller that reports it itself).
 
     Returns
     -------
@@ -383,6 +392,7 @@ def tile_slide(
     result = TileResult(item.slide_id, str(item.path), "failed", target_mpp=params.target_mpp)
     out_dir = Path(out_dir)
     target = store_path(out_dir, item.slide_id)
+    before = _store_stamp(target)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # one writer per store: a second run leaves this slide alone instead of removing its work
@@ -393,9 +403,31 @@ def tile_slide(
     except Exception as exc:  # noqa: BLE001 - one slide must not stop the others
         result.status = "failed"
         result.error, result.exit_code = error_line(exc, item.path)
-        log.error("%s", result.error)
+        if log_error:
+            log.error("%s", result.error)
+        if before is not None and _store_stamp(target) == before:
+            result.kept = _describe_store(target, item)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _store_stamp(path: Path) -> tuple[int, int] | None:
+    """Inode and change time of a store folder (a store replaced by a rename has other ones); None: none there."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_ctime_ns
+
+
+def _describe_store(path: Path, item: SlideInput) -> TileResult | None:
+    """The summary record of the whole store of ``item`` at ``path``, from what it holds; None if it is not one."""
+    try:
+        store = TileStore.open(path, slide_id=item.slide_id, slide_path=item.path)
+    except IpspathError:
+        return None
+    return TileResult(item.slide_id, str(item.path), "tiled" if store.n_patches else "no-tissue", store.n_patches,
+                      float(np.mean(store.level0_mpp)), store.attrs.get("mpp_source"), store.target_mpp)
 
 
 def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite: bool, result: TileResult) -> None:
@@ -417,13 +449,16 @@ def _tile_slide(item: SlideInput, out_dir: Path, params: TilingParams, overwrite
         return
 
     with Slide(item.path, backend=params.backend, slide_mpp=slide_mpp) as slide:
-        level0_mpp = float(np.mean(slide.require_mpp()))
+        level0_mpp = float(np.mean(slide.require_mpp(
+            "give it in the `mpp` column of the --manifest" if params.for_model else None)))
         result.level0_mpp, result.mpp_source = level0_mpp, slide.mpp_source
         if params.target_mpp * (1 + MPP_TOLERANCE) < level0_mpp:
-            raise BadInputError(
-                f"{item.path}: scanned at {level0_mpp:.4g} µm/px, coarser than the requested "
-                f"{params.target_mpp:g} µm/px; pass --mpp {level0_mpp:.3g} or larger (upsampling would invent detail)"
-            )
+            wanted, fix = ((f"the model's {params.target_mpp:g} µm/px",
+                            f"this model cannot predict it; one trained at {level0_mpp:.3g} µm/px or coarser can")
+                           if params.for_model else
+                           (f"the requested {params.target_mpp:g} µm/px", f"pass --mpp {level0_mpp:.3g} or larger"))
+            raise BadInputError(f"{item.path}: scanned at {level0_mpp:.4g} µm/px, coarser than {wanted}; {fix} "
+                                "(upsampling would invent detail)")
         geometry = patch_geometry(level0_mpp, slide.level_downsamples, params.target_mpp, params.patch_size,
                                   params.stride)
         preview = _qc_preview(slide, params.tissue.mask_mpp) if params.qc else None
@@ -534,7 +569,8 @@ def tile_slides(
 
 def _update_summary(path: Path, results: Sequence[TileResult]) -> None:
     """Write this run's rows into the folder's summary, keeping the rows of other slides (tiled by
-    earlier runs, or by runs on other slides at the same time)."""
+    earlier runs, or by runs on other slides at the same time) and of slides this run refused or
+    failed whose whole stores it left as they were."""
     from ips_path.tiling.qc import write_summary_csv
 
     with file_lock(path.with_name(f".{path.name}.lock"), str(path), wait_s=60):
@@ -544,7 +580,12 @@ def _update_summary(path: Path, results: Sequence[TileResult]) -> None:
                 rows = {row["slide_id"]: row for row in csv.DictReader(f) if row.get("slide_id")}
         except (OSError, ValueError, KeyError, csv.Error):
             pass  # no summary yet, or not one of ours: it is rewritten
-        rows.update((r.slide_id, r.as_row()) for r in results)
+        for r in results:
+            if r.kept is None:
+                rows[r.slide_id] = r.as_row()
+            elif rows.get(r.slide_id, {}).get("status") in (None, "failed"):
+                # A refused slide whose store is untouched: the record of what is on disk stays, or is made.
+                rows[r.slide_id] = r.kept.as_row()
         write_summary_csv(rows.values(), path)
 
 

@@ -64,6 +64,7 @@ from ips_path.runtime.identity import (
 )
 from ips_path.runtime.jobs import SlideOutcome, Status, check_done_record, run_exit_code, run_job
 from ips_path.runtime.parallel import map_slides, process_object
+from ips_path.stores.model_features import check_features_makeable, ensure_features
 from ips_path.stores.tile_store import StoreMismatchError, TileStore, store_path
 from ips_path.training.trained_runs import finished_folds, is_cross_validation, require_trained
 
@@ -261,6 +262,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
             for i in collect_inputs(inputs, manifest)]
     for job in jobs:
         folder.status_file(job.slide_id)  # an unsafe id is refused before any work
+    check_features_makeable(checkpoint, [store_path(tiles, j.slide_id) for j in jobs], tiles,
+                            " ".join([*map(str, inputs), *(["--manifest", str(manifest)] if manifest else [])]))
     settings = PredictSettings(checkpoint_path, checkpoints, identity, key, f"{run_name(checkpoint_path)}-{key}",
                                out_dir, tiles, own_tiles, device, threads, chunk_size, backend, heatmaps,
                                dict(heatmap_options or {}), overwrite, verify)
@@ -358,6 +361,9 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
     checkpoint = models[0][1]
     store = _tile_store(job, settings, checkpoint["tiling"])
     features = checkpoint["config"].get("features")
+    if features is not None:  # before the store's identity, which holds that of its features
+        ensure_features(store, features, checkpoint, device=settings.device, threads=settings.threads,
+                        chunk_size=settings.chunk_size or int(checkpoint["config"]["chunk_size"]))
     # The slide's size and content, not its mtime: a copy of the same file is the same slide.
     slide = {k: v for k, v in slide_identity(job.slide_path, settings.verify).items() if k != "mtime_ns"}
     identity = {"slide": slide, "store": _store_identity(store, features), "model": settings.model_key}
@@ -446,10 +452,6 @@ def _slide_chunks(store: TileStore, settings: PredictSettings, checkpoint: dict[
     features = checkpoint["config"].get("features")
     if features is None:
         return streamer.stream(store, slide_mpp=job.mpp)
-    if not store.has_array(f"features/{features}"):
-        raise BadInputError(f"{store.path}: the model reads cached features {features!r}, which this store lacks; "
-                            f"run `ipspath features {store.path.parent} --name {features} --encoder ...` "
-                            "with the encoder the model was trained on")
     return streamer.stream_features(store, features)
 
 
@@ -479,8 +481,9 @@ def _tile_store(job: PredictJob, settings: PredictSettings, tiling: dict[str, An
         log.info("%s: tiled %s; tiling again at the model's %g µm/px, %d px", path, made, target_mpp, patch_size)
         overwrite = True
     params = TilingParams(target_mpp=target_mpp, patch_size=patch_size, backend=settings.backend,
-                          verify=settings.verify)
-    result = tile_slide(SlideInput(job.slide_id, job.slide_path, job.mpp), settings.tiles_dir, params, overwrite)
+                          verify=settings.verify, for_model=True)
+    result = tile_slide(SlideInput(job.slide_id, job.slide_path, job.mpp), settings.tiles_dir, params, overwrite,
+                        log_error=False)  # the slide's job logs it, once
     if result.status == "failed":
         raise (BadInputError if result.exit_code == 2 else IpspathError)(result.error)
     return TileStore.open(path)

@@ -187,13 +187,17 @@ class Slide:
 
     # -- pixel size ----------------------------------------------------------------------------
 
-    def require_mpp(self) -> tuple[float, float]:
-        """Level-0 pixel size (x, y) in µm/px; raises BadInputError when it is unknown."""
+    def require_mpp(self, fix: str | None = None) -> tuple[float, float]:
+        """Level-0 pixel size (x, y) in µm/px; raises BadInputError when it is unknown.
+
+        ``fix`` is how the caller's command takes the pixel size; default: ``--slide-mpp`` or the
+        manifest's ``mpp`` column (``ipspath tile``, ``ipspath inspect``).
+        """
         if self.level0_mpp is None:
             raise BadInputError(
                 f"{self.path}: the pixel size is unknown (no scanner metadata, TIFF resolution or "
-                "objective power); pass --slide-mpp MICRONS_PER_PIXEL or give an `mpp` column "
-                "in the manifest")
+                "objective power); "
+                f"{fix or 'pass --slide-mpp MICRONS_PER_PIXEL or give an `mpp` column in the manifest'}")
         return self.level0_mpp
 
     def level_mpp(self, level: int) -> float:

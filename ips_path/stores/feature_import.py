@@ -386,7 +386,8 @@ def _plan(slide_id: str, slide_path: Path, slide_mpp: float | None, h5_path: Pat
     from ips_path.slides.slide import Slide
 
     with Slide(slide_path, slide_mpp=slide_mpp) as slide:
-        frame = SlideFrame(float(np.mean(slide.require_mpp())), tuple(slide.level_downsamples),
+        frame = SlideFrame(float(np.mean(slide.require_mpp("give it in the `mpp` column of the --manifest"))),
+                           tuple(slide.level_downsamples),
                            tuple(int(v) for v in slide.dimensions))
     file = read_feature_file(h5_path, frame, tool=tool, clam_patches=clam_patches)
     order = np.lexsort((file.coords[:, 0], file.coords[:, 1]))

@@ -39,7 +39,7 @@ from ips_path.stores.feature_grid import open_features
 from ips_path.stores.loader import PatchStreamer
 from ips_path.stores.tile_store import GRID_ATTR, StoreMismatchError, TileStore, promised_patches, slide_id_from_path
 
-__all__ = ["FeatureSettings", "embed_store", "extract_features", "store_features"]
+__all__ = ["FeatureSettings", "cache_features", "embed_store", "extract_features", "store_features"]
 
 log = logging.getLogger(__name__)
 
@@ -174,25 +174,31 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
 
 def store_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
     """Cache the features of one tile store; never raises for a problem of the slide."""
-    slide_id = slide_id_from_path(path)
+    return run_job(slide_id_from_path(path), path, lambda: cache_features(path, settings), extra={"store": str(path)})
 
-    def work() -> SlideOutcome:
-        array = f"features/{settings.name}"
-        store = TileStore.open(path)
-        encoder = _encoder(settings)
-        identity = {**settings.identity, **getattr(encoder, "identity", {}), "dim": int(encoder.out_dim),
-                    GRID_ATTR: store.grid_sha256}
-        extra = {"store": str(path), "n_patches": store.n_patches}
-        if not settings.overwrite and _reusable(store, settings.name, identity):
-            return SlideOutcome(slide_id, Status.REUSED, identity=identity, extra=extra)
-        streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device,
-                                               settings.stain_norm),
-                                  lambda: PatchStreamer(chunk_size=settings.chunk_size, threads=settings.threads,
-                                                        device=settings.device, stain_norm=settings.stain_norm))
-        store.write_array(array, embed_store(encoder, store, streamer), attrs={**identity, "identity": identity})
-        return SlideOutcome(slide_id, Status.DONE, identity=identity, extra=extra)
 
-    return run_job(slide_id, path, work, extra={"store": str(path)})
+def cache_features(path: Path, settings: FeatureSettings) -> SlideOutcome:
+    """Cache the features of one tile store (reused when equal ones are there); raises what goes wrong.
+
+    Returns
+    -------
+    SlideOutcome
+        DONE or REUSED, with the features' ``identity`` (``extra``: ``store``, ``n_patches``).
+    """
+    array = f"features/{settings.name}"
+    store = TileStore.open(path)
+    encoder = _encoder(settings)
+    identity = {**settings.identity, **getattr(encoder, "identity", {}), "dim": int(encoder.out_dim),
+                GRID_ATTR: store.grid_sha256}
+    extra = {"store": str(path), "n_patches": store.n_patches}
+    if not settings.overwrite and _reusable(store, settings.name, identity):
+        return SlideOutcome(slide_id_from_path(path), Status.REUSED, identity=identity, extra=extra)
+    streamer = process_object("streamer", (settings.chunk_size, settings.threads, settings.device,
+                                           settings.stain_norm),
+                              lambda: PatchStreamer(chunk_size=settings.chunk_size, threads=settings.threads,
+                                                    device=settings.device, stain_norm=settings.stain_norm))
+    store.write_array(array, embed_store(encoder, store, streamer), attrs={**identity, "identity": identity})
+    return SlideOutcome(slide_id_from_path(path), Status.DONE, identity=identity, extra=extra)
 
 
 def _reusable(store: TileStore, name: str, identity: dict[str, Any]) -> bool:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ips_path.model.chunks import PatchChunk
 from ips_path.runtime.errors import IpspathError
+from ips_path.runtime.threads import available_cores, use_compute_threads
 from ips_path.slides.slide import Slide, rgb_on_white
 from ips_path.slides.stain import SAMPLE_PATCHES, apply_lut, normalization_lut, slide_stain_od
 from ips_path.stores.feature_grid import open_features
@@ -160,14 +161,6 @@ def grid_positions(coords: np.ndarray, step: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rel[:, ::-1]))
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, as set by taskset, SLURM or a container)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class PatchStreamer:
     """Reads the patches of tile stores from their slides, chunk by chunk.
 
@@ -204,6 +197,7 @@ class PatchStreamer:
             raise ValueError("chunk_size, threads and in_flight must be >= 1")
         self.chunk_size = chunk_size
         self.threads = threads
+        use_compute_threads()  # torch's threads beside these readers (ips_path.runtime.threads)
         self.in_flight = in_flight
         self.device = torch.device(device)
         self.augmentation = augmentation

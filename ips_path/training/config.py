@@ -8,8 +8,10 @@ repeated with ``ipspath train --config <run>/config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -268,7 +270,7 @@ class TrainConfig:
         for raw_key, value in values.items():
             key = str(raw_key).replace("-", "_")
             if key not in known:
-                problems.append(f"unknown key {raw_key!r}")
+                problems.append(_unknown_key(raw_key, known))
                 continue
             kind, optional = _field_type(known[key])
             if key == "label_columns" and isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -279,7 +281,7 @@ class TrainConfig:
                 problems.append(f"{raw_key}: {value!r} is not a{'n' if kind is int else ''} {kind.__name__}"
                                 f"{' or null' if optional else ''}")
         if problems:
-            raise BadInputError(f"{source}: {'; '.join(problems)}; known keys: {', '.join(known)}")
+            raise BadInputError(f"{source}: {'; '.join(problems)}")
         return cls(**clean)
 
 
@@ -305,6 +307,13 @@ def _label_column_problems(config: TrainConfig) -> list[str]:
     return problems
 
 
+def _unknown_key(raw_key: Any, known: Mapping[str, Any]) -> str:
+    """The problem line of a key no setting has, with the closest setting's name when one is close."""
+    close = difflib.get_close_matches(str(raw_key).replace("-", "_"), list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else " (a run's config.yaml lists every setting)"
+    return f"unknown key {raw_key!r}{hint}"
+
+
 def _option(name: str) -> str:
     """The command-line spelling of a setting (``warmup_epochs`` -> ``--warmup-epochs``)."""
     return "--" + name.replace("_", "-")
@@ -316,7 +325,18 @@ def _field_type(field: dataclasses.Field) -> tuple[type, bool]:
     return {"str": str, "int": int, "float": float, "bool": bool}[name.removesuffix(" | None")], "None" in name
 
 
+# A number as people write it, which YAML 1.1 (PyYAML) leaves a string: 3e-4, 1E5, +2, 1_000.
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, kind: type, optional: bool) -> Any:
+    if isinstance(value, str) and kind in (int, float) and _NUMBER.fullmatch(value.strip()):
+        number = float(value.strip().replace("_", ""))
+        if kind is float:
+            return number
+        if number.is_integer():  # an integer written as 1e3
+            return int(number)
+        raise TypeError(value)
     if value is None:
         if optional:
             return None

@@ -20,6 +20,7 @@ from ips_path.runtime.errors import BadInputError
 from ips_path.slides.manifest import ManifestRow
 from ips_path.stores.feature_grid import open_features
 from ips_path.stores.loader import PatchStreamer
+from ips_path.stores.model_features import features_recipe
 from ips_path.stores.tile_store import StoreMismatchError, TileStore, store_path
 from ips_path.tiling.grid import same_mpp
 from ips_path.training.config import TrainConfig
@@ -44,11 +45,14 @@ class SlideItem:
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    """The cached features a ``--features`` run trains on: their dimension and the encoders that made them
-    (as their identity names them; None where it names none)."""
+    """The cached features a ``--features`` run trains on: their dimension, the encoders that made them
+    (as their identity names them; None where it names none), and what made them all, which checkpoints
+    record so that prediction can make the same for new slides (:mod:`ips_path.stores.model_features`; None
+    when the stores' features were made differently)."""
 
     dim: int
     encoders: frozenset[str | None]
+    recipe: dict[str, Any] | None = None
 
 
 def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Path, config: TrainConfig,
@@ -60,7 +64,8 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     items : dict
         slide_id -> SlideItem, for slides with at least one patch (the others are skipped with a warning).
     tiling : dict
-        ``target_mpp`` (µm/px) and ``patch_size`` (px) of the stores, as the run records them.
+        ``target_mpp`` (µm/px) and ``patch_size`` (px) of the stores, as the run records them; in features
+        mode also ``features``, the recipe of the cached features (:attr:`CachedFeatures.recipe`).
     features : CachedFeatures or None
         What the cached features are, in features mode.
 
@@ -122,7 +127,10 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index.get(r.label, -1),
                                    stores[r.slide_id].n_patches, r.mpp)
              for r in rows if stores[r.slide_id].n_patches > 0}
-    return items, {"target_mpp": float(mpp), "patch_size": int(size)}, features
+    tiling = {"target_mpp": float(mpp), "patch_size": int(size)}
+    if features is not None:
+        tiling["features"] = features.recipe
+    return items, tiling, features
 
 
 def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str) -> CachedFeatures:
@@ -147,9 +155,9 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
         listing = ", ".join(f"{k} ({v})" for k, v in sorted(dims.items()))
         raise BadInputError(f"cached features {array!r} differ in dimension between slides: {listing}; "
                             f"recompute them with `ipspath features {tiles_dir} --name {name} --overwrite`")
-    encoders = frozenset(s.array_attrs(array).get("identity", {}).get("encoder") for s in stores.values()
-                         if s.n_patches)
-    return CachedFeatures(next(iter(dims.values())), encoders)
+    identities = [s.array_attrs(array).get("identity") for s in stores.values() if s.n_patches]
+    encoders = frozenset((i or {}).get("encoder") for i in identities)
+    return CachedFeatures(next(iter(dims.values())), encoders, features_recipe(identities))
 
 
 def resolve_feature_norm(config: TrainConfig, features: CachedFeatures | None) -> TrainConfig:
