@@ -9,6 +9,7 @@ An identity is a plain JSON-able dict; :func:`identity_key` turns one into a sho
   size and three 64 KiB blocks: first, middle, last). A slide copied elsewhere keeps its
   fingerprint; a slide replaced under the same name almost always changes it, even when size and
   mtime were kept (``cp -p``, ``rsync -t``), without reading gigabytes.
+- :func:`content_identity`: size and fingerprint alone, for inputs identified by their bytes only.
 - :func:`file_digest`: SHA-256 of a whole file (checkpoints, encoder weights), cached per process
   by (path, size, mtime_ns), so a file rewritten in place is digested afresh.
 - :func:`canonical_json` / :func:`identity_key`: one spelling of a parameter set, whatever the
@@ -28,6 +29,7 @@ from typing import Any
 __all__ = [
     "FINGERPRINT_BLOCK",
     "canonical_json",
+    "content_identity",
     "file_digest",
     "file_fingerprint",
     "identity_differences",
@@ -63,6 +65,15 @@ def slide_identity(path: str | os.PathLike) -> dict[str, Any]:
     """
     stat = os.stat(path)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fingerprint": file_fingerprint(path)}
+
+
+def content_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "fingerprint": hex}`` of a file: what its bytes are, not when they were written.
+
+    For inputs whose copies must count as the same input (``cp -r``, ``touch``, a restore from a
+    backup): imported feature files.
+    """
+    return {"size": os.stat(path).st_size, "fingerprint": file_fingerprint(path)}
 
 
 def file_digest(path: str | os.PathLike) -> str:
