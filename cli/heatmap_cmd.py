@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ips_path.cli.options import OutputFolder
 from ips_path.errors import BadInputError
 from ips_path.heatmap import COLORMAPS, jobs_from_predictions, jobs_from_tiles, render_heatmaps
 from ips_path.jobs import run_exit_code
@@ -19,7 +20,7 @@ from ips_path.jobs import run_exit_code
 @click.option("--predictions", "pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An `ipspath predict` output folder instead of --tiles/--run: run name and tiles folder from "
                    "its run.json, slides done in predictions.csv; writes PRED_DIR/heatmaps/<slide_id>/.")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", "out_dir", type=OutputFolder(),
               help="Output folder, one <slide_id>/ folder per slide (required with --tiles; default with "
                    "--predictions: PRED_DIR/heatmaps).")
 @click.option("--slides", "slide_ids", multiple=True,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ips_path.cli.options import OutputFolder
 from ips_path.errors import BadInputError
 from ips_path.tiling.grid import patch_resolution, patch_stride
 from ips_path.tiling.run import SUMMARY_NAME, TilingParams, collect_inputs, exit_code, tile_slides
@@ -14,7 +15,7 @@ from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
 
 @click.command("tile")
 @click.argument("inputs", nargs=-1)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", "out_dir", required=True, type=OutputFolder(),
               help="Output folder: <slide_id>.zarr stores, qc/<slide_id>.png, tiling_summary.csv.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="CSV with slide_id, slide_path (relative to the CSV's folder) and optional mpp "

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from ips_path.identity import content_identity, same_identity
 from ips_path.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.limits import DOWNSAMPLE, MAGNIFICATION, PATCH_PX, PATCH_UM, Range
 from ips_path.locks import output_lock
+from ips_path.names import check_feature_name
 from ips_path.store import TileStore, store_path
 from ips_path.store_exchange import tile_store_for_coords
 from ips_path.tiling.grid import same_mpp
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 #: Relative tolerance when comparing the resolution of a feature file with a store's.
 #: Source bytes read per block when copying features (the peak memory of an import).
 BLOCK_BYTES = 16 << 20
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -482,10 +481,7 @@ def _feature_name(jobs: Sequence[_Job], name: str | None) -> str:
             named = f"several encoders ({', '.join(encoders)})" if encoders else "no encoder"
             raise BadInputError(f"the feature files name {named}; give --name NAME for features/NAME")
         name = encoders[0]
-    if not _SAFE_NAME.fullmatch(name):
-        raise BadInputError(f"{name!r} cannot name features/<name>: use letters, digits, '.', '_' and '-'; "
-                            "give --name")
-    return name
+    return check_feature_name(name)
 
 
 def _import_one(job: _Job, name: str) -> SlideOutcome:

@@ -217,7 +217,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         :class:`~ips_path.errors.RefusedError` when ``out_dir`` holds another model's results.
     """
     from ips_path.distributed import resolve_device
-    from ips_path.locks import output_lock
+    from ips_path.locks import output_lock, probe_writable
     from ips_path.tiling.run import collect_inputs
 
     _check_options(threads, chunk_size, heatmap_options if heatmaps else None)
@@ -255,6 +255,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     settings = PredictSettings(checkpoint_path, checkpoints, identity, key, f"{run_name(checkpoint_path)}-{key}",
                                out_dir, tiles, own_tiles, device, threads, chunk_size, backend, heatmaps,
                                dict(heatmap_options or {}), overwrite)
+    if not own_tiles:  # the scores go into the stores: a read-only tiles folder is found before any slide
+        probe_writable(tiles, "--tiles")
     with output_lock(out_dir):
         _claim_folder(folder, settings, overwrite)
         folder.make_folders()

@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.errors import BadInputError
+from ips_path.errors import BadInputError, listing
 from ips_path.heatmap.render import check_heatmap_options, check_scores, render_slide_heatmaps
 from ips_path.jobs import SlideOutcome, Status, run_job
+from ips_path.locks import probe_writable
 from ips_path.progress import progress_bar
 from ips_path.store import TileStore, slide_id_from_path
 
@@ -112,7 +113,7 @@ def jobs_from_tiles(tiles: str | os.PathLike, run: str | None, out_dir: str | os
     if slide_ids:
         unknown = [s for s in slide_ids if s not in stores]
         if unknown:
-            raise BadInputError(f"{tiles}: no tile store for slide(s) {', '.join(unknown)} "
+            raise BadInputError(f"{tiles}: no tile store for slide(s) {listing(unknown)} "
                                 f"({len(stores)} stores there, e.g. {next(iter(stores))})")
         stores = {s: stores[s] for s in dict.fromkeys(slide_ids)}
     run = _resolve_run(tiles, stores, run)
@@ -210,9 +211,11 @@ def render_heatmaps(jobs: Sequence[HeatmapJob], *, progress: bool = True, **opti
     Raises
     ------
     BadInputError
-        A bad option.
+        A bad option, or an output folder that cannot be written.
     """
     check_heatmap_options(options)
+    for folder in sorted({job.out_dir.parent for job in jobs}):  # a read-only folder is found before any slide
+        probe_writable(folder)
     outcomes = []
     with progress_bar(len(jobs), "heatmaps", unit="slide", enabled=progress) as bar:
         for job in jobs:
