@@ -8,7 +8,7 @@ import click
 
 from ips_path.cli.options import OutputFolder
 from ips_path.errors import BadInputError
-from ips_path.heatmap import COLORMAPS, jobs_from_predictions, jobs_from_tiles, render_heatmaps
+from ips_path.heatmap import COLORMAPS, check_heatmap_options, jobs_from_predictions, jobs_from_tiles, render_heatmaps
 from ips_path.jobs import run_exit_code
 
 
@@ -70,6 +70,9 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
         raise BadInputError("give either --tiles (with --run and -o) or --predictions PRED_DIR")
     if pred_dir is not None and run is not None:
         raise BadInputError("--predictions reads the run from PRED_DIR/run.json; drop --run (or use --tiles)")
+    options = {"thumbnail_size": thumbnail_size, "smooth_sigma_um": smooth_um, "colormap": colormap, "alpha": alpha,
+               "top_k": top_k, "geojson": not no_geojson, "tiff_mpp": tiff_mpp, "threads": threads}
+    check_heatmap_options(options)  # before the stores are read
     ids = [s for value in slide_ids for s in value.split(",") if s]
     if tiles is not None:
         if out_dir is None:
@@ -78,9 +81,7 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
     else:
         jobs = jobs_from_predictions(pred_dir, ids, out_dir)
     quiet = bool((ctx.obj or {}).get("quiet"))
-    outcomes = render_heatmaps(jobs, progress=not quiet, thumbnail_size=thumbnail_size, smooth_sigma_um=smooth_um,
-                               colormap=colormap, alpha=alpha, top_k=top_k, geojson=not no_geojson,
-                               tiff_mpp=tiff_mpp, threads=threads)
+    outcomes = render_heatmaps(jobs, progress=not quiet, **options)
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         click.echo(f"ipspath: error: {outcome.slide_id}: {outcome.error}", err=True)

@@ -54,8 +54,8 @@ class Range:
         if isinstance(value, bool) or not math.isfinite(number) or (self.integer and not number.is_integer()):
             return f"{value!r} is not {kind}" + ("" if math.isfinite(number) else " (finite)")
         if number < self.low or number > self.high or (self.low_open and number == self.low):
-            low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
-            return f"{value!r} is outside {low} and <= {self.high:g}{' ' + self.unit if self.unit else ''}"
+            interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            return f"{value!r} is not in {interval}{' ' + self.unit if self.unit else ''}"
         return None
 
     def check(self, value: Any, name: str, fix: str = "") -> Any:
