@@ -45,18 +45,18 @@ class Range:
     integer: bool = False
 
     def problem(self, value: Any) -> str | None:
-        """Why ``value`` is not in the range, or None when it is."""
-        kind = "a whole number" if self.integer else "a number"
+        """Why ``value`` is not in the range (``"0 is not a number in (0.001, 1000] µm/px"``), or None."""
         try:
             number = float(value)
         except (TypeError, ValueError, OverflowError):
-            return f"{value!r} is not {kind}"
-        if isinstance(value, bool) or not math.isfinite(number) or (self.integer and not number.is_integer()):
-            return f"{value!r} is not {kind}" + ("" if math.isfinite(number) else " (finite)")
-        if number < self.low or number > self.high or (self.low_open and number == self.low):
-            interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
-            return f"{value!r} is not in {interval}{' ' + self.unit if self.unit else ''}"
-        return None
+            number = math.nan
+        inside = (not isinstance(value, bool) and math.isfinite(number) and self.low <= number <= self.high
+                  and not (self.low_open and number == self.low) and not (self.integer and not number.is_integer()))
+        if inside:
+            return None
+        interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        return (f"{value!r} is not {'a whole number' if self.integer else 'a number'} in {interval}"
+                f"{' ' + self.unit if self.unit else ''}")
 
     def check(self, value: Any, name: str, fix: str = "") -> Any:
         """``value`` as a float (an int when ``integer``); BadInputError ``"NAME: why; FIX"`` when outside.
