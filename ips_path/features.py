@@ -162,7 +162,8 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     _encoder(settings)  # a bad encoder name or weights file fails here, once, before any slide
     paths = [Path(p).resolve() for p in stores]
     for path in paths:  # the features go into each store: a read-only one is found before any slide is embedded
-        probe_writable(path, "TILES")
+        if not os.access(path, os.W_OK):  # cheap for a cohort; the probe then says why (read-only, permissions)
+            probe_writable(path, "TILES")
     gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
     shared = paths + ([Path(settings.pretrained)] if settings.pretrained else [])
     return map_slides(store_features, paths, settings, scheduler=scheduler, resources=gpu, shared_paths=shared,
