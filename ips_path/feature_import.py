@@ -167,8 +167,8 @@ def _attr(attrs: Mapping[str, Any], key: str, allowed: Range, path: Path, where:
     value = attrs[key]
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.item()
+    if isinstance(value, np.ndarray) and value.size == 1 or isinstance(value, np.generic):
+        value = value.item()  # a plain number in the message, not np.int64(0)
     return allowed.check(value, f"{path}: {where} attribute {key}",
                          fix="the file is damaged or was not written by the tool it claims; re-extract it")
 
