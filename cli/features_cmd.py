@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ips_path.cli.options import OutputFolder
 from ips_path.stores.tile_store import find_stores
 
 
@@ -62,7 +63,7 @@ def extract_cmd(ctx: click.Context, tiles: tuple[str, ...], encoder: str, pretra
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="CSV with slide_id and slide_path (labels not needed); FOLDER holds <slide_id>.h5 of each.")
-@click.option("-o", "--tiles", "tiles_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--tiles", "tiles_dir", required=True, type=OutputFolder(),
               help="Folder of tile stores: made where missing, completed where present.")
 @click.option("--format", "tool", type=click.Choice(["auto", "trident", "clam", "stamp"]), default="auto",
               show_default=True, help="Tool that wrote the files (auto: recognised from their contents).")

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from ips_path.review.heatmap import COLORMAPS, SCALES, jobs_from_predictions, jobs_from_tiles, render_heatmaps
+from ips_path.cli.options import OutputFolder
+from ips_path.review.heatmap import (
+    COLORMAPS,
+    SCALES,
+    check_heatmap_options,
+    jobs_from_predictions,
+    jobs_from_tiles,
+    render_heatmaps,
+)
 from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.jobs import run_exit_code
 
@@ -19,7 +27,7 @@ from ips_path.runtime.jobs import run_exit_code
 @click.option("--predictions", "pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An `ipspath predict` output folder instead of --tiles/--run: run name and tiles folder from "
                    "its run.json, slides done in predictions.csv; writes PRED_DIR/heatmaps/<slide_id>/.")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", "out_dir", type=OutputFolder(),
               help="Output folder, one <slide_id>/ folder per slide (required with --tiles; default with "
                    "--predictions: PRED_DIR/heatmaps).")
 @click.option("--slides", "slide_ids", multiple=True,
@@ -78,6 +86,10 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
         raise BadInputError("give either --tiles (with --run and -o) or --predictions PRED_DIR")
     if pred_dir is not None and run is not None:
         raise BadInputError("--predictions reads the run from PRED_DIR/run.json; drop --run (or use --tiles)")
+    options = {"thumbnail_size": thumbnail_size, "smooth_sigma_um": smooth_um, "colormap": colormap, "alpha": alpha,
+               "top_k": top_k, "geojson": not no_geojson, "tiff_mpp": tiff_mpp, "threads": threads,
+               "scale": scale, "crop": crop}
+    check_heatmap_options(options)  # before the stores are read
     ids = [s for value in slide_ids for s in value.split(",") if s]
     if tiles is not None:
         if out_dir is None:
@@ -86,9 +98,7 @@ def heatmap_cmd(ctx: click.Context, tiles: Path | None, run: str | None, pred_di
     else:
         jobs = jobs_from_predictions(pred_dir, ids, out_dir)
     quiet = bool((ctx.obj or {}).get("quiet"))
-    outcomes = render_heatmaps(jobs, progress=not quiet, thumbnail_size=thumbnail_size, smooth_sigma_um=smooth_um,
-                               colormap=colormap, scale=scale, alpha=alpha, top_k=top_k, geojson=not no_geojson,
-                               tiff_mpp=tiff_mpp, threads=threads, crop=crop)
+    outcomes = render_heatmaps(jobs, progress=not quiet, **options)
     failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
         click.echo(f"ipspath: error: {outcome.slide_id}: {outcome.error}", err=True)

@@ -62,12 +62,22 @@ def cli(ctx: click.Context, debug: bool, debug_all: bool, quiet: bool) -> None:
       ipspath predict --model run/ SLIDES... -o pred/
     """
     level = logging.DEBUG if debug or debug_all else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CommandHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     if not debug_all:
         handler.addFilter(_OwnRecordsAt(level))
-    logging.basicConfig(level=level, handlers=[handler], force=True)  # a process may run several commands
+    # A process may run several commands (tests, notebooks): replace the handler an earlier one added, and
+    # leave every other handler (pytest's, an application's) alone.
+    root = logging.getLogger()
+    for earlier in [h for h in root.handlers if isinstance(h, _CommandHandler)]:
+        root.removeHandler(earlier)
+    root.addHandler(handler)
+    root.setLevel(level)
     ctx.obj = {"debug": debug or debug_all, "quiet": quiet}
+
+
+class _CommandHandler(logging.StreamHandler):
+    """The handler one command adds to the root logger (to stderr, as it is when the command starts)."""
 
 
 class _OwnRecordsAt(logging.Filter):

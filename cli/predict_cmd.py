@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import click
 
-from ips_path.cli.options import verify_option
+from ips_path.cli.options import OutputFolder, verify_option
 
 
 @click.command("predict")
@@ -17,7 +18,7 @@ from ips_path.cli.options import verify_option
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False),
               help="CSV with slide_id, slide_path and optional label (the model's label columns), mpp (labels "
                    "give metrics).")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "out_dir", required=True, type=OutputFolder(),
               help="Output folder; running again resumes (finished slides are skipped).")
 @click.option("--tiles", "tiles_dir", type=click.Path(file_okay=False),
               help="Folder of tile stores from `ipspath tile`; slides without a store are tiled into it. "
@@ -40,7 +41,7 @@ from ips_path.cli.options import verify_option
                                   "(GPU workers need --resources GPU=1). Default: this process.")
 @verify_option
 @click.pass_context
-def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifest: str | None, out_dir: str,
+def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifest: str | None, out_dir: Path,
                 tiles_dir: str | None, device: str, threads: int | None, chunk_size: int | None, backend: str,
                 heatmaps: bool,
                 thumbnail_size: int, top_k: int, tiff_mpp: float | None, overwrite: bool, scheduler: str | None,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ips_path.cli.options import verify_option
+from ips_path.cli.options import OutputFolder, verify_option
 from ips_path.runtime.errors import BadInputError
 from ips_path.tiling.annotations import MaskClasses, class_names
 from ips_path.tiling.grid import patch_resolution, patch_stride
@@ -16,7 +16,7 @@ from ips_path.tiling.tissue import TISSUE_METHODS, TissueParams
 
 @click.command("tile")
 @click.argument("inputs", nargs=-1)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", "out_dir", required=True, type=OutputFolder(),
               help="Output folder: <slide_id>.zarr stores, qc/<slide_id>.png, tiling_summary.csv.")
 @click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
               help="CSV with slide_id, slide_path (relative to the CSV's folder) and optional mpp "

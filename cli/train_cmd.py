@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ips_path.cli.options import OutputFolder
 from ips_path.training.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -23,7 +24,7 @@ def _help(text: str, name: str) -> str:
               help="CSV with slide_id, slide_path, label and optional split (train/val/test), case_id, mpp.")
 @click.option("--tiles", "tiles_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder of tile stores <slide_id>.zarr made by `ipspath tile`.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", "out_dir", required=True, type=OutputFolder(),
               help="Run folder: config.yaml, splits.csv, metrics.csv, curves.png, last.pt, best.pt.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML file of settings (keys as the options below, e.g. n_select: 32); options given here "
@@ -135,6 +136,10 @@ def _help(text: str, name: str) -> str:
                          "up, of negative slides down (0: off; two classes only).", "instance_loss"))
 @click.option("--instance-k", type=int, help=_help("Patches per slide the instance loss labels at each end.",
                                                    "instance_k"))
+@click.option("--label-case", type=click.Choice(["exact", "fold"]),
+              help=_help("Labels that differ only in case ('Positive', 'positive'): exact refuses them (they would be "
+                         "two classes); fold merges them into one class, spelled as most slides spell it.",
+                         "label_case"))
 @click.pass_context
 def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path, config_file: Path | None,
               resume: bool, folds: int | None, **options: Any) -> int:

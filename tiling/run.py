@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import glob
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -31,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.runtime.errors import BadInputError, IpspathError
+from ips_path.runtime.errors import BadInputError, IpspathError, listing
 from ips_path.runtime.faults import fault_point
 from ips_path.runtime.identity import check_verify, slide_identity
 from ips_path.runtime.jobs import SlideOutcome, Status, error_line, run_exit_code
+from ips_path.runtime.limits import PIXEL_SIZE_UM
 from ips_path.runtime.locks import file_lock, probe_writable
 from ips_path.runtime.names import slide_id_problem
 from ips_path.stores.exchange import export_h5
@@ -139,8 +139,9 @@ class TilingParams:
 
     def __post_init__(self) -> None:
         check_verify(self.verify)
-        if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
-            raise BadInputError(f"--mpp must be a positive µm/px, got {self.target_mpp}")
+        PIXEL_SIZE_UM.check(self.target_mpp, "--mpp")
+        if self.slide_mpp is not None:
+            PIXEL_SIZE_UM.check(self.slide_mpp, "--slide-mpp")
         if self.patch_size < 1:
             raise BadInputError(f"--patch-size must be at least 1 px, got {self.patch_size}")
         if self.stride is not None and self.stride < 1:
@@ -260,8 +261,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], manifest: str | os.PathL
     unsafe = [f"{item.path}: slide id {item.slide_id[:60]!r} is not a safe file name ({problem})"
               for item in found if (problem := slide_id_problem(item.slide_id)) is not None]
     if unsafe:
-        raise BadInputError(f"{len(unsafe)} slide file name(s) cannot name output files: " + "; ".join(unsafe[:5])
-                            + (f"; and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
+        raise BadInputError(f"{len(unsafe)} slide file name(s) cannot name output files: " + listing(unsafe, sep="; ")
                             + "; rename the files or give safe slide_id values with --manifest")
     unique: dict[str, SlideInput] = {}
     clashes = []

@@ -225,7 +225,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         A bad option, device, checkpoint, input or output folder, before any slide is touched;
         :class:`~ips_path.runtime.errors.RefusedError` when ``out_dir`` holds another model's results.
     """
-    from ips_path.runtime.locks import output_lock
+    from ips_path.runtime.locks import output_lock, probe_writable
     from ips_path.tiling.run import collect_inputs
     from ips_path.training.distributed import resolve_device
 
@@ -267,6 +267,8 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     settings = PredictSettings(checkpoint_path, checkpoints, identity, key, f"{run_name(checkpoint_path)}-{key}",
                                out_dir, tiles, own_tiles, device, threads, chunk_size, backend, heatmaps,
                                dict(heatmap_options or {}), overwrite, verify)
+    if not own_tiles:  # the scores go into the stores: a read-only tiles folder is found before any slide
+        probe_writable(tiles, "--tiles")
     with output_lock(out_dir):
         _claim_folder(folder, settings, overwrite)
         folder.make_folders()

@@ -12,6 +12,7 @@ An identity is a plain JSON-able dict; :func:`identity_key` turns one into a sho
   edit in place that keeps the size and touches no byte of the three blocks (most of the pixel
   data of a large slide). ``verify="full"`` (``--verify full``) adds the SHA-256 of the whole file,
   read once per file and process (:func:`file_digest`), for users who need that certainty.
+- :func:`content_identity`: size and fingerprint alone, for inputs identified by their bytes only.
 - :func:`file_digest`: SHA-256 of a whole file (checkpoints, encoder weights), cached per process
   by (path, size, mtime_ns), so a file rewritten in place is digested afresh.
 - :func:`canonical_json` / :func:`identity_key`: one spelling of a parameter set, whatever the
@@ -35,6 +36,7 @@ __all__ = [
     "VERIFY_MODES",
     "canonical_json",
     "check_verify",
+    "content_identity",
     "file_digest",
     "file_fingerprint",
     "identity_differences",
@@ -90,6 +92,15 @@ def lacks_full_hash(recorded_slide: Mapping[str, Any] | None, slide: Mapping[str
     """Whether a result recorded for slide identity ``recorded_slide`` was never checked against the
     whole file, while ``slide`` (this run's, ``verify="full"``) is: it must be made again to be verified."""
     return "sha256" in slide and "sha256" not in (recorded_slide or {})
+
+
+def content_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "fingerprint": hex}`` of a file: what its bytes are, not when they were written.
+
+    For inputs whose copies must count as the same input (``cp -r``, ``touch``, a restore from a
+    backup): imported feature files.
+    """
+    return {"size": os.stat(path).st_size, "fingerprint": file_fingerprint(path)}
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -167,15 +167,17 @@ def _stale_reason(holder: LockHolder) -> str | None:
     return None
 
 
-def _os_error_line(folder: Path, exc: OSError) -> BadInputError:
+def _os_error_line(folder: Path, exc: OSError, option: str = "-o") -> BadInputError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BadInputError(f"{folder}: cannot write in this output folder ({exc.strerror}); "
-                             "choose a writable folder with -o")
+                             f"choose a writable folder with {option}")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return BadInputError(f"{folder}: no space left on this device; free space or choose another folder with -o")
+        return BadInputError(f"{folder}: no space left on this device; free space or choose another folder with "
+                             f"{option}")
     if exc.errno == errno.ENAMETOOLONG:
-        return BadInputError(f"{folder}: path too long for this file system; choose a shorter -o")
-    return BadInputError(f"{folder}: cannot use as output folder ({exc.strerror or exc}); choose another with -o")
+        return BadInputError(f"{folder}: path too long for this file system; choose a shorter {option}")
+    return BadInputError(f"{folder}: cannot use as output folder ({exc.strerror or exc}); choose another with "
+                         f"{option}")
 
 
 def _create(lock: Path, holder: LockHolder) -> bool:
@@ -326,8 +328,10 @@ def file_lock(lock: str | os.PathLike, what: str, wait_s: float = 0.0) -> Iterat
                 lock.unlink(missing_ok=True)
 
 
-def probe_writable(folder: str | os.PathLike) -> Path:
+def probe_writable(folder: str | os.PathLike, option: str = "-o") -> Path:
     """Make ``folder`` and write and remove a small file in it, before any work.
+
+    ``option`` is the option that named the folder, for the fix the message gives.
 
     Raises
     ------
@@ -347,7 +351,7 @@ def probe_writable(folder: str | os.PathLike) -> Path:
             os.close(fd)
             probe.unlink(missing_ok=True)
     except OSError as exc:
-        raise _os_error_line(folder, exc) from exc
+        raise _os_error_line(folder, exc, option) from exc
     return folder
 
 

@@ -1,5 +1,8 @@
 """Slide ids are file names: what makes one safe.
 
+Names of cached features (``features/<name>`` inside a store) are checked here too: one visible
+file name, never a path.
+
 A slide id names the files of its slide in every output folder (``<slide_id>.zarr``,
 ``qc/<slide_id>.png``, the prediction files, hidden temporaries beside them). So it must be one
 file name on every common file system, and never a path: no ``/`` or ``\\``, not ``.`` or ``..``,
@@ -9,11 +12,15 @@ longest name built from it stays under the 255-byte limit of a file name.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from ips_path.runtime.errors import BadInputError
 
-__all__ = ["MAX_SLIDE_ID_BYTES", "check_slide_id", "slide_id_problem"]
+__all__ = ["MAX_SLIDE_ID_BYTES", "check_feature_name", "check_slide_id", "slide_id_problem"]
+
+#: A name of cached features (``features/<name>`` in a store): one visible path part, no traversal.
+_FEATURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 #: Longest slide id in bytes (UTF-8). The longest name built from an id is a hidden temporary of
 #: an output file (``.<id><suffix>.partial-<pid>@<host>-<random>-old``, ~70 bytes more).
@@ -53,3 +60,15 @@ def _shown(slide_id: str) -> str:
     """The id as a one-line, bounded literal for messages."""
     text = repr(slide_id)
     return text if len(text) <= 60 else f"{text[:40]}...{text[-12:]} ({len(slide_id)} characters)"
+
+
+def check_feature_name(name: str, option: str = "--name") -> str:
+    """``name`` itself when it can name ``features/<name>``; BadInputError naming ``option`` otherwise.
+
+    Letters, digits, '.', '_' and '-', starting with a letter or digit (no hidden names, no ``..``),
+    at most 100 characters.
+    """
+    if not isinstance(name, str) or not _FEATURE_NAME.fullmatch(name):
+        raise BadInputError(f"{option} {_shown(str(name))}: cannot name features/<name>; use letters, digits, '.', "
+                            "'_' and '-', starting with a letter or digit (e.g. uni_v1)")
+    return name

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.errors import BadInputError, listing
 from ips_path.runtime.progress import progress_bar
 
 __all__ = ["CONNECT_TIMEOUT_S", "check_workers_see", "dask_client", "map_slides", "process_object", "visible_gpus"]
@@ -364,6 +364,6 @@ def check_workers_see(client: Any, paths: Sequence[str | os.PathLike]) -> None:
         client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S * 6)
     for worker, missing in client.run(_missing_paths, wanted).items():
         if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            shown = listing(missing)
             raise BadInputError(f"Dask worker {worker} cannot see (or write) {shown}; paths must be on storage "
                                 "shared by all workers, with the same absolute paths")

@@ -12,20 +12,21 @@ Validation collects every problem before raising, so a user fixes the file in on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.errors import MAX_LISTED, BadInputError, listing
+from ips_path.runtime.limits import PIXEL_SIZE_UM, SURVIVAL_TIME
 from ips_path.runtime.names import slide_id_problem
 
 __all__ = [
-    "MAX_LISTED", "MIN_VALIDATION_SLIDES", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SPLITS", "ManifestRow",
-    "assign_splits", "class_names", "read_manifest", "validation_split_problems",
+    "LABEL_CASES", "MAX_LISTED", "MIN_VALIDATION_SLIDES", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SPLITS",
+    "ManifestRow", "assign_splits", "class_names", "read_manifest", "validation_split_problems",
 ]
 
 MIN_VALIDATION_SLIDES = 10
@@ -34,8 +35,8 @@ MIN_VALIDATION_SLIDES = 10
 REQUIRED_COLUMNS = ("slide_id", "slide_path", "label")
 OPTIONAL_COLUMNS = ("split", "case_id", "mpp", "time", "event")
 SPLITS = ("train", "val", "test")
-#: Problems listed in one refusal; the rest are counted.
-MAX_LISTED = 50
+#: How labels that differ only in case ('Positive', 'positive') are taken: refused, or folded into one class.
+LABEL_CASES = ("exact", "fold")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class ManifestRow:
 
 
 def read_manifest(path: str | Path, *, require_label: bool = True, check_files: bool = True,
-                  require_survival: bool = False, label_columns: Sequence[str] = ("label",)) -> list[ManifestRow]:
+                  require_survival: bool = False, label_columns: Sequence[str] = ("label",),
+                  label_case: str = "exact") -> list[ManifestRow]:
     """Read and validate a manifest CSV.
 
     Parameters
@@ -99,6 +101,10 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
         The columns holding labels (one task each), ``label`` by default. With ``require_label`` they
         must all exist; one column must be filled in every row, several in at least one each (an
         empty cell leaves the slide out of that task only). Without it, absent columns read as empty.
+    label_case : {"exact", "fold"}
+        With ``require_label``: labels of one column that differ only in case ('Positive' and
+        'positive') are refused (``"exact"``: they would be two classes), or folded into one class
+        spelled as most rows spell it (``"fold"``).
 
     Returns
     -------
@@ -110,13 +116,15 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
     BadInputError
         Listing every bad row at once with its line number: missing columns or files, duplicate
         slide ids, empty labels, unknown splits, bad mpp values, a patient in two splits; for survival
-        a missing or negative time, an event other than 0/1, a patient whose slides disagree on them.
+        a missing or negative time, an event other than 0/1, a patient whose slides disagree on them;
+        a column name used twice in the header; labels differing only in case (``label_case="exact"``).
     """
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: manifest not found")
     header, records = _read_csv(path)
     columns = [c.strip() for c in header]
+    _check_unique_columns(path, columns)
     label_columns = tuple(label_columns)
     required = [c for c in REQUIRED_COLUMNS if c != "label"] + (list(label_columns) if require_label else [])
     required += ["time", "event"] if require_survival else []
@@ -169,12 +177,11 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
             problems.append(f"line {line}: unknown split {rec.get('split')!r}; use one of {', '.join(SPLITS)}")
         mpp = None
         if rec.get("mpp"):
-            try:
+            problem = PIXEL_SIZE_UM.problem(rec["mpp"])
+            if problem is None:
                 mpp = float(rec["mpp"])
-                if not mpp > 0:
-                    raise ValueError
-            except ValueError:
-                problems.append(f"line {line}: mpp {rec['mpp']!r} is not a positive number (µm/px)")
+            else:
+                problems.append(f"line {line}: mpp {problem} (a level-0 pixel size)")
         time, event = _survival_values(rec, line, slide_id, require_survival, problems)
         if len(problems) == bad:
             rows.append(ManifestRow(slide_id, resolved.resolve() if slide_path else resolved, labels[0], split,
@@ -189,6 +196,8 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
             problems.append(f"case_id {case_id!r} is in several splits ({', '.join(sorted(splits))}); "
                             "a patient must stay in one split")
     problems += _survival_disagreements(rows)
+    if require_label and not problems:
+        rows = _labels_by_case(path, rows, label_columns, label_case)
     problems = [p for p in problems if p] + _duplicates_line(duplicates)
     if not records:
         problems.append("no rows")
@@ -200,6 +209,46 @@ def read_manifest(path: str | Path, *, require_label: bool = True, check_files: 
         listing = "\n  ".join(shown)
         raise BadInputError(f"{path}: {len(problems)} problem(s) in the manifest:\n  {listing}")
     return rows
+
+
+def _check_unique_columns(path: Path, columns: Sequence[str]) -> None:
+    """BadInputError naming the header's repeated column names: a dict of the row would keep the last one only."""
+    positions: dict[str, list[int]] = defaultdict(list)
+    for number, name in enumerate(columns, start=1):
+        if name:  # empty names (trailing commas) hold nothing
+            positions[name].append(number)
+    repeated = [f"{name!r} (columns {', '.join(map(str, where))})" for name, where in positions.items()
+                if len(where) > 1]
+    if repeated:
+        raise BadInputError(f"{path}: line 1: the header names {listing(repeated)} more than once; rename or "
+                            "remove the extra column(s) so each name is one column")
+
+
+def _labels_by_case(path: Path, rows: list[ManifestRow], label_columns: Sequence[str],
+                    label_case: str) -> list[ManifestRow]:
+    """``rows``, with labels that differ only in case refused (``"exact"``) or folded into their commonest spelling."""
+    if label_case not in LABEL_CASES:
+        raise BadInputError(f"--label-case must be one of {', '.join(LABEL_CASES)}, got {label_case!r}")
+    spellings: dict[tuple[int, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in rows:
+        for task, value in enumerate(row.labels):
+            if value is not None:
+                spellings[task, value.casefold()][value] += 1
+    clashes = {key: counts for key, counts in spellings.items() if len(counts) > 1}
+    if not clashes:
+        return rows
+    if label_case == "exact":
+        shown = [f"{label_columns[task]} {' / '.join(map(repr, sorted(counts)))}"
+                 for (task, _), counts in clashes.items()]
+        raise BadInputError(f"{path}: labels that differ only in case would be separate classes: {listing(shown)}; "
+                            "spell each class one way, or pass --label-case fold to merge them")
+    # the commonest spelling names the class (ties: the first in sorted order)
+    chosen = {key: min(counts, key=lambda v: (-counts[v], v)) for key, counts in clashes.items()}
+    folded = []
+    for row in rows:
+        labels = tuple(None if v is None else chosen.get((task, v.casefold()), v) for task, v in enumerate(row.labels))
+        folded.append(dataclasses.replace(row, label=labels[0] if labels else row.label, labels=labels))
+    return folded
 
 
 def _duplicates_line(duplicates: Mapping[str, list[int]]) -> list[str]:
@@ -254,11 +303,10 @@ def _survival_values(rec: dict[str, str], line: int, slide_id: str, required: bo
     time = event = None
     if raw_time:
         try:
-            time = float(raw_time)
-            if not (math.isfinite(time) and time >= 0):
-                raise ValueError
-        except ValueError:
-            problems.append(f"line {line}: time {raw_time!r} of slide {slide_id!r} is not a number >= 0")
+            time = SURVIVAL_TIME.check(raw_time, "time")
+        except BadInputError:
+            problems.append(f"line {line}: time {raw_time!r} of slide {slide_id!r} is not a number >= 0 and <= "
+                            f"{SURVIVAL_TIME.high:g}")
             time = None
     elif required:
         problems.append(f"line {line}: empty time for slide {slide_id!r}")

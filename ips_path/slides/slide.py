@@ -33,6 +33,7 @@ import tifffile
 import tiffslide
 
 from ips_path.runtime.errors import BadInputError, IpspathError
+from ips_path.runtime.limits import PIXEL_SIZE_UM
 
 __all__ = ["BACKENDS", "READ_BLOCK", "WSI_EXTENSIONS", "Slide", "read_low_resolution", "rgb_on_white"]
 
@@ -104,9 +105,8 @@ class Slide:
         self.path = pathlib.Path(path)
         if backend not in ("auto", *BACKENDS):
             raise BadInputError(f"unknown slide backend {backend!r}: use auto, openslide or tiffslide")
-        if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
-            raise BadInputError(f"{self.path}: --slide-mpp must be a positive pixel size in µm/px, "
-                                f"got {slide_mpp}")
+        if slide_mpp is not None:
+            PIXEL_SIZE_UM.check(slide_mpp, f"{self.path}: level-0 pixel size (--slide-mpp or the manifest's mpp)")
         self._check_is_file()
         self._reopen_lock = threading.Lock()
         self._handle, self.backend = self._open(backend)

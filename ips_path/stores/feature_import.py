@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from ips_path.runtime.errors import BadInputError
-from ips_path.runtime.identity import same_identity, slide_identity
+from ips_path.runtime.errors import BadInputError, listing
+from ips_path.runtime.identity import content_identity, same_identity
 from ips_path.runtime.jobs import SlideOutcome, Status, check_identity, run_job
+from ips_path.runtime.limits import DOWNSAMPLE, MAGNIFICATION, PATCH_PX, PATCH_UM, Range
 from ips_path.runtime.locks import output_lock
+from ips_path.runtime.names import check_feature_name
 from ips_path.stores.exchange import tile_store_for_coords
 from ips_path.stores.tile_store import TileStore, store_path
 from ips_path.tiling.grid import same_mpp
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 #: Relative tolerance when comparing the resolution of a feature file with a store's.
 #: Source bytes read per block when copying features (the peak memory of an import).
 BLOCK_BYTES = 16 << 20
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -145,12 +145,62 @@ def _dataset(f: Any, name: str, path: Path) -> Any:
     return node
 
 
+_KINDS = {"b": "bool", "c": "complex", "S": "byte-string", "U": "string", "O": "object", "V": "compound",
+          "M": "date", "m": "time-span"}
+
+
 def _dim(features: Any, path: Path) -> int:
+    """The feature dimension D of a dataset of real numbers (N, D); BadInputError for anything else."""
+    kind = features.dtype.kind
+    if kind not in "fiu":  # bool, complex or text would become "numbers" in float16 silently, or not at all
+        raise BadInputError(f"{path}: the {features.name.lstrip('/')!r} dataset holds {_KINDS.get(kind, kind)} values "
+                            f"({features.dtype}), not real numbers; re-extract the features")
     if features.ndim == 2:
         return int(features.shape[1])
     if features.ndim == 1 and features.shape[0] == 0:  # TRIDENT's file for a slide without patches
         return 0
     raise BadInputError(f"{path}: features of shape {features.shape}; expected (patches, dimension)")
+
+
+def _attr(attrs: Mapping[str, Any], key: str, allowed: Range, path: Path, where: str = "coords") -> Any:
+    """Attribute ``key`` as a number in ``allowed``; BadInputError naming the file and attribute otherwise."""
+    value = attrs[key]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.size == 1 or isinstance(value, np.generic):
+        value = value.item()  # a plain number in the message, not np.int64(0)
+    return allowed.check(value, f"{path}: {where} attribute {key}",
+                         fix="the file is damaged or was not written by the tool it claims; re-extract it")
+
+
+def _coords(dataset: Any, path: Path, *, whole_pixels: bool) -> np.ndarray:
+    """The file's coordinates as float64 (N, 2) rows of (x, y), checked for shape and finiteness.
+
+    A (2, N) array is refused (N != 2): read as rows it would put every feature at a scrambled place.
+    With ``whole_pixels`` (level-0 px formats) every value must be a whole pixel.
+    """
+    shape = tuple(dataset.shape)
+    if dataset.dtype.kind not in "fiu":
+        raise BadInputError(f"{path}: 'coords' holds {_KINDS.get(dataset.dtype.kind, dataset.dtype)} values, not "
+                            "numbers; re-extract the features")
+    if len(shape) == 2 and shape[0] == 2 and shape[1] != 2:
+        raise BadInputError(f"{path}: 'coords' has shape {shape}, i.e. (2, N) columns of x and y; expected (N, 2) "
+                            "rows of (x, y); write it transposed (coords.T)")
+    if not (len(shape) == 2 and shape[1] == 2 or int(np.prod(shape)) == 0):
+        raise BadInputError(f"{path}: 'coords' has shape {shape}; expected (N, 2) rows of (x, y)")
+    coords = np.asarray(dataset[...], dtype=np.float64).reshape(-1, 2)
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise BadInputError(f"{path}: {int(bad.sum())} of {len(coords)} coordinates are NaN or infinite (rows "
+                            f"{listing(np.flatnonzero(bad).tolist())}); the file is damaged; re-extract it")
+    if whole_pixels:
+        fractional = coords != np.rint(coords)
+        if fractional.any():
+            rows = np.flatnonzero(fractional.any(axis=1)).tolist()
+            raise BadInputError(f"{path}: {len(rows)} of {len(coords)} coordinates are not whole level-0 pixels (rows "
+                                f"{listing(rows)}, e.g. {tuple(coords[rows[0]].tolist())}): not on the slide's pixel "
+                                "grid; is it another tool's file (--format)?")
+    return coords
 
 
 def _read_trident(f: Any, path: Path, frame: SlideFrame, clam_patches: Path | None) -> FeatureFile:
@@ -160,16 +210,17 @@ def _read_trident(f: Any, path: Path, frame: SlideFrame, clam_patches: Path | No
     if missing or ("patch_size_level0" not in attrs and "level0_magnification" not in attrs):
         raise BadInputError(f"{path}: TRIDENT coords lack {', '.join(missing) or 'patch_size_level0'}; "
                             "re-run TRIDENT's coords step, or give --format")
-    patch_size = int(attrs["patch_size"])
-    target_magnification = float(attrs["target_magnification"])
+    patch_size = _attr(attrs, "patch_size", PATCH_PX, path)
+    target_magnification = _attr(attrs, "target_magnification", MAGNIFICATION, path)
     if "patch_size_level0" in attrs:
-        patch_size_level0 = int(attrs["patch_size_level0"])
+        patch_size_level0 = _attr(attrs, "patch_size_level0", PATCH_PX, path)
     else:
-        patch_size_level0 = int(patch_size * float(attrs["level0_magnification"]) // target_magnification)
+        patch_size_level0 = int(patch_size * _attr(attrs, "level0_magnification", MAGNIFICATION, path)
+                                // target_magnification)
     # the folder TRIDENT writes to is features_<encoder>
     encoder = _text(features.attrs.get("encoder")) or (path.parent.name.removeprefix("features_")
                                                        if path.parent.name.startswith("features_") else None)
-    return FeatureFile(path, "trident", "features", encoder, np.asarray(coords[...], dtype=np.int64).reshape(-1, 2),
+    return FeatureFile(path, "trident", "features", encoder, _coords(coords, path, whole_pixels=True).astype(np.int64),
                        patch_size_level0, 10.0 / target_magnification, patch_size, _dim(features, path))
 
 
@@ -189,13 +240,14 @@ def _read_clam(f: Any, path: Path, frame: SlideFrame, clam_patches: Path | None)
     if "patch_size" not in attrs:
         raise BadInputError(f"{source}: no patch_size attribute on 'coords' (CLAM's extract_features_fp.py writes "
                             "none); give --clam-patches DIR, the patches/ folder of create_patches_fp.py")
-    level = int(attrs.get("patch_level", 0))
+    level = _attr(attrs, "patch_level", Range(0, 64, integer=True), source) if "patch_level" in attrs else 0
     if not 0 <= level < len(frame.level_downsamples):
         raise BadInputError(f"{source}: patch_level {level}, but the slide has {len(frame.level_downsamples)} "
                             "level(s): the features belong to another slide")
-    downsample = float(np.mean(attrs["downsample"])) if "downsample" in attrs else frame.level_downsamples[level]
-    patch_size = int(attrs["patch_size"])
-    return FeatureFile(path, "clam", "features", None, np.asarray(coords[...], dtype=np.int64).reshape(-1, 2),
+    downsample = (_attr({"downsample": np.mean(attrs["downsample"])}, "downsample", DOWNSAMPLE, source)
+                  if "downsample" in attrs else frame.level_downsamples[level])
+    patch_size = _attr(attrs, "patch_size", PATCH_PX, source)
+    return FeatureFile(path, "clam", "features", None, _coords(coords, path, whole_pixels=True).astype(np.int64),
                        round(patch_size * downsample), frame.level0_mpp * downsample, patch_size,
                        _dim(features, path))
 
@@ -210,8 +262,10 @@ def _read_stamp(f: Any, path: Path, frame: SlideFrame, clam_patches: Path | None
     if tile_size_um is None or tile_size_px is None:
         raise BadInputError(f"{path}: a STAMP feature file without tile_size_um and tile_size_px (written before "
                             "STAMP 2); re-extract the features with a current STAMP")
-    tile_size_um, tile_size_px = float(tile_size_um), int(tile_size_px)
-    coords_um = np.asarray(coords[...], dtype=np.float64).reshape(-1, 2)
+    sizes = {"tile_size_um": tile_size_um, "tile_size_px": tile_size_px}
+    tile_size_um = _attr(sizes, "tile_size_um", PATCH_UM, path, where="file")
+    tile_size_px = _attr(sizes, "tile_size_px", PATCH_PX, path, where="file")
+    coords_um = _coords(coords, path, whole_pixels=False)  # µm: STAMP's grid need not fall on whole pixels
     return FeatureFile(path, "stamp", "feats", _text(attrs.get("extractor")),
                        np.rint(coords_um / frame.level0_mpp).astype(np.int64), round(tile_size_um / frame.level0_mpp),
                        tile_size_um / tile_size_px, tile_size_px, _dim(features, path))
@@ -363,7 +417,7 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
     missing = [r.slide_id for r in rows if not (folder / f"{r.slide_id}.h5").is_file()]
     if missing:
         raise BadInputError(f"{folder}: no feature file for {len(missing)} slide(s) of {manifest}: "
-                            f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} (expected <slide_id>.h5)")
+                            f"{listing(missing)} (expected <slide_id>.h5)")
     with output_lock(tiles_dir):  # one writer of the tile stores at a time (tile, features import)
         jobs = [_plan(r.slide_id, r.slide_path, r.mpp, folder / f"{r.slide_id}.h5", tiles_dir, tool, clam_patches)
                 for r in rows]
@@ -371,8 +425,8 @@ def import_features(folder: str | os.PathLike, manifest: str | os.PathLike, tile
         for job in jobs:
             if job.existing is not None and job.existing.has_array(f"features/{name}") and not overwrite:
                 # raises for features of that name made from other inputs: before anything is written
-                check_identity(job.store / "features" / name, job.existing.array_attrs(f"features/{name}").get(
-                    "identity"), job.identity, what="features", instead="give these features another --name")
+                check_identity(job.store / "features" / name, _recorded_identity(job.existing, name), job.identity,
+                               what="features", instead="give these features another --name")
         results = []
         with progress_bar(len(jobs), "import", unit="slide", enabled=progress) as bar:
             for job in jobs:
@@ -396,7 +450,8 @@ def _plan(slide_id: str, slide_path: Path, slide_mpp: float | None, h5_path: Pat
     if path.exists():  # it must be whole and belong to this slide (StoreMismatchError otherwise)
         existing = TileStore.open(path, slide_id=slide_id, slide_path=slide_path)
         _check_fits(file, order, existing)
-    identity = {"tool": file.tool, "encoder": file.encoder, "dim": file.dim, "source": slide_identity(file.path)}
+    # the source by its bytes: a copy (cp -r) or a touched file is the same input
+    identity = {"tool": file.tool, "encoder": file.encoder, "dim": file.dim, "source": content_identity(file.path)}
     return _Job(slide_id, slide_path, slide_mpp, file, path, existing, order, identity)
 
 
@@ -427,10 +482,7 @@ def _feature_name(jobs: Sequence[_Job], name: str | None) -> str:
             named = f"several encoders ({', '.join(encoders)})" if encoders else "no encoder"
             raise BadInputError(f"the feature files name {named}; give --name NAME for features/NAME")
         name = encoders[0]
-    if not _SAFE_NAME.fullmatch(name):
-        raise BadInputError(f"{name!r} cannot name features/<name>: use letters, digits, '.', '_' and '-'; "
-                            "give --name")
-    return name
+    return check_feature_name(name)
 
 
 def _import_one(job: _Job, name: str) -> SlideOutcome:
@@ -443,7 +495,7 @@ def _import_one(job: _Job, name: str) -> SlideOutcome:
         array = f"features/{name}"
         store = job.existing
         if store is not None and (not file.n_patches or store.has_array(array) and
-                                  same_identity(store.array_attrs(array).get("identity"), identity)):
+                                  same_identity(_recorded_identity(store, name), identity)):
             return SlideOutcome(job.slide_id, Status.REUSED, identity=identity, extra=extra)
         created = store is None
         if created:
@@ -459,7 +511,16 @@ def _import_one(job: _Job, name: str) -> SlideOutcome:
             _copy_features(file, job.order, store, array, attrs)
         return SlideOutcome(job.slide_id, Status.DONE, identity=identity, extra={**extra, "store_created": created})
 
-    return run_job(job.slide_id, file.path, work, extra)
+    # unexpected failures of the work are the output's (a full disk); reading the file names the file itself
+    return run_job(job.slide_id, job.store, work, extra)
+
+
+def _recorded_identity(store: TileStore, name: str) -> dict[str, Any] | None:
+    """The identity features/<name> were imported with; without the source's mtime that older imports recorded."""
+    recorded = store.array_attrs(f"features/{name}").get("identity")
+    if isinstance(recorded, dict) and isinstance(recorded.get("source"), dict):
+        recorded = {**recorded, "source": {k: v for k, v in recorded["source"].items() if k != "mtime_ns"}}
+    return recorded
 
 
 def _copy_features(file: FeatureFile, order: np.ndarray, store: TileStore, array: str,
@@ -469,25 +530,30 @@ def _copy_features(file: FeatureFile, order: np.ndarray, store: TileStore, array
 
     in_order = bool(np.all(order[1:] > order[:-1]))  # the file already lists patches row-major
 
+    def read(source: Any, wanted: np.ndarray) -> np.ndarray:
+        try:
+            if in_order:
+                return source[int(wanted[0]):int(wanted[-1]) + 1]
+            ascending = np.sort(wanted)  # h5py reads increasing indices; put them back in store order after
+            return source[ascending][np.searchsorted(ascending, wanted)]
+        except OSError as exc:
+            raise BadInputError(f"{file.path}: cannot read its features ({exc}); is the file complete?") from None
+
     def fill(target: Any) -> None:
-        with h5py.File(file.path, "r") as f:
+        try:
+            f = h5py.File(file.path, "r")
+        except OSError as exc:
+            raise BadInputError(f"{file.path}: cannot read its features ({exc}); is the file complete?") from None
+        with f:
             source = f[file.dataset]
             rows = max(1, BLOCK_BYTES // max(1, file.dim * source.dtype.itemsize))
             rows = max(target.chunks[0], rows // target.chunks[0] * target.chunks[0])  # whole zarr chunks
             for start in range(0, file.n_patches, rows):
                 wanted = order[start:start + rows]
-                if in_order:
-                    block = source[int(wanted[0]):int(wanted[-1]) + 1]
-                else:  # h5py reads increasing indices; put them back in store order after
-                    ascending = np.sort(wanted)
-                    block = source[ascending][np.searchsorted(ascending, wanted)]
-                block = np.asarray(block, dtype=np.float16)
+                block = np.asarray(read(source, wanted), dtype=np.float16)
                 if not np.isfinite(block).all():
                     raise BadInputError(f"{file.path}: features that are NaN or beyond the float16 range "
                                         f"(rows {start}-{start + len(wanted) - 1} in store order); re-extract them")
-                target[start:start + len(block)] = block
+                target[start:start + len(block)] = block  # a write error (full disk) names the store: run_job
 
-    try:
-        store.write_array_in_blocks(array, (file.n_patches, file.dim), np.float16, fill, attrs=attrs)
-    except OSError as exc:
-        raise BadInputError(f"{file.path}: cannot read its features ({exc}); is the file complete?") from None
+    store.write_array_in_blocks(array, (file.n_patches, file.dim), np.float16, fill, attrs=attrs)

@@ -33,6 +33,8 @@ from ips_path.model.foundation import require_preset_weights
 from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.identity import file_digest
 from ips_path.runtime.jobs import SlideOutcome, Status, check_identity, run_job
+from ips_path.runtime.locks import probe_writable
+from ips_path.runtime.names import check_feature_name
 from ips_path.runtime.parallel import map_slides, process_object
 from ips_path.runtime.progress import advance
 from ips_path.stores.feature_grid import open_features
@@ -144,8 +146,7 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         if (value is not None or option == "--chunk-size") and (not isinstance(value, int) or value < 1):
             raise BadInputError(f"{option} {value!r}: must be at least 1")
     name = name or encoder_name.replace(":", "_")
-    if not name or "/" in name or "\0" in name or name in (".", ".."):
-        raise BadInputError(f"--name {name!r}: cannot name features/<name>; use letters, digits, '.', '_' and '-'")
+    check_feature_name(name)
     if scheduler is None or device == "auto":  # Dask workers check the device they are given themselves
         device = str(resolve_device(device))
     require_preset_weights(encoder_name, pretrained)
@@ -166,6 +167,9 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
                     "only good for trying the pipeline", encoder_name)
     _encoder(settings)  # a bad encoder name or weights file fails here, once, before any slide
     paths = [Path(p).resolve() for p in stores]
+    for path in paths:  # the features go into each store: a read-only one is found before any slide is embedded
+        if not os.access(path, os.W_OK):  # cheap for a cohort; the probe then says why (read-only, permissions)
+            probe_writable(path, "TILES")
     gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
     shared = paths + ([Path(settings.pretrained)] if settings.pretrained else [])
     return map_slides(store_features, paths, settings, scheduler=scheduler, resources=gpu, shared_paths=shared,

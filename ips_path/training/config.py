@@ -19,7 +19,9 @@ from typing import Any
 
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError
-from ips_path.slides.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
+from ips_path.runtime.limits import EMBEDDING_DIM
+from ips_path.runtime.names import check_feature_name
+from ips_path.slides.manifest import LABEL_CASES, OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 
 __all__ = ["MONITORS", "RUNTIME_FIELDS", "TrainConfig", "load_config", "resolve_config", "save_config"]
 
@@ -141,6 +143,9 @@ class TrainConfig:
         the positive one.
     instance_k : int
         Patches per slide at each end of that ranking.
+    label_case : {"exact", "fold"}
+        Labels of a column that differ only in case ('Positive', 'positive'): refused (``exact``), or
+        merged into one class spelled as most slides spell it (``fold``).
     """
 
     encoder: str = "smallcnn"
@@ -183,6 +188,7 @@ class TrainConfig:
     explore_mode: str = "uniform"
     instance_loss: float = 0.0
     instance_k: int = 2
+    label_case: str = "exact"
 
     def __post_init__(self) -> None:
         if self.task == "survival" and self.monitor == "auc":
@@ -197,6 +203,8 @@ class TrainConfig:
         for name in ("n_select", "chunk_size", "dim", "heads", "epochs", "batch_size", "threads", "instance_k"):
             if getattr(self, name) < 1:
                 problems.append(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
+        if self.dim >= 1 and EMBEDDING_DIM.problem(self.dim):
+            problems.append(f"--dim {EMBEDDING_DIM.problem(self.dim)}")
         for name in ("grad_chunk_size", "patch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -224,9 +232,15 @@ class TrainConfig:
             problems.append(f"--pos-encoding 2d needs --dim divisible by 4, got {self.dim}")
         for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS),
                               ("task", TASKS), ("survival_loss", SURVIVAL_LOSSES),
-                              ("explore_mode", EXPLORE_MODES), ("feature_norm", FEATURE_NORMS)):
+                              ("explore_mode", EXPLORE_MODES), ("feature_norm", FEATURE_NORMS),
+                              ("label_case", LABEL_CASES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.features is not None:
+            try:
+                check_feature_name(self.features, "--features")
+            except BadInputError as exc:
+                problems.append(str(exc))
         if self.feature_norm == "none" and self.features is None:
             problems.append("--feature-norm is for cached features (--features); pixels have no feature LayerNorm")
         if self.train_blocks is not None and (self.train_blocks < 0 or self.features is not None):

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ips_path.runtime.atomic import write_atomically
-from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.errors import BadInputError, listing
 from ips_path.runtime.locks import output_lock
 from ips_path.slides.manifest import ManifestRow, read_manifest
 from ips_path.survival.sampling import survival_strata
@@ -186,7 +186,7 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
     if len(columns) > 1:  # several label columns: the mean over the tasks, then each task's
         metrics += tuple(f"{column}_{m}" for column in columns for m in CV_METRICS)
     rows = read_manifest(manifest, require_label=not survival, check_files=False, require_survival=survival,
-                         label_columns=columns)
+                         label_columns=columns, label_case=config.label_case)
     assigned = (survival_folds(rows, folds, manifest, seed=config.seed) if survival
                 else assign_folds(rows, folds, seed=config.seed))
     with output_lock(out_dir):
@@ -199,7 +199,7 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
             if saved != assigned:
                 changed = sorted(set(saved) ^ set(assigned)) or sorted(s for s in saved if saved[s] != assigned.get(s))
                 raise BadInputError(f"the manifest's slides, labels, outcomes or patients changed since the "
-                                    f"cross-validation started ({', '.join(changed[:6])}); resume with the manifest "
+                                    f"cross-validation started ({listing(changed)}); resume with the manifest "
                                     f"it started with ({splits_path}), or start a new run in another folder")
         elif resume:
             raise BadInputError(f"{out_dir}: no splits.csv of a cross-validation to resume; start it without --resume")

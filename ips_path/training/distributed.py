@@ -87,7 +87,8 @@ def resolve_device(requested: str, env: Mapping[str, str] | None = None,
     Raises
     ------
     BadInputError
-        Not a device; CUDA asked for but not visible; an index beyond the visible GPUs; ``cuda:N``
+        Not a device, or one this machine cannot compute on (``meta``; ``mps`` without Apple's Metal);
+        CUDA asked for but not visible; an index beyond the visible GPUs; ``cuda:N``
         for several processes on one machine (they would all share GPU N).
     """
     env = os.environ if env is None else env
@@ -101,7 +102,12 @@ def resolve_device(requested: str, env: Mapping[str, str] | None = None,
         device = torch.device(requested)
     except (RuntimeError, TypeError):
         raise BadInputError(f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type != "cuda":
+    if device.type == "mps" and _mps_available():
+        return device
+    if device.type not in ("cpu", "cuda"):  # meta holds no data; mps, xpu, ... need a build and a machine with them
+        raise BadInputError(f"--device {requested}: this machine (or this build of torch) cannot compute on "
+                            f"{device.type}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
         return device
     if not cuda.available:
         raise BadInputError(f"--device {requested}: no CUDA GPU is visible to this process; use --device cpu")
@@ -117,6 +123,12 @@ def resolve_device(requested: str, env: Mapping[str, str] | None = None,
                             f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); use cuda:0 to "
                             f"cuda:{cuda.count - 1}, or start fewer processes per machine")
     return torch.device("cuda", index)
+
+
+def _mps_available() -> bool:
+    """Whether Apple's Metal device is there (torch builds without it lack or stub ``torch.backends.mps``)."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int | None) -> int | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from ips_path.evaluation.plots import plot_training_curves
 from ips_path.runtime.atomic import write_atomically
-from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.errors import BadInputError, listing
 from ips_path.runtime.faults import fault_point
 from ips_path.runtime.locks import output_lock
 from ips_path.training.checkpoint import load_checkpoint
@@ -204,7 +204,7 @@ def check_same_run(checkpoint: Mapping[str, Any], classes: Sequence[str], splits
             saved = {row["slide_id"]: row["split"] for row in csv.DictReader(f)}
         if saved != dict(splits):
             changed = sorted(set(saved.items()) ^ set(splits.items()))
-            shown = ", ".join(f"{slide_id}: {split}" for slide_id, split in changed[:6])
+            shown = listing(f"{slide_id}: {split}" for slide_id, split in changed)
             raise BadInputError(f"the manifest's slides or splits changed since the run started ({shown}); "
                                 f"resume with the manifest the run started with ({saved_path})")
 

@@ -243,7 +243,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     survival_task = config.task == "survival"
     label_columns = ("label",) if survival_task else config.label_column_names
     rows = read_manifest(manifest, require_label=not survival_task, check_files=False,
-                         require_survival=survival_task, label_columns=label_columns)
+                         require_survival=survival_task, label_columns=label_columns, label_case=config.label_case)
     label_tasks = None if survival_task else LabelTasks.from_rows(rows, label_columns, manifest)
     several = label_tasks is not None and label_tasks.several
     classes = [] if label_tasks is None else label_tasks.class_names

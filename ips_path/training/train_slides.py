@@ -16,7 +16,7 @@ from typing import Any
 
 from ips_path.model import PatchChunk
 from ips_path.model.encoders import MEASUREMENT_ENCODERS
-from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.errors import MAX_LISTED, BadInputError, listing
 from ips_path.slides.manifest import ManifestRow
 from ips_path.stores.feature_grid import open_features
 from ips_path.stores.loader import PatchStreamer
@@ -98,11 +98,12 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     mpp = config.mpp or (mpps.pop() if len(mpps) == 1 else None)
     size = config.patch_size or (sizes.pop() if len(sizes) == 1 else None)
     if missing or broken:
-        listing = "".join(f"\n  {m}" for m in broken)
+        shown = "".join(f"\n  {m}" for m in broken[:MAX_LISTED])
+        shown += f"\n  ... and {len(broken) - MAX_LISTED} more" if len(broken) > MAX_LISTED else ""
         if missing:
-            listing += f"\n  no tile store in {tiles_dir} for {len(missing)} slide(s): {', '.join(missing)}"
+            shown += f"\n  no tile store in {tiles_dir} for {len(missing)} slide(s): {listing(missing)}"
         raise BadInputError(
-            f"{len(missing) + len(broken)} slide(s) of {manifest} have no usable tile store:{listing}\n"
+            f"{len(missing) + len(broken)} slide(s) of {manifest} have no usable tile store:{shown}\n"
             f"make them with: ipspath tile --manifest {manifest} -o {tiles_dir} --mpp {mpp or 0.5:g} "
             f"--patch-size {size or 256}")
     if mpp is None or size is None:
@@ -114,7 +115,7 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     if mismatched:
         raise BadInputError(
             f"{len(mismatched)} tile store(s) were made at another resolution or patch size than the run's "
-            f"{mpp:g} µm/px and {size} px: {', '.join(mismatched)}; re-tile them with `ipspath tile --manifest "
+            f"{mpp:g} µm/px and {size} px: {listing(mismatched)}; re-tile them with `ipspath tile --manifest "
             f"{manifest} -o {tiles_dir} --mpp {mpp:g} --patch-size {size} --overwrite`, or train at the stores' "
             "settings")
 
@@ -122,7 +123,7 @@ def check_tile_stores(rows: Sequence[ManifestRow], tiles_dir: Path, manifest: Pa
     empty = sorted(slide_id for slide_id, s in stores.items() if s.n_patches == 0)
     if empty:
         log.warning("%d slide(s) have no patches (no tissue found) and are left out: %s", len(empty),
-                    ", ".join(empty))
+                    listing(empty))
     index = {name: i for i, name in enumerate(classes)}
     items = {r.slide_id: SlideItem(r.slide_id, stores[r.slide_id].path, index.get(r.label, -1),
                                    stores[r.slide_id].n_patches, r.mpp)
@@ -139,7 +140,7 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
     if missing:
         encoder = name if name in ("resnet18", "resnet34", "resnet50", "smallcnn") else "ENCODER"
         raise BadInputError(
-            f"{len(missing)} tile store(s) have no cached features {array!r}: {', '.join(missing)}; "
+            f"{len(missing)} tile store(s) have no cached features {array!r}: {listing(missing)}; "
             f"make them with: ipspath features {tiles_dir} --encoder {encoder} --name {name}")
     stale = []
     for store in (s for s in stores.values() if s.n_patches):
@@ -152,8 +153,8 @@ def _check_features(stores: Mapping[str, TileStore], tiles_dir: Path, name: str)
         raise BadInputError(stale[0] + more)
     dims = {slide_id: int(s.open_array(array).shape[1]) for slide_id, s in stores.items() if s.n_patches}
     if len(set(dims.values())) > 1:
-        listing = ", ".join(f"{k} ({v})" for k, v in sorted(dims.items()))
-        raise BadInputError(f"cached features {array!r} differ in dimension between slides: {listing}; "
+        shown = listing(f"{k} ({v})" for k, v in sorted(dims.items()))
+        raise BadInputError(f"cached features {array!r} differ in dimension between slides: {shown}; "
                             f"recompute them with `ipspath features {tiles_dir} --name {name} --overwrite`")
     identities = [s.array_attrs(array).get("identity") for s in stores.values() if s.n_patches]
     encoders = frozenset((i or {}).get("encoder") for i in identities)

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from ips_path.review.heatmap.render import check_heatmap_options, check_scores, render_slide_heatmaps
-from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.errors import BadInputError, listing
 from ips_path.runtime.jobs import SlideOutcome, Status, run_job
+from ips_path.runtime.locks import probe_writable
 from ips_path.runtime.progress import progress_bar
 from ips_path.stores.tile_store import TileStore, slide_id_from_path
 
@@ -125,7 +126,7 @@ def jobs_from_tiles(tiles: str | os.PathLike, run: str | None, out_dir: str | os
     if slide_ids:
         unknown = [s for s in slide_ids if s not in stores and s not in broken]
         if unknown:
-            raise BadInputError(f"{tiles}: no tile store for slide(s) {', '.join(unknown)} "
+            raise BadInputError(f"{tiles}: no tile store for slide(s) {listing(unknown)} "
                                 f"({len(stores) + len(broken)} stores there, e.g. {next(iter(stores or broken))})")
         wanted = dict.fromkeys(slide_ids)
         stores = {s: stores[s] for s in wanted if s in stores}
@@ -234,9 +235,11 @@ def render_heatmaps(jobs: Sequence[HeatmapJob], *, progress: bool = True, **opti
     Raises
     ------
     BadInputError
-        A bad option.
+        A bad option, or an output folder that cannot be written.
     """
     check_heatmap_options(options)
+    for folder in sorted({job.out_dir.parent for job in jobs}):  # a read-only folder is found before any slide
+        probe_writable(folder)
     outcomes = []
     with progress_bar(len(jobs), "heatmaps", unit="slide", enabled=progress) as bar:
         for job in jobs:

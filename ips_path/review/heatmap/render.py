@@ -27,6 +27,7 @@ from ips_path.review.heatmap.spread import (
 )
 from ips_path.review.heatmap.writers import save_png, write_overlay_tiff, write_patches_geojson
 from ips_path.runtime.errors import BadInputError
+from ips_path.runtime.limits import SMOOTHING_UM, TIFF_PIXEL_SIZE_UM
 from ips_path.slides.slide import Slide
 from ips_path.stores.tile_store import TileStore
 
@@ -93,10 +94,11 @@ def check_heatmap_options(options: Mapping[str, Any]) -> None:
             raise BadInputError(f"{flag} {value!r}: must be {what}")
 
     number("thumbnail_size", 16, what="at least 16 px")
-    number("smooth_sigma_um", 0, what="a finite µm >= 0")
+    for name, allowed in (("smooth_sigma_um", SMOOTHING_UM), ("tiff_mpp", TIFF_PIXEL_SIZE_UM)):
+        if options.get(name) is not None:  # a sigma of 1e30 µm or a TIFF of 1e30 µm/px means nothing on a slide
+            allowed.check(options[name], _FLAGS.get(name, "--" + name.replace("_", "-")))
     number("alpha", 0, 1, what="an opacity between 0 and 1")
     number("top_k", 0, what="a number of patches >= 0")
-    number("tiff_mpp", 1e-6, what="a finite µm/px > 0")
     number("threads", 1, what="at least 1 thread")
     if options.get("colormap", "viridis") not in COLORMAPS:
         raise BadInputError(f"--colormap {options['colormap']!r}: use one of {', '.join(COLORMAPS)}")
