@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 from ips_path.runtime.errors import BadInputError
-from ips_path.stores.exchange import export_h5, import_h5
+from ips_path.stores.exchange import export_h5
 from ips_path.stores.tile_store import (
     GRID_ATTR,
     TileStore,
@@ -27,6 +27,7 @@ from ips_path.stores.tile_store import (
     write_tile_store,
 )
 from ips_path.synthetic.synth import write_synthetic_slide
+from ips_path.tiling.from_coords import import_h5
 
 ATTRS = {
     "slide_id": "S1",

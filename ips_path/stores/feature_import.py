@@ -42,8 +42,8 @@ from ips_path.runtime.jobs import SlideOutcome, Status, check_identity, run_job
 from ips_path.runtime.limits import DOWNSAMPLE, MAGNIFICATION, PATCH_PX, PATCH_UM, Range
 from ips_path.runtime.locks import output_lock
 from ips_path.runtime.names import check_feature_name
-from ips_path.stores.exchange import tile_store_for_coords
 from ips_path.stores.tile_store import TileStore, store_path
+from ips_path.tiling.from_coords import tile_store_for_coords
 from ips_path.tiling.grid import same_mpp
 
 __all__ = ["FEATURE_FORMATS", "FeatureFile", "FeatureFormat", "SlideFrame", "import_features", "read_feature_file"]
