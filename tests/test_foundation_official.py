@@ -326,3 +326,12 @@ def test_phikon_v2_loads_its_published_file_and_folder(tmp_path):
         (tmp_path / f"run{i}").mkdir()
         _hold_to_official("phikon_v2", tmp_path / f"run{i}", official, embed, transform, weights, tile=224)
     print("transformers", transformers.__version__)
+
+
+def test_conch_v15_train_blocks_also_trains_its_pooler_and_norms():
+    with torch.device("meta"):
+        encoder = build_preset("conch_v15", train_blocks=2)
+    trainable = {n.removeprefix("backbone.") for n, p in encoder.named_parameters() if p.requires_grad}
+    assert {"attn_pool_contrast.query", "ln_contrast.weight", "trunk.norm.weight"} <= trainable
+    assert all(n.startswith(("trunk.blocks.22.", "trunk.blocks.23.", "trunk.norm.", "attn_pool_contrast.",
+                             "ln_contrast.")) for n in trainable)

@@ -37,6 +37,8 @@ __all__ = ["ENCODER_PRESETS", "AttentionalPooler", "ConchVisionTower", "EncoderP
            "build_preset", "describe_vit", "preset_table", "require_preset_weights"]
 
 EXTRA_HINT = "pip install 'ipspath[foundation]'"
+#: Modules after the transformer blocks, trained with the last blocks (CONCH's pooler and norm included).
+_AFTER_BLOCKS = frozenset({"norm", "fc_norm", "layernorm", "head", "attn_pool_contrast", "ln_contrast"})
 
 
 def require_preset_weights(name: str, pretrained: str | os.PathLike | None) -> None:
@@ -97,8 +99,8 @@ class FoundationEncoder(nn.Module):
             raise BadInputError(f"--train-blocks {k}: encoder {self.preset.name} has {len(blocks)} blocks")
         for block in list(blocks)[len(blocks) - k:]:
             block.requires_grad_(True)
-        for name, module in self.backbone.named_children():  # final norms and heads after the blocks
-            if name in ("norm", "fc_norm", "layernorm", "head") and k > 0:
+        for name, module in self.backbone.named_modules():  # final norms, poolers and heads after the blocks
+            if name.rsplit(".", 1)[-1] in _AFTER_BLOCKS and k > 0:
                 module.requires_grad_(True)
         for i, block in enumerate(blocks):
             _wrap_block(block, trained=i >= len(blocks) - k)
