@@ -17,7 +17,8 @@ from typing import Any
 # IPSPATH_BENCH_RESULTS redirects the result files (tests run benchmarks without touching bench/results).
 RESULTS_DIR = Path(os.environ.get("IPSPATH_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
-_PACKAGES = ("torch", "numpy", "ipspath", "openslide-python", "openslide-bin", "tiffslide", "zarr", "timm")
+_PACKAGES = ("torch", "numpy", "ipspath", "openslide-python", "openslide-bin", "tiffslide", "zarr", "timm",
+             "transformers")
 
 
 def machine_info() -> dict[str, Any]:

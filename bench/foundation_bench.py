@@ -1,8 +1,9 @@
 """Foundation-model presets on a GPU: frozen features/s, and peak memory of an IPS step fine-tuning the last K blocks.
 
 - ``features``: patches/s of the preset's encoder (no grad, its preferred dtype or ``--dtype`` under autocast) on
-  uint8 256 px patches already on the device (resized to the preset's input on the device, as
-  ``ipspath features`` does), batch ``--batch``; median of ``--repeats`` timed passes.
+  uint8 ``--patch-size`` px patches already on the device (put through the preset's input pipeline on the
+  device, as ``ipspath features`` does), batch ``--batch``; median of ``--repeats`` timed passes. On a CPU
+  the pass runs in float32 with ``--threads`` threads.
 - ``ips_step``: peak GPU memory (``max_memory_allocated``) and seconds of one IPS training step,
   B slides of ``--patches`` patches each, M selected, the encoder's last ``--train-blocks`` blocks
   trained under activation checkpointing, the gradient phase in checkpointed pieces of 16
@@ -15,6 +16,7 @@ presets; ``--preset resnet50_trunc --device cpu`` runs the feature part anywhere
 Usage::
 
     python -m bench.foundation_bench --preset uni_v1 --dtype bfloat16 [--batch 256] [--m 16 64 256] [--train-blocks 4]
+    python -m bench.foundation_bench --preset uni_v1 --device cpu --patch-size 224 --batch 16 --repeats 3 --m
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def features_per_second(name: str, device: torch.device, batch: int, repeats: int, dtype_name: str | None) -> dict:
+def features_per_second(name: str, device: torch.device, batch: int, repeats: int, dtype_name: str | None,
+                        patch_size: int = 256) -> dict:
     encoder = build_preset(name).to(device).eval()
     dtype = getattr(torch, dtype_name or ENCODER_PRESETS[name].dtype)
-    patches = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
+    patches = torch.randint(0, 256, (batch, 3, patch_size, patch_size), dtype=torch.uint8, device=device)
     amp = dict(device_type=device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
     times = []
     for i in range(repeats + 1):
@@ -50,7 +53,8 @@ def features_per_second(name: str, device: torch.device, batch: int, repeats: in
         _sync(device)
         if i:  # the first pass warms up (kernels, allocator)
             times.append(time.perf_counter() - started)
-    return {"preset": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+    return {"preset": name, "dtype": str(dtype).removeprefix("torch.") if device.type == "cuda" else "float32",
+            "batch": batch, "patch_size": patch_size, "threads": torch.get_num_threads(),
             "patches_per_s": round(batch / statistics.median(times), 1), "seconds_per_batch": times}
 
 
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="Autocast dtype of the features pass (default: the preset's).")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--patch-size", type=int, default=256, help="Side (px) of the uint8 patches fed.")
     parser.add_argument("--m", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--slides", type=int, default=4)
     parser.add_argument("--patches", type=int, default=512)
@@ -91,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     result = {"benchmark": "foundation_bench",
-              "features": features_per_second(args.preset, device, args.batch, args.repeats, args.dtype)}
-    if ENCODER_PRESETS[args.preset].blocks:
+              "features": features_per_second(args.preset, device, args.batch, args.repeats, args.dtype,
+                                              args.patch_size)}
+    if ENCODER_PRESETS[args.preset].blocks and args.m:
         result["ips_step"] = [ips_step_memory(args.preset, device, m, args.slides, args.patches, args.train_blocks)
                               for m in args.m]
     save_result(f"foundation_bench_{args.preset}_{device.type}", result)

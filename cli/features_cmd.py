@@ -17,8 +17,9 @@ from ips_path.stores.tile_store import find_stores
               help="Frozen encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>, stain_density (optical-density "
                    "quantiles per channel, no weights; stain-normalised), or a foundation-model preset (see "
                    "`ipspath features --help`; presets need --pretrained).")
-@click.option("--pretrained", type=click.Path(exists=True, dir_okay=False),
-              help="Local weights file of the encoder (torchvision/timm state dict). Nothing is downloaded.")
+@click.option("--pretrained", type=click.Path(exists=True),
+              help="Local weights file of the encoder (torchvision/timm state dict; a preset's file as its card "
+                   "publishes it), or a Hugging Face preset's model folder. Nothing is downloaded.")
 @click.option("--name", help="Name of the cached array features/<name> (default: the encoder name).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto (cuda if available).")
 @click.option("--chunk-size", default=128, show_default=True, help="Patches per forward pass.")
@@ -115,11 +116,13 @@ class _ExtractByDefault(click.Group):
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # the preset table needs torch: built only for --help, so `features import` does not import it
-        from ips_path.model.foundation import preset_table
+        from ips_path.model.presets import preset_table
 
         formatter.write_paragraph()
-        formatter.write_text("Foundation-model presets for --encoder (weights from a local file, --pretrained; patches "
-                             "resized on the device; the extra 'foundation' is needed except by resnet50_trunc):")
+        formatter.write_text("Foundation-model presets for --encoder: weights from a local file (--pretrained, the "
+                             "file its model card publishes), the tiles it was trained on, and its input (resized "
+                             "and cropped on the device as its card does). The extra 'foundation' is needed except "
+                             "by resnet50_trunc. Tiles of another size or µm/px work, resized; `features` says so:")
         formatter.write_paragraph()
         for line in preset_table().splitlines():
             formatter.write(f"{'':>{formatter.current_indent}}  {line}\n")

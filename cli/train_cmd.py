@@ -40,8 +40,9 @@ def _help(text: str, name: str) -> str:
                    "split is test stay out of every fold. --resume continues fold by fold.")
 @click.option("--encoder", help=_help("Patch encoder: resnet18|resnet34|resnet50|smallcnn|timm:<name>. smallcnn "
                                       "suits a CPU; on a GPU use a ResNet, ideally with --pretrained.", "encoder"))
-@click.option("--pretrained", type=click.Path(dir_okay=False),
-              help="Local weights file of the encoder (torchvision/timm state dict). Nothing is downloaded.")
+@click.option("--pretrained", type=click.Path(),
+              help="Local weights file of the encoder (torchvision/timm state dict; a preset's file as its card "
+                   "publishes it), or a Hugging Face preset's model folder. Nothing is downloaded.")
 @click.option("--train-blocks", type=int, metavar="K",
               help="With a ViT preset encoder (uni_v1, uni2_h, virchow2, h_optimus_0/1, gigapath, phikon_v2): "
                    "fine-tune only its last K blocks, under activation checkpointing; the rest stays frozen.")

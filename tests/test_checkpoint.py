@@ -39,7 +39,7 @@ def test_importing_predict_and_loading_a_model_leaves_train_unimported(trained_r
               "from ips_path.training.checkpoint import checkpoint_identity, load_model\n"
               f"load_model({str(trained_run / 'last.pt')!r})\n"
               f"checkpoint_identity({str(trained_run / 'last.pt')!r})\n"
-              "print(sorted(m for m in sys.modules if m.startswith('ips_path.training.train')))\n")
+              "print(sorted(m for m in sys.modules if m == 'ips_path.training.train'))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -15,8 +15,9 @@ from torch import nn
 
 from ips_path.cli.main import cli
 from ips_path.model import IPSModel, PatchChunk, ResNet, Task, build_encoder, train_step
-from ips_path.model.encoders import IMAGENET_MEAN, IMAGENET_STD
+from ips_path.model.encoder_base import IMAGENET_MEAN, IMAGENET_STD
 from ips_path.model.foundation import ENCODER_PRESETS, FoundationEncoder, build_preset
+from ips_path.model.presets import native_tiles_note
 from ips_path.runtime.errors import BadInputError
 from ips_path.stores.features import extract_features
 from ips_path.stores.tile_store import TileStore, write_tile_store
@@ -25,30 +26,54 @@ from ips_path.training.checkpoint import build_model
 from ips_path.training.config import TrainConfig
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
-HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
 def test_every_preset_states_what_it_needs():
-    assert set(ENCODER_PRESETS) == {"uni_v1", "uni2_h", "virchow2", "h_optimus_0", "h_optimus_1", "gigapath",
-                                    "phikon_v2", "resnet50_trunc"}
+    assert set(ENCODER_PRESETS) == {"uni_v1", "uni2_h", "conch_v15", "virchow", "virchow2", "h_optimus_0",
+                                    "h_optimus_1", "gigapath", "kaiko_vitl14", "phikon_v2", "resnet50_trunc"}
     for preset in ENCODER_PRESETS.values():
-        assert preset.out_dim > 0 and preset.input_size == 224
+        assert preset.out_dim > 0 and preset.resize >= preset.input_size
         assert len(preset.mean) == len(preset.std) == 3
         assert isinstance(getattr(torch, preset.dtype), torch.dtype)
-        assert preset.weights
+        assert preset.weights and preset.card and preset.licence and preset.interpolation in ("bilinear", "bicubic")
     dims = {name: p.out_dim for name, p in ENCODER_PRESETS.items()}
-    assert dims == {"uni_v1": 1024, "uni2_h": 1536, "virchow2": 2560, "h_optimus_0": 1536, "h_optimus_1": 1536,
-                    "gigapath": 1536, "phikon_v2": 1024, "resnet50_trunc": 1024}
+    assert dims == {"uni_v1": 1024, "uni2_h": 1536, "conch_v15": 768, "virchow": 2560, "virchow2": 2560,
+                    "h_optimus_0": 1536, "h_optimus_1": 1536, "gigapath": 1536, "kaiko_vitl14": 1024,
+                    "phikon_v2": 1024, "resnet50_trunc": 1024}
     assert ENCODER_PRESETS["h_optimus_0"].mean != IMAGENET_MEAN and ENCODER_PRESETS["uni_v1"].mean == IMAGENET_MEAN
     assert ENCODER_PRESETS["virchow2"].pooling == "cls+mean" and ENCODER_PRESETS["virchow2"].prefix_tokens == 5
+    assert ENCODER_PRESETS["virchow"].prefix_tokens == 1
+    # the cards' pipelines: GigaPath resizes to 256 and crops 224; Virchow and GigaPath resize bicubically
+    giga = ENCODER_PRESETS["gigapath"]
+    assert (giga.resize, giga.input_size, giga.interpolation, giga.native_patch) == (256, 224, "bicubic", 256)
+    assert {n for n, p in ENCODER_PRESETS.items() if p.interpolation == "bicubic"} == {"virchow", "virchow2",
+                                                                                      "gigapath"}
+    conch = ENCODER_PRESETS["conch_v15"]
+    assert (conch.input_size, conch.native_patch, conch.weights) == (448, 512, "pytorch_model_vision.bin")
 
 
-def test_features_help_lists_the_presets_with_dimensions_and_norms():
+def test_features_help_lists_the_presets_with_weights_and_native_tiles():
     result = CliRunner().invoke(cli, ["features", "--help"])
     assert result.exit_code == 0, result.output
     for name, preset in ENCODER_PRESETS.items():
-        line = re.search(rf"^ *{name} +(\d+)-d .*$", result.output, re.MULTILINE)
-        assert line and int(line[1]) == preset.out_dim and ("ImageNet" in line[0] or "0.707" in line[0])
+        line = re.search(rf"^ *{name} +(\d+)-d +{re.escape(preset.card)}: .*\((gated|open), ([^)]+)\)\n"
+                         r" +native ([^;]+);", result.output, re.MULTILINE)
+        assert line, name
+        assert int(line[1]) == preset.out_dim and line[3] == preset.licence
+        assert line[2] == ("gated" if preset.gated else "open") and line[4].startswith(preset.native)
+    assert "native 224 px at 0.5 µm/px, ViT patch 14" in result.output  # H-optimus, as its card says
+    assert "input 224 px (resize 256 bicubic, crop 224)" in result.output  # GigaPath
+
+
+def test_the_note_on_tiles_names_the_tile_command_that_matches():
+    uni, giga, kaiko = (ENCODER_PRESETS[n] for n in ("uni_v1", "gigapath", "kaiko_vitl14"))
+    assert native_tiles_note(uni, 0.5, 224) is None and native_tiles_note(giga, 0.5, 256) is None
+    note = native_tiles_note(ENCODER_PRESETS["h_optimus_0"], 0.5, 256)
+    assert note == ("note: h_optimus_0 was trained on 224 px at 0.5 µm/px; these tiles are 256 px at 0.5 µm/px "
+                    "(the model sees 0.57 µm/px); `ipspath tile ... --mpp 0.5 --patch-size 224` makes matching tiles")
+    assert "--mpp 0.5 --patch-size 256" in native_tiles_note(giga, 1.0, 256)
+    assert native_tiles_note(kaiko, 2.0, 224) is None  # trained on several resolutions
+    assert native_tiles_note(ENCODER_PRESETS["resnet50_trunc"], 2.0, 96) is None
 
 
 class _Recorder(nn.Module):
@@ -75,6 +100,22 @@ def test_patches_are_resized_and_normalised_as_the_preset_says(name):
                                 _Recorder())
     tokens = _Recorder().forward_features(virchow.normalize(patches.float() / 255))
     torch.testing.assert_close(virchow(patches), torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1))
+
+
+def test_gigapath_crops_the_centre_of_its_256_px_input_and_virchow_resizes_bicubically():
+    patches = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    giga = FoundationEncoder(dataclasses.replace(ENCODER_PRESETS["gigapath"], out_dim=3), _Recorder())
+    giga(patches)
+    torch.testing.assert_close(giga.backbone.seen, giga.normalize(patches[..., 16:240, 16:240]))
+    virchow = FoundationEncoder(dataclasses.replace(ENCODER_PRESETS["virchow2"], out_dim=3, pooling="cls"),
+                                _Recorder())
+    virchow(patches)
+    x = F.interpolate(patches.float() / 255, size=(224, 224), mode="bicubic", antialias=True).clamp(0, 1)
+    torch.testing.assert_close(virchow.backbone.seen, virchow.normalize(x))
+    h_optimus = FoundationEncoder(dataclasses.replace(ENCODER_PRESETS["h_optimus_0"], out_dim=3), _Recorder())
+    native = patches[..., :224, :224]
+    h_optimus(native)  # its native 224 px tiles go in as they are
+    torch.testing.assert_close(h_optimus.backbone.seen, h_optimus.normalize(native))
 
 
 @pytest.fixture()
@@ -217,32 +258,3 @@ def test_train_blocks_needs_a_vit_preset_and_pixels(resnet50_weights):
         build_model(TrainConfig(encoder="resnet50_trunc", train_blocks=2, pretrained=str(resnet50_weights[0])), 2)
     with pytest.raises(BadInputError, match="needs its weights"):
         build_model(TrainConfig(encoder="uni_v1"), 2)
-
-
-# -- where timm / transformers import (the GPU machine) -----------------------------------------
-
-@pytest.mark.skipif(not HAS_TIMM, reason="needs timm (optional extra 'foundation'; not importable with this torch)")
-@pytest.mark.parametrize("name", [n for n, p in ENCODER_PRESETS.items() if p.library == "timm"])
-def test_timm_presets_build_embed_and_load_their_own_weights(name, tmp_path):
-    encoder = build_preset(name).eval()
-    weights = tmp_path / "w.pth"
-    torch.save(encoder.backbone.state_dict(), weights)
-    loaded = build_preset(name, weights, train_blocks=2).eval()
-    patches = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
-    with torch.no_grad():
-        out = loaded(patches)
-        torch.testing.assert_close(out, encoder(patches))  # the file's weights, not a new initialisation
-    assert out.shape == (2, ENCODER_PRESETS[name].out_dim)
-    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
-    depth = len(loaded.blocks())
-    assert trainable and all(n.startswith((f"backbone.blocks.{depth - 2}.", f"backbone.blocks.{depth - 1}.",
-                                           "backbone.norm", "backbone.fc_norm", "backbone.head"))
-                             for n in trainable)
-
-
-@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers (optional extra 'foundation')")
-def test_phikon_v2_builds_from_its_config_and_embeds():
-    encoder = build_preset("phikon_v2", train_blocks=1).eval()
-    with torch.no_grad():
-        out = encoder(torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8))
-    assert out.shape == (2, 1024) and len(encoder.blocks()) == 24

@@ -9,14 +9,17 @@ normalise them inside the module, with buffers, so on the device the model is on
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..runtime.errors import BadInputError
+from .encoder_base import IMAGENET_MEAN, IMAGENET_STD, PixelNormalizer, load_weights
+from .foundation import build_preset
+from .presets import ENCODER_PRESETS
+from .resnet import RESNET_DEPTHS, BasicBlock, Bottleneck, ResNet, conv_bn, init_conv_weights
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -33,153 +36,6 @@ __all__ = [
     "build_encoder",
     "load_weights",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_RESNET_DEPTHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
-                  "resnet50": ("bottleneck", (3, 4, 6, 3))}
-
-
-class PixelNormalizer(nn.Module):
-    """uint8 pixels -> float32 ``(x / 255 - mean) / std``.
-
-    Parameters
-    ----------
-    in_channels : int
-        Channels C of the patches.
-    mean, std : sequence of float, optional
-        Per channel, on the [0, 1] scale. Default: ImageNet statistics for 3 channels, 0.5 / 0.5 otherwise.
-    """
-
-    def __init__(self, in_channels: int = 3, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
-        super().__init__()
-        if mean is None:
-            mean = IMAGENET_MEAN if in_channels == 3 else (0.5,) * in_channels
-        if std is None:
-            std = IMAGENET_STD if in_channels == 3 else (0.5,) * in_channels
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise BadInputError(f"pixel mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
-        self.in_channels = in_channels
-        # Not persistent: the normalisation is configuration, and state dicts keep the torchvision layout.
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise BadInputError(f"pixel encoder expects patches (n, {self.in_channels}, H, W), "
-                                f"got shape {tuple(x.shape)}")
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        return (x - self.mean) / self.std
-
-
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels)]
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
-
-    expansion = 1
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1):
-        super().__init__()
-        self.conv1, self.bn1 = _conv_bn(in_channels, channels, 3, stride)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = _conv_bn(channels, channels, 3)
-        self.downsample = _downsample(in_channels, channels * self.expansion, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (strided, as torchvision's ResNet v1.5) -> 1x1 with a residual connection (ResNet-50)."""
-
-    expansion = 4
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1):
-        super().__init__()
-        self.conv1, self.bn1 = _conv_bn(in_channels, channels, 1)
-        self.conv2, self.bn2 = _conv_bn(channels, channels, 3, stride)
-        self.conv3, self.bn3 = _conv_bn(channels, channels * self.expansion, 1)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(in_channels, channels * self.expansion, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-def _downsample(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
-    if stride == 1 and in_channels == out_channels:
-        return None
-    return nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
-
-
-class ResNet(nn.Module):
-    """ResNet without its classifier, with torchvision's state-dict keys (``conv1``, ``bn1``,
-    ``layer1.0.conv1``, ..., ``layer4.2.downsample.0``), so published weights load unchanged.
-
-    Parameters
-    ----------
-    depth : {"resnet18", "resnet34", "resnet50"}
-    stages : int
-        Residual stages kept, 1 to 4. The Megapixel MNIST setting of the IPS paper uses the first two
-        stages of ResNet-18 (``out_dim`` 128).
-    in_channels : int
-        Channels of the input patches.
-    mean, std : sequence of float, optional
-        Pixel normalisation, see :class:`PixelNormalizer`.
-    """
-
-    def __init__(self, depth: str = "resnet18", stages: int = 4, in_channels: int = 3,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
-        super().__init__()
-        if depth not in _RESNET_DEPTHS:
-            raise BadInputError(f"unknown ResNet depth {depth!r}; choose one of {sorted(_RESNET_DEPTHS)}")
-        if not 1 <= stages <= 4:
-            raise BadInputError(f"ResNet stages must be 1 to 4, got {stages}")
-        kind, blocks_per_stage = _RESNET_DEPTHS[depth]
-        block = BasicBlock if kind == "basic" else Bottleneck
-        self.stages = stages
-        self.normalize = PixelNormalizer(in_channels, mean, std)
-        self.conv1, self.bn1 = _conv_bn(in_channels, 64, 7, 2)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        channels_in = 64
-        for stage in range(stages):
-            channels = 64 * 2**stage
-            blocks = []
-            for i in range(blocks_per_stage[stage]):
-                blocks.append(block(channels_in, channels, stride=2 if stage > 0 and i == 0 else 1))
-                channels_in = channels * block.expansion
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
-        self.out_dim = channels_in
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        _init_weights(self)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels -> feature map ``(n, out_dim, h, w)``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(x)))))
-        for stage in range(self.stages):
-            x = getattr(self, f"layer{stage + 1}")(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_features(x)).flatten(1)
-
-    def ignored_weight_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of a full ResNet file that this (possibly truncated) model does not use."""
-        return ("fc.",) + tuple(f"layer{s}." for s in range(self.stages + 1, 5))
 
 
 class SmallCNN(nn.Module):
@@ -208,11 +64,11 @@ class SmallCNN(nn.Module):
         self.normalize = PixelNormalizer(in_channels, mean, std)
         layers: list[nn.Module] = []
         for width_in, width in zip((in_channels, *widths[:-1]), widths, strict=True):
-            layers += [*_conv_bn(width_in, width, 3, 2), nn.ReLU(inplace=True)]
+            layers += [*conv_bn(width_in, width, 3, 2), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
         self.out_dim = widths[-1]
         self.pool = pools[pool](1)
-        _init_weights(self)
+        init_conv_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.normalize(x))
@@ -346,7 +202,7 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
         ``quantiles``, ``window``), ``"features"`` (projector over cached embeddings; needs
         ``in_features``, keywords ``out_dim``, default 128, and ``layer_norm``, default True),
         ``"timm:<model name>"`` (needs timm), or a
-        foundation-model preset of :data:`~ips_path.model.foundation.ENCODER_PRESETS` (``uni_v1``, ...,
+        foundation-model preset of :data:`~ips_path.model.presets.ENCODER_PRESETS` (``uni_v1``, ...,
         ``resnet50_trunc``; keyword ``train_blocks``).
     pretrained : path, optional
         Local state-dict file (``.pth``/``.pt``, read with ``weights_only=True``, or ``.safetensors``).
@@ -364,7 +220,7 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
     nn.Module
         With ``out_dim``; ``forward(x)`` returns ``(n, out_dim)`` float embeddings.
     """
-    if name in _RESNET_DEPTHS:
+    if name in RESNET_DEPTHS:
         encoder: nn.Module = ResNet(name, in_channels=in_channels, **kw)
         ignore = encoder.ignored_weight_prefixes()
     elif name == "smallcnn":
@@ -377,22 +233,14 @@ def build_encoder(name: str, *, pretrained: str | os.PathLike | None = None, in_
         encoder, ignore = FeatureProjector(in_features, **kw), ()
     elif name.startswith("timm:"):
         return _build_timm(name.removeprefix("timm:"), pretrained, in_channels, **kw)
-    elif name in _presets():
-        from .foundation import build_preset
-
+    elif name in ENCODER_PRESETS:
         return build_preset(name, pretrained, **kw)
     else:
         raise BadInputError(f"unknown encoder {name!r}; choose resnet18, resnet34, resnet50, smallcnn, stain_density, "
-                            f"features, timm:<name> or a preset ({', '.join(_presets())})")
+                            f"features, timm:<name> or a preset ({', '.join(ENCODER_PRESETS)})")
     if pretrained is not None:
         load_weights(encoder, pretrained, ignore_prefixes=ignore)
     return encoder
-
-
-def _presets() -> dict[str, Any]:
-    from .foundation import ENCODER_PRESETS  # foundation builds on this module
-
-    return ENCODER_PRESETS
 
 
 def _build_timm(model_name: str, pretrained: str | os.PathLike | None, in_channels: int,
@@ -417,63 +265,3 @@ def _build_timm(model_name: str, pretrained: str | os.PathLike | None, in_channe
     return PixelEncoder(backbone, backbone.num_features, PixelNormalizer(in_channels, mean, std))
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike, ignore_prefixes: Iterable[str] = ()) -> None:
-    """Load a local state-dict file into ``module``, refusing any key or shape mismatch.
-
-    Checkpoints that wrap the weights under ``"state_dict"`` or ``"model"`` and DDP's ``"module."``
-    prefix are unwrapped. Keys starting with one of ``ignore_prefixes`` (e.g. a classifier) are skipped.
-
-    Raises
-    ------
-    BadInputError
-        The file is missing, unreadable, or its keys/shapes do not match the model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: pretrained weights file not found; give the path of a local state dict")
-    state = _read_state_dict(path)
-    ignore_prefixes = tuple(ignore_prefixes)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} (model: {tuple(v.shape)})"
-                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-        if keys:
-            problems.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
-    if problems:
-        raise BadInputError(f"{path}: weights do not fit the {type(module).__name__} encoder "
-                            f"({'; '.join(problems)}); check the encoder name, stages and in_channels")
-    module.load_state_dict(state, strict=True)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except ImportError:
-        raise BadInputError(f"{path}: reading .safetensors needs the safetensors package") from None
-    except Exception as e:  # torch.load raises many types for a corrupt or foreign file
-        raise BadInputError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); give a .pth/.pt weights file") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadInputError(f"{path}: does not hold a state dict (a mapping of names to tensors)")
-    return dict(state)
-
-
-def _init_weights(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

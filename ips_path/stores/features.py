@@ -18,6 +18,7 @@ model trained on them would otherwise read other embeddings.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ import torch
 
 from ips_path.model.encoders import MEASUREMENT_ENCODERS, build_encoder
 from ips_path.model.foundation import require_preset_weights
+from ips_path.model.presets import ENCODER_PRESETS, native_tiles_note
 from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.identity import file_digest
 from ips_path.runtime.jobs import SlideOutcome, Status, check_identity, run_job
@@ -105,7 +107,8 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
         Name of the cached array (``features/<name>``); default: the encoder name, with ``:``
         replaced by ``_``.
     pretrained : path-like, optional
-        Local weights file of the encoder (no download ever happens).
+        Local weights file of the encoder, or the model folder of a Hugging Face preset (phikon_v2);
+        no download ever happens.
     device : str
         Where the encoder runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     chunk_size, threads : int
@@ -153,10 +156,12 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     if stain_norm is None:
         stain_norm = encoder_name in MEASUREMENT_ENCODERS
     weights = None if pretrained is None else Path(pretrained).resolve()
-    if weights is not None and not weights.is_file():
-        raise BadInputError(f"{pretrained}: weights file not found; give the local file of the encoder's weights")
+    folder_ok = encoder_name in ENCODER_PRESETS and ENCODER_PRESETS[encoder_name].library == "transformers"
+    if weights is not None and not (weights.is_file() or (folder_ok and weights.is_dir())):
+        raise BadInputError(f"{pretrained}: weights file not found; give the local file of the encoder's weights"
+                            + (" (or its model folder)" if folder_ok else ""))
     identity: dict[str, Any] = {"encoder": encoder_name,
-                                "weights_sha256": None if weights is None else file_digest(weights)}
+                                "weights_sha256": None if weights is None else weights_digest(weights)}
     if stain_norm:  # only then: features made before the option existed keep their identity
         identity["stain_norm"] = True
     settings = FeatureSettings(encoder_name, name, None if weights is None else str(weights), identity, device,
@@ -170,6 +175,8 @@ def extract_features(stores: Sequence[str | os.PathLike], encoder_name: str, *, 
     for path in paths:  # the features go into each store: a read-only one is found before any slide is embedded
         if not os.access(path, os.W_OK):  # cheap for a cohort; the probe then says why (read-only, permissions)
             probe_writable(path, "TILES")
+    if encoder_name in ENCODER_PRESETS:
+        _note_native_tiles(ENCODER_PRESETS[encoder_name], paths)
     gpu = {"GPU": 1} if scheduler and device.startswith("cuda") else None
     shared = paths + ([Path(settings.pretrained)] if settings.pretrained else [])
     return map_slides(store_features, paths, settings, scheduler=scheduler, resources=gpu, shared_paths=shared,
@@ -222,6 +229,31 @@ def _reusable(store: TileStore, name: str, identity: dict[str, Any]) -> bool:
     recorded = {GRID_ATTR: store.grid_sha256, **(store.array_attrs(array).get("identity") or {})}
     return check_identity(store.path / array, recorded, identity, what="features",
                           instead="give these features another --name")
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 (hex) of a weights file, or of a model folder's files (names and contents)."""
+    if path.is_file():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f"{child.name}\0{file_digest(child)}\n".encode())
+    return digest.hexdigest()
+
+
+def _note_native_tiles(preset: Any, paths: Sequence[Path]) -> None:
+    """Say once per tile geometry when the stores' tiles are not those the preset was trained on."""
+    seen: set[tuple[float, int]] = set()
+    for path in paths:
+        try:
+            store = TileStore.open(path)
+        except (BadInputError, OSError, KeyError, ValueError):
+            continue  # the store's own job reports it
+        geometry = (store.target_mpp, store.patch_size)
+        note = None if geometry in seen else native_tiles_note(preset, *geometry)
+        seen.add(geometry)
+        if note:
+            log.warning(note)
 
 
 def _encoder(settings: FeatureSettings) -> torch.nn.Module:
