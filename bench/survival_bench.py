@@ -32,8 +32,8 @@ from common import save_result  # noqa: E402
 from ips_path.checkpoint import load_model  # noqa: E402
 from ips_path.loader import PatchStreamer  # noqa: E402
 from ips_path.store import TileStore  # noqa: E402
-from ips_path.survival import harrell_c_index, survival_metrics  # noqa: E402
 from ips_path.synth_survival import SurvivalOutcomes, write_survival_cohort  # noqa: E402
+from ips_path.tasks.survival import harrell_c_index, survival_metrics  # noqa: E402
 
 SLIDE_SIZE = (4096, 3072)   # px at 1 µm/px: 4 x 3 mm, as the demo
 LESION_UM = (200.0, 400.0)

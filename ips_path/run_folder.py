@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ips_path.atomic import write_atomically
+from ips_path.atomic import write_atomically, write_csv
 from ips_path.checkpoint import load_checkpoint
 from ips_path.config import RUNTIME_FIELDS, TrainConfig
 from ips_path.errors import BadInputError
@@ -207,19 +207,6 @@ def check_same_run(checkpoint: Mapping[str, Any], classes: Sequence[str], splits
             shown = ", ".join(f"{slide_id}: {split}" for slide_id, split in changed[:6])
             raise BadInputError(f"the manifest's slides or splits changed since the run started ({shown}); "
                                 f"resume with the manifest the run started with ({saved_path})")
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write dict rows as CSV atomically (columns: every key, in order of first appearance)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def write(partial: Path) -> None:
-        with partial.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomically(path, write)
 
 
 def main_process(env: Mapping[str, str] | None = None) -> bool:

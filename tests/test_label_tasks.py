@@ -20,11 +20,11 @@ from ips_path.cli.main import main
 from ips_path.config import TrainConfig, resolve_config
 from ips_path.cross_validation import train_cross_validated
 from ips_path.errors import BadInputError
-from ips_path.label_tasks import LabelTasks, validation_metrics
 from ips_path.model import Task
 from ips_path.model.tasks import MISSING_TARGET
 from ips_path.predict import predict
 from ips_path.report import write_report
+from ips_path.tasks.label_columns import LabelTasks, validation_metrics
 from ips_path.train import train
 from ips_path.view.cohort import open_cohort
 from ips_path.view.server import ViewerApp, make_server

@@ -14,10 +14,11 @@ from click.testing import CliRunner
 
 from ips_path.cli.train_cmd import train_cmd
 from ips_path.config import TrainConfig
-from ips_path.cross_validation import survival_folds, train_cross_validated
+from ips_path.cross_validation import train_cross_validated
 from ips_path.errors import BadInputError
 from ips_path.manifest import ManifestRow
 from ips_path.predict import predict
+from ips_path.tasks.survival.cohort import survival_folds
 
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")
 
