@@ -88,8 +88,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Keys: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``status``, ``config`` (dict),
     ``class_names``, ``tiling`` (``target_mpp``, ``patch_size``), ``in_features``, ``early_stopping``,
     ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``, and what the run's
-    outcome kind keeps (:meth:`~ips_path.tasks.OutcomeKind.state`: several label columns
-    ``task_classes``, survival ``survival``, regression ``regression``).
+    outcome kind keeps (:meth:`~ips_path.tasks.OutcomeKind.state`; one entry per kind, e.g. ``task_classes``).
 
     Raises
     ------
@@ -178,7 +177,7 @@ class CheckpointIdentity:
     config : dict
         Its resolved training configuration.
     class_names : tuple of str
-        With several label columns the flat ``<task>=<class>`` names, which give every task's classes.
+        As the outcome kind names them (e.g. the flat ``<task>=<class>`` names of several label columns).
     tiling : dict
         ``target_mpp`` (µm/px) and ``patch_size`` (px) of the tile stores it was trained on.
     """

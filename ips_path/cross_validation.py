@@ -2,20 +2,18 @@
 
 A cross-validated run folder holds::
 
-    splits.csv       slide_id, case_id, label (each label column; survival: time, event), fold
-                     (0..K-1, or "test" for the fixed external test split)
+    splits.csv       slide_id, case_id, the outcome columns (:meth:`~ips_path.tasks.OutcomeKind.outcome_columns`),
+                     fold (0..K-1, or "test" for the fixed external test split)
     fold_0/ ...      one ordinary training run per fold: the fold validates, the other folds train
-    cv_summary.json  per fold and mean +- sd (over the folds) of the validation AUC, balanced accuracy
-                     and AUPRC at each fold's best epoch (several label columns: their mean over the
-                     tasks, then each task's as <task>_auc ...); for survival, Harrell's and Uno's
-                     C-index of the fold's best weights (its ``survival_metrics.json``)
+    cv_summary.json  per fold and mean +- sd (over the folds) of the outcome kind's metrics
+                     (:attr:`~ips_path.tasks.OutcomeKind.cv_metrics`, e.g. the validation AUC, balanced accuracy
+                     and AUPRC at each fold's best epoch)
 
-Folds are drawn once (seeded) and kept: a patient (``case_id``) is never in two folds, and each label
-(several label columns: each class of the first column) is spread evenly over the folds; a survival
-cohort is stratified instead by event status and early/late follow-up
-(:func:`~ips_path.tasks.survival.survival_strata`), and a fold whose patients hold no event (as
-validation, or as the rest for training) is refused before any training. Slides whose manifest
-``split`` is ``test`` stay out of every fold.
+Folds are drawn once (seeded) and kept: a patient (``case_id``) is never in two folds, and each stratum
+of the outcome kind (:meth:`~ips_path.tasks.OutcomeKind.strata`; by default the label of the first
+label column) is spread evenly over the folds; folds the kind cannot measure are refused before any
+training (:meth:`~ips_path.tasks.OutcomeKind.check_folds`). Slides whose manifest ``split`` is
+``test`` stay out of every fold.
 Each fold is a resumable run of its own, so an interrupted cross-validation continues fold by fold
 with ``--resume``; a finished fold is not trained again.
 """
@@ -42,12 +40,11 @@ from ips_path.locks import output_lock
 from ips_path.manifest import TEST, ManifestRow, assign_folds
 from ips_path.run_folder import write_csv
 from ips_path.tasks import OutcomeKind, kind_for
-from ips_path.tasks.label import CV_METRICS
 from ips_path.train import train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CV_METRICS", "CrossValidationResult", "assign_folds", "fold_splits", "format_cv_table", "kind_folds",
+__all__ = ["CrossValidationResult", "assign_folds", "fold_splits", "format_cv_table", "kind_folds",
            "summarise_folds", "train_cross_validated"]
 
 
@@ -60,8 +57,7 @@ class CrossValidationResult:
     ----------
     run_dir : Path
     folds : list of dict
-        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of :data:`CV_METRICS` (several label
-        columns: also ``val_<task>_<metric>``; survival: :data:`SURVIVAL_CV_METRICS`), ``status``.
+        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of the kind's ``cv_metrics``, ``status``.
     summary : dict
         ``mean`` and ``sd`` (sample standard deviation over the folds) of each metric.
     """
@@ -79,7 +75,7 @@ def kind_folds(kind: OutcomeKind, rows: Sequence[ManifestRow], k: int, manifest:
     Raises
     ------
     BadInputError
-        As :func:`assign_folds`; folds the kind cannot measure (survival: a fold without an event).
+        As :func:`assign_folds`; folds the kind cannot measure (e.g. a fold without an event).
     """
     folds = assign_folds(rows, k, seed=seed, strata=kind.strata([r for r in rows if r.split != TEST]))
     kind.check_folds(rows, folds, k, manifest)
@@ -117,7 +113,7 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
     Raises
     ------
     BadInputError
-        As :func:`~ips_path.train.train`; a survival fold without events; a resume whose manifest no longer gives the
+        As :func:`~ips_path.train.train`; folds the kind cannot measure; a resume whose manifest no longer gives the
         saved folds; a fresh run into a folder that holds one.
     """
     out_dir = Path(out_dir)
@@ -177,7 +173,7 @@ def _finished_fold(kind: OutcomeKind, fold_dir: Path) -> str | None:
     return str(checkpoint["status"]) if kind.finished(checkpoint, fold_dir) else None
 
 
-def summarise_folds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = CV_METRICS
+def summarise_folds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]
                     ) -> dict[str, dict[str, float]]:
     """Mean and sample standard deviation over the folds of each of ``metrics`` (NaN folds left out)."""
     summary = {}
@@ -191,7 +187,7 @@ def summarise_folds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
 
 
 def format_cv_table(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, float]],
-                    metrics: Sequence[str] = CV_METRICS) -> str:
+                    metrics: Sequence[str]) -> str:
     """The per-fold table and the mean +- sd line, as the log shows them."""
     header = f"{'fold':>6}  {'best epoch':>10}  " + "  ".join(f"{m:>17}" for m in metrics)
     lines = [header]

@@ -102,7 +102,7 @@ class SlidePrediction:
     @property
     def outcome(self) -> str:
         """``"correct"``, ``"wrong"``, ``"unlabelled"`` (no true label), or ``"valued"``: a true value
-        that is no class (a regression's number), which the prediction is not right or wrong about."""
+        that is no class (a number), which the prediction is not right or wrong about."""
         if not self.label:
             return "unlabelled"
         if not self.probabilities:

@@ -27,7 +27,7 @@ from ips_path import __version__
 from ips_path.atomic import write_atomically
 from ips_path.errors import BadInputError
 from ips_path.predictions import PredictionFolder, SlidePrediction
-from ips_path.tasks import KINDS, ReportSection
+from ips_path.tasks import KINDS, ReportSection, kind_of_run
 
 __all__ = ["write_report"]
 
@@ -80,8 +80,7 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
 
     assets = _AssetPlacer(pred_dir, out_path.parent)
     done = [r for r in rows if r.ok]
-    # the filters' choices; a folder predicted before run.json named its kind is a classifier's (or has no classes)
-    labels, predicted = KINDS[run.get("task", "classification")].report_filters(run, classes, done)
+    labels, predicted = kind_of_run(run).report_filters(run, classes, done)  # the filters' choices
     page = Template(resources.files("ips_path").joinpath("report_template.html").read_text(encoding="utf-8"))
     text = page.substitute(
         title=_esc(title), version=_esc(__version__), created=_esc(datetime.now().strftime("%Y-%m-%d %H:%M")),

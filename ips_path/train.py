@@ -395,7 +395,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             if procs.distributed:
                 average_buffers(model, procs.world_size)
             losses.append(loss)
-            for name, values in per_task.items():  # several label columns: each task's share of the loss
+            for name, values in per_task.items():  # several tasks: each task's share of the loss
                 values.append(mean_over_processes(out["losses"][name], procs))
             for item, selected in zip(batch, out["selected"], strict=True):
                 trained_on_lesions.record(item.store, selected.numpy())
@@ -470,7 +470,7 @@ def _finish(kind: OutcomeKind, model: IPSModel, train_items: Sequence[SlideItem]
             streamer: PatchStreamer, config: TrainConfig, procs: Processes, autocast_dtype: torch.dtype | None,
             out_dir: Path) -> None:
     """The kind's step after training, with the best weights' logits of the training and validation slides
-    (survival: the risk-group cut points and the validation metrics files); what it learnt goes into
+    (e.g. risk-group cut points and the validation metrics files); what it learnt goes into
     ``best.pt`` (and ``last.pt``), which prediction reads."""
     best = out_dir / "best.pt"
     final_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}

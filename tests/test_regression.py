@@ -161,8 +161,8 @@ def test_a_cell_that_is_not_a_number_is_refused_naming_its_line(lesion_cohort, t
     code, _, err = _run(["train", "--manifest", str(bad), "--tiles", str(tiles), "-o", str(tmp_path / "run"),
                          "--task", "regression", "--label-columns", "lesion_area", *FAST], capsys)
     assert code == 2
-    assert err.strip().splitlines() == [f"ipspath: error: {bad}: line 3: lesion_area 'n.d.' is not a number; a regression "
-                                        "target needs a number in every lesion_area cell"]
+    assert err.strip().splitlines() == [f"ipspath: error: {bad}: line 3: lesion_area 'n.d.' is not a number; a "
+                                        "regression target needs a number in every lesion_area cell"]
     assert not (tmp_path / "run").exists()
 
 

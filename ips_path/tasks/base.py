@@ -29,8 +29,8 @@ from ips_path.errors import BadInputError
 from ips_path.manifest import ManifestRow, assign_splits
 from ips_path.model import Task
 
-__all__ = ["KINDS", "OutcomeKind", "ReportSection", "SlideScores", "kind_for", "kind_of_checkpoint", "number",
-           "register_kind"]
+__all__ = ["KINDS", "OutcomeKind", "ReportSection", "SlideScores", "kind_for", "kind_of_checkpoint", "kind_of_run",
+           "number", "register_kind"]
 
 #: ``--task`` name -> the outcome kind's class, filled by :func:`register_kind`.
 KINDS: dict[str, type[OutcomeKind]] = {}
@@ -49,6 +49,12 @@ def _kind_class(task: str) -> type[OutcomeKind]:
     if task not in KINDS:
         raise BadInputError(f"--task {task!r} is not one of {', '.join(KINDS)}")
     return KINDS[task]
+
+
+def kind_of_run(run: Mapping[str, Any]) -> type[OutcomeKind]:
+    """The outcome kind of a prediction folder's ``run.json`` (one written before it named its kind is of the
+    default ``--task``: a classifier's, or a model without classes)."""
+    return _kind_class(run.get("task") or TrainConfig().task)
 
 
 def kind_for(config: TrainConfig) -> OutcomeKind:

@@ -1,0 +1,80 @@
+"""The outcome kinds' interface: one registry, no kind branches in the pipeline, no kind in the model layer."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import ips_path
+from ips_path.config import TrainConfig
+from ips_path.errors import BadInputError
+from ips_path.tasks import KINDS, Classification, Regression, Survival, kind_for
+from ips_path.tasks.base import OutcomeKind, register_kind
+
+PACKAGE = Path(ips_path.__file__).parent
+PIPELINE = ("train.py", "predict.py", "cross_validation.py", "predictions.py", "checkpoint.py", "report.py")
+TRAINING_AND_INFERENCE = ("train", "train_slides", "run_folder", "checkpoint", "cross_validation", "distributed",
+                          "predict", "predictions", "report")
+
+
+def _imports(path: Path) -> set[str]:
+    """The ips_path modules a file imports (relative imports resolved against its package)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+    return {name for name in found if name.startswith("ips_path")}
+
+
+def test_every_kind_is_registered_under_its_task_name():
+    assert KINDS == {"classification": Classification, "regression": Regression, "survival": Survival}
+    assert isinstance(kind_for(TrainConfig(task="survival")), Survival)
+
+
+def test_a_new_kind_is_found_by_its_name_once_registered():
+    @register_kind("toy")
+    class Toy(OutcomeKind):
+        pass
+    try:
+        assert KINDS["toy"] is Toy and Toy.name == "toy"
+    finally:
+        del KINDS["toy"]
+    config = TrainConfig()
+    object.__setattr__(config, "task", "toy")  # what config.py would refuse, once the kind is gone again
+    with pytest.raises(BadInputError, match="--task 'toy' is not one of classification"):
+        kind_for(config)
+
+
+def test_the_model_layer_imports_no_outcome_kind():
+    for path in sorted((PACKAGE / "model").glob("*.py")):
+        assert not {m for m in _imports(path) if m.startswith("ips_path.tasks")}, path.name
+
+
+def test_outcome_kinds_import_nothing_of_training_or_prediction():
+    for path in sorted((PACKAGE / "tasks").rglob("*.py")):
+        bad = {m for m in _imports(path) if m.removeprefix("ips_path.") in TRAINING_AND_INFERENCE}
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
+
+
+def test_the_pipeline_names_no_outcome_kind():
+    """No string naming a kind (nor its checkpoint entries) outside docstrings: the pipeline asks its kind."""
+    names = {*KINDS, "task_classes", "c_index", "risk", "several"}
+    for name in PIPELINE:
+        tree = ast.parse((PACKAGE / name).read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        found = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                 and isinstance(node.value, str) and id(node) not in docstrings and node.value in names}
+        attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                      and node.attr in {"several", "label_tasks", "survival", "is_cox"}}
+        assert not found and not attributes, f"{name}: {found | attributes}"
