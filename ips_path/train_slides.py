@@ -29,16 +29,15 @@ __all__ = ["CachedFeatures", "SlideItem", "check_tile_stores", "resolve_feature_
 
 @dataclass(frozen=True)
 class SlideItem:
-    """A slide of the run: where its patches are and its class index (or survival target, or with several
-    label columns a class index per task, ``MISSING_TARGET`` where the slide has no label for it)."""
+    """A slide of the run: where its patches are, its class index (-1 without one) and its target (what the
+    outcome kind's :meth:`~ips_path.tasks.OutcomeKind.target` gives it: numbers only)."""
 
     slide_id: str
     store: Path
     label: int
     n_patches: int
     slide_mpp: float | None = None
-    target: tuple[float, float, float] | None = None  # survival: time, event, time bin
-    task_labels: tuple[int, ...] = ()
+    target: tuple | None = None
 
 
 @dataclass(frozen=True)

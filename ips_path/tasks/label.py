@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ips_path.atomic import write_json
+from ips_path.atomic import read_json, write_json
 from ips_path.manifest import ManifestRow, read_manifest
-from ips_path.metrics import classification_metrics
+from ips_path.metrics import classification_metrics, prediction_metrics
 from ips_path.model import Task
+from ips_path.plots import plot_reliability, plot_roc
 from ips_path.tasks.base import OutcomeKind, ReportSection, SlideScores, number, register_kind
 from ips_path.tasks.label_columns import LabelTasks, batch_targets, class_weights, joined_classes, validation_metrics
 
@@ -234,8 +235,6 @@ class Classification(OutcomeKind):
     @classmethod
     def report_sections(cls, out_dir: Path, run: Mapping[str, Any]) -> list[ReportSection]:
         """The performance section; a model of several label columns gets one per task (``metrics["tasks"]``)."""
-        from ips_path.atomic import read_json
-
         metrics = read_json(out_dir / "metrics.json")
         if not metrics:
             return []
@@ -254,9 +253,6 @@ def _measure(slides: Sequence[tuple[str, str | None, Sequence[float]]], classes:
              case_ids: dict[str, str], roc: Path, reliability: Path, task: str | None = None) -> dict[str, Any] | None:
     """The metrics of (slide_id, label, probabilities) over the slides with a label among ``classes``, with
     their ROC and reliability pictures; None when no slide has one."""
-    from ips_path.metrics import prediction_metrics
-    from ips_path.plots import plot_reliability, plot_roc
-
     scored = [s for s in slides if s[1] in classes]
     unknown = sorted({s[1] for s in slides if s[1] and s[1] not in classes})
     if unknown:

@@ -30,6 +30,7 @@ from ips_path.manifest import ManifestRow, read_manifest
 from ips_path.metrics import rank_values
 from ips_path.model import Task
 from ips_path.model.tasks import HeadKind, register_head_kind
+from ips_path.plots import plot_scatter
 from ips_path.tasks.base import OutcomeKind, ReportSection, SlideScores, number, register_kind
 
 __all__ = ["REGRESSION_METRICS", "Regression", "regression_metrics"]
@@ -210,8 +211,6 @@ class Regression(OutcomeKind):
     def write_metrics(self, out_dir: Path, scored: Sequence[tuple[str, Mapping[str, Any]]],
                       rows: Sequence[ManifestRow]) -> dict[str, Any] | None:
         """``regression_metrics.json`` and ``scatter.png`` over the predicted slides with a true value."""
-        from ips_path.plots import plot_scatter
-
         known = [(float(extra["label"]), float(extra["predicted"])) for _, extra in scored
                  if _number_or_none(extra.get("label")) is not None]
         if not known:
