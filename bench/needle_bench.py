@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ips_path.config import TrainConfig
 from ips_path.evaluation.metrics import roc_auc
 from ips_path.stores.features import extract_features
 from ips_path.stores.loader import PatchStreamer
@@ -66,7 +67,6 @@ from ips_path.stores.tile_store import TileStore
 from ips_path.synthetic.synth import lesion_fractions, write_lesion_truth, write_synthetic_cohort
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 from ips_path.training.checkpoint import load_model
-from ips_path.training.config import TrainConfig
 from ips_path.training.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

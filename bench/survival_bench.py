@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402
 
-from ips_path.stores.loader import PatchStreamer  # noqa: E402
-from ips_path.stores.tile_store import TileStore  # noqa: E402
-from ips_path.survival import harrell_c_index, survival_metrics  # noqa: E402
-from ips_path.synthetic.synth_survival import SurvivalOutcomes, write_survival_cohort  # noqa: E402
-from ips_path.training.checkpoint import load_model  # noqa: E402
+from ips_path.stores.loader import PatchStreamer
+from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.synth_survival import SurvivalOutcomes, write_survival_cohort
+from ips_path.tasks.survival import harrell_c_index, survival_metrics
+from ips_path.training.checkpoint import load_model
 
 SLIDE_SIZE = (4096, 3072)   # px at 1 µm/px: 4 x 3 mm, as the demo
 LESION_UM = (200.0, 400.0)

@@ -75,7 +75,7 @@ def worker(workload: str, scratch: Path, data: dict[str, str]) -> dict[str, floa
         started = time.perf_counter()
         result = run_demo(scratch / "demo", settings, progress=False)
         return {"total": time.perf_counter() - started, **result.seconds, "torch_threads": torch.get_num_threads()}
-    from ips_path.training.config import TrainConfig
+    from ips_path.config import TrainConfig
     from ips_path.training.train import train
 
     config = TrainConfig(features="stain_density", epochs=4, device="cpu", warmup_epochs=1.0, patience=0)

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from ips_path.config import TrainConfig
 from ips_path.model import train_step
 from ips_path.stores.loader import Augmentation, PatchStreamer
 from ips_path.stores.tile_store import TileStore
 from ips_path.synthetic.synth import write_synthetic_cohort
 from ips_path.training.checkpoint import build_model
-from ips_path.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402

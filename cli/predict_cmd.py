@@ -79,25 +79,8 @@ def predict_cmd(ctx: click.Context, slides: tuple[str, ...], model: str, manifes
     shown = ", ".join(f"{n} {status}" for status, n in counts.items() if status != "done")
     click.echo(f"predicted {sum(o.ok for o in result.outcomes)} of {len(result.outcomes)} slides"
                f"{f' ({shown})' if shown else ''} -> {result.out_dir / 'predictions.csv'}")
-    if result.metrics and "c_index" in result.metrics:  # a survival model, patients with time and event
-        m = result.metrics
-        click.echo(f"C-index {_number(m['c_index'])} (95% CI {_number(m['c_index_low'])}-{_number(m['c_index_high'])})"
-                   f", Uno {_number(m['uno_c_index'])} on {m['n_patients']} patients; Kaplan-Meier: "
-                   f"{result.out_dir / 'km.png'}")
-    elif result.metrics:  # one task, or under "tasks" each task of a model of several label columns
-        for task, m in (result.metrics.get("tasks") or {"": result.metrics}).items():
-            low, high = m["auc_ci95"]
-            click.echo(f"{f'{task}: ' if task else ''}AUC {_number(m['auc'])} (95% CI {_number(low)}-{_number(high)}), "
-                       f"AUPRC {_number(m['auprc'])}, balanced accuracy {_number(m['balanced_accuracy'])}, "
-                       f"calibration error {_number(m['ece'])} on {m['n_slides']} labelled slides")
-            if "patients" in m:
-                p = m["patients"]
-                click.echo(f"{f'{task} ' if task else ''}patients: AUC {_number(p['auc'])}, "
-                           f"AUPRC {_number(p['auprc'])}, balanced accuracy {_number(p['balanced_accuracy'])} "
-                           f"on {p['n_patients']} patients")
+    if result.metrics and result.kind is not None:
+        for line in result.kind.summary_lines(result.metrics, result.out_dir):
+            click.echo(line)
     click.echo(f"review: ipspath report {result.out_dir}")
     return result.exit_code
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

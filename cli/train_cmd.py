@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ips_path.cli.options import OutputFolder
-from ips_path.training.config import TrainConfig
+from ips_path.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
 
@@ -77,9 +77,9 @@ def _help(text: str, name: str) -> str:
               help=_help("Weight the loss of each class inversely to its share of training slides.", "class_weights"))
 @click.option("--patience", type=int,
               help=_help("Stop after this many epochs without a better validation --monitor; 0: never.", "patience"))
-@click.option("--monitor", type=click.Choice(["auc", "balanced_accuracy", "loss", "c_index"]),
-              help=_help("Validation metric for best.pt and early stopping (survival: c_index or loss; auc "
-                         "means c_index there).", "monitor"))
+@click.option("--monitor", type=click.Choice(["auc", "balanced_accuracy", "loss", "c_index", "pearson"]),
+              help=_help("Validation metric for best.pt and early stopping (survival: c_index or loss; regression: "
+                         "pearson or loss; auc means c_index, pearson there).", "monitor"))
 @click.option("--augment/--no-augment", default=None,
               help=_help("Random flips, 90° rotations and colour jitter of training patches.", "augment"))
 @click.option("--stain-norm/--no-stain-norm", default=None,
@@ -103,15 +103,19 @@ def _help(text: str, name: str) -> str:
                                         "[default: the stores', which must agree]")
 @click.option("--patch-size", type=int, help="Patch size the run expects of the tile stores, px. "
                                              "[default: the stores']")
-@click.option("--task", type=click.Choice(["classification", "survival"]),
-              help=_help("classification of the label column, or survival: a risk score learnt from the time and "
-                         "event columns (1 = event, 0 = censored).", "task"))
+@click.option("--task", type=click.Choice(["classification", "survival", "regression"]),
+              help=_help("classification of the label column; survival: a risk score learnt from the time and "
+                         "event columns (1 = event, 0 = censored); regression: a number, the one column "
+                         "--label-columns names (standardised on the training slides).", "task"))
 @click.option("--label-columns", metavar="COLUMNS",
               help=_help("Manifest columns to classify, comma-separated (e.g. grade,her2): one task each, with its own "
                          "query token and head over the column's sorted values. A slide with an empty cell counts for "
                          "nothing in that task's loss; the loss is the sum over the tasks; metrics are logged per task "
                          "and best.pt follows their mean --monitor; splits are stratified by the first column.",
                          "label_columns"))
+@click.option("--regression-loss", type=click.Choice(["mse", "huber"]),
+              help=_help("Regression: mean squared error or Huber loss (delta: one standard deviation of the "
+                         "training targets).", "regression_loss"))
 @click.option("--survival-loss", type=click.Choice(["cox", "nll"]),
               help=_help("Survival: cox = Cox partial likelihood over each batch (every batch holds an event); nll = "
                          "discrete-time likelihood over --time-bins bins (also predicts a survival curve).",
@@ -159,6 +163,10 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
     predicted class and probabilities (prob_<task>=<class>) and metrics per task.
 
     \b
+    Regression (--task regression --label-columns score): one numeric column, standardised on the
+    training slides; each epoch logs the validation Pearson and Spearman r, MAE and R^2; predict
+    writes the predicted number, regression_metrics.json (with 95 % intervals) and scatter.png.
+
     Survival (--task survival): the manifest needs time and event columns instead of label; the
     model learns a risk score (Cox, or a discrete-time survival curve with --survival-loss nll),
     splits keep events and follow-up balanced, each epoch logs the validation C-index, and the run
@@ -175,8 +183,9 @@ def train_cmd(ctx: click.Context, manifest: Path, tiles_dir: Path, out_dir: Path
       ipspath train --manifest m.csv --tiles tiles -o run --epochs 10
       ipspath train --manifest m.csv --tiles tiles -o run --label-columns grade,her2
       ipspath train --manifest m.csv --tiles tiles -o run --task survival --time-unit months
+      ipspath train --manifest m.csv --tiles tiles -o run --task regression --label-columns score
     """
-    from ips_path.training.config import resolve_config
+    from ips_path.config import resolve_config
     from ips_path.training.train import train
 
     if config_file is None and resume and (out_dir / "config.yaml").is_file():

@@ -113,7 +113,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, path
 @pytest.fixture(scope="session")
 def trained_run(cohort: tuple[pathlib.Path, pathlib.Path], tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A training run folder (one epoch of a small model on ``cohort``), for prediction tests."""
-    from ips_path.training.config import TrainConfig
+    from ips_path.config import TrainConfig
     from ips_path.training.train import train
 
     manifest, tiles = cohort

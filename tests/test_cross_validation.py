@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ips_path.config import TrainConfig
 from ips_path.evaluation.metrics import (
     average_precision,
     bootstrap_intervals,
@@ -21,7 +22,6 @@ from ips_path.evaluation.metrics import (
 )
 from ips_path.runtime.errors import BadInputError
 from ips_path.slides.manifest import ManifestRow
-from ips_path.training.config import TrainConfig
 from ips_path.training.cross_validation import assign_folds, fold_splits, train_cross_validated
 
 FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=1, threads=2, warmup_epochs=0.0,

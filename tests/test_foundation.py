@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from ips_path.cli.main import cli
+from ips_path.config import TrainConfig
 from ips_path.model import IPSModel, PatchChunk, ResNet, Task, build_encoder, train_step
 from ips_path.model.encoder_base import IMAGENET_MEAN, IMAGENET_STD
 from ips_path.model.foundation import ENCODER_PRESETS, FoundationEncoder, build_preset
@@ -23,7 +24,6 @@ from ips_path.stores.features import extract_features
 from ips_path.stores.tile_store import TileStore, write_tile_store
 from ips_path.synthetic.synth import write_synthetic_slide
 from ips_path.training.checkpoint import build_model
-from ips_path.training.config import TrainConfig
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 

@@ -16,16 +16,16 @@ import torch
 
 import ips_path.training.train as train_module
 from ips_path.cli.main import main
+from ips_path.config import TrainConfig, resolve_config
 from ips_path.inference.predict import predict
-from ips_path.label_tasks import LabelTasks, validation_metrics
 from ips_path.model import Task
 from ips_path.model.tasks import MISSING_TARGET
 from ips_path.review.report import write_report
 from ips_path.review.view.cohort import open_cohort
 from ips_path.review.view.server import ViewerApp, make_server
 from ips_path.runtime.errors import BadInputError
+from ips_path.tasks.label_columns import LabelTasks, validation_metrics
 from ips_path.training.checkpoint import checkpoint_identity, load_checkpoint, load_model
-from ips_path.training.config import TrainConfig, resolve_config
 from ips_path.training.cross_validation import train_cross_validated
 from ips_path.training.train import train
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from ips_path.config import TrainConfig
 from ips_path.inference.predict import predict
 from ips_path.runtime.errors import BadInputError, RefusedError
-from ips_path.training.config import TrainConfig
 from ips_path.training.cross_validation import train_cross_validated
 
 FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=1, threads=2, warmup_epochs=0.0,

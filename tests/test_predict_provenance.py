@@ -66,8 +66,8 @@ def _perturbed_run(run_dir: Path, out: Path, seed: int = 1) -> Path:
 
 def _other_classes_run(run_dir: Path, out: Path) -> Path:
     """A run of the same architecture over three classes (random head): another model, other classes."""
+    from ips_path.config import TrainConfig
     from ips_path.training.checkpoint import build_model
-    from ips_path.training.config import TrainConfig
 
     out.mkdir(parents=True)
     checkpoint = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)

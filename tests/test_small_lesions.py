@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from ips_path.config import TrainConfig
 from ips_path.model import IPSModel, PatchChunk, Task, build_encoder, train_step
 from ips_path.runtime.errors import BadInputError
-from ips_path.training.config import TrainConfig
 
 DIM = 8
 

@@ -9,9 +9,9 @@ import torch
 from ips_path.model import Task
 from ips_path.runtime.errors import BadInputError
 from ips_path.slides.manifest import read_manifest
-from ips_path.survival import cox_partial_nll, discrete_time_nll
-from ips_path.survival.cohort import check_events_in_splits, survival_splits
 from ips_path.synthetic.synth_survival import SurvivalOutcomes, draw_survival
+from ips_path.tasks.survival import cox_partial_nll, discrete_time_nll
+from ips_path.tasks.survival.cohort import check_events_in_splits, survival_splits
 
 
 def _manifest(tmp_path: Path, body: str, header: str = "slide_id,slide_path,case_id,time,event") -> Path:

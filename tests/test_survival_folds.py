@@ -13,11 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 from ips_path.cli.train_cmd import train_cmd
+from ips_path.config import TrainConfig
 from ips_path.inference.predict import predict
 from ips_path.runtime.errors import BadInputError
 from ips_path.slides.manifest import ManifestRow
-from ips_path.training.config import TrainConfig
-from ips_path.training.cross_validation import survival_folds, train_cross_validated
+from ips_path.tasks.survival.cohort import survival_folds
+from ips_path.training.cross_validation import train_cross_validated
 
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ips_path.runtime.errors import BadInputError
-from ips_path.survival import (
+from ips_path.tasks.survival import (
     TimeBins,
     cox_partial_nll,
     discrete_risk,

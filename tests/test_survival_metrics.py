@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")
 
 from ips_path.evaluation.metrics import roc_auc  # noqa: E402
-from ips_path.survival import (  # noqa: E402
+from ips_path.tasks.survival import (  # noqa: E402
     assign_groups,
     bootstrap_interval,
     harrell_c_index,

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from ips_path.inference.predictions import PredictionFolder
+from ips_path.config import TrainConfig
 from ips_path.slides.manifest import ManifestRow
-from ips_path.survival.prediction import curve_columns, slide_survival, write_patient_survival
-from ips_path.survival.training import survival_task
-from ips_path.training.config import TrainConfig
+from ips_path.tasks.survival.prediction import curve_columns, slide_survival, write_patient_survival
+from ips_path.tasks.survival.training import survival_task
 
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")
 
@@ -49,7 +48,7 @@ def test_patients_average_their_slides_and_are_measured_with_their_outcomes(tmp_
         for s in range(2):  # two slides per patient
             rows.append(_row(f"s{p}_{s}", f"p{p}", round(time, 1), event))
             scored.append((f"s{p}_{s}", slide_survival(task, torch.tensor([-math.log(time) + s * 0.1]), checkpoint)))
-    metrics = write_patient_survival(PredictionFolder(tmp_path), scored, rows, checkpoint, n_bootstrap=50)
+    metrics = write_patient_survival(tmp_path, scored, rows, checkpoint, n_bootstrap=50)
     with (tmp_path / "patients.csv").open() as f:
         patients = list(csv.DictReader(f))
     assert len(patients) == 30 and patients[0]["n_slides"] == "2"
@@ -66,7 +65,7 @@ def test_without_outcomes_only_patients_are_written_and_stale_metrics_go(tmp_pat
     checkpoint, task = _checkpoint("nll")
     (tmp_path / "survival_metrics.json").write_text("{}")
     scored = [("a", slide_survival(task, torch.zeros(3), checkpoint))]
-    assert write_patient_survival(PredictionFolder(tmp_path), scored, [], checkpoint) is None
+    assert write_patient_survival(tmp_path, scored, [], checkpoint) is None
     assert not (tmp_path / "survival_metrics.json").exists()
     with (tmp_path / "patients.csv").open() as f:
         patient = next(csv.DictReader(f))

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from ips_path.cli.predict_cmd import predict_cmd
 from ips_path.cli.train_cmd import train_cmd
+from ips_path.config import TrainConfig
 from ips_path.inference.predict import predict
 from ips_path.review.report import write_report
 from ips_path.runtime.errors import BadInputError
 from ips_path.training.checkpoint import load_checkpoint, load_model
-from ips_path.training.config import TrainConfig
 from ips_path.training.train import train
 
 pytest.importorskip("sksurv", reason="survival metrics need the survival extra (scikit-survival)")

@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 import ips_path.training.train as train_module
 from ips_path.cli.train_cmd import train_cmd
+from ips_path.config import TrainConfig
 from ips_path.evaluation.metrics import classification_metrics
 from ips_path.runtime.errors import BadInputError, IpspathError
 from ips_path.stores.features import extract_features
@@ -29,7 +30,6 @@ from ips_path.stores.loader import PatchStreamer
 from ips_path.stores.tile_store import TileStore
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 from ips_path.training.checkpoint import load_checkpoint, load_model
-from ips_path.training.config import TrainConfig
 from ips_path.training.distributed import shard_epoch
 from ips_path.training.train import EarlyStopping, lr_factor, train
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ips_path.config import TrainConfig
 from ips_path.runtime.locks import LOCK_NAME
 from ips_path.training.checkpoint import load_checkpoint
-from ips_path.training.config import TrainConfig
 from ips_path.training.train import train
 
 OPTIONS = ["--epochs", "2", "--n-select", "8", "--chunk-size", "16", "--dim", "32", "--heads", "4", "--batch-size",

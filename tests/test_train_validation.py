@@ -6,9 +6,9 @@ import pytest
 
 import ips_path.training.train as train_module
 from ips_path.cli.main import main
+from ips_path.config import TrainConfig
 from ips_path.runtime.errors import BadInputError, IpspathError
 from ips_path.training.checkpoint import load_checkpoint
-from ips_path.training.config import TrainConfig
 from ips_path.training.train import train
 
 FAST = dict(n_select=8, chunk_size=16, dim=32, heads=4, batch_size=2, epochs=2, threads=2, warmup_epochs=1.0,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["average_precision", "balanced_accuracy", "bootstrap_intervals", "calibration",
+__all__ = ["average_precision", "balanced_accuracy", "bootstrap_intervals", "calibration", "rank_values",
            "classification_metrics", "confusion_matrix", "macro_auc", "macro_auprc", "patient_level",
            "per_class_recall", "prediction_metrics", "roc_auc", "roc_curve"]
 
@@ -44,12 +44,12 @@ def roc_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
     n_neg = is_positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _average_ranks(scores)
+    ranks = rank_values(scores)
     u = ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
+def rank_values(values: np.ndarray) -> np.ndarray:
     """1-based ranks of ``values``; tied values share the mean of their ranks."""
     order = np.argsort(values, kind="mergesort")
     sorted_values = values[order]

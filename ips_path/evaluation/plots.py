@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ips_path.runtime.atomic import write_atomically
 
-__all__ = ["plot_reliability", "plot_roc", "plot_training_curves"]
+__all__ = ["plot_reliability", "plot_roc", "plot_scatter", "plot_training_curves"]
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike) -> None:
@@ -120,6 +120,35 @@ def plot_reliability(bins: Sequence[Mapping[str, float]], path: str | os.PathLik
     title = "Reliability" + (f": ECE {ece:.3f}" if ece is not None else "")
     ax.set(xlabel="confidence (probability of the predicted class)", ylabel="accuracy", title=title,
            xlim=(0, 1), ylim=(0, 1.05), aspect="equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    _save(fig, Path(path))
+
+
+def plot_scatter(truth: Sequence[float], predicted: Sequence[float], path: str | os.PathLike, *, name: str,
+                 title: str) -> None:
+    """Draw predicted against true values of a continuous outcome, with the identity line, to ``path``.
+
+    Parameters
+    ----------
+    truth, predicted : sequence of float
+        One pair per slide, in the outcome's unit.
+    path : path-like
+        Output PNG (written atomically).
+    name : str
+        The outcome (the manifest column), for the axes.
+    title : str
+        Shown above the plot (e.g. the correlation).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    values = [*truth, *predicted]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    ax.plot([low, high], [low, high], color="0.7", linestyle="--", linewidth=1, label="predicted = true")
+    ax.scatter(truth, predicted, s=14, alpha=0.7, color="C0", label="slides")
+    ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     _save(fig, Path(path))

@@ -22,16 +22,12 @@ as well as this process) on the contract of :mod:`ips_path.runtime.jobs`:
 5. write the done record ``status/<slide_id>.json`` last, so a killed run resumes where it
    stopped and predicts every slide exactly once.
 
-Then ``predictions.csv`` is written from the outcomes of this run's slides and, where labels are
-known (in the label columns the model was trained on), ``metrics.json`` (AUC, AUPRC and balanced
-accuracy with bootstrap 95 % intervals, expected calibration error, confusion matrix; with the
-manifest's ``case_id`` also over patients), ``roc.png`` and ``reliability.png``. A survival model
-gives each slide a risk, its risk group (and a survival curve for the discrete-time model) instead
-of class probabilities; ``patients.csv`` holds the mean per patient (``case_id``) and, where the
-manifest has ``time`` and ``event``, ``survival_metrics.json`` and ``km.png`` measure the patients
-(:mod:`ips_path.survival.prediction`). A model of several label columns (:mod:`ips_path.label_tasks`)
-gives every task's probabilities and predicted class, and ``metrics.json`` holds each task's metrics
-under ``tasks`` (with ``roc_<task>.png``, ``reliability_<task>.png``) and their mean.
+Then ``predictions.csv`` is written from the outcomes of this run's slides: ``slide_id``, ``label``,
+``predicted``, the model's outcome kind's columns (:meth:`~ips_path.tasks.OutcomeKind.prediction_columns`:
+class probabilities, a risk, each fold's prediction of an ensemble), ``n_patches``, ``status``,
+``error``; and where the manifest gives the truth, the kind's metrics files and pictures
+(:meth:`~ips_path.tasks.OutcomeKind.write_metrics`: ``metrics.json`` with ``roc.png`` and
+``reliability.png`` for classes, with bootstrap 95 % intervals, also over patients by ``case_id``).
 """
 
 from __future__ import annotations
@@ -50,7 +46,6 @@ import numpy as np
 
 from ips_path import __version__
 from ips_path.inference.predictions import PREDICTION_FILES, PredictionFolder
-from ips_path.label_tasks import LabelTasks, joined_classes
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError, IpspathError, RefusedError
 from ips_path.runtime.faults import fault_point
@@ -66,6 +61,7 @@ from ips_path.runtime.jobs import SlideOutcome, Status, check_done_record, run_e
 from ips_path.runtime.parallel import map_slides, process_object
 from ips_path.stores.model_features import check_features_makeable, ensure_features
 from ips_path.stores.tile_store import StoreMismatchError, TileStore, store_path
+from ips_path.tasks import OutcomeKind, SlideScores, kind_of_checkpoint
 from ips_path.training.trained_runs import finished_folds, is_cross_validation, require_trained
 
 __all__ = ["PREDICTION_FILES", "PredictJob", "PredictResult", "PredictSettings", "predict", "predict_slide",
@@ -81,14 +77,13 @@ class PredictJob:
 
     slide_id: str
     slide_path: Path
-    label: str | None = None
     mpp: float | None = None
-    task_labels: tuple[tuple[str, str | None], ...] = ()  # several label columns: (task, label) each
+    truth: dict[str, Any] = field(default_factory=lambda: {"label": None})  # the outcome kind's truth()
 
     @property
     def extra(self) -> dict[str, Any]:
         """What the slide's outcome records of its truth, whatever becomes of it."""
-        return {"label": self.label, **({"task_labels": dict(self.task_labels)} if self.task_labels else {})}
+        return dict(self.truth)
 
 
 @dataclass(frozen=True)
@@ -124,15 +119,15 @@ class PredictResult:
     """The outcomes of all slides (input order), the metrics (None without labels), the output folder.
 
     An outcome's ``extra`` holds ``label``, and for predicted slides ``predicted``,
-    ``probabilities`` (one per class, in the model's order) and ``n_patches``; for a model of several
-    label columns also ``task_labels`` and ``task_predicted`` (task -> class); for a survival
-    model also ``risk``, ``risk_group`` (= ``predicted``) and, in discrete time, ``survival``. The
-    metrics of a survival model are those of ``survival_metrics.json`` (None without outcomes).
+    ``probabilities`` (one per class, in the model's order) and ``n_patches``, and what the model's
+    outcome kind adds (:meth:`~ips_path.tasks.OutcomeKind.slide_result`). The metrics are those the
+    kind wrote (:meth:`~ips_path.tasks.OutcomeKind.write_metrics`; None without known outcomes).
     """
 
     outcomes: list[SlideOutcome]
     metrics: dict[str, Any] | None
     out_dir: Path
+    kind: OutcomeKind | None = None  # the model's outcome kind
 
     @property
     def exit_code(self) -> int:
@@ -236,29 +231,15 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
     checkpoint_paths = [p.resolve() for p in resolve_checkpoints(model)]
     checkpoint_path = checkpoint_paths[0] if len(checkpoint_paths) == 1 else Path(model).resolve()
     identity, checkpoint, checkpoints = _model_identity(checkpoint_paths, device if scheduler is None else "cpu")
-    classes = list(checkpoint["class_names"])
-    label_tasks = LabelTasks.from_checkpoint(checkpoint)
+    kind = kind_of_checkpoint(checkpoint, source=str(checkpoint_path))
     key = identity_key(identity)
     out_dir = Path(out_dir).resolve()
     folder = PredictionFolder(out_dir)
     own_tiles = tiles_dir is None
     tiles = (folder.own_tiles if own_tiles else Path(tiles_dir)).resolve()
-    labels: dict[str, str | None] = {}
-    task_labels: dict[str, tuple[tuple[str, str | None], ...]] = {}
-    rows = []
-    if manifest is not None:
-        from ips_path.slides.manifest import read_manifest
-        from ips_path.training.config import TrainConfig
-
-        columns = TrainConfig.from_dict(checkpoint["config"], source=str(checkpoint_path)).label_column_names
-        rows = read_manifest(manifest, require_label=False, check_files=False,
-                             label_columns=columns if "survival" not in checkpoint else ("label",))
-        # a survival model predicts a risk group, not a class: a label column is not its truth
-        labels = {} if "survival" in checkpoint else {r.slide_id: r.label for r in rows}
-        if label_tasks is not None:
-            task_labels = {r.slide_id: tuple(zip(columns, r.labels, strict=True)) for r in rows}
-            labels = {slide_id: joined_classes(dict(pairs)) for slide_id, pairs in task_labels.items()}
-    jobs = [PredictJob(i.slide_id, i.path.resolve(), labels.get(i.slide_id), i.mpp, task_labels.get(i.slide_id, ()))
+    rows = kind.read_manifest(manifest, training=False) if manifest is not None else []
+    truth = {r.slide_id: kind.truth(r) for r in rows}
+    jobs = [PredictJob(i.slide_id, i.path.resolve(), i.mpp, truth.get(i.slide_id, {"label": None}))
             for i in collect_inputs(inputs, manifest)]
     for job in jobs:
         folder.status_file(job.slide_id)  # an unsafe id is refused before any work
@@ -275,7 +256,7 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         tiles.mkdir(parents=True, exist_ok=True)
         folder.write_run({
             "model": str(checkpoint_path), "model_key": key, "model_identity": identity, "run": settings.scores_name,
-            "classes": classes, **({"tasks": label_tasks.state()} if label_tasks else {}), "tiles": str(tiles),
+            "task": kind.name, "classes": kind.class_names, **kind.run_info(), "tiles": str(tiles),
             "target_mpp": checkpoint["tiling"]["target_mpp"],
             "patch_size": checkpoint["tiling"]["patch_size"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ipspath_version": __version__})
@@ -283,18 +264,12 @@ def predict(model: str | os.PathLike, out_dir: str | os.PathLike, *, inputs: Seq
         outcomes = map_slides(predict_slide, jobs, settings, scheduler=scheduler, resources=gpu,
                               shared_paths=[out_dir, tiles, *(j.slide_path for j in jobs if j.slide_path.exists())],
                               progress=progress, desc="predict", on_lost=_lost)
-        if "survival" in checkpoint:  # a risk per slide and per patient; metrics over patients with outcomes
-            from ips_path.survival.prediction import curve_columns, write_patient_survival
-
-            folder.write_predictions_csv(outcomes, classes, survival_columns=curve_columns(checkpoint))
-            folder.write_metrics(None)
-            metrics = write_patient_survival(folder, [(o.slide_id, o.extra) for o in outcomes if o.ok], rows,
-                                             checkpoint)
-        else:
-            folder.write_predictions_csv(outcomes, classes, n_folds=len(checkpoints) if len(checkpoints) > 1 else 0,
-                                         tasks=label_tasks.names if label_tasks else ())
-            metrics = _write_metrics(folder, outcomes, classes, {r.slide_id: r.case_id for r in rows}, label_tasks)
-    return PredictResult(outcomes, metrics, out_dir)
+        n_folds = len(checkpoints) if len(checkpoints) > 1 else 0
+        folder.write_predictions_csv(outcomes, kind.prediction_columns(n_folds),
+                                     lambda o: kind.prediction_cells(o.extra, o.ok, n_folds))
+        folder.clear_metrics()  # an earlier run's, which its slides may no longer give
+        metrics = kind.write_metrics(out_dir, [(o.slide_id, o.extra) for o in outcomes if o.ok], rows)
+    return PredictResult(outcomes, metrics, out_dir, kind)
 
 
 def _check_options(threads: int | None, chunk_size: int | None, heatmap_options: dict[str, Any] | None) -> None:
@@ -321,8 +296,9 @@ def _model_identity(paths: Sequence[Path], device: str
     identity = models_identity(paths)
     checkpoints = tuple((p, checkpoint_identity(p).sha256) for p in paths)
     loaded = [_load_model(p, sha256, device)[1] for p, sha256 in checkpoints]
-    if len(loaded) > 1 and "survival" in loaded[0]:
-        raise BadInputError(f"{paths[0].parent.parent}: an ensemble of survival models is not supported; give one "
+    kind = kind_of_checkpoint(loaded[0], source=str(paths[0]))
+    if len(loaded) > 1 and not kind.ensembles:
+        raise BadInputError(f"{paths[0].parent.parent}: an ensemble of {kind.name} models is not supported; give one "
                             "fold's run folder")
     return identity, loaded[0], checkpoints
 
@@ -383,37 +359,17 @@ def _predict_slide(job: PredictJob, settings: PredictSettings, folder: Predictio
     chunks = _slide_chunks(store, settings, checkpoint, job)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if settings.device.startswith("cuda")
                 else contextlib.nullcontext())
-    task = models[0][0].tasks[0]
-    if task.kind == "survival":
-        from ips_path.survival.prediction import slide_survival
-
+    folds, fold_logits, fold_tasks = [], [], []
+    for i, (model, _) in enumerate(models):  # the folds of an ensemble, each over the whole slide
+        chunks = chunks if i == 0 else _slide_chunks(store, settings, checkpoint, job)
         with torch.inference_mode(), autocast:
-            prediction = models[0][0].predict_slide(chunks)
-        result = slide_survival(task, prediction.logits[task.name].cpu(), checkpoint)
-        result.update(predicted=result["risk_group"], probabilities=[])
-        logits = prediction.selection.all_logits.float().cpu().numpy().astype(np.float32)
-        fold_tasks = [prediction.selection.task_logits]
-    else:
-        fold_probabilities, fold_logits, fold_tasks = [], [], []
-        for i, (model, _) in enumerate(models):  # the folds of an ensemble, each over the whole slide
-            chunks = chunks if i == 0 else _slide_chunks(store, settings, checkpoint, job)
-            with torch.inference_mode(), autocast:
-                prediction = model.predict_slide(chunks)
-            fold_probabilities.append(np.concatenate([prediction.probabilities[t.name].float().cpu().reshape(-1).numpy()
-                                                      for t in model.tasks]))  # several tasks: one after another
-            fold_logits.append(prediction.selection.all_logits.float().cpu().numpy())
-            fold_tasks.append(prediction.selection.task_logits)
-        probabilities = np.mean(fold_probabilities, axis=0).tolist()
-        # the ensemble's attention: the mean of the folds' attention logits
-        logits = np.mean(fold_logits, axis=0).astype(np.float32)
-        result = {"predicted": checkpoint["class_names"][int(np.argmax(probabilities))],
-                  "probabilities": [round(p, 6) for p in probabilities]}
-        label_tasks = LabelTasks.from_checkpoint(checkpoint)
-        if label_tasks is not None:
-            result["task_predicted"] = label_tasks.predicted(probabilities)
-            result["predicted"] = joined_classes(result["task_predicted"])
-        if len(models) > 1:
-            result["fold_probabilities"] = [[round(float(p), 6) for p in fold] for fold in fold_probabilities]
+            prediction = model.predict_slide(chunks)
+        folds.append(SlideScores({t.name: prediction.logits[t.name].float().cpu() for t in model.tasks},
+                                 {t.name: prediction.probabilities[t.name].float().cpu() for t in model.tasks}))
+        fold_logits.append(prediction.selection.all_logits.float().cpu().numpy())
+        fold_tasks.append(prediction.selection.task_logits)
+    result = kind_of_checkpoint(checkpoint).slide_result(models[0][0].tasks, folds)
+    logits = np.mean(fold_logits, axis=0).astype(np.float32)  # the ensemble's attention: the folds' mean
     tasks = None  # several tasks: each task token's attention too (the folds' mean), for the viewer's task chooser
     if fold_tasks[0] is not None:
         from ips_path.review.heatmap import TASK_SCORES_GROUP
@@ -552,60 +508,3 @@ def _write_scores_h5(path: Path, store: TileStore, logits: np.ndarray, tasks: tu
                             "patch_size_level0": store.patch_size_level0, "slide_path": str(store.slide_path)})
 
     write_atomically(path, write)
-
-
-def _write_metrics(folder: PredictionFolder, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
-                   case_ids: dict[str, str], label_tasks: LabelTasks | None = None) -> dict[str, Any] | None:
-    """metrics.json, roc.png and reliability.png over the predicted slides whose label is one of the
-    model's classes; also over patients when the manifest names them (``case_ids``: slide_id -> case_id).
-    Several label columns: each task's metrics over the slides labelled for it, under ``tasks`` (with
-    ``roc_<task>.png`` and ``reliability_<task>.png``), and ``mean`` over the tasks."""
-    done = [o for o in outcomes if o.ok]
-    if label_tasks is None:
-        metrics = _measure([(o.slide_id, o.extra.get("label"), o.extra["probabilities"]) for o in done], classes,
-                           case_ids, folder.roc_file, folder.reliability_file)
-    else:
-        per_task = {}
-        for name, task_classes in zip(label_tasks.names, label_tasks.classes, strict=True):
-            slides = [(o.slide_id, (o.extra.get("task_labels") or {}).get(name),
-                       label_tasks.split(o.extra["probabilities"])[name]) for o in done]
-            found = _measure(slides, task_classes, case_ids, folder.task_roc_file(name),
-                             folder.task_reliability_file(name), name)
-            if found is not None:
-                per_task[name] = found
-        metrics = {"tasks": per_task, "mean": _mean_over_tasks(per_task)} if per_task else None
-    folder.write_metrics(metrics)
-    return metrics
-
-
-def _measure(slides: Sequence[tuple[str, str | None, Sequence[float]]], classes: Sequence[str],
-             case_ids: dict[str, str], roc: Path, reliability: Path, task: str | None = None) -> dict[str, Any] | None:
-    """The metrics of (slide_id, label, probabilities) over the slides with a label among ``classes``, with
-    their ROC and reliability pictures; None when no slide has one."""
-    from ips_path.evaluation.metrics import prediction_metrics
-    from ips_path.evaluation.plots import plot_reliability, plot_roc
-
-    scored = [s for s in slides if s[1] in classes]
-    unknown = sorted({s[1] for s in slides if s[1] and s[1] not in classes})
-    if unknown:
-        log.warning("labels %s%s are not classes of the model (%s); those slides are left out of the metrics",
-                    ", ".join(unknown), f" of {task}" if task else "", ", ".join(classes))
-    if not scored:
-        return None
-    labels = np.array([classes.index(label) for _, label, _ in scored])
-    probabilities = np.array([p for _, _, p in scored], dtype=np.float64)
-    cases = [case_ids.get(slide_id, slide_id) for slide_id, _, _ in scored]
-    metrics = prediction_metrics(labels, probabilities, classes,
-                                 cases if any(c != s[0] for c, s in zip(cases, scored, strict=True)) else None)
-    plot_roc(labels, probabilities, classes, roc, auc=metrics["auc"], ci=metrics["auc_ci95"])
-    plot_reliability(metrics["calibration_bins"], reliability, ece=metrics["ece"])
-    return metrics
-
-
-def _mean_over_tasks(per_task: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """AUC, AUPRC, balanced accuracy, accuracy and ECE: the mean over the tasks where each is defined."""
-    means = {}
-    for name in ("auc", "auprc", "balanced_accuracy", "accuracy", "ece"):
-        values = [m[name] for m in per_task.values() if m.get(name) is not None]
-        means[name] = round(float(np.mean(values)), 6) if values else None
-    return means

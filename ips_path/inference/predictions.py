@@ -6,10 +6,9 @@ the viewer read through it. Layout (:data:`PREDICTION_FILES`)::
     run.json                     the model (path and identity), classes, tiles folder, score array name
     status/<slide_id>.json       per-slide done record (jobs.SlideOutcome): status, identity, probabilities
     predictions.csv              one row per slide of the last run
-    metrics.json, roc.png, reliability.png  with labels (several label columns: roc_<task>.png,
-                                 reliability_<task>.png)
-    patients.csv                 survival models: risk (and curve) per patient
-    survival_metrics.json, km.png  survival models with time/event: C-index, Kaplan-Meier curves
+    metrics files and pictures   what the model's outcome kind writes where the truth is known
+                                 (:meth:`ips_path.tasks.OutcomeKind.write_metrics`; classes:
+                                 metrics.json, roc.png, reliability.png)
     scores/<slide_id>_scores.h5  coords + attention_scores (the layout CLAM users know); multi-task
                                  models also task_attention_scores (T, N), task names in its attrs
     heatmaps/<slide_id>/         pictures of ``ipspath heatmap``
@@ -23,19 +22,19 @@ configuration, classes), and a run with another model is refused unless it may r
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ips_path.runtime.atomic import write_atomically
+from ips_path.runtime.atomic import read_json, write_atomically, write_json
 from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.jobs import SlideOutcome, Status, read_outcome, write_done_record
+from ips_path.tasks import KINDS
 
 __all__ = [
     "PREDICTION_FILES",
@@ -54,19 +53,12 @@ REPORT_PAGE, REPORT_ASSETS = "report.html", "report_assets"
 PROB_PREFIX = "prob_"
 STATUSES = tuple(s.value for s in Status)
 
-#: What ``ipspath predict`` writes into its output folder.
+#: What ``ipspath predict`` writes into its output folder (each outcome kind adds its metrics files).
 PREDICTION_FILES = {
-    "predictions.csv": "slide_id, label, predicted, prob_<class> per class (a cross-validated model: the mean of "
-                       "its folds, then fold<i>_prob_<class> per fold), n_patches, status, error; a model of several "
-                       "label columns: label_<task> and predicted_<task> per task after predicted, "
-                       "prob_<task>=<class>, and label/predicted as task=class pairs joined by '; '",
-    "run.json": "model path and identity, score array name, classes (several label columns: also tasks, task -> "
-                "classes), tiles folder, target_mpp, patch_size",
-    "metrics.json": "with labels: auc, auprc, balanced_accuracy with <name>_ci95 (bootstrap), accuracy, ece with "
-                    "calibration_bins, confusion_matrix (rows: true class); with case_ids also patients (the same "
-                    "over patients); several label columns: tasks (task -> the same) and mean (over the tasks)",
-    "roc.png": "with labels: ROC curve (several label columns: roc_<task>.png per task)",
-    "reliability.png": "with labels: reliability diagram (accuracy against confidence) and expected calibration error",
+    "predictions.csv": "slide_id, label, predicted, the outcome kind's columns, n_patches, status, error; "
+                       + "; ".join(f"{name}: {kind.columns_doc}" for name, kind in KINDS.items()),
+    "run.json": "model path and identity, score array name, classes and what the outcome kind records, tiles "
+                "folder, target_mpp, patch_size",
     "status/<slide_id>.json": "per-slide done record: status, identity of slide, store and model, probabilities",
     "scores/<slide_id>_scores.h5": "coords (N, 2) level-0 x, y and attention_scores (N,); multi-task models also "
                                    "task_attention_scores (T, N) with attrs tasks",
@@ -74,13 +66,8 @@ PREDICTION_FILES = {
     "tiles/": "tile stores made here for slides that had none",
     "report.html, report_assets/": "written by `ipspath report`; removed with the other results when predict "
                                    "--overwrite replaces the model",
-    "patients.csv": "survival models: case_id, n_slides, risk, risk_group (survival_to_<t> per time bin), time, "
-                    "event",
-    "survival_metrics.json": "survival models with time/event: C-index (Harrell, Uno) with 95 % CI, time-dependent "
-                             "AUC, integrated Brier score, log-rank p",
-    "km.png": "survival models with time/event: Kaplan-Meier curves of the risk groups",
+    **{name: what for kind in KINDS.values() for name, what in kind.prediction_files.items()},
 }
-
 
 @dataclass(frozen=True)
 class SlidePrediction:
@@ -118,9 +105,12 @@ class SlidePrediction:
 
     @property
     def outcome(self) -> str:
-        """``"correct"``, ``"wrong"`` or ``"unlabelled"`` (no true label)."""
+        """``"correct"``, ``"wrong"``, ``"unlabelled"`` (no true label), or ``"valued"``: a true value
+        that is no class (a number), which the prediction is not right or wrong about."""
         if not self.label:
             return "unlabelled"
+        if not self.probabilities:
+            return "valued"
         return "correct" if self.label == self.predicted else "wrong"
 
     def probability_of(self, classes: list[str], name: str) -> float | None:
@@ -201,44 +191,9 @@ class PredictionFolder:
         return self.root / PREDICTIONS_NAME
 
     @property
-    def metrics_file(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def roc_file(self) -> Path:
-        return self.root / "roc.png"
-
-    @property
-    def reliability_file(self) -> Path:
-        return self.root / "reliability.png"
-
-    @property
-    def patients_csv(self) -> Path:
-        return self.root / "patients.csv"
-
-    @property
-    def survival_metrics_file(self) -> Path:
-        return self.root / "survival_metrics.json"
-
-    @property
-    def km_file(self) -> Path:
-        return self.root / "km.png"
-
-    @property
     def own_tiles(self) -> Path:
         """Where predict tiles slides that have no store elsewhere."""
         return self.root / "tiles"
-
-    def task_roc_file(self, task: str) -> Path:
-        """ROC curve of one task of a model of several label columns."""
-        return self._inside(".", f"roc_{task}", ".png")
-
-    def task_reliability_file(self, task: str) -> Path:
-        """Reliability diagram of one task of a model of several label columns."""
-        return self._inside(".", f"reliability_{task}", ".png")
-
-    def _task_pictures(self) -> list[Path]:
-        return [*self.root.glob("roc_*.png"), *self.root.glob("reliability_*.png")]
 
     def _inside(self, folder: str, slide_id: str, suffix: str = "") -> Path:
         """``root/folder/<slide_id><suffix>``, refused for an id that is not a plain file name (``..``, ``/``, NUL)."""
@@ -275,18 +230,10 @@ class PredictionFolder:
         BadInputError
             It exists but cannot be read as a JSON object.
         """
-        return _read_json(self.run_file)
-
-    def read_metrics(self) -> dict[str, Any]:
-        """``metrics.json``; an empty dict when there is none (no labelled slide)."""
-        return _read_json(self.metrics_file)
-
-    def read_survival_metrics(self) -> dict[str, Any]:
-        """``survival_metrics.json``; an empty dict when there is none (no survival model, or no outcomes)."""
-        return _read_json(self.survival_metrics_file)
+        return read_json(self.run_file)
 
     def write_run(self, info: dict[str, Any]) -> None:
-        _write_json(self.run_file, info)
+        write_json(self.run_file, info)
 
     # -- per slide ---------------------------------------------------------------------------------
 
@@ -307,56 +254,44 @@ class PredictionFolder:
         for folder in ("status", "scores", "heatmaps", REPORT_ASSETS):
             shutil.rmtree(self.root / folder, ignore_errors=True)
         (self.root / REPORT_PAGE).unlink(missing_ok=True)
-        for path in (self.predictions_csv, self.metrics_file, self.roc_file, self.reliability_file, self.patients_csv,
-                     self.survival_metrics_file, self.km_file, *self._task_pictures()):
-            path.unlink(missing_ok=True)
+        self.predictions_csv.unlink(missing_ok=True)
+        self.clear_metrics()
+
+    def clear_metrics(self) -> None:
+        """Remove every metrics file and picture an outcome kind writes (before they are written anew)."""
+        for kind in KINDS.values():
+            for path in kind.output_files(self.root):
+                path.unlink(missing_ok=True)
 
     # -- whole run ---------------------------------------------------------------------------------
 
-    def write_predictions_csv(self, outcomes: Sequence[SlideOutcome], classes: Sequence[str],
-                              survival_columns: Sequence[str] | None = None, n_folds: int = 0,
-                              tasks: Sequence[str] = ()) -> None:
-        """``predictions.csv``: one row per outcome, one ``prob_<class>`` column per class.
-
-        A model of several label columns (``tasks``, its task names) also gets ``label_<task>`` and
-        ``predicted_<task>`` of each task after ``predicted`` (its ``classes`` are ``<task>=<class>``).
-
-        An ensemble of ``n_folds`` fold models (cross-validation) also gets each fold's probabilities,
-        ``fold<i>_prob_<class>``, after the ensemble's (their mean).
-
-        Survival models (``survival_columns`` given, ``classes`` empty): ``predicted`` is the risk
-        group, then ``risk`` and the survival curve columns (``survival_to_<t>``, discrete time).
+    def write_predictions_csv(self, outcomes: Sequence[SlideOutcome], columns: Sequence[str],
+                              cells: Callable[[SlideOutcome], Sequence[Any]]) -> None:
+        """``predictions.csv``: one row per outcome: ``slide_id``, ``label``, ``predicted``, then ``columns``
+        (the outcome kind's, :meth:`~ips_path.tasks.OutcomeKind.prediction_columns`) with an outcome's
+        ``cells``, then ``n_patches``, ``status``, ``error``.
 
         Raises
         ------
         ValueError
-            An outcome's probabilities do not have one value per class (never written half-matching).
+            An outcome's cells do not fit the columns (never written half-matching).
         """
-        survival = [] if survival_columns is None else ["risk", *survival_columns]
-        fold_columns = [f"fold{i}_{PROB_PREFIX}{c}" for i in range(n_folds) for c in classes]
-        task_columns = [f"{what}_{task}" for task in tasks for what in ("label", "predicted")]
-        columns = ["slide_id", "label", "predicted", *task_columns, *(f"{PROB_PREFIX}{c}" for c in classes),
-                   *fold_columns, *survival, "n_patches", "status", "error"]
+        header = ["slide_id", "label", "predicted", *columns, "n_patches", "status", "error"]
         rows = []
         for o in outcomes:
-            probabilities = o.extra.get("probabilities") if o.ok else None
-            if probabilities is not None and len(probabilities) != len(classes):
-                raise ValueError(f"{o.slide_id}: {len(probabilities)} probabilities for {len(classes)} classes")
-            folds = [p for fold in o.extra.get("fold_probabilities") or [] for p in fold] if o.ok and n_folds else []
-            if len(folds) != len(fold_columns):
-                folds = [""] * len(fold_columns)  # a slide predicted before the ensemble's record had folds
-            risk = [o.extra.get("risk", ""), *o.extra.get("survival", [])] if o.ok and survival else []
-            task_labels, task_predicted = o.extra.get("task_labels") or {}, o.extra.get("task_predicted") or {}
-            per_task = [(task_labels.get(t) or "", task_predicted.get(t) or "" if o.ok else "") for t in tasks]
-            rows.append([o.slide_id, o.extra.get("label") or "", o.extra.get("predicted") or "" if o.ok else "",
-                         *(value for pair in per_task for value in pair), *(probabilities or [""] * len(classes)),
-                         *folds, *(risk or [""] * len(survival)),
-                         o.extra.get("n_patches", 0) if o.ok else "", o.status.value, o.error])
+            try:
+                middle = list(cells(o))
+            except ValueError as exc:
+                raise ValueError(f"{o.slide_id}: {exc}") from None
+            if len(middle) != len(columns):
+                raise ValueError(f"{o.slide_id}: {len(middle)} values for the {len(columns)} columns of its model")
+            rows.append([o.slide_id, o.extra.get("label") or "", _cell(o.extra.get("predicted")) if o.ok else "",
+                         *middle, o.extra.get("n_patches", 0) if o.ok else "", o.status.value, o.error])
 
         def write(partial: Path) -> None:
             with partial.open("w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
-                writer.writerow(columns)
+                writer.writerow(header)
                 writer.writerows(rows)
 
         write_atomically(self.predictions_csv, write)
@@ -365,27 +300,7 @@ class PredictionFolder:
         """:func:`read_predictions` of this folder's CSV."""
         return read_predictions(self.predictions_csv)
 
-    def write_metrics(self, metrics: dict[str, Any] | None) -> None:
-        """``metrics.json``; without metrics (no labelled slide) an older one is removed with its pictures."""
-        if metrics is None:
-            for path in (self.metrics_file, self.roc_file, self.reliability_file, *self._task_pictures()):
-                path.unlink(missing_ok=True)
-            return
-        _write_json(self.metrics_file, metrics)
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: not readable JSON ({exc}); run `ipspath predict` again") from None
-    if not isinstance(values, dict):
-        raise BadInputError(f"{path}: not a JSON object; run `ipspath predict` again")
-    return values
-
-
-def _write_json(path: Path, values: dict[str, Any]) -> None:
-    text = json.dumps(values, indent=2) + "\n"
-    write_atomically(path, lambda partial: partial.write_text(text))
+def _cell(value: Any) -> Any:
+    """A predicted class name, or number, as ``predictions.csv`` writes it (empty for none)."""
+    return "" if value is None or value == "" else value

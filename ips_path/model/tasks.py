@@ -1,22 +1,62 @@
-"""Prediction tasks of a slide model: their heads' output size, probabilities (or risks) and losses."""
+"""Prediction tasks of a slide model: their heads' output size, probabilities (or risks) and losses.
+
+The model knows three head kinds of its own (``multiclass``, ``binary``, ``multilabel``). An outcome
+kind with another head (survival, regression; :mod:`ips_path.tasks`) registers it here with
+:func:`register_head_kind`, so that the model layer depends on no outcome kind.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..runtime.errors import BadInputError
-from ..survival.losses import cox_partial_nll, discrete_risk, discrete_survival, discrete_time_nll
 
-__all__ = ["MISSING_TARGET", "SURVIVAL_TARGET_COLUMNS", "TASK_KINDS", "Task", "compute_loss", "task_losses"]
+__all__ = ["MISSING_TARGET", "TASK_KINDS", "HeadKind", "Task", "compute_loss", "register_head_kind", "task_losses"]
 
-TASK_KINDS = ("multiclass", "binary", "multilabel", "survival")
 #: Target of a multiclass or binary task for a slide without a label for it: left out of the task's loss.
 MISSING_TARGET = -1
-SURVIVAL_TARGET_COLUMNS = ("time", "event", "bin")
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """What a head kind registered by an outcome kind computes (see :class:`Task`).
+
+    Attributes
+    ----------
+    min_classes : int
+        The fewest outputs a task of this kind may have.
+    loss : callable
+        ``(task, logits (B, n_outputs) float32, target, class_weight or None) -> scalar``.
+    probabilities : callable
+        ``(task, logits float32) -> (..., n_classes)``.
+    risk : callable, optional
+        ``(task, logits float32) -> (...)`` risk scores, for kinds that rank slides by risk.
+    """
+
+    min_classes: int
+    loss: Callable[..., torch.Tensor]
+    probabilities: Callable[..., torch.Tensor]
+    risk: Callable[..., torch.Tensor] | None = None
+
+
+_HEAD_KINDS: dict[str, HeadKind] = {}
+#: The model's own head kinds; :func:`register_head_kind` adds to what :class:`Task` accepts.
+TASK_KINDS = ("multiclass", "binary", "multilabel")
+
+
+def register_head_kind(name: str, head: HeadKind) -> None:
+    """Let :class:`Task` take ``kind=name`` (an outcome kind's head; registering a name again replaces it)."""
+    if name in TASK_KINDS:
+        raise ValueError(f"head kind {name!r} is one of the model's own")
+    _HEAD_KINDS[name] = head
+
+
+def _kinds() -> tuple[str, ...]:
+    return (*TASK_KINDS, *_HEAD_KINDS)
 
 
 @dataclass(frozen=True)
@@ -29,13 +69,14 @@ class Task:
         Unique name, used as key of logits, targets and losses (no ``.``).
     n_classes : int
         Number of classes: >= 2 for ``"multiclass"``, exactly 2 for ``"binary"``, >= 1 labels for
-        ``"multilabel"``. For ``"survival"``: 1 = a Cox risk score, K >= 2 = hazards of K time bins.
-    kind : {"multiclass", "binary", "multilabel", "survival"}
+        ``"multilabel"``; the outputs of a registered kind's head (survival: 1 = a Cox risk score,
+        K >= 2 = hazards of K time bins).
+    kind : str
         ``"multiclass"``: softmax over classes, cross-entropy, target = class index (int64).
         ``"binary"``: one logit, sigmoid, BCE, target = 0/1. ``"multilabel"``: one logit per label,
-        sigmoid each, BCE, target = ``(n_classes,)`` 0/1 vector. ``"survival"``: target = ``(3,)``
-        float (time, event 0/1, time bin); one output: the Cox partial likelihood of the batch
-        (Breslow ties); K outputs: the discrete-time hazard likelihood (see :mod:`ips_path.survival`).
+        sigmoid each, BCE, target = ``(n_classes,)`` 0/1 vector. Other kinds are registered by the
+        outcome kinds (:func:`register_head_kind`): ``"survival"`` (a Cox risk, or discrete-time
+        hazards; :mod:`ips_path.tasks.survival`), ``"regression"`` (:mod:`ips_path.tasks.regression`).
     """
 
     name: str
@@ -45,9 +86,9 @@ class Task:
     def __post_init__(self) -> None:
         if not self.name or "." in self.name:
             raise BadInputError(f"task name {self.name!r} must be non-empty and contain no '.'")
-        if self.kind not in TASK_KINDS:
-            raise BadInputError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
-        minimum = {"multiclass": 2, "binary": 2, "multilabel": 1, "survival": 1}[self.kind]
+        if self.kind not in _kinds():
+            raise BadInputError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(_kinds())}")
+        minimum = {"multiclass": 2, "binary": 2, "multilabel": 1}.get(self.kind) or _HEAD_KINDS[self.kind].min_classes
         if self.n_classes < minimum or (self.kind == "binary" and self.n_classes != 2):
             raise BadInputError(f"task {self.name!r}: a {self.kind} task cannot have {self.n_classes} classes")
 
@@ -64,13 +105,13 @@ class Task:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits ``(..., n_outputs)`` (binary: ``(...)``) -> probabilities ``(..., n_classes)``.
 
-        Binary tasks give ``[1 - p, p]``, so every task has one probability per class name.
-        Survival tasks give the survival past the end of each time bin (discrete time), or the risk
-        score itself (Cox, which predicts no probability).
+        Binary tasks give ``[1 - p, p]``, so every task has one probability per class name; a
+        registered kind gives what its head defines (survival: the survival past the end of each time
+        bin, or the Cox risk itself).
         """
         logits = logits.float()
-        if self.kind == "survival":
-            return logits if self.is_cox else discrete_survival(logits)
+        if self.kind in _HEAD_KINDS:
+            return _HEAD_KINDS[self.kind].probabilities(self, logits)
         if self.kind == "multiclass":
             return logits.softmax(-1)
         p = logits.sigmoid()
@@ -78,10 +119,10 @@ class Task:
 
     def risk(self, logits: torch.Tensor) -> torch.Tensor:
         """Survival logits ``(..., n_outputs)`` -> risk scores ``(...)``: higher means an earlier event."""
-        if self.kind != "survival":
+        head = _HEAD_KINDS.get(self.kind)
+        if head is None or head.risk is None:
             raise BadInputError(f"task {self.name!r}: a {self.kind} task has no risk score")
-        logits = logits.float()
-        return logits[..., 0] if self.is_cox else discrete_risk(logits)
+        return head.risk(self, logits.float())
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None = None
              ) -> torch.Tensor:
@@ -93,7 +134,7 @@ class Task:
             ``(B, n_classes)``; binary ``(B,)``.
         target : Tensor
             multiclass ``(B,)`` class indices; binary ``(B,)`` 0/1; multilabel ``(B, n_classes)`` 0/1;
-            survival ``(B, 3)``: time, event 0/1, time bin (unused by Cox). A multiclass or binary
+            a registered kind what its head takes (survival ``(B, 3)``: time, event, bin). A multiclass or binary
             target :data:`MISSING_TARGET` leaves its slide out (the mean is over the other slides; with
             none left the loss is 0, still part of the graph).
         class_weight : Tensor, optional
@@ -102,8 +143,8 @@ class Task:
         """
         logits = logits.float()
         target = target.to(logits.device)
-        if self.kind == "survival":
-            return self._survival_loss(logits, target, class_weight)
+        if self.kind in _HEAD_KINDS:
+            return _HEAD_KINDS[self.kind].loss(self, logits, target, class_weight)
         expected = (logits.shape[0], self.n_classes) if self.kind == "multilabel" else (logits.shape[0],)
         if tuple(target.shape) != expected:
             raise BadInputError(f"task {self.name!r}: targets have shape {tuple(target.shape)}, "
@@ -129,18 +170,6 @@ class Task:
         weights = class_weight[target.long()]
         return (weights * losses).sum() / weights.sum()
 
-    def _survival_loss(self, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None
-                       ) -> torch.Tensor:
-        if class_weight is not None:
-            raise BadInputError(f"task {self.name!r}: survival tasks take no class weights")
-        if tuple(target.shape) != (logits.shape[0], len(SURVIVAL_TARGET_COLUMNS)):
-            raise BadInputError(f"task {self.name!r}: survival targets have shape {tuple(target.shape)}, expected "
-                                f"({logits.shape[0]}, 3): {', '.join(SURVIVAL_TARGET_COLUMNS)}")
-        time, event, bin_index = target.unbind(dim=1)
-        if self.is_cox:
-            return cox_partial_nll(logits.reshape(-1), time, event)
-        return discrete_time_nll(logits, bin_index.round().long(), event)
-
 
 def task_losses(logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], tasks: Sequence[Task],
                 class_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -154,8 +183,8 @@ def task_losses(logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.
 
 def compute_loss(logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], tasks: Sequence[Task],
                  class_weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Sum of the task losses (cross-entropy for multiclass, BCE-with-logits for binary/multilabel, the
-    Cox or discrete-time likelihood for survival).
+    """Sum of the task losses (cross-entropy for multiclass, BCE-with-logits for binary/multilabel, what a
+    registered kind's head defines for the others).
 
     Parameters
     ----------

@@ -9,7 +9,7 @@
   const shownCount = document.getElementById("shown-count");
   const noMatch = document.getElementById("no-match");
   const cards = Array.from(grid.querySelectorAll("article.card"));
-  const OUTCOME_RANK = { wrong: 0, unlabelled: 1, correct: 2 };
+  const OUTCOME_RANK = { wrong: 0, unlabelled: 1, valued: 1, correct: 2 };
 
   function number(card, key) {
     const value = parseFloat(card.dataset[key]);

@@ -15,7 +15,6 @@ elsewhere gets copies of the pictures in its ``report_assets/images/``, so it st
 from __future__ import annotations
 
 import html
-import math
 import os
 import shutil
 from datetime import datetime
@@ -29,6 +28,7 @@ from ips_path.inference.predictions import PredictionFolder, SlidePrediction
 from ips_path.review.heatmap.spread import read_spread
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError
+from ips_path.tasks import KINDS, ReportSection, kind_of_run
 
 __all__ = ["write_report"]
 
@@ -72,7 +72,6 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
     folder = PredictionFolder(pred_dir)
     classes, rows = folder.read_predictions()
     run = folder.read_run()
-    metrics = folder.read_metrics()
     out_path = Path(out_path) if out_path is not None else pred_dir / "report.html"
     if out_path.is_dir():
         raise BadInputError(f"{out_path}: is a folder; give the HTML file to write, e.g. {out_path}/report.html")
@@ -82,17 +81,14 @@ def write_report(pred_dir: str | os.PathLike, out_path: str | os.PathLike | None
 
     assets = _AssetPlacer(pred_dir, out_path.parent)
     done = [r for r in rows if r.ok]
-    labels = classes + sorted({r.label for r in done if r.label} - set(classes))
-    predicted = classes
-    if run.get("tasks"):  # several label columns: a slide's label and prediction name a class of every task
-        labels = sorted({r.label for r in done if r.label})
-        predicted = sorted({r.predicted for r in done if r.predicted})
+    labels, predicted = kind_of_run(run).report_filters(run, classes, done)  # the filters' choices
     page = Template(resources.files(__package__).joinpath("report_template.html").read_text(encoding="utf-8"))
     text = page.substitute(
         title=_esc(title), version=_esc(__version__), created=_esc(datetime.now().strftime("%Y-%m-%d %H:%M")),
         pred_dir_name=_esc(pred_dir.resolve().name), css_href=assets.static_url("report.css"),
         js_src=assets.static_url("report.js"), run_info=_run_info_html(run), summary=_summary_html(rows),
-        metrics=_metrics_html(metrics, pred_dir, assets) + _survival_html(folder, assets),
+        metrics="".join(_section_html(section, assets) for kind in KINDS.values()
+                        for section in kind.report_sections(pred_dir, run)),
         sort_options=_options_html([("id", "slide id (A\u2192Z)"), ("wrong", "wrong first"),
                                     ("conf", "confidence (highest first)")]
                                    + [(f"p{i}", f"P({c}) (highest first)") for i, c in enumerate(classes)]),
@@ -143,10 +139,6 @@ def _percent(p: float | None) -> str:
     return DASH if p is None else f"{p:.1%}"
 
 
-def _number(value: object, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
-
-
 def _options_html(options: list[tuple[str, str]]) -> str:
     return "".join(f'<option value="{_esc(value)}">{_esc(text)}</option>' for value, text in options)
 
@@ -171,88 +163,29 @@ def _summary_html(rows: list[SlidePrediction]) -> str:
     return "".join(f'<span class="chip chip-{kind}">{_esc(text)}</span>' for text, kind in counts)
 
 
-def _metrics_html(metrics: dict, pred_dir: Path, assets: _AssetPlacer) -> str:
-    """The performance section; a model of several label columns gets one per task (``metrics["tasks"]``)."""
-    if not metrics:
-        return ""
-    folder = PredictionFolder(pred_dir)
-    if isinstance(metrics.get("tasks"), dict):
-        return "".join(_performance_html(f"Performance: {task}", found, assets, folder.task_roc_file(task),
-                                         folder.task_reliability_file(task))
-                       for task, found in metrics["tasks"].items() if isinstance(found, dict))
-    return _performance_html("Performance", metrics, assets, folder.roc_file, folder.reliability_file)
-
-
-def _performance_html(title: str, metrics: dict, assets: _AssetPlacer, roc: Path, reliability: Path) -> str:
-    parts = [f'<section class="metrics"><h2>{_esc(title)}</h2><div class="metrics-body"><div class="key-figures">']
-    parts.append(_figures_html(_key_figures(metrics, "slides", "n_slides")))
-    patients = metrics.get("patients")
-    if isinstance(patients, dict):  # the manifest named patients: the same figures over them, beside
-        parts.append(_figures_html(_key_figures(patients, "patients", "n_patients")))
+def _section_html(section: ReportSection, assets: _AssetPlacer) -> str:
+    """An outcome kind's section: its key figures (over slides, then patients), confusion matrix, pictures."""
+    parts = [f'<section class="{_esc(section.css_class)}"><h2>{_esc(section.title)}</h2><div class="metrics-body">'
+             '<div class="key-figures">']
+    parts.append(_figures_html(section.figures))
+    if section.patient_figures:  # the manifest named patients: the same figures over them, beside
+        parts.append(_figures_html(section.patient_figures))
     parts.append("</div>")
-    parts.append(_confusion_html(metrics.get("classes") or [], metrics.get("confusion_matrix") or []))
-    for path, what in ((roc, "ROC curve"), (reliability, "Reliability diagram")):
-        if path.is_file():
-            url = assets.image_url(path, path.name)
-            parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank">'
-                         f'<img src="{url}" alt="{what}"></a><figcaption>{what}</figcaption></figure>')
+    if section.confusion is not None:
+        parts.append(_confusion_html(*section.confusion))
+    for path, what in section.pictures:
+        url = assets.image_url(path, path.name)
+        parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank">'
+                     f'<img src="{url}" alt="{_esc(what)}"></a><figcaption>{_esc(what)}</figcaption></figure>')
     parts.append("</div></section>")
     return "".join(parts)
-
-
-def _key_figures(metrics: dict, unit: str, count: str) -> list[tuple[str, str, str]]:
-    """AUC, AUPRC, balanced accuracy (each with its 95 % interval), calibration error and the count,
-    named per ``unit`` (slides or patients)."""
-    def interval(name: str) -> str:
-        ci = metrics.get(f"{name}_ci95") or []
-        return f"95 % CI {_number(ci[0])}{DASH}{_number(ci[1])}" if len(ci) == 2 else ""
-
-    figures = [(f"{name} ({unit})", _number(metrics.get(key)), interval(key))
-               for name, key in (("AUC", "auc"), ("AUPRC", "auprc"), ("Balanced accuracy", "balanced_accuracy"))
-               if key in metrics]
-    if "ece" in metrics:
-        figures.append((f"Calibration error ({unit})", _number(metrics["ece"]), "expected calibration error, 10 bins"))
-    figures.append((f"{unit.capitalize()} with a label", _esc(metrics.get(count, "n/a")), ""))
-    return figures
 
 
 def _figures_html(figures: list[tuple[str, str, str]]) -> str:
     """Key figures as boxes: (name, value as HTML, note)."""
     return "".join(f'<div class="figure-box"><div class="figure-name">{_esc(name)}</div>'
-                   f'<div class="figure-value">{value}</div><div class="figure-note">{_esc(note)}</div></div>'
+                   f'<div class="figure-value">{_esc(value)}</div><div class="figure-note">{_esc(note)}</div></div>'
                    for name, value, note in figures)
-
-
-def _survival_html(folder: PredictionFolder, assets: _AssetPlacer) -> str:
-    """Survival models with outcomes: the C-indices with their intervals, and the Kaplan-Meier picture."""
-    metrics = folder.read_survival_metrics()
-    if not metrics:
-        return ""
-
-    def interval(name: str) -> str:
-        return f"95 % CI {_number(metrics.get(f'{name}_low'))}{DASH}{_number(metrics.get(f'{name}_high'))}"
-
-    unit = metrics.get("time_unit") or ""
-    figures = [("C-index (Harrell)", _number(metrics.get("c_index")), interval("c_index")),
-               ("C-index (Uno)", _number(metrics.get("uno_c_index")), interval("uno_c_index")),
-               ("Log-rank p (risk groups)", _esc(f"{metrics['log_rank_p']:.2g}") if metrics.get("log_rank_p")
-                is not None else "n/a", "groups cut at the training risks"),
-               ("Patients (events)", _esc(f"{metrics.get('n_patients', 'n/a')} ({metrics.get('n_events', 'n/a')})"),
-                f"{metrics.get('n_slides', 'n/a')} slides")]
-    figures += [(f"AUC at {key.removeprefix('auc_at_')} {unit}".strip(), _number(value), "time-dependent")
-                for key, value in metrics.items() if key.startswith("auc_at_")]
-    if "integrated_brier_score" in metrics:
-        figures.append(("Integrated Brier score", _number(metrics["integrated_brier_score"]), "lower is better"))
-    parts = ['<section class="metrics survival"><h2>Survival</h2><div class="metrics-body"><div class="key-figures">']
-    parts.append(_figures_html(figures))
-    parts.append("</div>")
-    if folder.km_file.is_file():
-        url = assets.image_url(folder.km_file, "km.png")
-        parts.append(f'<figure class="roc"><a class="zoom" href="{url}" target="_blank"><img src="{url}" '
-                     'alt="Kaplan-Meier curves of the risk groups"></a><figcaption>Kaplan-Meier curves of the risk '
-                     'groups</figcaption></figure>')
-    parts.append("</div></section>")
-    return "".join(parts)
 
 
 def _confusion_html(classes: list, matrix: list[list]) -> str:
@@ -291,7 +224,7 @@ def _card_html(order: int, row: SlidePrediction, classes: list[str], pred_dir: P
             "conf": "" if confidence is None else repr(confidence)}
     data.update({f"p{i}": "" if p is None else repr(p) for i, p in enumerate(row.probabilities)})
     attrs = " ".join(f'data-{k}="{_esc(v)}"' for k, v in data.items())
-    badge = {"correct": "correct", "wrong": "wrong", "unlabelled": "no label"}[row.outcome]
+    badge = {"correct": "correct", "wrong": "wrong", "unlabelled": "no label", "valued": "true value"}[row.outcome]
     bars = "".join(f'<div class="prob-row{" prob-pred" if c == row.predicted else ""}"><span class="prob-class">'
                    f'{_esc(c)}</span><span class="bar"><span style="width:{0 if p is None else 100 * p:.1f}%">'
                    f'</span></span><span class="prob-value">{_percent(p)}</span></div>'

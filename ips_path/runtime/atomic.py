@@ -8,17 +8,22 @@ writer, in this process or another, is still writing.
 
 from __future__ import annotations
 
+import csv
 import errno
+import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from ips_path.runtime.errors import BadInputError
 from ips_path.runtime.locks import writer_alive, writer_tag
 
-__all__ = ["PARTIAL_MARK", "partial_path", "remove_dead_partials", "write_atomically"]
+__all__ = ["PARTIAL_MARK", "partial_path", "read_json", "remove_dead_partials", "write_atomically", "write_csv",
+           "write_json"]
 
 PARTIAL_MARK = ".partial-"
 _FILE_SYSTEM_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
@@ -96,3 +101,41 @@ def remove_dead_partials(folder: str | os.PathLike, name: str | None = None) -> 
             leftover.unlink(missing_ok=True)
         removed.append(leftover)
     return removed
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write dict rows as CSV atomically (columns: every key, in order of first appearance)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(partial: Path) -> None:
+        with partial.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(path, write)
+
+
+def write_json(path: Path, values: Mapping[str, Any]) -> None:
+    """Write a JSON object atomically (indented, with a final newline)."""
+    text = json.dumps(values, indent=2) + "\n"
+    write_atomically(path, lambda partial: partial.write_text(text))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object written by ipspath; an empty dict when the file does not exist.
+
+    Raises
+    ------
+    BadInputError
+        The file is not readable JSON, or not an object.
+    """
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: not readable JSON ({exc}); run `ipspath predict` again") from None
+    if not isinstance(values, dict):
+        raise BadInputError(f"{path}: not a JSON object; run `ipspath predict` again")
+    return values

@@ -25,8 +25,8 @@ from ips_path.runtime.limits import PIXEL_SIZE_UM, SURVIVAL_TIME
 from ips_path.runtime.names import slide_id_problem
 
 __all__ = [
-    "LABEL_CASES", "MAX_LISTED", "MIN_VALIDATION_SLIDES", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SPLITS",
-    "ManifestRow", "assign_splits", "class_names", "read_manifest", "validation_split_problems",
+    "LABEL_CASES", "MAX_LISTED", "MIN_VALIDATION_SLIDES", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SPLITS", "TEST",
+    "ManifestRow", "assign_folds", "assign_splits", "class_names", "read_manifest", "validation_split_problems",
 ]
 
 MIN_VALIDATION_SLIDES = 10
@@ -37,6 +37,7 @@ OPTIONAL_COLUMNS = ("split", "case_id", "mpp", "time", "event")
 SPLITS = ("train", "val", "test")
 #: How labels that differ only in case ('Positive', 'positive') are taken: refused, or folded into one class.
 LABEL_CASES = ("exact", "fold")
+TEST = "test"
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,7 @@ def assign_splits(rows: Sequence[ManifestRow], *, val_fraction: float = 0.2, tes
     ``seed`` within each label (the label of a patient's first slide), and the first
     ``val_fraction`` of each label's patients go to val (at least one when the label has three or
     more patients), the next ``test_fraction`` to test, the rest to train (never empty).
-    ``strata`` (case_id -> stratum, e.g. :func:`ips_path.survival.survival_strata`) replaces the
+    ``strata`` (case_id -> stratum, e.g. :func:`ips_path.tasks.survival.survival_strata`) replaces the
     label as what the split keeps in proportion.
 
     Returns
@@ -405,6 +406,44 @@ def validation_split_problems(rows: Sequence[ManifestRow], splits: Mapping[str, 
             problems.append(f"no validation slide of class {', '.join(absent)}{where}: the validation AUC and "
                             "balanced accuracy cannot judge it")
     return problems
+
+
+def assign_folds(rows: Sequence[ManifestRow], k: int, seed: int = 0,
+                 strata: Mapping[str, str] | None = None) -> dict[str, int | str]:
+    """Patient-level folds stratified by label: slide_id -> fold index, or ``"test"``.
+
+    Patients (``case_id``) are grouped by the label of their first slide, shuffled with ``seed`` within
+    each label, and dealt out round-robin; the deal continues from label to label, so fold sizes differ
+    by at most one patient. Slides with manifest split ``test`` get ``"test"``. ``strata`` (case_id ->
+    stratum, e.g. :func:`~ips_path.tasks.survival.survival_strata`) replaces the label as what each fold
+    keeps in proportion.
+
+    Raises
+    ------
+    BadInputError
+        Fewer than ``k`` patients outside the test split, or ``k < 2``.
+    """
+    if k < 2:
+        raise BadInputError(f"--folds must be at least 2, got {k}")
+    cases: dict[str, list[ManifestRow]] = defaultdict(list)
+    for r in rows:
+        if r.split != TEST:
+            cases[r.case_id].append(r)
+    if len(cases) < k:
+        raise BadInputError(f"--folds {k} needs at least {k} patients outside the test split, found {len(cases)}")
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for case_id, case_rows in cases.items():
+        by_label[strata[case_id] if strata is not None else str(case_rows[0].label)].append(case_id)
+    rng = random.Random(seed)
+    fold_of_case: dict[str, int] = {}
+    dealt = 0
+    for label in sorted(by_label):
+        case_ids = sorted(by_label[label])
+        rng.shuffle(case_ids)
+        for case_id in case_ids:
+            fold_of_case[case_id] = dealt % k
+            dealt += 1
+    return {r.slide_id: TEST if r.split == TEST else fold_of_case[r.case_id] for r in rows}
 
 
 def _share(n: int, fraction: float) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ips_path.training.config import TrainConfig
+from ips_path.config import TrainConfig
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 

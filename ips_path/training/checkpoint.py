@@ -18,15 +18,14 @@ import torch
 import torch.distributed as dist
 
 from ips_path import __version__
-from ips_path.label_tasks import LabelTasks
+from ips_path.config import TrainConfig
 from ips_path.model import IPSModel, Task, build_encoder
 from ips_path.model.foundation import ENCODER_PRESETS, require_preset_weights
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError, IpspathError
 from ips_path.runtime.identity import file_digest, identity_key
 from ips_path.stores.loader import PatchStreamer
-from ips_path.survival.training import SurvivalRun, survival_task
-from ips_path.training.config import TrainConfig
+from ips_path.tasks import OutcomeKind, kind_of_checkpoint
 from ips_path.training.distributed import Processes, rng_state
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASK_NAME", "CheckpointIdentity", "RunState", "build_model",
@@ -41,17 +40,16 @@ class _Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
-def build_model(config: TrainConfig, n_classes: int | Sequence[int], in_features: int | None = None, *,
+def build_model(config: TrainConfig, heads: int | Sequence[int] | Sequence[Task], in_features: int | None = None, *,
                 load_pretrained: bool = True) -> IPSModel:
-    """The IPS model a configuration describes: one multiclass task per label column (``"label"`` by
-    default) over its classes, or for ``task: survival`` one survival task
-    (:func:`~ips_path.survival.training.survival_task`; ``n_classes`` is then unused).
+    """The IPS model a configuration describes, with the heads of its outcome kind.
 
     Parameters
     ----------
     config : TrainConfig
-    n_classes : int or sequence of int
-        Classes of the one label column, or of each of ``config.label_column_names`` in order.
+    heads : sequence of Task, or int or sequence of int
+        The model's tasks (:meth:`~ips_path.tasks.OutcomeKind.model_tasks`), or the classes of the one
+        label column, or of each of ``config.label_column_names`` in order (one multiclass task each).
     in_features : int, optional
         Dimension of the cached features (``config.features`` runs).
     load_pretrained : bool
@@ -71,13 +69,13 @@ def build_model(config: TrainConfig, n_classes: int | Sequence[int], in_features
             require_preset_weights(config.encoder, config.pretrained)
         blocks = {} if config.train_blocks is None else {"train_blocks": config.train_blocks}
         encoder = build_encoder(config.encoder, pretrained=config.pretrained if load_pretrained else None, **blocks)
-    if config.task == "survival":
-        tasks = [survival_task(config)]
-    else:
-        counts, names = [n_classes] if isinstance(n_classes, int) else list(n_classes), config.label_column_names
+    if isinstance(heads, int) or not all(isinstance(h, Task) for h in heads):
+        counts, names = [heads] if isinstance(heads, int) else list(heads), config.label_column_names
         if len(counts) != len(names):
             raise BadInputError(f"{len(counts)} class count(s) for the {len(names)} label column(s) {', '.join(names)}")
         tasks = [Task(name, n, "multiclass") for name, n in zip(names, counts, strict=True)]
+    else:
+        tasks = list(heads)
     return IPSModel(encoder, tasks, dim=config.dim, n_heads=config.heads,
                     n_select=config.n_select, chunk_size=config.chunk_size, score=config.score,
                     pos_encoding=None if config.pos_encoding == "none" else config.pos_encoding,
@@ -89,11 +87,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``model``, ``optimizer``, ``scheduler``, ``epoch``, ``status``, ``config`` (dict),
     ``class_names``, ``tiling`` (``target_mpp``, ``patch_size``), ``in_features``, ``early_stopping``,
-    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``; runs of several label
-    columns also ``task_classes`` (task -> class names; ``class_names`` is then the flat
-    ``<task>=<class>`` list, see :mod:`ips_path.label_tasks`); survival runs also
-    ``survival`` (:meth:`~ips_path.survival.training.SurvivalRun.state`: loss, time unit, bin edges,
-    the training outcomes, risk-group cut points).
+    ``history``, ``rng``, ``format``, ``format_version``, ``ipspath_version``, and what the run's
+    outcome kind keeps (:meth:`~ips_path.tasks.OutcomeKind.state`; one entry per kind, e.g. ``task_classes``).
 
     Raises
     ------
@@ -125,9 +120,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     checkpoint = load_checkpoint(path)
     config = TrainConfig.from_dict(checkpoint["config"], source=str(path))
-    label_tasks = LabelTasks.from_checkpoint(checkpoint)
-    n_classes = [len(c) for c in label_tasks.classes] if label_tasks else len(checkpoint["class_names"])
-    model = build_model(config, n_classes, checkpoint["in_features"], load_pretrained=False)
+    kind = kind_of_checkpoint(checkpoint, source=str(path))
+    model = build_model(config, kind.model_tasks(), checkpoint["in_features"], load_pretrained=False)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), checkpoint
 
@@ -138,7 +132,7 @@ class RunState:
 
     out_dir: Path
     config: TrainConfig
-    classes: Sequence[str]
+    kind: OutcomeKind
     tiling: dict[str, Any]
     in_features: int | None
     model: IPSModel
@@ -148,8 +142,6 @@ class RunState:
     history: list[dict[str, float]]
     streamer: PatchStreamer
     procs: Processes
-    survival: SurvivalRun | None = None
-    label_tasks: LabelTasks | None = None  # several label columns
 
     def save(self, name: str, *, epoch: int, status: str) -> None:
         """Write ``<out_dir>/<name>`` atomically (rank 0; the others only hand over their RNG states)."""
@@ -165,13 +157,10 @@ class RunState:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "early_stopping": self.stopping.state_dict(),
             "history": self.history, "rng": rng,
-            "config": self.config.as_dict(), "class_names": list(self.classes), "task": self.model.tasks[0].name,
-            "tiling": self.tiling, "in_features": self.in_features,
+            "config": self.config.as_dict(), "class_names": list(self.kind.class_names),
+            "task": self.model.tasks[0].name,
+            "tiling": self.tiling, "in_features": self.in_features, **self.kind.state(),
         }
-        if self.survival is not None:
-            checkpoint["survival"] = self.survival.state()
-        if self.label_tasks is not None and self.label_tasks.several:
-            checkpoint["task_classes"] = self.label_tasks.state()
         write_atomically(self.out_dir / name, lambda partial: torch.save(checkpoint, partial))
 
 
@@ -188,7 +177,7 @@ class CheckpointIdentity:
     config : dict
         Its resolved training configuration.
     class_names : tuple of str
-        With several label columns the flat ``<task>=<class>`` names, which give every task's classes.
+        As the outcome kind names them (e.g. the flat ``<task>=<class>`` names of several label columns).
     tiling : dict
         ``target_mpp`` (µm/px) and ``patch_size`` (px) of the tile stores it was trained on.
     """

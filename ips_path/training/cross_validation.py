@@ -2,20 +2,18 @@
 
 A cross-validated run folder holds::
 
-    splits.csv       slide_id, case_id, label (each label column; survival: time, event), fold
-                     (0..K-1, or "test" for the fixed external test split)
+    splits.csv       slide_id, case_id, the outcome columns (:meth:`~ips_path.tasks.OutcomeKind.outcome_columns`),
+                     fold (0..K-1, or "test" for the fixed external test split)
     fold_0/ ...      one ordinary training run per fold: the fold validates, the other folds train
-    cv_summary.json  per fold and mean +- sd (over the folds) of the validation AUC, balanced accuracy
-                     and AUPRC at each fold's best epoch (several label columns: their mean over the
-                     tasks, then each task's as <task>_auc ...); for survival, Harrell's and Uno's
-                     C-index of the fold's best weights (its ``survival_metrics.json``)
+    cv_summary.json  per fold and mean +- sd (over the folds) of the outcome kind's metrics
+                     (:attr:`~ips_path.tasks.OutcomeKind.cv_metrics`, e.g. the validation AUC, balanced accuracy
+                     and AUPRC at each fold's best epoch)
 
-Folds are drawn once (seeded) and kept: a patient (``case_id``) is never in two folds, and each label
-(several label columns: each class of the first column) is spread evenly over the folds; a survival
-cohort is stratified instead by event status and early/late follow-up
-(:func:`~ips_path.survival.survival_strata`), and a fold whose patients hold no event (as
-validation, or as the rest for training) is refused before any training. Slides whose manifest
-``split`` is ``test`` stay out of every fold.
+Folds are drawn once (seeded) and kept: a patient (``case_id``) is never in two folds, and each stratum
+of the outcome kind (:meth:`~ips_path.tasks.OutcomeKind.strata`; by default the label of the first
+label column) is spread evenly over the folds; folds the kind cannot measure are refused before any
+training (:meth:`~ips_path.tasks.OutcomeKind.check_folds`). Slides whose manifest ``split`` is
+``test`` stay out of every fold.
 Each fold is a resumable run of its own, so an interrupted cross-validation continues fold by fold
 with ``--resume``; a finished fold is not trained again.
 """
@@ -27,8 +25,6 @@ import json
 import logging
 import math
 import os
-import random
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,24 +32,21 @@ from typing import Any
 
 import numpy as np
 
+from ips_path.config import TrainConfig, save_config
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError, listing
 from ips_path.runtime.locks import output_lock
-from ips_path.slides.manifest import ManifestRow, read_manifest
-from ips_path.survival.sampling import survival_strata
+from ips_path.slides.manifest import TEST, ManifestRow, assign_folds
+from ips_path.tasks import OutcomeKind, kind_for
 from ips_path.training.checkpoint import load_checkpoint
-from ips_path.training.config import TrainConfig, save_config
 from ips_path.training.run_folder import write_csv
 from ips_path.training.train import train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CV_METRICS", "CrossValidationResult", "SURVIVAL_CV_METRICS", "assign_folds", "fold_splits",
-           "format_cv_table", "summarise_folds", "survival_folds", "train_cross_validated"]
+__all__ = ["CrossValidationResult", "assign_folds", "fold_splits", "format_cv_table", "kind_folds",
+           "summarise_folds", "train_cross_validated"]
 
-CV_METRICS = ("auc", "balanced_accuracy", "auprc")
-SURVIVAL_CV_METRICS = ("c_index", "uno_c_index")
-TEST = "test"
 
 
 @dataclass
@@ -64,8 +57,7 @@ class CrossValidationResult:
     ----------
     run_dir : Path
     folds : list of dict
-        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of :data:`CV_METRICS` (several label
-        columns: also ``val_<task>_<metric>``; survival: :data:`SURVIVAL_CV_METRICS`), ``status``.
+        Per fold: ``fold``, ``best_epoch``, ``val_<metric>`` for each of the kind's ``cv_metrics``, ``status``.
     summary : dict
         ``mean`` and ``sd`` (sample standard deviation over the folds) of each metric.
     """
@@ -75,71 +67,18 @@ class CrossValidationResult:
     summary: dict[str, dict[str, float]]
 
 
-def assign_folds(rows: Sequence[ManifestRow], k: int, seed: int = 0,
-                 strata: Mapping[str, str] | None = None) -> dict[str, int | str]:
-    """Patient-level folds stratified by label: slide_id -> fold index, or ``"test"``.
-
-    Patients (``case_id``) are grouped by the label of their first slide, shuffled with ``seed`` within
-    each label, and dealt out round-robin; the deal continues from label to label, so fold sizes differ
-    by at most one patient. Slides with manifest split ``test`` get ``"test"``. ``strata`` (case_id ->
-    stratum, e.g. :func:`~ips_path.survival.survival_strata`) replaces the label as what each fold
-    keeps in proportion.
+def kind_folds(kind: OutcomeKind, rows: Sequence[ManifestRow], k: int, manifest: str | os.PathLike, seed: int = 0
+               ) -> dict[str, int | str]:
+    """Patient-level folds stratified as the outcome kind says (:meth:`~ips_path.tasks.OutcomeKind.strata` of the
+    slides outside the test split; by label by default), checked by the kind before any fold trains.
 
     Raises
     ------
     BadInputError
-        Fewer than ``k`` patients outside the test split, or ``k < 2``.
+        As :func:`assign_folds`; folds the kind cannot measure (e.g. a fold without an event).
     """
-    if k < 2:
-        raise BadInputError(f"--folds must be at least 2, got {k}")
-    cases: dict[str, list[ManifestRow]] = defaultdict(list)
-    for r in rows:
-        if r.split != TEST:
-            cases[r.case_id].append(r)
-    if len(cases) < k:
-        raise BadInputError(f"--folds {k} needs at least {k} patients outside the test split, found {len(cases)}")
-    by_label: dict[str, list[str]] = defaultdict(list)
-    for case_id, case_rows in cases.items():
-        by_label[strata[case_id] if strata is not None else str(case_rows[0].label)].append(case_id)
-    rng = random.Random(seed)
-    fold_of_case: dict[str, int] = {}
-    dealt = 0
-    for label in sorted(by_label):
-        case_ids = sorted(by_label[label])
-        rng.shuffle(case_ids)
-        for case_id in case_ids:
-            fold_of_case[case_id] = dealt % k
-            dealt += 1
-    return {r.slide_id: TEST if r.split == TEST else fold_of_case[r.case_id] for r in rows}
-
-
-def survival_folds(rows: Sequence[ManifestRow], k: int, manifest: str | os.PathLike, seed: int = 0
-                   ) -> dict[str, int | str]:
-    """Patient-level folds of a survival cohort, stratified by event status and early/late follow-up.
-
-    Parameters
-    ----------
-    rows : sequence of ManifestRow
-        With ``time`` and ``event`` (``read_manifest(..., require_survival=True)``).
-    k : int
-        Number of folds.
-    manifest : path-like
-        Named in messages.
-
-    Raises
-    ------
-    BadInputError
-        As :func:`assign_folds`; a fold without a patient with an event, naming the fold and the fix.
-    """
-    time = {r.case_id: float(r.time) for r in rows if r.split != TEST and r.time is not None}
-    event = {r.case_id: int(r.event) for r in rows if r.split != TEST and r.event is not None}
-    folds = assign_folds(rows, k, seed=seed, strata=survival_strata(time, event))
-    events_per_fold = np.bincount([folds[r.slide_id] for r in rows if r.split != TEST and r.event], minlength=k)
-    empty = [str(fold) for fold in range(k) if events_per_fold[fold] == 0]
-    if empty:  # a fold with an event validates; with every fold holding one, every fold's training set does too
-        raise BadInputError(f"{manifest}: --folds {k} leaves fold(s) {', '.join(empty)} without any patient with an "
-                            f"event (event = 1): their C-index is undefined; use at most {sum(event.values())} "
-                            "folds (the patients with events outside the test split)")
+    folds = assign_folds(rows, k, seed=seed, strata=kind.strata([r for r in rows if r.split != TEST]))
+    kind.check_folds(rows, folds, k, manifest)
     return folds
 
 
@@ -174,21 +113,16 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
     Raises
     ------
     BadInputError
-        As :func:`~ips_path.training.train.train`; a survival fold without events; a resume whose manifest no
+        As :func:`~ips_path.training.train.train`; folds the kind cannot measure; a resume whose manifest no
         longer gives the saved folds; a fresh run into a folder that holds one.
     """
     out_dir = Path(out_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInputError("--folds runs one process; start it without torchrun (each fold may use one GPU)")
-    survival = config.task == "survival"
-    columns = ("label",) if survival else config.label_column_names
-    metrics = SURVIVAL_CV_METRICS if survival else CV_METRICS
-    if len(columns) > 1:  # several label columns: the mean over the tasks, then each task's
-        metrics += tuple(f"{column}_{m}" for column in columns for m in CV_METRICS)
-    rows = read_manifest(manifest, require_label=not survival, check_files=False, require_survival=survival,
-                         label_columns=columns, label_case=config.label_case)
-    assigned = (survival_folds(rows, folds, manifest, seed=config.seed) if survival
-                else assign_folds(rows, folds, seed=config.seed))
+    kind = kind_for(config)
+    metrics = kind.cv_metrics
+    rows = kind.read_manifest(manifest, training=True)
+    assigned = kind_folds(kind, rows, folds, manifest, seed=config.seed)
     with output_lock(out_dir):
         splits_path = out_dir / "splits.csv"
         if splits_path.is_file():
@@ -205,67 +139,41 @@ def train_cross_validated(manifest: str | os.PathLike, tiles_dir: str | os.PathL
             raise BadInputError(f"{out_dir}: no splits.csv of a cross-validation to resume; start it without --resume")
         else:
             save_config(config, out_dir / "config.yaml")
-            outcome = ((lambda r: {"time": r.time, "event": r.event}) if survival else
-                       (lambda r: dict(zip(columns, r.labels, strict=True))))
-            write_csv(splits_path, [{"slide_id": r.slide_id, "case_id": r.case_id, **outcome(r),
+            write_csv(splits_path, [{"slide_id": r.slide_id, "case_id": r.case_id, **kind.outcome_columns(r),
                                      "fold": assigned[r.slide_id]} for r in rows])
         results = []
         for fold in range(folds):
             fold_dir = out_dir / f"fold_{fold}"
             log.info("fold %d of %d (%s)", fold + 1, folds, fold_dir)
-            status = _measured_survival_fold(fold_dir) if survival else None
-            if status is None:  # a finished survival fold is not measured again (a finished run would be)
+            status = _finished_fold(kind, fold_dir)
+            if status is None:  # a fold whose kind finished its step after training is not measured again
                 status = train(manifest, tiles_dir, fold_dir, config, resume=(fold_dir / "last.pt").is_file(),
                                progress=progress, splits=fold_splits(assigned, fold)).status
-            results.append(_survival_fold_row(fold, fold_dir, status) if survival
-                           else _fold_row(fold, fold_dir, status, metrics))
+            results.append(_fold_row(kind, fold, fold_dir, status))
         summary = summarise_folds(results, metrics)
         _write_summary(out_dir / "cv_summary.json", folds, results, summary, config, metrics)
     log.info("cross-validation over %d folds:\n%s", folds, format_cv_table(results, summary, metrics))
     return CrossValidationResult(out_dir, results, summary)
 
 
-def _fold_row(fold: int, fold_dir: Path, status: str, metrics: Sequence[str] = CV_METRICS) -> dict[str, Any]:
-    """The validation ``metrics`` of a fold at its best epoch (from best.pt's history)."""
+def _fold_row(kind: OutcomeKind, fold: int, fold_dir: Path, status: str) -> dict[str, Any]:
+    """The validation metrics of a fold with its best weights (:meth:`~ips_path.tasks.OutcomeKind.fold_metrics`)."""
     best = fold_dir / "best.pt"
-    row: dict[str, Any] = {"fold": fold, "status": status, "best_epoch": None}
-    row.update({f"val_{m}": float("nan") for m in metrics})
-    if best.is_file():
-        checkpoint = load_checkpoint(best)
-        epoch = int(checkpoint["epoch"])
-        history = {int(h["epoch"]): h for h in checkpoint["history"]}
-        row["best_epoch"] = epoch
-        row.update({f"val_{m}": float(history[epoch].get(f"val_{m}", float("nan"))) for m in metrics})
-    return row
+    checkpoint = load_checkpoint(best) if best.is_file() else None
+    return {"fold": fold, "status": status, "best_epoch": None if checkpoint is None else int(checkpoint["epoch"]),
+            **kind.fold_metrics(fold_dir, checkpoint)}
 
 
-def _measured_survival_fold(fold_dir: Path) -> str | None:
-    """The status of a survival fold that finished training and its final measurement, else None.
-
-    The measurement writes ``survival_metrics.json``, then the risk cut points into ``best.pt`` and last
-    into ``last.pt``: cut points in ``last.pt`` mean all of it is there.
-    """
+def _finished_fold(kind: OutcomeKind, fold_dir: Path) -> str | None:
+    """The status of a fold that finished training and its kind's step after it, else None."""
     last = fold_dir / "last.pt"
-    if not last.is_file() or not (fold_dir / "survival_metrics.json").is_file():
+    if not kind.finishes or not last.is_file():
         return None
     checkpoint = load_checkpoint(last)
-    measured = (checkpoint.get("survival") or {}).get("risk_cutoffs") is not None
-    return str(checkpoint["status"]) if measured and checkpoint["status"] != "running" else None
+    return str(checkpoint["status"]) if kind.finished(checkpoint, fold_dir) else None
 
 
-def _survival_fold_row(fold: int, fold_dir: Path, status: str) -> dict[str, Any]:
-    """Harrell's and Uno's C-index of a fold's validation patients with its best weights."""
-    row: dict[str, Any] = {"fold": fold, "status": status, "best_epoch": None}
-    best, measured = fold_dir / "best.pt", fold_dir / "survival_metrics.json"
-    if best.is_file():
-        row["best_epoch"] = int(load_checkpoint(best)["epoch"])
-    validation = json.loads(measured.read_text(encoding="utf-8")).get("validation", {}) if measured.is_file() else {}
-    row.update({f"val_{m}": float("nan") if validation.get(m) is None else float(validation[m])
-                for m in SURVIVAL_CV_METRICS})
-    return row
-
-
-def summarise_folds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = CV_METRICS
+def summarise_folds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]
                     ) -> dict[str, dict[str, float]]:
     """Mean and sample standard deviation over the folds of each of ``metrics`` (NaN folds left out)."""
     summary = {}
@@ -279,7 +187,7 @@ def summarise_folds(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = 
 
 
 def format_cv_table(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, float]],
-                    metrics: Sequence[str] = CV_METRICS) -> str:
+                    metrics: Sequence[str]) -> str:
     """The per-fold table and the mean +- sd line, as the log shows them."""
     header = f"{'fold':>6}  {'best epoch':>10}  " + "  ".join(f"{m:>17}" for m in metrics)
     lines = [header]

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ips_path.config import RUNTIME_FIELDS, TrainConfig
 from ips_path.evaluation.plots import plot_training_curves
-from ips_path.runtime.atomic import write_atomically
+from ips_path.runtime.atomic import write_atomically, write_csv
 from ips_path.runtime.errors import BadInputError, listing
 from ips_path.runtime.faults import fault_point
 from ips_path.runtime.locks import output_lock
 from ips_path.training.checkpoint import load_checkpoint
-from ips_path.training.config import RUNTIME_FIELDS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -207,19 +207,6 @@ def check_same_run(checkpoint: Mapping[str, Any], classes: Sequence[str], splits
             shown = listing(f"{slide_id}: {split}" for slide_id, split in changed)
             raise BadInputError(f"the manifest's slides or splits changed since the run started ({shown}); "
                                 f"resume with the manifest the run started with ({saved_path})")
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write dict rows as CSV atomically (columns: every key, in order of first appearance)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def write(partial: Path) -> None:
-        with partial.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomically(path, write)
 
 
 def main_process(env: Mapping[str, str] | None = None) -> bool:

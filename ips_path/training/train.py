@@ -12,19 +12,18 @@ A run reads a manifest and the tile stores of its slides and writes to its folde
     last.pt       the state at the end of the last finished epoch (and at the start of a run)
     best.pt       the state at the epoch with the best validation ``monitor``
 
-Survival runs (``task: survival``; :mod:`ips_path.survival.training`) log ``val_c_index`` instead of
-the classification metrics, add ``time`` and ``event`` to splits.csv, and end with
-``survival_metrics.json`` and ``km_val.png`` (Kaplan-Meier curves of the validation risk groups).
+What differs between outcome kinds (one label column or several, a time to event, a number) the run
+asks its :class:`~ips_path.tasks.OutcomeKind` (``--task``): the manifest columns, the splits, each
+slide's target, the heads and losses, the batches and class weights, the validation metrics of
+``metrics.csv`` and what ``--monitor`` reads, the step after training (and the files it writes), and
+what the checkpoints keep of it.
 
 Choices, in the order the code meets them:
 
-* Task: one task ``"label"``, a softmax over the sorted class names, also for two classes (so every
-  class has a probability and a recall; the binary AUC is that of the second class's probability);
-  with ``label_columns`` one such task per column (:mod:`ips_path.label_tasks`: summed losses,
-  per-task validation metrics, ``best.pt`` on their mean); or one survival task (a Cox risk, or
-  discrete-time hazards), splits stratified by event and time.
+* Outcome: the kind of ``config.task`` (:mod:`ips_path.tasks`); classification by default: one softmax
+  task per label column over its sorted class names (the binary AUC is that of the second class).
 * Splits: the manifest's ``split`` column where given; other slides are split by patient, stratified
-  by label, with ``seed`` and ``val_fraction``. Test slides are not touched.
+  as the outcome kind says (by label), with ``seed`` and ``val_fraction``. Test slides are not touched.
 * Optimiser: AdamW (weight decay on weights of rank >= 2), learning rate per step: linear warm-up
   from 0, then cosine decay to 0 at the last step of the last epoch. Early stopping does not change
   the schedule. bf16 autocast on CUDA; gradient clipping; optional class weights.
@@ -64,21 +63,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ips_path.evaluation.metrics import classification_metrics
-from ips_path.label_tasks import LabelTasks, batch_targets, validation_metrics
-from ips_path.label_tasks import class_weights as task_class_weights
+from ips_path.config import TrainConfig, save_config
 from ips_path.model import IPSModel, PatchChunk, train_step
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError, IpspathError
 from ips_path.runtime.faults import fault_point
 from ips_path.runtime.progress import progress_bar
-from ips_path.slides.manifest import ManifestRow, assign_splits, read_manifest, validation_split_problems
+from ips_path.slides.manifest import ManifestRow
 from ips_path.stores.lesion_truth import TrainedOnLesions
 from ips_path.stores.loader import Augmentation, PatchStreamer
-from ips_path.survival.cohort import check_events_in_splits, survival_splits
-from ips_path.survival.training import SurvivalRun
+from ips_path.tasks import OutcomeKind, kind_for
 from ips_path.training.checkpoint import RunState, build_model, load_checkpoint
-from ips_path.training.config import TrainConfig, save_config
 from ips_path.training.distributed import (
     GradientPhaseDDP,
     Processes,
@@ -239,53 +234,39 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     #    imports (torch._dynamo) for nothing.
     seed_everything(config.seed, procs.rank)
 
-    # 2. Slides: classes (or survival outcomes), splits, tile stores (or cached features).
-    survival_task = config.task == "survival"
-    label_columns = ("label",) if survival_task else config.label_column_names
-    rows = read_manifest(manifest, require_label=not survival_task, check_files=False,
-                         require_survival=survival_task, label_columns=label_columns, label_case=config.label_case)
-    label_tasks = None if survival_task else LabelTasks.from_rows(rows, label_columns, manifest)
-    several = label_tasks is not None and label_tasks.several
-    classes = [] if label_tasks is None else label_tasks.class_names
+    # 2. Slides: the outcome kind reads the manifest, splits it and gives each slide its target; tile stores
+    #    (or cached features).
+    kind = kind_for(config)
+    rows = kind.read_manifest(manifest, training=True)
+    kind.fit_manifest(rows, manifest)
     if given_splits is not None:
         splits = {r.slide_id: given_splits[r.slide_id] for r in rows}
-    elif survival_task:
-        splits = survival_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
-        check_events_in_splits(rows, splits, manifest)
     else:
-        splits = assign_splits(rows, val_fraction=config.val_fraction, test_fraction=0.0, seed=config.seed)
+        splits = kind.splits(rows, manifest)
     if checkpoint is not None:
-        check_same_run(checkpoint, classes, splits, out_dir)
+        check_same_run(checkpoint, kind.class_names, splits, out_dir)
     if given_splits is None:  # cross-validation folds: judged together, over all folds
-        for problem in validation_split_problems(rows, splits, () if survival_task else label_columns):
+        for problem in kind.validation_split_problems(rows, splits):
             log.warning("%s: %s", manifest, problem)
     used = [r for r in rows if splits[r.slide_id] in ("train", "val")]
-    items, tiling, features = check_tile_stores(used, tiles_dir, manifest, config, classes)
+    items, tiling, features = check_tile_stores(used, tiles_dir, manifest, config, kind.class_names)
     config, in_features = resolve_feature_norm(config, features), None if features is None else features.dim
-    survival = None
-    if survival_task:
-        survival = SurvivalRun.from_rows(config, [r for r in used if splits[r.slide_id] == "train" and
-                                                  r.slide_id in items])
-        items = {r.slide_id: replace(items[r.slide_id], target=survival.target(r)) for r in used if r.slide_id in items}
-    if several:  # a class index per task, MISSING_TARGET where the slide's cell is empty
-        items = {r.slide_id: replace(items[r.slide_id], task_labels=label_tasks.targets(r.labels))
-                 for r in used if r.slide_id in items}
+    kind.fit_training([r for r in used if splits[r.slide_id] == "train" and r.slide_id in items])
+    items = {r.slide_id: replace(items[r.slide_id], target=kind.target(r)) for r in used if r.slide_id in items}
     train_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "train" and r.slide_id in items]
     val_items = [items[r.slide_id] for r in used if splits[r.slide_id] == "val" and r.slide_id in items]
     if not train_items:
         raise BadInputError(f"{manifest}: no training slides (all are in val/test, or have no patches)")
     if len(train_items) < procs.world_size:
         raise BadInputError(f"{len(train_items)} training slides cannot keep {procs.world_size} processes busy")
-    if not survival_task and not several:
-        _warn_about_missing_classes(train_items, classes)
+    kind.check_training_slides([i.target for i in train_items])
     if procs.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
-        _write_splits(rows, splits, out_dir / "splits.csv", label_columns)
+        _write_splits(rows, splits, out_dir / "splits.csv", kind)
 
     # 3. Model, optimiser, learning-rate schedule.
-    n_classes = [len(c) for c in label_tasks.classes] if several else len(classes)
-    model = build_model(config, n_classes, in_features, load_pretrained=checkpoint is None).to(procs.device)
+    model = build_model(config, kind.model_tasks(), in_features, load_pretrained=checkpoint is None).to(procs.device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -293,8 +274,7 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     steps_per_epoch = math.ceil(len(train_items) // procs.world_size / config.batch_size)
     warmup_steps, total_steps = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
-    class_weights = (task_class_weights([i.task_labels if several else (i.label,) for i in train_items], model.tasks,
-                                        procs.device) if config.class_weights else None)
+    class_weights = kind.class_weights(model.tasks, [i.target for i in train_items], procs.device)
     autocast_dtype = torch.bfloat16 if procs.device.type == "cuda" else None
 
     augmentation = Augmentation() if config.augment and config.features is None else None
@@ -321,8 +301,8 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     if procs.distributed:
         step_model = GradientPhaseDDP(model)
 
-    state = RunState(out_dir, config, classes, tiling, in_features, model, optimizer, scheduler, stopping,
-                     history, train_streamer, procs, survival=survival, label_tasks=label_tasks)
+    state = RunState(out_dir, config, kind, tiling, in_features, model, optimizer, scheduler, stopping,
+                     history, train_streamer, procs)
     if start is None:
         state.save("last.pt", epoch=0, status=status)  # so that an interrupted first epoch can resume
         fault_point("train.started")
@@ -337,20 +317,19 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
             if status != "running":
                 break
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            row.update(_train_epoch(step_model, model, train_items, train_streamer, optimizer, scheduler, config,
-                                    epoch, procs, class_weights, autocast_dtype, progress, survival))
+            row.update(_train_epoch(step_model, model, kind, train_items, train_streamer, optimizer, scheduler,
+                                    config, epoch, procs, class_weights, autocast_dtype, progress))
             if val_items:
-                row.update(_validate(model, val_items, val_streamer, config, classes, procs, autocast_dtype,
-                                     survival, label_tasks))
+                row.update(_validate(model, kind, val_items, val_streamer, config, procs, autocast_dtype))
             row["elapsed_seconds"] = time.perf_counter() - run_started
             _refuse_non_finite(model, row, saved_epoch)
             history.append(row)
-            improved = bool(val_items) and stopping.update(row[f"val_{config.monitor}"], row["val_loss"], epoch + 1)
+            improved = bool(val_items) and stopping.update(row[kind.monitor_key()], row["val_loss"], epoch + 1)
             if epoch + 1 == config.epochs:
                 status = "completed"
             elif val_items and stopping.should_stop:
                 status = "early_stopped"
-            _log_epoch(row, config, procs)
+            _log_epoch(row, kind, config, procs)
             # Everything last.pt refers to is written before it (see ips_path.training.run_folder).
             if procs.is_main:
                 write_epoch_records(out_dir, history)
@@ -360,9 +339,8 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
             state.save("last.pt", epoch=epoch + 1, status=status)
             saved_epoch = epoch + 1
             fault_point("train.last_written")
-        if survival is not None:
-            _finish_survival(survival, model, train_items, val_items, val_streamer, config, procs, autocast_dtype,
-                             out_dir)
+        if kind.finishes:
+            _finish(kind, model, train_items, val_items, val_streamer, config, procs, autocast_dtype, out_dir)
     except KeyboardInterrupt:
         if procs.is_main:
             log.warning("interrupted: %s holds the state after epoch %d; continue with --resume",
@@ -387,19 +365,15 @@ def lr_factor(step: int, warmup_steps: float, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel, items: Sequence[SlideItem],
-                 streamer: PatchStreamer, optimizer: torch.optim.Optimizer,
+def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel, kind: OutcomeKind,
+                 items: Sequence[SlideItem], streamer: PatchStreamer, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig, epoch: int, procs: Processes,
                  class_weights: dict[str, torch.Tensor] | None, autocast_dtype: torch.dtype | None,
-                 progress: bool, survival: SurvivalRun | None = None) -> dict[str, float]:
+                 progress: bool) -> dict[str, float]:
     shard = shard_epoch(len(items), epoch, config.seed, procs.rank, procs.world_size)
     order = [items[i] for i in shard]
-    if survival is not None:  # Cox: every batch holds an event
-        events = [int(item.target[1]) for item in order]
-        batches = [[order[i] for i in batch] for batch in
-                   survival.batches(range(len(order)), events, config.batch_size, epoch, config.seed + procs.rank)]
-    else:
-        batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    batches = [[order[i] for i in batch] for batch in
+               kind.batches([item.target for item in order], config.batch_size, epoch, config.seed + procs.rank)]
     losses: list[float] = []
     per_task: dict[str, list[float]] = {t.name: [] for t in model.tasks} if len(model.tasks) > 1 else {}
     n_slides = n_patches = 0
@@ -410,7 +384,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
                       enabled=progress and procs.is_main) as bar:
         for step, batch in enumerate(batches):
             slides = [_counted(slide_chunks(streamer, item, config.features), bar) for item in batch]
-            targets = _batch_targets(model, batch)
+            targets = kind.batch_targets(model.tasks, [item.target for item in batch])
             out = train_step(step_model, slides, targets, optimizer, autocast_dtype=autocast_dtype,
                              grad_clip=config.grad_clip or None, class_weights=class_weights,
                              explore=config.explore, explore_mode=config.explore_mode,
@@ -424,7 +398,7 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             if procs.distributed:
                 average_buffers(model, procs.world_size)
             losses.append(loss)
-            for name, values in per_task.items():  # several label columns: each task's share of the loss
+            for name, values in per_task.items():  # several tasks: each task's share of the loss
                 values.append(mean_over_processes(out["losses"][name], procs))
             for item, selected in zip(batch, out["selected"], strict=True):
                 trained_on_lesions.record(item.store, selected.numpy())
@@ -440,20 +414,6 @@ def _train_epoch(step_model: IPSModel | DistributedDataParallel, model: IPSModel
             "peak_memory_mb": _peak_memory_mb(procs.device),
             **trained_on_lesions.summary(lambda n: sum_over_processes(n, procs))}
 
-
-
-def _batch_targets(model: IPSModel, items: Sequence[SlideItem]) -> dict[str, torch.Tensor]:
-    """Task name -> the targets of a batch (several label columns: a class index per task)."""
-    if items and items[0].task_labels:
-        return batch_targets(model.tasks, [item.task_labels for item in items])
-    return {model.tasks[0].name: _targets(items)}
-
-
-def _targets(items: Sequence[SlideItem]) -> torch.Tensor:
-    """Class indices ``(B,)``, or survival targets ``(B, 3)``: time, event, time bin."""
-    if items and items[0].target is not None:
-        return torch.tensor([item.target for item in items], dtype=torch.float32)
-    return torch.tensor([item.label for item in items], dtype=torch.long)
 
 
 def _after_divergence(saved_epoch: int) -> str:
@@ -482,20 +442,11 @@ def _counted(chunks: Iterable[PatchChunk], bar: Any) -> Iterator[PatchChunk]:
 
 # -- validation -------------------------------------------------------------------------------------
 
-def _validate(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig,
-              classes: Sequence[str], procs: Processes, autocast_dtype: torch.dtype | None,
-              survival: SurvivalRun | None = None, label_tasks: LabelTasks | None = None) -> dict[str, float]:
+def _validate(model: IPSModel, kind: OutcomeKind, items: Sequence[SlideItem], streamer: PatchStreamer,
+              config: TrainConfig, procs: Processes, autocast_dtype: torch.dtype | None) -> dict[str, float]:
     """Predict every validation slide (without augmentation), gather the predictions, compute the metrics."""
-    all_logits = _predict_logits(model, items, streamer, config, procs, autocast_dtype)
-    if label_tasks is not None and label_tasks.several:
-        return validation_metrics(label_tasks, model.tasks, all_logits, [item.task_labels for item in items])
-    task = model.tasks[0]
-    logits = all_logits[task.name]
-    if survival is not None:
-        return survival.validation_metrics(task, logits, _targets(items))
-    labels = _targets(items)
-    metrics = classification_metrics(labels.numpy(), task.probabilities(logits).numpy(), classes)
-    return {"val_loss": float(task.loss(logits, labels)), **{f"val_{k}": v for k, v in metrics.items()}}
+    logits = _predict_logits(model, items, streamer, config, procs, autocast_dtype)
+    return kind.validation_metrics(model.tasks, logits, [item.target for item in items])
 
 
 def _predict_logits(model: IPSModel, items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig,
@@ -519,67 +470,43 @@ def _predict_logits(model: IPSModel, items: Sequence[SlideItem], streamer: Patch
             for t, name in enumerate(names)}
 
 
-def _finish_survival(survival: SurvivalRun, model: IPSModel, train_items: Sequence[SlideItem],
-                     val_items: Sequence[SlideItem], streamer: PatchStreamer, config: TrainConfig, procs: Processes,
-                     autocast_dtype: torch.dtype | None, out_dir: Path) -> None:
-    """With the best weights: risk-group cut points from the training slides, the validation metrics with
-    intervals and Kaplan-Meier picture (``survival_metrics.json``, ``km_val.png``); the cut points go into
+def _finish(kind: OutcomeKind, model: IPSModel, train_items: Sequence[SlideItem], val_items: Sequence[SlideItem],
+            streamer: PatchStreamer, config: TrainConfig, procs: Processes, autocast_dtype: torch.dtype | None,
+            out_dir: Path) -> None:
+    """The kind's step after training, with the best weights' logits of the training and validation slides
+    (e.g. risk-group cut points and the validation metrics files); what it learnt goes into
     ``best.pt`` (and ``last.pt``), which prediction reads."""
     best = out_dir / "best.pt"
     final_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if best.is_file():
         model.load_state_dict(load_checkpoint(best)["model"])
-    name = model.tasks[0].name
     try:
-        train_logits = _predict_logits(model, train_items, streamer, config, procs, autocast_dtype)[name]
-        val_logits = (_predict_logits(model, val_items, streamer, config, procs, autocast_dtype)[name] if val_items
-                      else None)
+        train_logits = _predict_logits(model, train_items, streamer, config, procs, autocast_dtype)
+        val_logits = _predict_logits(model, val_items, streamer, config, procs, autocast_dtype) if val_items else None
     finally:
         model.load_state_dict(final_weights)
     if not procs.is_main:
         return
-    summary = survival.finish(model.tasks[0], train_logits, val_logits, _targets(val_items) if val_items else None,
-                              out_dir)
+    kind.finish(model.tasks, train_logits, [i.target for i in train_items], val_logits,
+                [i.target for i in val_items], out_dir)
     for name in ("best.pt", "last.pt"):
         if (out_dir / name).is_file():
-            checkpoint = load_checkpoint(out_dir / name)
-            checkpoint["survival"] = survival.state()
+            checkpoint = {**load_checkpoint(out_dir / name), **kind.state()}
             write_atomically(out_dir / name, lambda partial, c=checkpoint: torch.save(c, partial))
-    validation = summary.get("validation", {})
-    if validation:
-        log.info("validation C-index %.3f (95 %% CI %.3f-%.3f), Uno %.3f; log-rank p %.2g between the risk groups "
-                 "(%s)", validation["c_index"], validation["c_index_low"], validation["c_index_high"],
-                 validation["uno_c_index"], validation["log_rank_p"], out_dir / "km_val.png")
 
 
-def _warn_about_missing_classes(train_items: Sequence[SlideItem], classes: Sequence[str]) -> None:
-    # the validation split is checked with the manifest (validation_split_problems)
-    absent = sorted(set(classes) - {classes[item.label] for item in train_items})
-    if train_items and absent:
-        log.warning("no training slide of class(es) %s", ", ".join(absent))
-
-
-def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path,
-                  label_columns: Sequence[str]) -> None:
-    """splits.csv: every slide's label (in each label column), survival outcome where given, and split."""
+def _write_splits(rows: Sequence[ManifestRow], splits: Mapping[str, str], path: Path, kind: OutcomeKind) -> None:
+    """splits.csv: every slide's outcome (as the kind reads it), split, and follow-up where the manifest gives it."""
     outcome = any(r.time is not None for r in rows)
-    write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, **dict(zip(label_columns, r.labels, strict=True)),
+    write_csv(path, [{"slide_id": r.slide_id, "case_id": r.case_id, **kind.splits_columns(r),
                       "split": splits[r.slide_id], **({"time": r.time, "event": r.event} if outcome else {})}
                      for r in rows])
 
 
-def _log_epoch(row: Mapping[str, float], config: TrainConfig, procs: Processes) -> None:
+def _log_epoch(row: Mapping[str, float], kind: OutcomeKind, config: TrainConfig, procs: Processes) -> None:
     if not procs.is_main:
         return
-    text = f"epoch {int(row['epoch'])}/{config.epochs}  loss {row['train_loss']:.4f}"
-    if "val_c_index" in row:
-        text += f"  val loss {row['val_loss']:.4f}  C-index {row['val_c_index']:.3f}"
-    elif "val_loss" in row:
-        names = config.label_column_names
-        text += (f"  val loss {row['val_loss']:.4f}  {'mean ' if len(names) > 1 else ''}AUC {row['val_auc']:.3f}  "
-                 f"balanced acc {row['val_balanced_accuracy']:.3f}")
-        if len(names) > 1:
-            text += "  (AUC " + ", ".join(f"{n} {row[f'val_{n}_auc']:.3f}" for n in names) + ")"
+    text = f"epoch {int(row['epoch'])}/{config.epochs}  loss {row['train_loss']:.4f}" + kind.epoch_text(row)
     if "train_selected_in_lesion" in row:
         text += (f"  trained patches in lesions {100 * row['train_selected_in_lesion']:.1f} % "
                  f"(found on {100 * row['train_lesion_found']:.0f} % of lesion slides)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ips_path.config import TrainConfig
 from ips_path.model import PatchChunk
 from ips_path.model.encoders import MEASUREMENT_ENCODERS
 from ips_path.runtime.errors import MAX_LISTED, BadInputError, listing
@@ -23,7 +24,6 @@ from ips_path.stores.loader import PatchStreamer
 from ips_path.stores.model_features import features_recipe
 from ips_path.stores.tile_store import StoreMismatchError, TileStore, store_path
 from ips_path.tiling.grid import same_mpp
-from ips_path.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,15 @@ __all__ = ["CachedFeatures", "SlideItem", "check_tile_stores", "resolve_feature_
 
 @dataclass(frozen=True)
 class SlideItem:
-    """A slide of the run: where its patches are and its class index (or survival target, or with several
-    label columns a class index per task, ``MISSING_TARGET`` where the slide has no label for it)."""
+    """A slide of the run: where its patches are, its class index (-1 without one) and its target (what the
+    outcome kind's :meth:`~ips_path.tasks.OutcomeKind.target` gives it: numbers only)."""
 
     slide_id: str
     store: Path
     label: int
     n_patches: int
     slide_mpp: float | None = None
-    target: tuple[float, float, float] | None = None  # survival: time, event, time bin
-    task_labels: tuple[int, ...] = ()
+    target: tuple | None = None
 
 
 @dataclass(frozen=True)

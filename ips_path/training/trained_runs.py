@@ -3,8 +3,9 @@
 A run writes ``last.pt`` before its first epoch (so that an interrupted first epoch can resume):
 that checkpoint holds the untrained model. A cross-validation (``train --folds K``) is one run per
 fold; its ensemble is the K fold models, so it predicts only once every fold has finished training
-(and, for survival, its final measurement). Prediction asks here first and refuses, naming what is
-missing and ``--resume``, instead of predicting with random weights or part of an ensemble.
+and its outcome kind's step after training (survival's risk groups). Prediction asks here first and
+refuses, naming what is missing and ``--resume``, instead of predicting with random weights or part
+of an ensemble.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 from pathlib import Path
 
 from ips_path.runtime.errors import BadInputError
+from ips_path.tasks import kind_of_checkpoint
 from ips_path.training.checkpoint import load_checkpoint
 
 __all__ = ["finished_folds", "is_cross_validation", "require_trained"]
@@ -41,7 +43,8 @@ def finished_folds(run: Path) -> list[Path]:
     """The K fold folders of the cross-validation in ``run``, in order, each finished training.
 
     K is what ``splits.csv`` deals the slides into; a fold is finished when its ``last.pt`` says so
-    (completed or stopped early) and, for a survival model, holds its final measurement.
+    (completed or stopped early) and its kind's step after training is done; a fold with ``best.pt``
+    alone (its ``last.pt`` pruned) counts as finished.
 
     Raises
     ------
@@ -53,15 +56,18 @@ def finished_folds(run: Path) -> list[Path]:
     k = max(folds, default=-1) + 1
     unfinished = []
     for fold in range(k):
-        last = run / f"fold_{fold}" / "last.pt"
+        fold_dir = run / f"fold_{fold}"
+        last = fold_dir / "last.pt"
         if not last.is_file():
-            unfinished.append(f"fold_{fold} (not started)")
+            if not (fold_dir / "best.pt").is_file():  # best.pt alone: a fold whose last.pt was pruned to save space
+                unfinished.append(f"fold_{fold} (not started)")
             continue
         checkpoint = load_checkpoint(last)
+        kind = kind_of_checkpoint(checkpoint, str(last))
         if checkpoint.get("status") == "running":
             epochs = (checkpoint.get("config") or {}).get("epochs", "?")
             unfinished.append(f"fold_{fold} (stopped after epoch {checkpoint.get('epoch', 0)} of {epochs})")
-        elif "survival" in checkpoint and (checkpoint["survival"] or {}).get("risk_cutoffs") is None:
+        elif kind.finishes and not kind.finished(checkpoint, fold_dir):
             unfinished.append(f"fold_{fold} (trained, its final measurement missing)")
     if unfinished:
         raise BadInputError(

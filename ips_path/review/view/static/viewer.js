@@ -56,7 +56,7 @@
     const box = $("prediction");
     const outcome = document.createElement("span");
     outcome.className = "badge badge-" + pred.outcome;
-    outcome.textContent = { correct: "correct", wrong: "wrong", unlabelled: "no label" }[pred.outcome];
+    outcome.textContent = { correct: "correct", wrong: "wrong", unlabelled: "no label", valued: "true value" }[pred.outcome];
     const facts = document.createElement("span");
     facts.textContent = "predicted " + pred.predicted + " \u00b7 true label " + (pred.label || "unknown");
     box.append(outcome, facts);

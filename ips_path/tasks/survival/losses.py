@@ -6,7 +6,7 @@ and 0 when the patient was censored then (still event-free at their last follow-
 * Cox: the model gives one risk score ``eta`` per slide; the loss is the negative log partial
   likelihood over the batch, with Breslow's handling of tied times (every patient still at risk at a
   tied time is in the risk set of each event at that time). It ranks patients only within the batch,
-  so a batch needs at least one event (:func:`~ips_path.survival.sampling.event_batches`).
+  so a batch needs at least one event (:func:`~ips_path.tasks.survival.sampling.event_batches`).
 * Discrete time (Zadeh & Schmid 2021, the loss of Patch-GCN and MCAT): follow-up is cut into K
   bins at quantiles of the training event times (:class:`TimeBins`); the model gives K logits,
   one hazard ``h_k = sigmoid(logit_k)`` per bin (the probability of the event in bin k given
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ips_path.model.tasks import HeadKind, Task, register_head_kind
 from ips_path.runtime.errors import BadInputError
 
-__all__ = ["TimeBins", "cox_partial_nll", "discrete_time_nll", "discrete_risk", "discrete_survival"]
+__all__ = ["SURVIVAL_HEAD", "SURVIVAL_TARGET_COLUMNS", "TimeBins", "cox_partial_nll", "discrete_risk",
+           "discrete_survival", "discrete_time_nll"]
 
 
 def cox_partial_nll(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
@@ -172,3 +174,31 @@ def discrete_survival(logits: torch.Tensor) -> torch.Tensor:
 def discrete_risk(logits: torch.Tensor) -> torch.Tensor:
     """``(..., K)`` hazard logits -> ``(...)`` risk score ``-sum_k S_k`` (higher = earlier event)."""
     return -discrete_survival(logits).sum(dim=-1)
+
+
+#: The columns of a survival target ``(B, 3)``.
+SURVIVAL_TARGET_COLUMNS = ("time", "event", "bin")
+
+
+def _survival_loss(task: Task, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """The Cox partial likelihood of the batch (one output, Breslow ties), or the discrete-time hazard
+    likelihood (K outputs); ``target`` ``(B, 3)``: time, event 0/1, time bin (unused by Cox)."""
+    if class_weight is not None:
+        raise BadInputError(f"task {task.name!r}: survival tasks take no class weights")
+    if tuple(target.shape) != (logits.shape[0], len(SURVIVAL_TARGET_COLUMNS)):
+        raise BadInputError(f"task {task.name!r}: survival targets have shape {tuple(target.shape)}, expected "
+                            f"({logits.shape[0]}, 3): {', '.join(SURVIVAL_TARGET_COLUMNS)}")
+    time, event, bin_index = target.unbind(dim=1)
+    if task.n_classes == 1:
+        return cox_partial_nll(logits.reshape(-1), time, event)
+    return discrete_time_nll(logits, bin_index.round().long(), event)
+
+
+#: The model's survival head: a Cox risk (1 output) or discrete-time hazards (K outputs); its
+#: "probabilities" are the survival past each bin's end (the Cox risk itself).
+SURVIVAL_HEAD = HeadKind(
+    min_classes=1, loss=_survival_loss,
+    probabilities=lambda task, logits: logits if task.n_classes == 1 else discrete_survival(logits),
+    risk=lambda task, logits: logits[..., 0] if task.n_classes == 1 else discrete_risk(logits))
+register_head_kind("survival", SURVIVAL_HEAD)

@@ -25,9 +25,13 @@ from ips_path.slides.manifest import LABEL_CASES, OPTIONAL_COLUMNS, REQUIRED_COL
 
 __all__ = ["MONITORS", "RUNTIME_FIELDS", "TrainConfig", "load_config", "resolve_config", "save_config"]
 
-MONITORS = ("auc", "balanced_accuracy", "loss", "c_index")
-TASKS = ("classification", "survival")
+MONITORS = ("auc", "balanced_accuracy", "loss", "c_index", "pearson")
+TASKS = ("classification", "survival", "regression")
+#: What the default monitor ``auc`` means for a task without classes; the monitors each task allows.
+TASK_MONITORS = {"classification": ("auc", "balanced_accuracy", "loss"), "survival": ("c_index", "loss"),
+                 "regression": ("pearson", "loss")}
 SURVIVAL_LOSSES = ("cox", "nll")
+REGRESSION_LOSSES = ("mse", "huber")
 SCORES = ("logit", "paper")
 EXPLORE_MODES = ("uniform", "atypical")
 FEATURE_NORMS = ("auto", "layer", "none")
@@ -108,18 +112,22 @@ class TrainConfig:
     mpp, patch_size : float or int or None
         Patch resolution (µm/px) and size (px) the run asks of the tile stores; None: the stores'
         (they must agree).
-    task : {"classification", "survival"}
-        Classify the manifest's ``label`` (or ``label_columns``), or learn a risk score from its ``time``
-        and ``event``.
+    task : {"classification", "survival", "regression"}
+        Classify the manifest's ``label`` (or ``label_columns``), learn a risk score from its ``time``
+        and ``event``, or a number from the one column ``label_columns`` names (the outcome kinds of
+        :mod:`ips_path.tasks`).
     label_columns : str
         Comma-separated manifest columns to classify, each one task (its own query token and head, a
         softmax over the column's sorted values); default the one ``label`` column. With several
         columns the loss is the sum of the tasks' losses, a slide whose cell is empty for a task counts
         for nothing in that task's loss, and ``best.pt`` follows the mean of the tasks' validation
-        ``monitor`` (see :mod:`ips_path.label_tasks`).
+        ``monitor`` (see :mod:`ips_path.tasks.label_columns`).
     survival_loss : {"cox", "nll"}
         Survival only: Cox partial likelihood over each batch (one risk output; batches always hold an
         event), or the discrete-time negative log-likelihood over ``time_bins`` bins (a survival curve).
+    regression_loss : {"mse", "huber"}
+        Regression only: mean squared error, or the Huber loss (delta 1 standard deviation of the
+        training targets), of the standardised target.
     time_bins : int
         Survival ``nll`` only: bins cut at quantiles of the training event times.
     time_unit : str
@@ -181,6 +189,7 @@ class TrainConfig:
     task: str = "classification"
     label_columns: str = "label"
     survival_loss: str = "cox"
+    regression_loss: str = "mse"
     time_bins: int = 4
     time_unit: str = "months"
     risk_groups: int = 2
@@ -191,8 +200,8 @@ class TrainConfig:
     label_case: str = "exact"
 
     def __post_init__(self) -> None:
-        if self.task == "survival" and self.monitor == "auc":
-            object.__setattr__(self, "monitor", "c_index")  # the default monitor, in survival terms
+        if self.task in TASK_MONITORS and self.monitor == "auc":
+            object.__setattr__(self, "monitor", TASK_MONITORS[self.task][0])  # the default monitor, in the task's terms
         problems = []
         for name in ("lr", "weight_decay", "warmup_epochs", "grad_clip", "val_fraction", "mpp", "explore",
                      "instance_loss"):
@@ -221,7 +230,7 @@ class TrainConfig:
         if finite and not self.instance_loss >= 0:
             problems.append(f"--instance-loss must be >= 0, got {self.instance_loss}")
         if self.instance_loss > 0 and self.task != "classification":
-            problems.append("--instance-loss is for classification with two classes; set it to 0 for survival")
+            problems.append(f"--instance-loss is for classification with two classes; set it to 0 for {self.task}")
         if finite and not 0 <= self.val_fraction < 1:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.seed < 2**63:
@@ -232,6 +241,7 @@ class TrainConfig:
             problems.append(f"--pos-encoding 2d needs --dim divisible by 4, got {self.dim}")
         for name, allowed in (("score", SCORES), ("pos_encoding", POS_ENCODINGS), ("monitor", MONITORS),
                               ("task", TASKS), ("survival_loss", SURVIVAL_LOSSES),
+                              ("regression_loss", REGRESSION_LOSSES),
                               ("explore_mode", EXPLORE_MODES), ("feature_norm", FEATURE_NORMS),
                               ("label_case", LABEL_CASES)):
             if getattr(self, name) not in allowed:
@@ -245,12 +255,12 @@ class TrainConfig:
             problems.append("--feature-norm is for cached features (--features); pixels have no feature LayerNorm")
         if self.train_blocks is not None and (self.train_blocks < 0 or self.features is not None):
             problems.append(f"--train-blocks must be >= 0 and needs pixels (no features), got {self.train_blocks}")
-        if self.task == "survival" and self.monitor == "balanced_accuracy":
-            problems.append("monitor balanced_accuracy does not exist for survival; use c_index or loss")
-        if self.task == "classification" and self.monitor == "c_index":
-            problems.append("monitor c_index is for survival tasks; use auc, balanced_accuracy or loss")
-        if self.task == "survival" and self.class_weights:
-            problems.append("class_weights is for classification; survival tasks have no classes")
+        allowed_monitors = TASK_MONITORS.get(self.task, MONITORS)
+        if self.monitor in MONITORS and self.monitor not in allowed_monitors:
+            problems.append(f"monitor {self.monitor} does not exist for {self.task}; use "
+                            f"{', '.join(allowed_monitors[:-1])} or {allowed_monitors[-1]}")
+        if self.task != "classification" and self.class_weights:
+            problems.append(f"class_weights is for classification; {self.task} tasks have no classes")
         if self.time_bins < 2:
             problems.append(f"--time-bins must be >= 2, got {self.time_bins}")
         if self.risk_groups not in (2, 3):
@@ -314,8 +324,11 @@ def _label_column_problems(config: TrainConfig) -> list[str]:
     elif any(c in n for n in names for c in ".=/\\"):
         problems.append(f"--label-columns {config.label_columns!r}: a column name with '.', '=', '/' or '\\' cannot "
                         "name a task; rename the column")
-    if names != ("label",) and config.task != "classification":
-        problems.append("--label-columns is for classification; survival learns the time and event columns")
+    if names != ("label",) and config.task == "survival":
+        problems.append("--label-columns is for classification and regression; survival learns the time and event "
+                        "columns")
+    if len(names) > 1 and config.task == "regression":
+        problems.append("--label-columns: a regression learns one column; give one")
     if len(names) > 1 and config.instance_loss > 0:
         problems.append("--instance-loss needs one label column with two classes; set it to 0 with several columns")
     return problems

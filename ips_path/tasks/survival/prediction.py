@@ -14,19 +14,18 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ips_path.inference.predictions import PredictionFolder
+from ips_path.config import TrainConfig
 from ips_path.model import Task
-from ips_path.runtime.atomic import write_atomically
+from ips_path.runtime.atomic import write_atomically, write_csv
 from ips_path.slides.manifest import ManifestRow
-from ips_path.survival.groups import GROUP_NAMES, assign_groups
-from ips_path.survival.training import SurvivalRun, finite_json
-from ips_path.training.config import TrainConfig
-from ips_path.training.run_folder import write_csv
+from ips_path.tasks.survival.groups import GROUP_NAMES, assign_groups
+from ips_path.tasks.survival.training import SurvivalRun, finite_json
 
 __all__ = ["curve_columns", "slide_survival", "write_patient_survival"]
 
@@ -61,15 +60,15 @@ def _group_name(risk: float, checkpoint: Mapping[str, Any]) -> str:
     return GROUP_NAMES[len(cutoffs) + 1][int(assign_groups([risk], cutoffs)[0])]
 
 
-def write_patient_survival(folder: PredictionFolder, scored: Sequence[tuple[str, Mapping[str, Any]]],
+def write_patient_survival(out_dir: Path, scored: Sequence[tuple[str, Mapping[str, Any]]],
                            rows: Sequence[ManifestRow], checkpoint: Mapping[str, Any], *,
                            n_bootstrap: int = 1000) -> dict[str, Any] | None:
     """``patients.csv`` from the predicted slides; with outcomes also ``survival_metrics.json`` and ``km.png``.
 
     Parameters
     ----------
-    folder : PredictionFolder
-        The prediction folder (its owner knows where each file goes).
+    out_dir : Path
+        The prediction folder: ``patients.csv``, ``survival_metrics.json`` and ``km.png`` go there.
     scored : sequence of (slide_id, extra)
         The predicted slides and their :func:`slide_survival` values.
     rows : sequence of ManifestRow
@@ -102,21 +101,21 @@ def write_patient_survival(folder: PredictionFolder, scored: Sequence[tuple[str,
         time, event = outcome[case_id]
         record.update({"time": "" if time is None else f"{time:g}", "event": "" if event is None else event})
         records.append(record)
-    write_csv(folder.patients_csv, records)
+    write_csv(out_dir / "patients.csv", records)
 
     known = [r for r in records if r["time"] != "" and r["event"] != ""]
     if len(known) < 2:
-        for path in (folder.survival_metrics_file, folder.km_file):
+        for path in (out_dir / "survival_metrics.json", out_dir / "km.png"):
             path.unlink(missing_ok=True)  # an earlier run's, which no longer matches
         return None
     run = _run_of(checkpoint)
     curves = np.array([[r[name] for name in curve_names] for r in known]) if curve_names else None
     metrics = run.evaluate(np.array([r["risk"] for r in known]), np.array([float(r["time"]) for r in known]),
-                           np.array([int(r["event"]) for r in known]), folder.km_file, curves=curves,
+                           np.array([int(r["event"]) for r in known]), out_dir / "km.png", curves=curves,
                            title="predicted patients", n_bootstrap=n_bootstrap)
     metrics.update({"n_patients": len(known), "n_slides": sum(r["n_slides"] for r in known),
                     "time_unit": run.config.time_unit, "risk_cutoffs": run.cutoffs})
     text = json.dumps(finite_json(metrics), indent=2)
-    write_atomically(folder.survival_metrics_file, lambda partial: partial.write_text(text, encoding="utf-8"))
+    write_atomically(out_dir / "survival_metrics.json", lambda partial: partial.write_text(text, encoding="utf-8"))
     return metrics
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ips_path.runtime.atomic import write_atomically
 from ips_path.runtime.errors import BadInputError
-from ips_path.survival.metrics import _arrays, _sksurv, _structured
+from ips_path.tasks.survival.metrics import _arrays, _sksurv, _structured
 
 __all__ = ["GROUP_NAMES", "KaplanMeier", "assign_groups", "kaplan_meier", "logrank_p_value", "plot_kaplan_meier",
            "risk_cutoffs"]

@@ -2,8 +2,8 @@
 
 :func:`ips_path.training.train.train` asks a :class:`SurvivalRun` for what differs from classification:
 
-* targets: ``(time, event, time bin)`` per slide (:data:`~ips_path.model.tasks.SURVIVAL_TARGET_COLUMNS`);
-* batches: with the Cox loss every batch holds an event (:func:`~ips_path.survival.sampling.event_batches`);
+* targets: ``(time, event, time bin)`` per slide (:data:`~ips_path.tasks.survival.losses.SURVIVAL_TARGET_COLUMNS`);
+* batches: with the Cox loss every batch holds an event (:func:`~ips_path.tasks.survival.sampling.event_batches`);
 * validation: the loss and Harrell's C-index of every epoch (``val_c_index``, the default monitor);
 * the end: with the best weights, the training slides' risks give the risk-group cut points (median
   or tertiles), and the validation slides get every metric with 95 % bootstrap intervals
@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ips_path.config import TrainConfig
 from ips_path.model import Task
 from ips_path.runtime.atomic import write_atomically
 from ips_path.slides.manifest import ManifestRow
-from ips_path.survival.groups import assign_groups, plot_kaplan_meier, risk_cutoffs
-from ips_path.survival.losses import TimeBins
-from ips_path.survival.metrics import harrell_c_index, survival_metrics
-from ips_path.survival.sampling import event_batches
-from ips_path.training.config import TrainConfig
+from ips_path.tasks.survival.groups import assign_groups, plot_kaplan_meier, risk_cutoffs
+from ips_path.tasks.survival.losses import TimeBins
+from ips_path.tasks.survival.metrics import harrell_c_index, survival_metrics
+from ips_path.tasks.survival.sampling import event_batches
 
 __all__ = ["SURVIVAL_TASK_NAME", "SurvivalRun", "finite_json", "survival_task"]
 
@@ -105,7 +105,7 @@ class SurvivalRun:
         -------
         dict
             What ``survival_metrics.json`` holds: ``risk_cutoffs``, ``time_unit``, ``train_c_index`` and,
-            with validation slides, ``validation`` (see :func:`~ips_path.survival.survival_metrics`)
+            with validation slides, ``validation`` (see :func:`~ips_path.tasks.survival.survival_metrics`)
             with its ``log_rank_p``.
         """
         train_risk = task.risk(train_logits).numpy()
