@@ -97,6 +97,7 @@ class SlideSpec:
     mask_mpp: float                 # µm per mask cell
     lesions: tuple[Lesion, ...]
     lookalikes: tuple[Lesion, ...] = ()   # benign regions that resemble lesions (not counted as lesions)
+    distractors: tuple[Lesion, ...] = ()  # benign regions darker than the lesions, of other texture (not lesions)
 
     @property
     def label(self) -> str:
@@ -156,14 +157,15 @@ def in_lesion(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int
 
 def lesion_fractions(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int | tuple[int, int],
                      regions: str = "lesions") -> np.ndarray:
-    """Fraction (0-1) of each patch's area inside a lesion (or, with ``regions="lookalikes"``, inside a
-    look-alike cluster); (N,) float array for the (N, 2) level-0 top-left corners ``coords_level0``.
+    """Fraction (0-1) of each patch's area inside a lesion (or, with ``regions="lookalikes"`` or
+    ``"distractors"``, inside a look-alike cluster or a dark distractor); (N,) float array for the (N, 2)
+    level-0 top-left corners ``coords_level0``.
 
     With lesions smaller than a patch no patch is mostly lesion; ``> 0`` then says which patches
     show some of it.
     """
-    if regions not in ("lesions", "lookalikes"):
-        raise ValueError(f"regions must be 'lesions' or 'lookalikes', got {regions!r}")
+    if regions not in ("lesions", "lookalikes", "distractors"):
+        raise ValueError(f"regions must be 'lesions', 'lookalikes' or 'distractors', got {regions!r}")
     return _lesion_fractions(getattr(spec, regions), np.asarray(coords_level0, dtype=np.float64),
                              patch_size_level0)
 
@@ -225,6 +227,8 @@ def write_synthetic_slide(
     texture_seed: int = 0,
     workers: int | None = None,
     grain: float = 0.0,
+    distractors: int | Sequence[tuple[float, float, float]] = 0,
+    distractor_diameter_um: tuple[float, float] | None = None,
 ) -> SlideSpec:
     """Write a pyramidal, JPEG-compressed, H&E-like slide file.
 
@@ -280,6 +284,13 @@ def write_synthetic_slide(
         smooth generated texture compresses to ~2 KB per 256-px JPEG tile, a tenth of an Aperio scan;
         ``grain=8`` at quality 80 gives Aperio-like tiles of 10-25 KB, which decoding benchmarks need
         (``bench/loader_bench.py``). 0 (default) writes the same bytes as before the option existed.
+    distractors : int or sequence of (x, y, radius)
+        Benign clusters *darker* than any lesion but of another texture (on any slide, label unchanged):
+        small, round, densely packed, deeply stained nuclei, as lymphocyte aggregates look; a number placed
+        in the tissue apart from lesions and look-alikes, or explicit circles in level-0 pixels. They
+        defeat a detector of dark nuclei; 0 (default) writes the same bytes as before the option existed.
+    distractor_diameter_um : (float, float), optional
+        Range of their diameters in µm; default: ``lesion_diameter_um``.
 
     Returns
     -------
@@ -299,11 +310,14 @@ def write_synthetic_slide(
     placed = _lesions(lesions, tissue_mask, cell_px, mpp, lesion_diameter_um, np.random.default_rng([seed, 2]))
     mimics = _lesions(lookalikes, tissue_mask, cell_px, mpp, lookalike_diameter_um or lesion_diameter_um,
                       np.random.default_rng([seed, 7]), avoid=placed)
+    darker = _lesions(distractors, tissue_mask, cell_px, mpp, distractor_diameter_um or lesion_diameter_um,
+                      np.random.default_rng([seed, 10]), avoid=(*placed, *mimics))
     spec = SlideSpec(path=path, width=width, height=height, mpp=float(mpp), fmt=fmt, downsamples=downsamples,
-                     seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed, lookalikes=mimics)
+                     seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed, lookalikes=mimics,
+                     distractors=darker)
     thumb_downsample = thumbnail_downsample(width, height)
     painter = Painter(mask_field, cell_px, placed, mpp, texture_seed, np.random.default_rng([seed, 6]),
-                      lookalikes=mimics, nucleus_scale=nucleus_scale,
+                      lookalikes=mimics, distractors=darker, nucleus_scale=nucleus_scale,
                       stain_lut=stain_shift_lut(stain_shift, np.random.default_rng([seed, 8])))
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +336,7 @@ def write_synthetic_cohort(
     size: tuple[int, int] = (4000, 3000),
     lesions_per_positive: tuple[int, int] = (1, 3),
     lookalikes_per_slide: tuple[int, int] = (0, 0),
+    distractors_per_slide: tuple[int, int] = (0, 0),
     seed: int = 0,
     prefix: str = "slide",
     **slide_options: object,
@@ -342,6 +357,8 @@ def write_synthetic_cohort(
         Inclusive range of the number of lesions on a positive slide.
     lookalikes_per_slide : (int, int)
         Inclusive range of the number of look-alike clusters on every slide, positive or negative.
+    distractors_per_slide : (int, int)
+        Inclusive range of the number of dark distractors on every slide (see :func:`write_synthetic_slide`).
     seed : int
         Seed of the whole cohort; each slide gets its own seed from it.
     prefix : str
@@ -363,13 +380,15 @@ def write_synthetic_cohort(
     # its own generator, so cohorts without look-alikes keep the slides they always had
     lookalike_counts = np.random.default_rng([seed, 9]).integers(lookalikes_per_slide[0], lookalikes_per_slide[1] + 1,
                                                                    n_slides)
+    distractor_counts = np.random.default_rng([seed, 10]).integers(distractors_per_slide[0],
+                                                                     distractors_per_slide[1] + 1, n_slides)
     specs = []
     for index in range(n_slides):
         n_lesions = int(rng.integers(lesions_per_positive[0], lesions_per_positive[1] + 1)) if positive[index] else 0
         specs.append(write_synthetic_slide(
             out_dir / f"{prefix}_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)),
             tissue=int(rng.integers(2, 5)), lesions=n_lesions, lookalikes=int(lookalike_counts[index]),
-            **slide_options))
+            distractors=int(distractor_counts[index]), **slide_options))
     with open(out_dir / "manifest.csv", "w", newline="") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(["slide_id", "slide_path", "label", "case_id"])
@@ -490,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "(default: classic dense dark lesions)")
     parser.add_argument("--lookalikes", type=int, default=0,
                         help="look-alike clusters of large regular nuclei per slide")
+    parser.add_argument("--distractors", type=int, default=0,
+                        help="dark distractors (dense small dark nuclei, darker than any lesion) per slide")
     parser.add_argument("--stain-shift", type=float, default=0.0,
                         help="per-slide stain variation (0.15: realistic spread; default 0)")
     parser.add_argument("--cohort", type=int, metavar="N", help="write N slides and manifest.csv into OUT")
@@ -501,12 +522,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cohort is not None:
         specs = write_synthetic_cohort(args.out, args.cohort, positive_fraction=args.positive_fraction,
                                        size=(args.width, args.height), seed=args.seed, fmt=args.fmt or "svs",
-                                       lookalikes_per_slide=(args.lookalikes, args.lookalikes), **options)
+                                       lookalikes_per_slide=(args.lookalikes, args.lookalikes),
+                                       distractors_per_slide=(args.distractors, args.distractors), **options)
         print(f"wrote {len(specs)} slides and {pathlib.Path(args.out) / 'manifest.csv'}")
         return
     fmt = args.fmt or ("svs" if pathlib.Path(args.out).suffix.lower() == ".svs" else "tiff")
     spec = write_synthetic_slide(args.out, args.width, args.height, fmt=fmt, seed=args.seed,
-                                 tissue=args.tissue, lesions=args.lesions, lookalikes=args.lookalikes, **options)
+                                 tissue=args.tissue, lesions=args.lesions, lookalikes=args.lookalikes,
+                                 distractors=args.distractors, **options)
     print(f"wrote {spec.path} ({spec.width}x{spec.height} px, {spec.mpp} µm/px, {len(spec.lesions)} lesions)")
 
 
