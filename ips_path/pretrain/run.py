@@ -52,7 +52,7 @@ from ips_path.errors import BadInputError, IpspathError
 from ips_path.faults import fault_point
 from ips_path.identity import identity_key
 from ips_path.loader import PatchStreamer
-from ips_path.model.encoders import MEASUREMENT_ENCODERS, build_encoder
+from ips_path.model.encoders import MEASUREMENT_ENCODERS, PixelEncoder, build_encoder
 from ips_path.model.foundation import FoundationEncoder, require_preset_weights
 from ips_path.pretrain.augment import ViewAugmentation, two_views
 from ips_path.pretrain.objectives import METHODS, SelfSupervised
@@ -279,8 +279,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 def encoder_weights(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict that ``build_encoder(name, pretrained=FILE)`` loads into this encoder: a preset's
     (or timm model's) backbone, else the whole encoder."""
-    wrapped = isinstance(encoder, FoundationEncoder) or type(encoder).__name__ == "PixelEncoder"
-    module = encoder.backbone if wrapped else encoder
+    module = encoder.backbone if isinstance(encoder, FoundationEncoder | PixelEncoder) else encoder
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
