@@ -26,6 +26,7 @@ Every stage's wall and CPU seconds (user + system of this process and its childr
     python bench/pretrain_bench.py --seeds 11 12 13 --variants pretrained stain_density   # the target
     python bench/pretrain_bench.py --seeds 11 --variants finetune pixels random
     python bench/pretrain_bench.py --ratios 0.03 0.01 --seeds 11 --variants pretrained
+    python bench/pretrain_bench.py --seeds 11 --variants pretrained --pretrain-epochs 16   # longer pretraining
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _stage(clock: float, cpu: float) -> dict[str, float]:
 
 def _pretrained_encoder(root: Path, tiles: Path, seed: int, method: str) -> tuple[Path, dict[str, float]]:
     """Pretrain once per cohort (reused by the variants and reruns that share it)."""
-    out = root / f"pretrain_{method}"
+    out = root / f"pretrain_{method}_{PRETRAIN['epochs']}ep"
     weights = out / "encoder.pt"
     if weights.exists() and (out / "done").exists():
         return weights, {"reused": True}
@@ -114,11 +115,11 @@ def run_learned(variant: str, root: Path, manifest: Path, tiles: Path, specs: li
     weights = None
     if variant in ("pretrained", "finetune"):
         weights, seconds["pretrain"] = _pretrained_encoder(root, tiles, seed, method)
-    out = root / "runs" / f"{variant}_{method}"
+    out = root / "runs" / f"{variant}_{method}_{PRETRAIN['epochs']}ep"
     shutil.rmtree(out, ignore_errors=True)
     features = None
     if variant in ("pretrained", "random"):
-        features = f"smallcnn_{variant}_{method}"
+        features = f"smallcnn_{variant}_{method}_{PRETRAIN['epochs']}ep"
         clock, cpu = time.perf_counter(), cpu_seconds()
         outcomes = extract_features(sorted(tiles.glob("*.zarr")), "smallcnn", name=features, pretrained=weights,
                                     device="cpu", threads=2, progress=False, overwrite=True)
@@ -176,10 +177,13 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
                         help="dark distractors per slide (0 0: the needle_bench cohorts)")
     parser.add_argument("--method", choices=("simclr", "byol"), default="simclr")
+    parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN["epochs"],
+                        help=f"epochs of {PRETRAIN['patches_per_epoch']} patches (default {PRETRAIN['epochs']})")
     parser.add_argument("--name", default=None, help="result file bench/results/NAME.json (default: from the ratios)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    PRETRAIN["epochs"] = args.pretrain_epochs
     name = args.name or f"pretrain_{'_'.join(args.ratios)}pct"
     rows: list[dict] = []
     cohorts: list[dict] = []
