@@ -26,7 +26,7 @@ Every stage's wall and CPU seconds (user + system of this process and its childr
     python bench/pretrain_bench.py --seeds 11 12 13 --variants pretrained stain_density   # the target
     python bench/pretrain_bench.py --seeds 11 --variants finetune pixels random
     python bench/pretrain_bench.py --ratios 0.03 0.01 --seeds 11 --variants pretrained
-    python bench/pretrain_bench.py --seeds 11 --variants pretrained --pretrain-epochs 16   # longer pretraining
+    python bench/pretrain_bench.py --seeds 11 --variants pretrained --pretrain-epochs 64   # longer pretraining
 """
 
 from __future__ import annotations
