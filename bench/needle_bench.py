@@ -127,10 +127,12 @@ def cpu_seconds() -> float:
 
 
 def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[float, int] = (TILE_MPP, PATCH_SIZE),
-                slide_mpp: float = SLIDE_MPP) -> tuple[Path, Path, list, dict[str, float]]:
+                slide_mpp: float = SLIDE_MPP, distractors: tuple[int, int] = (0, 0),
+                lesion_diameter_um: tuple[float, float] | None = None) -> tuple[Path, Path, list, dict[str, float]]:
     """Generate and split the cohort (by label: a third test, a sixth validation), or reuse what an earlier
     run left in ``root``; tile it at ``tile`` (µm/px, patch px) and write the truth into the stores.
-    Returns (manifest, tiles, specs, seconds)."""
+    ``distractors``: range of dark distractors per slide (``ips_path.synthetic.synth``); ``lesion_diameter_um``: instead
+    of ``RATIOS[ratio]``. Returns (manifest, tiles, specs, seconds)."""
     saved = root / "specs.pickle"
     manifest = root / "slides" / "manifest.csv"
     seconds = {}
@@ -141,8 +143,10 @@ def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[fl
         size = tuple(round(side * SLIDE_MPP / slide_mpp) for side in SLIDE_SIZE)  # the same tissue in µm
         specs = write_synthetic_cohort(root / "slides", n_slides, size=size, mpp=slide_mpp, downsamples=(1, 4),
                                        seed=seed, prefix=f"r{ratio.replace('.', '')}s{seed}",
-                                       lesion_diameter_um=RATIOS[ratio], lesions_per_positive=(1, 2),
-                                       lookalikes_per_slide=(2, 4), nucleus_scale=1.4, stain_shift=0.15, workers=2)
+                                       lesion_diameter_um=lesion_diameter_um or RATIOS[ratio],
+                                       lesions_per_positive=(1, 2), lookalikes_per_slide=(2, 4),
+                                       distractors_per_slide=distractors, nucleus_scale=1.4, stain_shift=0.15,
+                                       workers=2)
         seconds["generate_wall"], seconds["generate_cpu"] = time.perf_counter() - clock, cpu_seconds() - cpu
         _add_splits(manifest, specs, seed)
         saved.write_bytes(pickle.dumps(specs))

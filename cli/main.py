@@ -23,6 +23,7 @@ COMMANDS = {
     "heatmap": "ips_path.cli.heatmap_cmd:heatmap_cmd",
     "inspect": "ips_path.cli.inspect_cmd:inspect_cmd",
     "predict": "ips_path.cli.predict_cmd:predict_cmd",
+    "pretrain": "ips_path.cli.pretrain_cmd:pretrain_cmd",
     "report": "ips_path.cli.report_cmd:report_cmd",
     "synth": "ips_path.cli.synth_cmd:synth_cmd",
     "tile": "ips_path.cli.tile_cmd:tile_cmd",

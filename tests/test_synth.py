@@ -260,3 +260,20 @@ def test_stain_shift_changes_the_colours_but_not_the_layout(tmp_path):
 def test_bad_knobs_are_refused(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=message):
         write_synthetic_slide(tmp_path / "s.tiff", 500, 500, fmt="tiff", **arguments)
+
+
+def test_dark_distractors_are_darker_than_the_lesion_but_no_lesion(tmp_path):
+    from ips_path.slides.stain import optical_density
+
+    spec = write_synthetic_slide(tmp_path / "d.svs", 1024, 400, mpp=1.0, downsamples=(1,), seed=3,
+                                 tissue=np.ones((4, 8), bool), lesions=[(200, 200, 70)], lookalikes=[(500, 200, 70)],
+                                 distractors=[(820, 200, 70)], nucleus_scale=1.4, workers=2)
+    assert spec.label == "positive" and len(spec.distractors) == 1
+    corners = np.array([[170, 170], [790, 170]])
+    assert lesion_fractions(spec, corners, 60, "distractors").tolist() == [0.0, 1.0]
+    assert lesion_fractions(spec, corners, 60).tolist() == [1.0, 0.0]
+    with Slide(spec.path) as slide:
+        pixels = slide.read_region((0, 150), 0, (1024, 100))
+    darkest = {name: np.quantile(optical_density(pixels[:, x - 50:x + 50]).sum(-1), 0.99)
+               for name, x in (("lesion", 200), ("lookalike", 500), ("distractor", 820))}
+    assert darkest["distractor"] > darkest["lesion"] > darkest["lookalike"]

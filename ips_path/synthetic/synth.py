@@ -23,13 +23,14 @@ import math
 import os
 import pathlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from ips_path.runtime.atomic import write_atomically
+from ips_path.stores.lesion_truth import LESION_TRUTH_ARRAY
+from ips_path.synthetic.spec import Lesion, SlideSpec, in_lesion, lesion_fractions, star_radius
 from ips_path.synthetic.synth_paint import BACKGROUND_RGB, MAX_DOWNSAMPLE, Painter, stain_shift_lut
 from ips_path.synthetic.synth_tiff import grain_bank, thumbnail_downsample, write_pyramid
 
@@ -43,131 +44,6 @@ __all__ = ["BACKGROUND_RGB", "Lesion", "SlideSpec", "in_lesion", "lesion_fractio
 _MASK_LONG_SIDE = 1024
 
 
-@dataclass(frozen=True)
-class Lesion:
-    """A star-shaped lesion in level-0 pixels.
-
-    Its edge is at ``radius * (1 + sum_k a_k cos(k * angle + phase_k))`` from the centre, k = 2, 3, ...
-    """
-
-    x: float
-    y: float
-    radius: float
-    harmonics: tuple[tuple[float, float], ...] = ()  # (a_k, phase_k) for k = 2, 3, ...
-
-    @property
-    def max_radius(self) -> float:
-        """Distance from the centre to the farthest point of the edge, level-0 px."""
-        return self.radius * (1 + sum(abs(a) for a, _ in self.harmonics))
-
-    def contains(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        """Whether the level-0 points (xs, ys) lie inside; boolean array of their broadcast shape."""
-        dx, dy = np.asarray(xs, dtype=np.float64) - self.x, np.asarray(ys, dtype=np.float64) - self.y
-        edge = self._edge_radius(np.arctan2(dy, dx))
-        return dx * dx + dy * dy <= edge * edge
-
-    def polygon(self, n_vertices: int = 64) -> np.ndarray:
-        """The edge as (n_vertices, 2) level-0 (x, y) points, e.g. for GeoJSON."""
-        angles = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)
-        edge = self._edge_radius(angles)
-        return np.stack([self.x + edge * np.cos(angles), self.y + edge * np.sin(angles)], axis=1)
-
-    def _edge_radius(self, angles: np.ndarray) -> np.ndarray:
-        return _star_radius(self.radius, self.harmonics, angles)
-
-
-def _star_radius(radius: float, harmonics: Sequence[tuple[float, float]], angles: np.ndarray) -> np.ndarray:
-    """Edge distance of a star-shaped outline at ``angles``: radius * (1 + sum_k a_k cos(k angle + phase_k))."""
-    wobble = sum(a * np.cos(k * angles + phase) for k, (a, phase) in enumerate(harmonics, start=2))
-    return radius * (1 + wobble)
-
-
-@dataclass(frozen=True, eq=False)
-class SlideSpec:
-    """What :func:`write_synthetic_slide` wrote: the file, its geometry and the ground truth."""
-
-    path: pathlib.Path
-    width: int
-    height: int
-    mpp: float                      # level-0 µm/px
-    fmt: str                        # "svs" or "tiff"
-    downsamples: tuple[int, ...]
-    seed: int
-    tissue_mask: np.ndarray = field(repr=False)   # bool (h, w), covering the whole slide
-    mask_mpp: float                 # µm per mask cell
-    lesions: tuple[Lesion, ...]
-    lookalikes: tuple[Lesion, ...] = ()   # benign regions that resemble lesions (not counted as lesions)
-
-    @property
-    def label(self) -> str:
-        """"positive" when the slide has lesions, else "negative"."""
-        return "positive" if self.lesions else "negative"
-
-    @property
-    def mask_cell_px(self) -> float:
-        """Level-0 pixels per tissue-mask cell."""
-        return self.mask_mpp / self.mpp
-
-    def lesion_fraction(self, x: float, y: float, w: float, h: float) -> float:
-        """Fraction (0-1) of the level-0 rectangle at (x, y) of size (w, h) inside a lesion."""
-        return float(_lesion_fractions(self.lesions, np.array([[x, y]]), (w, h))[0])
-
-    def lesion_area_fraction(self) -> float:
-        """The object-to-image ratio: lesion area over tissue area (0-1), from the lesion outlines and
-        the tissue mask (lesions lie inside the tissue)."""
-        tissue_px = float(self.tissue_mask.sum()) * self.mask_cell_px**2
-        return sum(_polygon_area(lesion.polygon(256)) for lesion in self.lesions) / tissue_px if tissue_px else 0.0
-
-    def tissue_fraction(self, x: float, y: float, w: float, h: float) -> float:
-        """Fraction (0-1) of the level-0 rectangle at (x, y) of size (w, h) on tissue (per the mask)."""
-        xs, ys = _sample_points(np.array([[x, y]], dtype=np.float64), (w, h))
-        rows = np.clip((ys / self.mask_cell_px).astype(int), 0, self.tissue_mask.shape[0] - 1)
-        cols = np.clip((xs / self.mask_cell_px).astype(int), 0, self.tissue_mask.shape[1] - 1)
-        return float(self.tissue_mask[rows, cols].mean())
-
-
-def _polygon_area(points: np.ndarray) -> float:
-    """Area of a simple polygon given as (n, 2) vertices (shoelace formula)."""
-    x, y = points[:, 0], points[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def in_lesion(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int | tuple[int, int],
-              min_fraction: float = 0.5) -> np.ndarray:
-    """Which patches lie in a lesion.
-
-    Parameters
-    ----------
-    spec : SlideSpec
-        The generated slide.
-    coords_level0 : (N, 2) array
-        Level-0 (x, y) top-left corners of the patches, in pixels.
-    patch_size_level0 : int or (int, int)
-        Patch (width, height) at level 0, in pixels.
-    min_fraction : float
-        A patch counts when at least this fraction of its area is lesion.
-
-    Returns
-    -------
-    (N,) bool array
-    """
-    return lesion_fractions(spec, coords_level0, patch_size_level0) >= min_fraction
-
-
-def lesion_fractions(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int | tuple[int, int],
-                     regions: str = "lesions") -> np.ndarray:
-    """Fraction (0-1) of each patch's area inside a lesion (or, with ``regions="lookalikes"``, inside a
-    look-alike cluster); (N,) float array for the (N, 2) level-0 top-left corners ``coords_level0``.
-
-    With lesions smaller than a patch no patch is mostly lesion; ``> 0`` then says which patches
-    show some of it.
-    """
-    if regions not in ("lesions", "lookalikes"):
-        raise ValueError(f"regions must be 'lesions' or 'lookalikes', got {regions!r}")
-    return _lesion_fractions(getattr(spec, regions), np.asarray(coords_level0, dtype=np.float64),
-                             patch_size_level0)
-
-
 def write_lesion_truth(spec: SlideSpec, store: TileStore) -> np.ndarray:
     """Write the lesion fraction of every patch of ``store`` (tiled from ``spec``'s slide) as the float32
     array ``truth/lesion``, which ``ipspath train`` reads to report how often it trains on lesions.
@@ -176,29 +52,9 @@ def write_lesion_truth(spec: SlideSpec, store: TileStore) -> np.ndarray:
     -------
     (N,) float32 array, the values written
     """
-    from ips_path.stores.lesion_truth import LESION_TRUTH_ARRAY
-
     fractions = lesion_fractions(spec, store.coords, store.patch_size_level0).astype(np.float32)
     store.write_array(LESION_TRUTH_ARRAY, fractions, attrs={"source": "ipspath.synth", "seed": spec.seed})
     return fractions
-
-
-def _lesion_fractions(lesions: Sequence[Lesion], coords: np.ndarray,
-                      size: int | tuple[float, float]) -> np.ndarray:
-    xs, ys = _sample_points(coords.reshape(-1, 2), size)
-    inside = np.zeros(xs.shape, dtype=bool)
-    for lesion in lesions:
-        inside |= lesion.contains(xs, ys)
-    return inside.mean(axis=1)
-
-
-def _sample_points(coords: np.ndarray, size: int | tuple[float, float],
-                   per_side: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(N, per_side**2) x and y of a regular grid of cell centres inside each rectangle."""
-    width, height = (size, size) if np.isscalar(size) else size
-    steps = (np.arange(per_side) + 0.5) / per_side
-    grid_x, grid_y = np.meshgrid(steps * width, steps * height)
-    return coords[:, :1] + grid_x.ravel(), coords[:, 1:2] + grid_y.ravel()
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -225,6 +81,8 @@ def write_synthetic_slide(
     texture_seed: int = 0,
     workers: int | None = None,
     grain: float = 0.0,
+    distractors: int | Sequence[tuple[float, float, float]] = 0,
+    distractor_diameter_um: tuple[float, float] | None = None,
 ) -> SlideSpec:
     """Write a pyramidal, JPEG-compressed, H&E-like slide file.
 
@@ -280,6 +138,13 @@ def write_synthetic_slide(
         smooth generated texture compresses to ~2 KB per 256-px JPEG tile, a tenth of an Aperio scan;
         ``grain=8`` at quality 80 gives Aperio-like tiles of 10-25 KB, which decoding benchmarks need
         (``bench/loader_bench.py``). 0 (default) writes the same bytes as before the option existed.
+    distractors : int or sequence of (x, y, radius)
+        Benign clusters *darker* than any lesion but of another texture (on any slide, label unchanged):
+        small, round, densely packed, deeply stained nuclei, as lymphocyte aggregates look; a number placed
+        in the tissue apart from lesions and look-alikes, or explicit circles in level-0 pixels. They
+        defeat a detector of dark nuclei; 0 (default) writes the same bytes as before the option existed.
+    distractor_diameter_um : (float, float), optional
+        Range of their diameters in µm; default: ``lesion_diameter_um``.
 
     Returns
     -------
@@ -299,11 +164,14 @@ def write_synthetic_slide(
     placed = _lesions(lesions, tissue_mask, cell_px, mpp, lesion_diameter_um, np.random.default_rng([seed, 2]))
     mimics = _lesions(lookalikes, tissue_mask, cell_px, mpp, lookalike_diameter_um or lesion_diameter_um,
                       np.random.default_rng([seed, 7]), avoid=placed)
+    darker = _lesions(distractors, tissue_mask, cell_px, mpp, distractor_diameter_um or lesion_diameter_um,
+                      np.random.default_rng([seed, 10]), avoid=(*placed, *mimics))
     spec = SlideSpec(path=path, width=width, height=height, mpp=float(mpp), fmt=fmt, downsamples=downsamples,
-                     seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed, lookalikes=mimics)
+                     seed=seed, tissue_mask=tissue_mask, mask_mpp=cell_px * mpp, lesions=placed, lookalikes=mimics,
+                     distractors=darker)
     thumb_downsample = thumbnail_downsample(width, height)
     painter = Painter(mask_field, cell_px, placed, mpp, texture_seed, np.random.default_rng([seed, 6]),
-                      lookalikes=mimics, nucleus_scale=nucleus_scale,
+                      lookalikes=mimics, distractors=darker, nucleus_scale=nucleus_scale,
                       stain_lut=stain_shift_lut(stain_shift, np.random.default_rng([seed, 8])))
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +190,7 @@ def write_synthetic_cohort(
     size: tuple[int, int] = (4000, 3000),
     lesions_per_positive: tuple[int, int] = (1, 3),
     lookalikes_per_slide: tuple[int, int] = (0, 0),
+    distractors_per_slide: tuple[int, int] = (0, 0),
     seed: int = 0,
     prefix: str = "slide",
     **slide_options: object,
@@ -342,6 +211,8 @@ def write_synthetic_cohort(
         Inclusive range of the number of lesions on a positive slide.
     lookalikes_per_slide : (int, int)
         Inclusive range of the number of look-alike clusters on every slide, positive or negative.
+    distractors_per_slide : (int, int)
+        Inclusive range of the number of dark distractors on every slide (see :func:`write_synthetic_slide`).
     seed : int
         Seed of the whole cohort; each slide gets its own seed from it.
     prefix : str
@@ -363,13 +234,15 @@ def write_synthetic_cohort(
     # its own generator, so cohorts without look-alikes keep the slides they always had
     lookalike_counts = np.random.default_rng([seed, 9]).integers(lookalikes_per_slide[0], lookalikes_per_slide[1] + 1,
                                                                    n_slides)
+    distractor_counts = np.random.default_rng([seed, 10]).integers(distractors_per_slide[0],
+                                                                     distractors_per_slide[1] + 1, n_slides)
     specs = []
     for index in range(n_slides):
         n_lesions = int(rng.integers(lesions_per_positive[0], lesions_per_positive[1] + 1)) if positive[index] else 0
         specs.append(write_synthetic_slide(
             out_dir / f"{prefix}_{index:03d}{suffix}", *size, seed=int(rng.integers(2**31)),
             tissue=int(rng.integers(2, 5)), lesions=n_lesions, lookalikes=int(lookalike_counts[index]),
-            **slide_options))
+            distractors=int(distractor_counts[index]), **slide_options))
     with open(out_dir / "manifest.csv", "w", newline="") as manifest:
         writer = csv.writer(manifest)
         writer.writerow(["slide_id", "slide_path", "label", "case_id"])
@@ -420,7 +293,7 @@ def _tissue_field(tissue: int | np.ndarray, width: int, height: int,
         harmonics = [(rng.uniform(0, a), rng.uniform(0, 2 * np.pi)) for a in (0.25, 0.12, 0.06)]
         stretch = rng.uniform(0.7, 1.4)
         dx, dy = (xx - centre_x) / stretch, (yy - centre_y) * stretch
-        edge = _star_radius(radius, harmonics, np.arctan2(dy, dx))
+        edge = star_radius(radius, harmonics, np.arctan2(dy, dx))
         levels = np.maximum(levels, 1 - np.hypot(dx, dy) / edge)
     wobble = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 4.0, mode="wrap")
     wobble /= wobble.std() + 1e-12
@@ -490,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "(default: classic dense dark lesions)")
     parser.add_argument("--lookalikes", type=int, default=0,
                         help="look-alike clusters of large regular nuclei per slide")
+    parser.add_argument("--distractors", type=int, default=0,
+                        help="dark distractors (dense small dark nuclei, darker than any lesion) per slide")
     parser.add_argument("--stain-shift", type=float, default=0.0,
                         help="per-slide stain variation (0.15: realistic spread; default 0)")
     parser.add_argument("--cohort", type=int, metavar="N", help="write N slides and manifest.csv into OUT")
@@ -501,12 +376,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.cohort is not None:
         specs = write_synthetic_cohort(args.out, args.cohort, positive_fraction=args.positive_fraction,
                                        size=(args.width, args.height), seed=args.seed, fmt=args.fmt or "svs",
-                                       lookalikes_per_slide=(args.lookalikes, args.lookalikes), **options)
+                                       lookalikes_per_slide=(args.lookalikes, args.lookalikes),
+                                       distractors_per_slide=(args.distractors, args.distractors), **options)
         print(f"wrote {len(specs)} slides and {pathlib.Path(args.out) / 'manifest.csv'}")
         return
     fmt = args.fmt or ("svs" if pathlib.Path(args.out).suffix.lower() == ".svs" else "tiff")
     spec = write_synthetic_slide(args.out, args.width, args.height, fmt=fmt, seed=args.seed,
-                                 tissue=args.tissue, lesions=args.lesions, lookalikes=args.lookalikes, **options)
+                                 tissue=args.tissue, lesions=args.lesions, lookalikes=args.lookalikes,
+                                 distractors=args.distractors, **options)
     print(f"wrote {spec.path} ({spec.width}x{spec.height} px, {spec.mpp} µm/px, {len(spec.lesions)} lesions)")
 
 

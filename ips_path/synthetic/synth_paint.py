@@ -18,7 +18,7 @@ import numpy as np
 import scipy.fft
 
 if TYPE_CHECKING:
-    from ips_path.synthetic.synth import Lesion
+    from ips_path.synthetic.spec import Lesion
 
 __all__ = ["BACKGROUND_RGB", "MAX_DOWNSAMPLE", "Painter", "stain_shift_lut"]
 
@@ -76,6 +76,13 @@ def _lookalike_look(nucleus_scale: float) -> _TissueLook:
                        nucleus_hematoxylin=1.15)
 
 
+def _distractor_look() -> _TissueLook:
+    """Benign distractors darker than any lesion but of another texture: small, round, densely packed and
+    deeply stained nuclei over a darker background, as lymphocyte aggregates look."""
+    return _TissueLook(eosin=0.30, hematoxylin_background=0.22, gap_fraction=0.03, nuclei_per_mm2=16000,
+                       nucleus_radius_um=(2.0, 2.6), nucleus_elongation=(1.0, 1.1), nucleus_hematoxylin=2.0)
+
+
 def stain_shift_lut(strength: float, rng: np.random.Generator) -> np.ndarray | None:
     """A (3, 256) uint8 lookup table that changes a slide's staining as another lab's would.
 
@@ -104,8 +111,8 @@ class Painter:
         Smooth tissue field, tissue where > 0.5, one value per mask cell.
     cell_px : float
         Level-0 pixels per mask cell.
-    lesions, lookalikes : sequence of Lesion
-        Regions painted with the lesion and the look-alike texture.
+    lesions, lookalikes, distractors : sequence of Lesion
+        Regions painted with the lesion, the look-alike and the dark distractor texture.
     mpp : float
         Level-0 µm/px.
     texture_seed : int
@@ -122,16 +129,18 @@ class Painter:
 
     def __init__(self, mask_field: np.ndarray, cell_px: float, lesions: Sequence[Lesion], mpp: float,
                  texture_seed: int, rng: np.random.Generator, *, lookalikes: Sequence[Lesion] = (),
-                 nucleus_scale: float | None = None, stain_lut: np.ndarray | None = None):
+                 distractors: Sequence[Lesion] = (), nucleus_scale: float | None = None,
+                 stain_lut: np.ndarray | None = None):
         self.mask_field = mask_field
         self.cell_px = cell_px
-        self.regions = {"lesion": tuple(lesions), "lookalike": tuple(lookalikes)}
+        self.regions = {"lesion": tuple(lesions), "lookalike": tuple(lookalikes), "distractor": tuple(distractors)}
         self.background = np.array(BACKGROUND_RGB, dtype=np.uint16)
         self.stain_lut = stain_lut
         scale = 1.4 if nucleus_scale is None else nucleus_scale
         looks = {"normal": _NORMAL, "lesion": _LESION if nucleus_scale is None else _subtle_lesion_look(scale),
-                 "lookalike": _lookalike_look(scale)}
-        # texture seeds by kind (normal +0, lesion +1, look-alike +2); only the kinds the slide shows are made
+                 "lookalike": _lookalike_look(scale), "distractor": _distractor_look()}
+        # texture seeds by kind (normal +0, lesion +1, look-alike +2, distractor +3); only the kinds the slide
+        # shows are made
         self.textures = {name: _PeriodicTexture(_texture_pyramids(look, float(mpp), texture_seed + k), rng)
                          for k, (name, look) in enumerate(looks.items())
                          if name == "normal" or self.regions[name]}

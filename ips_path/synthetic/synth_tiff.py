@@ -17,7 +17,7 @@ import tifffile
 from ips_path.synthetic.synth_paint import BACKGROUND_RGB, MAX_DOWNSAMPLE, Painter
 
 if TYPE_CHECKING:
-    from ips_path.synthetic.synth import SlideSpec
+    from ips_path.synthetic.spec import SlideSpec
 
 __all__ = ["grain_bank", "thumbnail_downsample", "write_pyramid"]
 
