@@ -260,13 +260,14 @@ def _run(manifest: Path, tiles_dir: Path, out_dir: Path, config: TrainConfig, st
     if len(train_items) < procs.world_size:
         raise BadInputError(f"{len(train_items)} training slides cannot keep {procs.world_size} processes busy")
     kind.check_training_slides([i.target for i in train_items])
+
+    # 3. Model, optimiser, learning-rate schedule. The model (its weights file) is built before the run folder
+    #    gets its first file, so a start that fails leaves nothing behind.
+    model = build_model(config, kind.model_tasks(), in_features, load_pretrained=checkpoint is None).to(procs.device)
     if procs.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "config.yaml")
         _write_splits(rows, splits, out_dir / "splits.csv", kind)
-
-    # 3. Model, optimiser, learning-rate schedule.
-    model = build_model(config, kind.model_tasks(), in_features, load_pretrained=checkpoint is None).to(procs.device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
