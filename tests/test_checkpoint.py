@@ -18,7 +18,7 @@ from ips_path.training.checkpoint import checkpoint_identity, load_checkpoint
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Modules that train (or run a training) may import ips_path.training.train; nothing that predicts or reads results.
 TRAINING_MODULES = {"ips_path/training/train.py", "ips_path/training/cross_validation.py", "ips_path/synthetic/demo.py",
-                    "cli/train_cmd.py"}
+                    "ips_path/training/pretrain/run.py", "cli/train_cmd.py"}
 
 
 def test_prediction_side_modules_never_import_the_training_code():

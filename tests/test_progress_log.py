@@ -46,9 +46,9 @@ def test_features_and_training_epochs_count_patches(cohort, tmp_path, caplog, mo
     lines = _progress_lines(caplog)
     total = re.match(r"features: \d+/(\d+) patches", lines[0]).group(1)
     assert int(total) > 8  # patches, not slides
-    assert any(re.fullmatch(rf"features: \d+/{total} patches \(\d+%\), slides 1/8, [\d.]+ patches/s, ETA \d+s", line)
+    assert any(re.fullmatch(rf"features: \d+/{total} patches \(\d+%\), slides 1/8, [\d.,]+ patches/s, ETA \d+s", line)
                for line in lines), lines
-    assert re.fullmatch(rf"features: {total}/{total} patches \(100%\), slides 8/8, [\d.]+ patches/s, done in \d+s",
+    assert re.fullmatch(rf"features: {total}/{total} patches \(100%\), slides 8/8, [\d.,]+ patches/s, done in \d+s",
                         lines[-1]), lines
 
     caplog.clear()
