@@ -29,7 +29,7 @@ from ips_path.tasks import OutcomeKind, kind_of_checkpoint
 from ips_path.training.distributed import Processes, rng_state
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASK_NAME", "CheckpointIdentity", "RunState", "build_model",
-           "checkpoint_identity", "load_checkpoint", "load_model", "models_identity"]
+           "checkpoint_identity", "load_checkpoint", "load_model", "models_identity", "read_checkpoint_file"]
 
 TASK_NAME = "label"  # the task of the default label column
 CHECKPOINT_FORMAT = "ipspath.checkpoint"
@@ -98,17 +98,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: checkpoint not found")
+    return read_checkpoint_file(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint",
+                                "give a best.pt or last.pt that `ipspath train` wrote")
+
+
+def read_checkpoint_file(path: Path, fmt: str, version: int, what: str, fix: str) -> dict[str, Any]:
+    """A checkpoint of format ``fmt`` (at most ``version``) read with ``weights_only=True`` onto the CPU.
+
+    ``what`` names the kind of checkpoint and ``fix`` what to do, in the one-line refusals (BadInputError)
+    of a damaged or foreign file or one written by a newer ipspath.
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a damaged or foreign file
         # torch's own explanation runs over many lines and suggests weights_only=False, which would run
         # whatever code the file holds: name the error only
-        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}); give a best.pt or last.pt "
-                            "that `ipspath train` wrote") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise BadInputError(f"{path}: not an ipspath training checkpoint")
-    if int(checkpoint.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise BadInputError(f"{path}: checkpoint format {checkpoint['format_version']} is newer than this "
+        raise BadInputError(f"{path}: not a readable checkpoint ({type(exc).__name__}); {fix}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != fmt:
+        raise BadInputError(f"{path}: not an ipspath {what}; {fix}")
+    if int(checkpoint.get("format_version", 0)) > version:
+        raise BadInputError(f"{path}: {what} format {checkpoint['format_version']} is newer than this "
                             f"ipspath ({__version__}) reads; upgrade ipspath")
     return checkpoint
 

@@ -48,6 +48,7 @@ from ips_path.runtime.identity import identity_key
 from ips_path.runtime.progress import progress_bar
 from ips_path.stores.loader import PatchStreamer
 from ips_path.stores.tile_store import TileStore, find_stores, slide_id_from_path
+from ips_path.training.checkpoint import read_checkpoint_file
 from ips_path.training.distributed import (
     Processes,
     init_processes,
@@ -264,16 +265,8 @@ def _start(out_dir: Path, config: PretrainConfig, resume: bool, seen: Mapping[st
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
-        raise BadInputError(f"{path}: not a readable pretraining checkpoint ({type(exc).__name__}); remove the "
-                            "folder or give another one") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise BadInputError(f"{path}: not an ipspath pretraining checkpoint; give another output folder")
-    if int(checkpoint.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise BadInputError(f"{path}: written by a newer ipspath than {__version__}; upgrade ipspath")
-    return checkpoint
+    return read_checkpoint_file(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "pretraining checkpoint",
+                                "remove the folder or give another one")
 
 
 def encoder_weights(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
