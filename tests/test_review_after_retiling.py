@@ -13,6 +13,7 @@ import logging
 import shutil
 
 import pytest
+from tool_manifest import first_slides
 
 from ips_path.cli.main import main
 from ips_path.review.view.cohort import open_cohort
@@ -35,14 +36,8 @@ def _statuses(pred) -> dict[str, str]:
 def predicted(cohort, trained_run, tmp_path):
     """Three slides predicted with heatmaps into ``pred`` from a private copy of their stores."""
     manifest, tiles = cohort
-    rows = list(csv.DictReader(manifest.open()))[:3]
-    for row in rows:
-        row["slide_path"] = str(manifest.parent / row["slide_path"])
     subset = tmp_path / "three.csv"
-    with subset.open("w", newline="") as f:
-        writer = csv.DictWriter(f, rows[0].keys())
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = first_slides(manifest, 3, subset)
     own = tmp_path / "tiles"
     for row in rows:
         shutil.copytree(tiles / f"{row['slide_id']}.zarr", own / f"{row['slide_id']}.zarr")

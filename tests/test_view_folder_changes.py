@@ -17,6 +17,7 @@ import threading
 
 import pytest
 import torch
+from tool_manifest import first_slides
 
 from ips_path.cli.main import main
 from ips_path.review.view.cohort import open_cohort
@@ -57,14 +58,8 @@ class _Viewer:
 def predicted(cohort, trained_run, tmp_path):
     """Two slides predicted into ``pred`` (no heatmaps) with their report, and the predict command."""
     manifest, tiles = cohort
-    rows = list(csv.DictReader(manifest.open()))[:2]
-    for row in rows:
-        row["slide_path"] = str(manifest.parent / row["slide_path"])
     subset = tmp_path / "two.csv"
-    with subset.open("w", newline="") as f:
-        writer = csv.DictWriter(f, rows[0].keys())
-        writer.writeheader()
-        writer.writerows(rows)
+    first_slides(manifest, 2, subset)
     pred = tmp_path / "pred"
     command = ["-q", "predict", "--manifest", subset, "--tiles", tiles, "-o", pred, "--device", "cpu", "--no-heatmaps"]
     assert _ipspath(*command, "--model", trained_run)[0] == 0
