@@ -128,11 +128,12 @@ def cpu_seconds() -> float:
 
 def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[float, int] = (TILE_MPP, PATCH_SIZE),
                 slide_mpp: float = SLIDE_MPP, distractors: tuple[int, int] = (0, 0),
-                lesion_diameter_um: tuple[float, float] | None = None) -> tuple[Path, Path, list, dict[str, float]]:
+                lesion_diameter_um: tuple[float, float] | None = None,
+                slide_um: tuple[int, int] = SLIDE_SIZE) -> tuple[Path, Path, list, dict[str, float]]:
     """Generate and split the cohort (by label: a third test, a sixth validation), or reuse what an earlier
     run left in ``root``; tile it at ``tile`` (µm/px, patch px) and write the truth into the stores.
     ``distractors``: range of dark distractors per slide (``ips_path.synthetic.synth``); ``lesion_diameter_um``: instead
-    of ``RATIOS[ratio]``. Returns (manifest, tiles, specs, seconds)."""
+    of ``RATIOS[ratio]``; ``slide_um``: slide width and height in µm. Returns (manifest, tiles, specs, seconds)."""
     saved = root / "specs.pickle"
     manifest = root / "slides" / "manifest.csv"
     seconds = {}
@@ -140,7 +141,7 @@ def make_cohort(root: Path, ratio: str, n_slides: int, seed: int, tile: tuple[fl
         specs = pickle.loads(saved.read_bytes())
     else:
         clock, cpu = time.perf_counter(), cpu_seconds()
-        size = tuple(round(side * SLIDE_MPP / slide_mpp) for side in SLIDE_SIZE)  # the same tissue in µm
+        size = tuple(round(side / slide_mpp) for side in slide_um)  # the same tissue in µm
         specs = write_synthetic_cohort(root / "slides", n_slides, size=size, mpp=slide_mpp, downsamples=(1, 4),
                                        seed=seed, prefix=f"r{ratio.replace('.', '')}s{seed}",
                                        lesion_diameter_um=lesion_diameter_um or RATIOS[ratio],

@@ -55,16 +55,17 @@ from ips_path.training.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_result  # noqa: E402
-from needle_bench import RATIOS, _score_test, cpu_seconds, make_cohort, run_variant  # noqa: E402
+from needle_bench import RATIOS, SLIDE_SIZE, _score_test, cpu_seconds, make_cohort, run_variant  # noqa: E402
 
 LOW_RATIOS = {"0.03": (22.0, 38.0), "0.01": (13.0, 22.0)}  # diameters scaled by sqrt(area) from 0.1 %: 40-70 µm
-DIAMETERS = {**RATIOS, **LOW_RATIOS}
+DIAMETERS = {**RATIOS, **LOW_RATIOS}  # on needle_bench's slides (SLIDE_SIZE); scaled with the tissue's side
+SLIDE_UM = (12288, 8192)  # 4x needle_bench's area: a 0.1 % lesion is 80-140 µm, dozens of nuclei, not a handful
 PIXEL_TILE = (1.0, 64)  # µm/px, px: the pretrained encoder's patches (a lesion of 40-70 µm fills much of one)
 DENSITY_TILE = (1.0, 256)  # the stain_density recipe of the README
-PRETRAIN = dict(encoder="smallcnn", method="simclr", epochs=4, patches_per_epoch=2048, batch_size=128, crop=48,
-                threads=2, device="cpu")
+PRETRAIN = dict(encoder="smallcnn", method="byol", epochs=8, patches_per_epoch=2048, batch_size=128, crop=48,
+                hed=0.05, threads=2, device="cpu")
 FINETUNE_EPOCHS = 10
-VARIANTS = ("pretrained", "random", "stain_density", "finetune", "pixels")
+VARIANTS = ("pretrained", "random", "stain_density", "finetune", "scratch", "pixels")
 
 
 def _stage(clock: float, cpu: float) -> dict[str, float]:
@@ -73,7 +74,7 @@ def _stage(clock: float, cpu: float) -> dict[str, float]:
 
 def _pretrained_encoder(root: Path, tiles: Path, seed: int, method: str) -> tuple[Path, dict[str, float]]:
     """Pretrain once per cohort (reused by the variants and reruns that share it)."""
-    out = root / f"pretrain_{method}_{PRETRAIN['epochs']}ep"
+    out = root / f"pretrain_{method}_{PRETRAIN['epochs']}ep_hed{PRETRAIN['hed']:g}"
     weights = out / "encoder.pt"
     if weights.exists() and (out / "done").exists():
         return weights, {"reused": True}
@@ -110,7 +111,7 @@ def _top_in_distractor(model: Any, tiles: Path, specs: list, manifest: Path, fea
 
 
 def run_learned(variant: str, root: Path, manifest: Path, tiles: Path, specs: list, seed: int, method: str) -> dict:
-    """``pretrained``, ``random`` or ``finetune`` on one cohort."""
+    """``pretrained``, ``random``, ``finetune`` or ``scratch`` on one cohort."""
     seconds: dict[str, Any] = {}
     weights = None
     if variant in ("pretrained", "finetune"):
@@ -127,8 +128,8 @@ def run_learned(variant: str, root: Path, manifest: Path, tiles: Path, specs: li
         seconds["features"] = _stage(clock, cpu)
         config = TrainConfig(features=features, threads=2, device="cpu", seed=seed)
     else:
-        config = TrainConfig(encoder="smallcnn", pretrained=str(weights), threads=2, device="cpu", seed=seed,
-                             epochs=FINETUNE_EPOCHS)
+        config = TrainConfig(encoder="smallcnn", pretrained=str(weights) if weights else None, threads=2,
+                             device="cpu", seed=seed, epochs=FINETUNE_EPOCHS)
     clock, cpu = time.perf_counter(), cpu_seconds()
     result = train(manifest, tiles, out, config, progress=False)
     seconds["train"] = _stage(clock, cpu)
@@ -176,14 +177,18 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=64, help="slides per cohort (train + val + test)")
     parser.add_argument("--distractors", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
                         help="dark distractors per slide (0 0: the needle_bench cohorts)")
-    parser.add_argument("--method", choices=("simclr", "byol"), default="simclr")
+    parser.add_argument("--method", choices=("simclr", "byol"), default=PRETRAIN["method"])
+    parser.add_argument("--hed", type=float, default=PRETRAIN["hed"], help="pretraining's stain jitter")
+    parser.add_argument("--slide-um", type=int, nargs=2, default=SLIDE_UM, metavar=("W", "H"),
+                        help=f"slide size in µm (default {SLIDE_UM[0]} {SLIDE_UM[1]}); lesion diameters scale with it")
     parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN["epochs"],
                         help=f"epochs of {PRETRAIN['patches_per_epoch']} patches (default {PRETRAIN['epochs']})")
     parser.add_argument("--name", default=None, help="result file bench/results/NAME.json (default: from the ratios)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    PRETRAIN["epochs"] = args.pretrain_epochs
+    PRETRAIN["epochs"], PRETRAIN["hed"] = args.pretrain_epochs, args.hed
+    side_scale = ((args.slide_um[0] * args.slide_um[1]) / (SLIDE_SIZE[0] * SLIDE_SIZE[1])) ** 0.5
     name = args.name or f"pretrain_{'_'.join(args.ratios)}pct"
     rows: list[dict] = []
     cohorts: list[dict] = []
@@ -191,15 +196,18 @@ def main() -> None:
         work = args.workdir or Path(scratch)
         for ratio in args.ratios:
             for seed in args.seeds:
-                root = work / f"ratio{ratio}_seed{seed}_distractors{args.distractors[0]}-{args.distractors[1]}"
-                diameters = DIAMETERS[ratio]
+                root = work / (f"ratio{ratio}_seed{seed}_distractors{args.distractors[0]}-{args.distractors[1]}"
+                               f"_{args.slide_um[0]}x{args.slide_um[1]}um")
+                diameters = tuple(round(d * side_scale, 1) for d in DIAMETERS[ratio])
                 cohort: dict[str, Any] = {"ratio_preset_percent": ratio, "seed": seed, "slides": args.slides,
+                                          "slide_um": list(args.slide_um),
                                           "lesion_diameter_um": diameters, "distractors": list(args.distractors)}
                 tiled = {}
                 for tile in (PIXEL_TILE, DENSITY_TILE):
                     manifest, tiles, specs, seconds = make_cohort(root, ratio, args.slides, seed, tile,
                                                                   distractors=tuple(args.distractors),
-                                                                  lesion_diameter_um=diameters)
+                                                                  lesion_diameter_um=diameters,
+                                                                  slide_um=tuple(args.slide_um))
                     tiled[tile] = tiles
                     cohort[f"seconds_{tile[0]:g}um_{tile[1]}px"] = {k: round(v, 1) for k, v in seconds.items()}
                 measured = [s.lesion_area_fraction() for s in specs if s.lesions]

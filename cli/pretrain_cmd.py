@@ -26,8 +26,9 @@ def _help(text: str, name: str) -> str:
               help=_help("Pixel encoder: smallcnn|resnet18|resnet34|resnet50|timm:<name>, or a ViT preset with "
                          "--pretrained as its starting point.", "encoder"))
 @click.option("--method", default=_DEFAULTS.method,
-              help=_help("Self-supervised objective: simclr (contrastive, one network, cheapest per step) or byol "
-                         "(online/target networks, the IPS paper's choice).", "method"))
+              help=_help("Self-supervised objective: byol (online/target networks, the IPS paper's choice; its "
+                         "features told lesions from look-alikes best, docs/pretrain.md) or simclr (contrastive, "
+                         "one network, cheapest per step).", "method"))
 @click.option("--epochs", type=int, default=_DEFAULTS.epochs, help=_help("Epochs.", "epochs"))
 @click.option("--patches-per-epoch", type=int, default=_DEFAULTS.patches_per_epoch,
               help=_help("Patches drawn afresh per epoch (per process), uniformly over all patches.",

@@ -113,7 +113,7 @@ class PretrainConfig:
     """
 
     encoder: str = "smallcnn"
-    method: str = "simclr"
+    method: str = "byol"
     epochs: int = 10
     patches_per_epoch: int = 4096
     batch_size: int = 128
