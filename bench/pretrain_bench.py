@@ -1,24 +1,29 @@
 """Learned features without labels: `ipspath pretrain` -> `features` -> `train --features` on hard needle cohorts.
 
-The cohorts are those of ``bench/needle_bench.py`` (its ``make_cohort``: 64 slides of 6144 x 4096 µm at
-1 µm/px, 1-2 subtle lesions on half of them, 2-4 look-alike clusters of large regular nuclei on every slide,
-stain shift 0.15; a third of the slides test, a sixth validation), made harder with ``--distractors``
-(default 2-4 a slide, on positive and negative slides alike): clusters of small, dense, deeply stained
-nuclei, darker than any lesion but of another texture, which a detector of dark nuclei (``stain_density``)
-takes for lesions. Lesion diameters per ratio: ``needle_bench.RATIOS`` and ``LOW_RATIOS`` below.
+The cohorts are those of ``bench/needle_bench.py`` (its ``make_cohort``: 1-2 subtle lesions on half of the
+slides, 2-4 look-alike clusters of large regular nuclei on every slide, stain shift 0.15, 1 µm/px; a third
+of the slides test, a sixth validation) on slides of ``--slide-um`` (default 12288 x 8192 µm, 4x
+needle_bench's area, so that a lesion of 0.1 % of the tissue is 80-140 µm wide, dozens of nuclei, as
+micro-metastases are, rather than the handful of nuclei it is on needle_bench's small tissue), made
+harder with ``--distractors`` (default 2-4 a slide, on positive and negative slides alike): clusters of
+small, dense, deeply stained nuclei, darker than any lesion but of another texture, which a detector of
+dark nuclei (``stain_density``) takes for lesions. Lesion diameters per ratio: ``needle_bench.RATIOS`` and
+``LOW_RATIOS`` below, scaled with the slide's side.
 
 Variants, each scored by needle_bench's ``_score_test`` on the held-out test slides (test AUC; the share
 of tumour test slides whose most attended patch overlaps a lesion, a look-alike, a distractor):
 
-* ``pretrained``: ``ipspath pretrain`` (SmallCNN, ``PRETRAIN`` settings) on the cohort's own tile stores at
-  1 µm/px, 64 px patches (no labels; test slides included, as a lab would pretrain on all its slides), then
-  ``ipspath features --encoder smallcnn --pretrained encoder.pt``, then ``ipspath train --features`` with
-  the TrainConfig defaults.
+* ``pretrained``: ``ipspath pretrain`` (SmallCNN, ``PRETRAIN`` settings: BYOL, stain jitter 0.05, chosen on
+  the tuning seed 10) on the cohort's own tile stores at 1 µm/px, 64 px patches (no labels; test slides
+  included, as a lab would pretrain on all its slides), then ``ipspath features --encoder smallcnn
+  --pretrained encoder.pt``, then ``ipspath train --features`` with the TrainConfig defaults. Its features
+  also get patch-level linear probes (``_patch_probe``: with the truth, an upper bound on what they offer).
 * ``random``: the same with the encoder's seeded random initialisation instead of the pretrained weights.
 * ``stain_density``: needle_bench's ``defaults`` (the README's recipe: 256 px patches at 1 µm/px,
   ``features --encoder stain_density``, ``train --features stain_density``).
 * ``finetune``: ``ipspath train`` from pixels (64 px) starting from the pretrained SmallCNN, every layer
   trained (SmallCNN has no blocks for ``--train-blocks``), ``FINETUNE_EPOCHS`` epochs.
+* ``scratch``: the same from the random initialisation: pixels from scratch at the pretrained encoder's tiles.
 * ``pixels``: needle_bench's ``pixels_defaults`` (SmallCNN from scratch on 256 px pixels); expensive.
 
 Every stage's wall and CPU seconds (user + system of this process and its children) are recorded.
@@ -27,6 +32,7 @@ Every stage's wall and CPU seconds (user + system of this process and its childr
     python bench/pretrain_bench.py --seeds 11 --variants finetune pixels random
     python bench/pretrain_bench.py --ratios 0.03 0.01 --seeds 11 --variants pretrained
     python bench/pretrain_bench.py --seeds 11 --variants pretrained --pretrain-epochs 64   # longer pretraining
+    python bench/pretrain_bench.py --seeds 11 12 13 --variants pretrained random --probe-only --workdir W
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import numpy as np
 import torch
 
 from ips_path.config import TrainConfig
+from ips_path.evaluation.probe import linear_probe_auc
 from ips_path.stores.features import extract_features
 from ips_path.stores.loader import PatchStreamer
 from ips_path.stores.tile_store import TileStore
@@ -110,6 +117,34 @@ def _top_in_distractor(model: Any, tiles: Path, specs: list, manifest: Path, fea
     return round(float(np.mean(hits)), 4) if hits else float("nan")
 
 
+def _patch_probe(tiles: Path, specs: list, manifest: Path, features: str) -> dict[str, float]:
+    """Patch-level linear probes of ``features`` (needs the truth: so an upper bound on what a slide model can
+    use): fitted on the training and validation slides, scored on the test slides. Patches more than half
+    inside a lesion against patches more than half inside each other kind (normal: touching none)."""
+    with manifest.open(newline="") as f:
+        test_ids = {row["slide_id"] for row in csv.DictReader(f) if row["split"] == "test"}
+    parts: dict[bool, list] = {True: [], False: []}
+    with PatchStreamer(chunk_size=256, threads=2) as streamer:
+        for spec in specs:
+            store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
+            size = store.patch_size_level0
+            share = {r: lesion_fractions(spec, store.coords, size, r) for r in ("lesions", "lookalikes", "distractors")}
+            kind = np.select([share["lesions"] > 0.5, share["distractors"] > 0.5, share["lookalikes"] > 0.5,
+                              sum(share.values()) == 0], ["lesion", "distractor", "lookalike", "normal"], "")
+            vectors = torch.cat([c.patches for c in streamer.stream_features(store, features)]).float().numpy()
+            parts[spec.path.stem in test_ids].append((vectors[kind != ""], kind[kind != ""]))
+    (fit_x, fit_kind), (test_x, test_kind) = ((np.concatenate([v for v, _ in parts[t]]),
+                                               np.concatenate([k for _, k in parts[t]])) for t in (False, True))
+    fit = fit_kind != "normal"  # lesion against the hard kinds; normal patches would swamp the fit
+    fit[np.flatnonzero(fit_kind == "normal")[::20]] = True
+    result = {"test_lesion_patches": int((test_kind == "lesion").sum())}
+    for other in ("normal", "lookalike", "distractor"):
+        chosen = (test_kind == "lesion") | (test_kind == other)
+        result[f"lesion_vs_{other}"] = round(linear_probe_auc(fit_x[fit], fit_kind[fit] == "lesion", test_x[chosen],
+                                                              test_kind[chosen] == "lesion"), 3)
+    return result
+
+
 def run_learned(variant: str, root: Path, manifest: Path, tiles: Path, specs: list, seed: int, method: str) -> dict:
     """``pretrained``, ``random``, ``finetune`` or ``scratch`` on one cohort."""
     seconds: dict[str, Any] = {}
@@ -138,6 +173,8 @@ def run_learned(variant: str, root: Path, manifest: Path, tiles: Path, specs: li
     test = _score_test(model, tiles, specs, manifest, 2, features)
     test["top_patch_in_distractor"] = _top_in_distractor(model, tiles, specs, manifest, features)
     seconds["test"] = _stage(clock, cpu)
+    if features:
+        test["patch_probe"] = _patch_probe(tiles, specs, manifest, features)
     return {"variant": variant, "method": method, **test, "best_epoch": result.best_epoch,
             **_selection_log(result), "seconds": seconds}
 
@@ -183,6 +220,9 @@ def main() -> None:
                         help=f"slide size in µm (default {SLIDE_UM[0]} {SLIDE_UM[1]}); lesion diameters scale with it")
     parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN["epochs"],
                         help=f"epochs of {PRETRAIN['patches_per_epoch']} patches (default {PRETRAIN['epochs']})")
+    parser.add_argument("--probe-only", action="store_true",
+                        help="only the patch probes of the pretrained / random features an earlier run left in "
+                             "--workdir")
     parser.add_argument("--name", default=None, help="result file bench/results/NAME.json (default: from the ratios)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
     args = parser.parse_args()
@@ -219,6 +259,15 @@ def main() -> None:
                 cohorts.append(cohort)
                 print(cohort, flush=True)
                 for variant in args.variants:
+                    if args.probe_only:
+                        features = f"smallcnn_{variant}_{args.method}_{PRETRAIN['epochs']}ep"
+                        rows.append({"ratio_preset_percent": ratio, "seed": seed, "variant": variant,
+                                     "method": args.method, "patch_probe": _patch_probe(tiled[PIXEL_TILE], specs,
+                                                                                        manifest, features)})
+                        print(rows[-1], flush=True)
+                        save_result(name, {"settings": {"pretrain": PRETRAIN}, "cohorts": cohorts, "runs": rows},
+                                    quiet=True)
+                        continue
                     if variant in ("stain_density", "pixels"):
                         row = run_baseline(variant, root, manifest, tiled[DENSITY_TILE], specs, seed)
                     else:

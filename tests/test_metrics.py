@@ -17,6 +17,7 @@ from ips_path.evaluation.metrics import (
     roc_auc,
     roc_curve,
 )
+from ips_path.evaluation.probe import linear_probe_auc
 
 
 def test_roc_auc_counts_ordered_pairs_and_half_ties():
@@ -125,3 +126,14 @@ def test_auc_interval_contains_the_auc_and_narrows_with_more_slides():
 def test_confusion_matrix_rows_are_truth():
     m = confusion_matrix(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 3)
     assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+
+
+def test_a_linear_probe_scores_separable_features_high_and_noise_at_chance():
+    rng = np.random.default_rng(0)
+    kind = rng.random(400) < 0.2
+    noise = rng.normal(size=(400, 16)).astype(np.float16)
+    separable = noise.astype(np.float32) + 3.0 * kind[:, None] * (np.arange(16) == 5)
+    assert linear_probe_auc(separable[:200], kind[:200], separable[200:], kind[200:]) > 0.95
+    assert abs(linear_probe_auc(noise[:200], kind[:200], noise[200:], kind[200:]) - 0.5) < 0.15
+    with pytest.raises(ValueError, match="both kinds"):
+        linear_probe_auc(noise[:10], np.zeros(10, bool), noise, kind)
