@@ -335,3 +335,32 @@ def test_conch_v15_train_blocks_also_trains_its_pooler_and_norms():
     assert {"attn_pool_contrast.query", "ln_contrast.weight", "trunk.norm.weight"} <= trainable
     assert all(n.startswith(("trunk.blocks.22.", "trunk.blocks.23.", "trunk.norm.", "attn_pool_contrast.",
                              "ln_contrast.")) for n in trainable)
+
+
+def test_pretrain_starts_from_a_vit_presets_file_and_trains_only_its_last_blocks(tmp_path):
+    """`pretrain --encoder uni_v1 --pretrained FILE --train-blocks 1` changes the last block only, and its
+    encoder.pt loads in `features` as the preset's own file does."""
+    official = _official_timm("uni_v1")
+    weights = _save(official.state_dict(), tmp_path / "pytorch_model.bin")
+    store = _tiles(tmp_path, 224, n=4)
+    run = tmp_path / "enc"
+    result = CliRunner().invoke(cli, ["-q", "pretrain", "--tiles", str(store.path.parent), "-o", str(run), "--encoder",
+                                      "uni_v1", "--pretrained", str(weights), "--train-blocks", "1", "--method",
+                                      "simclr", "--epochs", "1", "--patches-per-epoch", "8", "--batch-size", "4",
+                                      "--device", "cpu", "--lr", "1e-3"], standalone_mode=False)
+    assert result.exception is None, result.output
+    learned = torch.load(run / "encoder.pt", weights_only=True)["state_dict"]
+    start = official.state_dict()
+    assert learned.keys() == start.keys()
+    changed = {k.split(".")[1] if k.startswith("blocks.") else k.split(".")[0]
+               for k in start if not torch.equal(learned[k], start[k])}
+    assert changed == {str(len(official.blocks) - 1)} or changed == {str(len(official.blocks) - 1), "norm"}, changed
+    before = _features_cli(store, "uni_v1", weights)
+    parallel._PROCESS_OBJECTS.pop("encoder", None)
+    result = CliRunner().invoke(cli, ["features", str(store.path.parent), "--encoder", "uni_v1", "--pretrained",
+                                      str(run / "encoder.pt"), "--name", "pretrained", "--device", "cpu"],
+                                standalone_mode=False)
+    parallel._PROCESS_OBJECTS.pop("encoder", None)
+    assert result.exception is None, result.output
+    after = TileStore.open(store.path).read_array("features/pretrained").astype(np.float32)
+    assert before.shape == after.shape == (4, 1024) and not np.allclose(before, after)
