@@ -137,7 +137,9 @@ def _patch_probe(tiles: Path, specs: list, manifest: Path, features: str) -> dic
                                                np.concatenate([k for _, k in parts[t]])) for t in (False, True))
     fit = fit_kind != "normal"  # lesion against the hard kinds; normal patches would swamp the fit
     fit[np.flatnonzero(fit_kind == "normal")[::20]] = True
-    result = {"test_lesion_patches": int((test_kind == "lesion").sum())}
+    result: dict[str, Any] = {"test_lesion_patches": int((test_kind == "lesion").sum())}
+    if not (fit_kind == "lesion").any() or not result["test_lesion_patches"]:
+        return {**result, "note": "no patch lies more than half inside a lesion: lesions smaller than the patches"}
     for other in ("normal", "lookalike", "distractor"):
         chosen = (test_kind == "lesion") | (test_kind == other)
         result[f"lesion_vs_{other}"] = round(linear_probe_auc(fit_x[fit], fit_kind[fit] == "lesion", test_x[chosen],
