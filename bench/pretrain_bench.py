@@ -55,6 +55,7 @@ from ips_path.evaluation.probe import linear_probe_auc
 from ips_path.stores.features import extract_features
 from ips_path.stores.loader import PatchStreamer
 from ips_path.stores.tile_store import TileStore
+from ips_path.synthetic.spec import patch_kinds
 from ips_path.synthetic.synth import lesion_fractions
 from ips_path.training.checkpoint import load_model
 from ips_path.training.pretrain import PretrainConfig, pretrain
@@ -73,6 +74,11 @@ PRETRAIN = dict(encoder="smallcnn", method="byol", epochs=8, patches_per_epoch=2
                 hed=0.05, threads=2, device="cpu")
 FINETUNE_EPOCHS = 10
 VARIANTS = ("pretrained", "random", "stain_density", "finetune", "scratch", "pixels")
+
+
+def _features_name(variant: str, method: str) -> str:
+    """The features a ``pretrained`` or ``random`` run writes into the stores (and ``--probe-only`` reads)."""
+    return f"smallcnn_{variant}_{method}_{PRETRAIN['epochs']}ep"
 
 
 def _stage(clock: float, cpu: float) -> dict[str, float]:
@@ -127,10 +133,7 @@ def _patch_probe(tiles: Path, specs: list, manifest: Path, features: str) -> dic
     with PatchStreamer(chunk_size=256, threads=2) as streamer:
         for spec in specs:
             store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
-            size = store.patch_size_level0
-            share = {r: lesion_fractions(spec, store.coords, size, r) for r in ("lesions", "lookalikes", "distractors")}
-            kind = np.select([share["lesions"] > 0.5, share["distractors"] > 0.5, share["lookalikes"] > 0.5,
-                              sum(share.values()) == 0], ["lesion", "distractor", "lookalike", "normal"], "")
+            kind = patch_kinds(spec, store.coords, store.patch_size_level0)
             vectors = torch.cat([c.patches for c in streamer.stream_features(store, features)]).float().numpy()
             parts[spec.path.stem in test_ids].append((vectors[kind != ""], kind[kind != ""]))
     (fit_x, fit_kind), (test_x, test_kind) = ((np.concatenate([v for v, _ in parts[t]]),
@@ -157,7 +160,7 @@ def run_learned(variant: str, root: Path, manifest: Path, tiles: Path, specs: li
     shutil.rmtree(out, ignore_errors=True)
     features = None
     if variant in ("pretrained", "random"):
-        features = f"smallcnn_{variant}_{method}_{PRETRAIN['epochs']}ep"
+        features = _features_name(variant, method)
         clock, cpu = time.perf_counter(), cpu_seconds()
         outcomes = extract_features(sorted(tiles.glob("*.zarr")), "smallcnn", name=features, pretrained=weights,
                                     device="cpu", threads=2, progress=False, overwrite=True)
@@ -228,6 +231,8 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="result file bench/results/NAME.json (default: from the ratios)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
     args = parser.parse_args()
+    if args.probe_only and not (args.workdir and args.workdir.is_dir()):
+        parser.error("--probe-only reads the features an earlier run left: give that run's --workdir")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     PRETRAIN["epochs"], PRETRAIN["hed"] = args.pretrain_epochs, args.hed
     side_scale = ((args.slide_um[0] * args.slide_um[1]) / (SLIDE_SIZE[0] * SLIDE_SIZE[1])) ** 0.5
@@ -262,7 +267,7 @@ def main() -> None:
                 print(cohort, flush=True)
                 for variant in args.variants:
                     if args.probe_only:
-                        features = f"smallcnn_{variant}_{args.method}_{PRETRAIN['epochs']}ep"
+                        features = _features_name(variant, args.method)
                         rows.append({"ratio_preset_percent": ratio, "seed": seed, "variant": variant,
                                      "method": args.method, "patch_probe": _patch_probe(tiled[PIXEL_TILE], specs,
                                                                                         manifest, features)})

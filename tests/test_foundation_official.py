@@ -146,13 +146,16 @@ def _card_input(transform, patches: torch.Tensor) -> torch.Tensor:
     return torch.stack([transform(Image.fromarray(p.permute(1, 2, 0).numpy())) for p in patches])
 
 
-def _features_cli(store: TileStore, name: str, weights: Path, caplog=None) -> np.ndarray:
+def _features_cli(store: TileStore, name: str, weights: Path, caplog=None, as_name: str | None = None) -> np.ndarray:
+    """``ipspath features --encoder name --pretrained weights`` on ``store``, stored under ``as_name`` (default
+    the encoder's name); returns them as float32."""
     parallel._PROCESS_OBJECTS.pop("encoder", None)  # each test loads its own file
     result = CliRunner().invoke(cli, ["features", str(store.path.parent), "--encoder", name, "--pretrained",
-                                      str(weights), "--device", "cpu", "--chunk-size", "8"], standalone_mode=False)
+                                      str(weights), "--device", "cpu", "--chunk-size", "8",
+                                      *(["--name", as_name] if as_name else [])], standalone_mode=False)
     assert result.exception is None, result.output
     parallel._PROCESS_OBJECTS.pop("encoder", None)
-    return TileStore.open(store.path).read_array(f"features/{name}").astype(np.float32)
+    return TileStore.open(store.path).read_array(f"features/{as_name or name}").astype(np.float32)
 
 
 def _record(name: str, **values: float) -> None:
@@ -356,11 +359,5 @@ def test_pretrain_starts_from_a_vit_presets_file_and_trains_only_its_last_blocks
                for k in start if not torch.equal(learned[k], start[k])}
     assert changed == {str(len(official.blocks) - 1)} or changed == {str(len(official.blocks) - 1), "norm"}, changed
     before = _features_cli(store, "uni_v1", weights)
-    parallel._PROCESS_OBJECTS.pop("encoder", None)
-    result = CliRunner().invoke(cli, ["features", str(store.path.parent), "--encoder", "uni_v1", "--pretrained",
-                                      str(run / "encoder.pt"), "--name", "pretrained", "--device", "cpu"],
-                                standalone_mode=False)
-    parallel._PROCESS_OBJECTS.pop("encoder", None)
-    assert result.exception is None, result.output
-    after = TileStore.open(store.path).read_array("features/pretrained").astype(np.float32)
+    after = _features_cli(store, "uni_v1", run / "encoder.pt", as_name="pretrained")
     assert before.shape == after.shape == (4, 1024) and not np.allclose(before, after)

@@ -25,7 +25,8 @@ from ips_path.model import build_encoder
 from ips_path.runtime.locks import LOCK_NAME
 from ips_path.stores.loader import PatchStreamer
 from ips_path.stores.tile_store import TileStore
-from ips_path.synthetic.synth import lesion_fractions, write_synthetic_cohort
+from ips_path.synthetic.spec import patch_kinds
+from ips_path.synthetic.synth import write_synthetic_cohort
 from ips_path.tiling.run import TilingParams, collect_inputs, tile_slides
 from ips_path.training.pretrain import PretrainConfig, pretrain, read_pretrain_identity
 from ips_path.training.pretrain.augment import ViewAugmentation, hed_jitter, random_crops, two_views
@@ -312,14 +313,11 @@ def test_pretrained_features_tell_lesions_from_lookalikes_better_than_random_one
         with PatchStreamer(chunk_size=256, threads=1) as streamer:
             for spec in specs:
                 store = TileStore.open(tiles / f"{spec.path.stem}.zarr")
-                size = store.patch_size_level0
-                inside = {r: lesion_fractions(spec, store.coords, size, r) > 0.5
-                          for r in ("lesions", "lookalikes", "distractors")}
-                kind = np.select([inside["lesions"], inside["distractors"], inside["lookalikes"]],
-                                 ["lesion", "distractor", "lookalike"], "")
+                kind = patch_kinds(spec, store.coords, store.patch_size_level0)
+                chosen = np.isin(kind, ["lesion", "distractor", "lookalike"])
                 vectors = torch.cat([c.patches for c in streamer.stream_features(store, name)]).float().numpy()
-                features.append(vectors[kind != ""])
-                kinds.append(kind[kind != ""])
+                features.append(vectors[chosen])
+                kinds.append(kind[chosen])
         auc[name] = _lesion_probe_auc(features, kinds)
     assert auc["pretrained"] > auc["random"] + 0.05, auc
     run("train", "--manifest", str(manifest), "--tiles", str(tiles), "-o", str(tmp_path / "run"), "--features",

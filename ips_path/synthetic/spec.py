@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Lesion", "SlideSpec", "in_lesion", "lesion_fractions", "star_radius"]
+__all__ = ["Lesion", "SlideSpec", "in_lesion", "lesion_fractions", "patch_kinds", "star_radius"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,18 @@ def lesion_fractions(spec: SlideSpec, coords_level0: np.ndarray, patch_size_leve
         raise ValueError(f"regions must be 'lesions', 'lookalikes' or 'distractors', got {regions!r}")
     return _lesion_fractions(getattr(spec, regions), np.asarray(coords_level0, dtype=np.float64),
                              patch_size_level0)
+
+
+def patch_kinds(spec: SlideSpec, coords_level0: np.ndarray, patch_size_level0: int | tuple[int, int],
+                min_fraction: float = 0.5) -> np.ndarray:
+    """What each patch shows, as a (N,) str array: ``"lesion"``, ``"distractor"`` or ``"lookalike"`` where
+    more than ``min_fraction`` of its area lies in such a region (in that order of precedence), ``"normal"``
+    where it touches none, and ``""`` where it touches one only partly (neither kind, for probes)."""
+    share = {r: lesion_fractions(spec, coords_level0, patch_size_level0, r)
+             for r in ("lesions", "distractors", "lookalikes")}
+    return np.select([share["lesions"] > min_fraction, share["distractors"] > min_fraction,
+                      share["lookalikes"] > min_fraction, sum(share.values()) == 0],
+                     ["lesion", "distractor", "lookalike", "normal"], "")
 
 
 def _lesion_fractions(lesions: Sequence[Lesion], coords: np.ndarray,
